@@ -1,0 +1,304 @@
+"""The nightcap Python client: typed, streaming, with deadlines and retries on UNAVAILABLE.
+
+    with ChatClient("127.0.0.1:50050") as client:
+        for event in client.chat("Where is Zurich?", retrieval=True):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+
+Every failure is a ``NightcapError`` carrying the gRPC status code and the address it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+
+DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", "127.0.0.1:50050")
+DEFAULT_TIMEOUT_S = 300.0
+
+# gRPC retries a call that failed with UNAVAILABLE before any response arrived (so a stream that has
+# started streaming is never replayed). Backoff totals about 1.5 s over 4 attempts.
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "nightcap.v1.Chat"}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+_ROLES = {
+    "system": chat_pb2.ROLE_SYSTEM,
+    "user": chat_pb2.ROLE_USER,
+    "assistant": chat_pb2.ROLE_ASSISTANT,
+}
+_ROLE_NAMES = {value: name for name, value in _ROLES.items()}
+
+
+class NightcapError(Exception):
+    """A failed call: ``code`` is the gRPC status, ``address`` the server that was called."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, address: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.address = address
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    title: str
+    text: str
+    source: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ChatStarted:
+    """First event of a turn: what the model was given."""
+
+    sources: list[Source]
+    prompt: str
+    history_messages_dropped: int
+    model: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatFinished:
+    """Last event of a turn."""
+
+    finish_reason: str  # "length", "eos", "stop_sequence" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    context_used: bool
+    notice: str
+
+
+ChatEvent = ChatStarted | TextDelta | ChatFinished
+
+
+@dataclass
+class Reply:
+    """A whole turn, collected: what ``ChatClient.ask`` returns."""
+
+    text: str
+    started: ChatStarted
+    finished: ChatFinished
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    address: str
+    health: str
+    detail: str
+
+
+@dataclass
+class StackStatus:
+    orchestrator_address: str
+    orchestrator_health: str
+    backends: list[BackendStatus] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None
+
+
+@dataclass
+class SamplingParams:
+    """Unset (None) fields take the server's defaults."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        params = common_pb2.SamplingParams(stop=self.stop)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(params, name, value)
+        return params
+
+
+def finish_reason_name(reason: int) -> str:
+    return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+class ChatClient:
+    """A connection to the orchestrator (``nightcap.v1.Chat``)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        )
+        self._chat = chat_pb2_grpc.ChatStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def chat(
+        self,
+        message: str,
+        history: Sequence[Message] = (),
+        retrieval: bool = False,
+        k: int | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        request_id: str = "",
+    ) -> Iterator[ChatEvent]:
+        """Streams one turn: a ``ChatStarted``, then ``TextDelta``s, then a ``ChatFinished``.
+
+        Closing the iterator early cancels the call, and the server stops generating."""
+        request = chat_pb2.ChatRequest(
+            request_id=request_id,
+            history=[chat_pb2.ChatMessage(role=_role(m.role), content=m.content) for m in history],
+            message=message,
+            retrieval=retrieval,
+            params=(params or SamplingParams()).to_proto(),
+        )
+        if k is not None:
+            request.retrieval_k = k
+        call = self._chat.Chat(request, timeout=timeout or self.timeout)
+        try:
+            for response in call:
+                yield _chat_event(response)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        finally:
+            call.cancel()
+
+    def ask(self, message: str, **kwargs: Any) -> Reply:
+        """One turn, collected into a ``Reply``; takes the same arguments as ``chat``."""
+        text: list[str] = []
+        started = finished = None
+        for event in self.chat(message, **kwargs):
+            if isinstance(event, ChatStarted):
+                started = event
+            elif isinstance(event, TextDelta):
+                text.append(event.text)
+            else:
+                finished = event
+        if started is None or finished is None:
+            raise NightcapError(grpc.StatusCode.INTERNAL, "the chat stream ended early", self.address)
+        return Reply(text="".join(text), started=started, finished=finished)
+
+    def status(self, timeout: float = 10.0) -> StackStatus:
+        """The orchestrator's health and, through it, each backend's health, model and index."""
+        status = StackStatus(orchestrator_address=self.address, orchestrator_health=self.health(timeout))
+        try:
+            response = self._chat.Status(chat_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        status.backends = [BackendStatus(b.name, b.address, b.health, b.detail) for b in response.backends]
+        if response.HasField("model"):
+            status.model = _fields(response.model)
+        if response.HasField("index"):
+            status.index = _fields(response.index)
+        return status
+
+    def health(self, timeout: float = 5.0) -> str:
+        """``SERVING`` or ``NOT_SERVING`` per grpc.health.v1; raises NightcapError when unreachable."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _error(self, error: grpc.RpcError) -> NightcapError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else None) or str(error)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"cannot reach the nightcap orchestrator at {self.address} ({details})"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"no answer from {self.address} within the deadline ({details})"
+        return NightcapError(code, details, self.address)
+
+
+def check_health(address: str, timeout: float = 2.0) -> str:
+    """Health of any nightcap service (or any gRPC server with grpc.health.v1), without retries."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            raise NightcapError(error.code(), f"{address}: {error.details()}", address) from None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _role(name: str) -> int:
+    try:
+        return _ROLES[name]
+    except KeyError:
+        raise ValueError(f"unknown role {name!r}: use one of {', '.join(_ROLES)}") from None
+
+
+def role_name(role: int) -> str:
+    return _ROLE_NAMES.get(role, "unspecified")
+
+
+def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
+    kind = response.WhichOneof("event")
+    if kind == "start":
+        start = response.start
+        return ChatStarted(
+            sources=[Source(p.id, p.title, p.text, p.source, p.score) for p in start.sources],
+            prompt=start.prompt,
+            history_messages_dropped=start.history_messages_dropped,
+            model=start.model,
+        )
+    if kind == "delta":
+        return TextDelta(response.delta)
+    end = response.end
+    return ChatFinished(
+        finish_reason=finish_reason_name(end.finish_reason),
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        context_used=end.context_used,
+        notice=end.notice,
+    )
+
+
+def _fields(message: Any) -> dict[str, Any]:
+    return {descriptor.name: value for descriptor, value in message.ListFields()}

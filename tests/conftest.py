@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random GPT-NeoX with a tokenizer trained on the spot, and real servers on
+127.0.0.1 port 0, always torn down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+TINY_CORPUS = [
+    "<human>: Where is Zurich?\n<bot>: Zurich is in Switzerland, on Lake Zurich.",
+    "<human>: What is the capital of France?\n<bot>: Paris is the capital of France.",
+    "The quick brown fox jumps over the lazy dog. Grüße aus Zürich, café naïve.",
+    "Zurich is the largest city in Switzerland. Geneva and Basel are cities too.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Emoji: 🙂 🚀 and symbols € £ ¥.",
+]
+
+
+def build_tiny_gpt_neox(folder: Path, vocab_size: int = 512) -> Path:
+    """A random 2-layer GPT-NeoX and a byte-level BPE tokenizer trained on TINY_CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = GPTNeoXConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gpt_neox(tmp_path_factory.mktemp("models") / "tiny-gpt-neox")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from services.generation.loading import load_model
+    from services.generation.registry import ModelRegistry
+
+    return load_model(str(tiny_model_dir), ModelRegistry(tmp_path_factory.mktemp("registry")))
+
+
+@pytest.fixture(scope="session")
+def generation_address(tiny_loaded) -> Iterator[str]:
+    """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX."""
+    from nightcap.v1 import generation_pb2, generation_pb2_grpc
+    from services.common.server import ServiceBinding, start_server
+    from services.generation.engine.engine import SerialEngine
+    from services.generation.server import GenerationServicer
+
+    engine = SerialEngine(tiny_loaded, max_waiting=8)
+    servicer = GenerationServicer(tiny_loaded, engine, default_max_new_tokens=16)
+    binding = ServiceBinding(
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+        generation_pb2_grpc.add_GenerationServicer_to_server,
+        servicer,
+    )
+    running = start_server([binding], "127.0.0.1:0")
+    yield running.address
+    engine.shutdown(grace=1.0)
+    running.stop(grace=1.0)
