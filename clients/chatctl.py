@@ -1,0 +1,281 @@
+"""chatctl: talk to a nightcap stack. `chatctl chat` is the OpenChatKit shell; `ask` and `status`
+are one-shot commands. Built on the client library only; it imports nothing from services/."""
+
+from __future__ import annotations
+
+import cmd
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+import typer
+
+from clients.client import (
+    DEFAULT_ADDRESS,
+    ChatClient,
+    ChatFinished,
+    ChatStarted,
+    Message,
+    NightcapError,
+    SamplingParams,
+    Source,
+    TextDelta,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+# OpenChatKit's bot.py defaults: sampling at temperature 0.6 with top-k 40, 128 new tokens.
+AddressOption = typer.Option(DEFAULT_ADDRESS, "--address", envvar="NIGHTCAP_ADDRESS", help="orchestrator host:port")
+MaxTokensOption = typer.Option(128, "--max-tokens", help="most new tokens per answer")
+TemperatureOption = typer.Option(0.6, "--temperature", help="sampling temperature; 0 is greedy (deterministic)")
+TopKOption = typer.Option(40, "--top-k", help="sample from the k most likely tokens; 0 turns it off")
+TopPOption = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1]; 1 turns it off")
+RetrievalOption = typer.Option(False, "--retrieval", help="ground answers in passages from the retrieval service")
+KOption = typer.Option(3, "-k", help="passages to retrieve when retrieval is on (1-100)")
+TimeoutOption = typer.Option(300.0, "--timeout", help="seconds before a request is abandoned (its deadline)")
+
+
+@dataclass
+class Settings:
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    retrieval: bool
+    k: int
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        )
+
+
+def format_source(number: int, source: Source, width: int = 160) -> str:
+    text = source.text if len(source.text) <= width else source.text[: width - 1] + "…"
+    return f"[{number}] {source.title} ({source.source}, score {source.score:.2f})\n    {text}"
+
+
+@dataclass
+class ChatShell(cmd.Cmd):
+    """OpenChatKit's shell: a line is a message; a line starting with / is a command."""
+
+    client: ChatClient
+    settings: Settings
+    stream: bool = True
+    history: list[Message] = field(default_factory=list)
+    last: ChatStarted | None = None
+    intro: str = "Welcome to the nightcap shell.   Type /help or /? to list commands.\n"
+    prompt: str = ">>> "
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def precmd(self, line: str) -> str:
+        if line == "EOF":
+            return "quit"
+        if line.startswith("/"):
+            return line[1:]
+        return f"say {line}" if line.strip() else ""
+
+    def emptyline(self) -> bool:
+        return False
+
+    def default(self, line: str) -> None:
+        print(f"unknown command /{line.split()[0]}: type /help for the list")
+
+    def do_say(self, arg: str) -> None:
+        """say TEXT: send a message (plain lines do this)"""
+        answer: list[str] = []
+        events = self.client.chat(
+            arg,
+            history=self.history,
+            retrieval=self.settings.retrieval,
+            k=self.settings.k,
+            params=self.settings.params(),
+        )
+        try:
+            for event in events:
+                if isinstance(event, ChatStarted):
+                    self.last = event
+                elif isinstance(event, TextDelta):
+                    answer.append(event.text)
+                    if self.stream:
+                        print(event.text, end="", flush=True)
+                elif isinstance(event, ChatFinished) and event.notice:
+                    print(f"\n[{event.notice}]", end="")
+        except NightcapError as error:
+            print(f"\nerror: {error}")
+            return
+        except KeyboardInterrupt:
+            events.close()  # cancels the call: the server stops generating
+            print("\n[interrupted]")
+        if not self.stream:
+            print("".join(answer), end="")
+        print("\n")
+        self.history += [Message("user", arg), Message("assistant", "".join(answer).strip())]
+
+    def do_raw_prompt(self, arg: str) -> None:
+        """raw_prompt: show the exact prompt the model saw for the last message"""
+        print(self.last.prompt if self.last else "(nothing sent yet)")
+
+    def do_sources(self, arg: str) -> None:
+        """sources: show the passages given to the model for the last message"""
+        if not self.last or not self.last.sources:
+            print("(no sources: retrieval was off or found nothing)")
+        for number, source in enumerate(self.last.sources if self.last else [], 1):
+            print(format_source(number, source))
+
+    def do_reset(self, arg: str) -> None:
+        """reset: forget the conversation so far"""
+        self.history, self.last = [], None
+        print("conversation reset")
+
+    def do_retrieval(self, arg: str) -> None:
+        """retrieval on|off: ground answers in retrieved passages, or stop doing so"""
+        if arg.strip() not in ("on", "off"):
+            print(f"retrieval is {'on' if self.settings.retrieval else 'off'}; use /retrieval on or /retrieval off")
+            return
+        self.settings.retrieval = arg.strip() == "on"
+        print(f"retrieval {arg.strip()}")
+
+    def do_hyperparameters(self, arg: str) -> None:
+        """hyperparameters [name=value ...]: show the sampling settings, or change some"""
+        for assignment in arg.split():
+            name, _, value = assignment.partition("=")
+            if name not in Settings.__dataclass_fields__ or name == "retrieval" or not value:
+                print(f"unknown setting {assignment!r}: use max_tokens, temperature, top_k, top_p or k")
+                return
+            try:
+                setattr(self.settings, name, type(getattr(self.settings, name))(value))
+            except ValueError:
+                print(f"{name} needs a number, got {value!r}")
+                return
+        for name, value in asdict(self.settings).items():
+            print(f"{name}: {value}")
+
+    def do_quit(self, arg: str) -> bool:
+        """quit: leave the shell"""
+        return True
+
+    do_exit = do_quit
+
+
+@app.command()
+def chat(
+    address: str = AddressOption,
+    max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption,
+    top_k: int = TopKOption,
+    top_p: float = TopPOption,
+    retrieval: bool = RetrievalOption,
+    k: int = KOption,
+    no_stream: bool = typer.Option(False, "--no-stream", help="print each answer whole instead of as it streams"),
+    timeout: float = TimeoutOption,
+) -> None:
+    """The OpenChatKit-style shell: type a message, get a streamed answer; /help lists commands."""
+    with ChatClient(address, timeout=timeout) as client:
+        try:
+            client.health()
+        except NightcapError as error:
+            typer.echo(f"error: {error}\nIs the stack up? `make up` starts it.", err=True)
+            raise typer.Exit(1) from None
+        shell = ChatShell(client, Settings(max_tokens, temperature, top_k, top_p, retrieval, k), stream=not no_stream)
+        try:
+            shell.cmdloop()
+        except KeyboardInterrupt:
+            print()
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="the message to send"),
+    address: str = AddressOption,
+    max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption,
+    top_k: int = TopKOption,
+    top_p: float = TopPOption,
+    retrieval: bool = RetrievalOption,
+    k: int = KOption,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (answer, sources, token counts)"),
+    timeout: float = TimeoutOption,
+) -> None:
+    """Ask one question, print the answer (and its sources), and exit."""
+    settings = Settings(max_tokens, temperature, top_k, top_p, retrieval, k)
+    answer: list[str] = []
+    started: ChatStarted | None = None
+    finished: ChatFinished | None = None
+    with ChatClient(address, timeout=timeout) as client:
+        try:
+            for event in client.chat(question, retrieval=retrieval, k=k, params=settings.params()):
+                if isinstance(event, ChatStarted):
+                    started = event
+                elif isinstance(event, TextDelta):
+                    answer.append(event.text)
+                    if not as_json:
+                        print(event.text, end="", flush=True)
+                else:
+                    finished = event
+        except NightcapError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+    assert started is not None and finished is not None  # the client library guarantees both on success
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "answer": "".join(answer).strip(),
+                    "model": started.model,
+                    "sources": [asdict(s) for s in started.sources],
+                    **asdict(finished),
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    print()
+    if finished.notice:
+        print(f"[{finished.notice}]")
+    for number, source in enumerate(started.sources, 1):
+        print(format_source(number, source))
+
+
+@app.command()
+def status(address: str = AddressOption) -> None:
+    """Each service's health, the model being served and the index being searched."""
+    with ChatClient(address) as client:
+        try:
+            report = client.status()
+        except NightcapError as error:
+            typer.echo(f"orchestrator  {address}  UNAVAILABLE\nerror: {error}", err=True)
+            raise typer.Exit(1) from None
+    healthy = report.orchestrator_health == "SERVING"
+    print(f"{'orchestrator':<13} {address:<22} {report.orchestrator_health}")
+    for backend in report.backends:
+        healthy &= backend.health == "SERVING"
+        detail = f"  ({backend.detail})" if backend.detail else ""
+        print(f"{backend.name:<13} {backend.address:<22} {backend.health}{detail}")
+    if report.model:
+        model = report.model
+        version = f":{model['version']}" if model.get("version") else ""
+        print(
+            f"model         {model.get('name', '?')}{version}  {model.get('architecture', '?')}"
+            f"  context {model.get('context_length', '?')}  {model.get('dtype', '?')} on {model.get('device', '?')}"
+            f"  prompt format {model.get('prompt_format', '?')}"
+        )
+    if report.index:
+        index = report.index
+        print(
+            f"index         {index.get('passages', 0)} passages from {index.get('documents', 0)} documents"
+            f"  {index.get('index_type', '?')}  dim {index.get('dimension', '?')}"
+            f"  embedder {index.get('embedder', '?')}"
+        )
+    if not healthy:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="chatctl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

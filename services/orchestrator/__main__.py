@@ -1,0 +1,68 @@
+"""nightcap-orchestrator: one Chat call composed from the retrieval and generation services."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from loguru import logger
+
+from nightcap.v1 import chat_pb2, chat_pb2_grpc
+from services.common.logs import setup_logging
+from services.common.server import ServiceBinding, serve_until_signalled, start_server
+from services.orchestrator.backends import GenerationBackend, RetrievalBackend
+from services.orchestrator.conversation import ChatOrchestrator
+from services.orchestrator.server import ChatServicer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def serve(
+    address: str = typer.Option(
+        "127.0.0.1:50050", envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
+    ),
+    generation: str = typer.Option(
+        "127.0.0.1:50051", envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port of the generation service"
+    ),
+    retrieval: str = typer.Option(
+        "127.0.0.1:50052",
+        envvar="NIGHTCAP_RETRIEVAL_ADDRESS",
+        help="host:port of the retrieval service; empty to run without retrieval",
+    ),
+    max_new_tokens: int = typer.Option(
+        256, envvar="NIGHTCAP_MAX_NEW_TOKENS", help="max_new_tokens of a chat turn that leaves it unset"
+    ),
+    backend_timeout: float = typer.Option(
+        10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
+    ),
+    log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
+    setup_logging("orchestrator", log_level)
+    orchestrator = ChatOrchestrator(
+        GenerationBackend(generation),
+        RetrievalBackend(retrieval) if retrieval else None,
+        default_max_new_tokens=max_new_tokens,
+        backend_timeout=backend_timeout,
+    )
+    binding = ServiceBinding(
+        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
+        chat_pb2_grpc.add_ChatServicer_to_server,
+        ChatServicer(orchestrator),
+    )
+    try:
+        running = start_server([binding], address)
+    except OSError as error:
+        logger.error("{}", error)
+        raise typer.Exit(2) from None
+    logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")
+    serve_until_signalled(running, "orchestrator")
+
+
+def main() -> None:
+    app(prog_name="nightcap-orchestrator")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

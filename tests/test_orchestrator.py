@@ -1,0 +1,190 @@
+"""The three services together, through the client library: retrieval, prompt formats, history
+trimming, bad input and backends that are down."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from conftest import free_port, start_orchestrator
+
+from clients import ChatClient, ChatFinished, ChatStarted, Message, NightcapError, SamplingParams, TextDelta
+from services.orchestrator.prompts import ChatTemplatePrompt, ContextPassage, OpenChatKitPrompt, Turn
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def client(orchestrator_address: str):
+    with ChatClient(orchestrator_address, timeout=60) as client:
+        yield client
+
+
+def test_a_turn_streams_start_then_text_then_end(client):
+    events = list(client.chat("Where is Zurich?", params=GREEDY))
+    assert isinstance(events[0], ChatStarted)
+    assert isinstance(events[-1], ChatFinished)
+    assert all(isinstance(e, TextDelta) for e in events[1:-1])
+    assert events[-1].finish_reason in {"length", "eos", "stop_sequence"}
+    assert events[-1].completion_tokens >= len(events) - 2 > 0
+    assert events[-1].context_used is False
+
+
+def test_retrieval_puts_the_zurich_passage_first_and_in_the_prompt(client):
+    reply = client.ask("Where is Zurich?", retrieval=True, k=2, params=GREEDY)
+    sources = reply.started.sources
+    assert [s.title for s in sources][:1] == ["Zurich"]
+    assert len(sources) == 2
+    assert sources[0].source.endswith("/wiki/Zurich")
+    assert sources[0].text in reply.started.prompt
+    assert reply.finished.context_used is True
+    assert reply.finished.notice == ""
+
+
+def test_openchatkit_prompt_format_for_a_gpt_neox_without_chat_template(client):
+    history = [Message("user", "Hello."), Message("assistant", "Hello human.")]
+    reply = client.ask("Where is Zurich?", history=history, params=GREEDY)
+    assert reply.started.prompt == "<human>: Hello.\n<bot>: Hello human.\n<human>: Where is Zurich?\n<bot>:"
+    assert "<human>:" not in reply.text  # the format's stop sequence is applied
+
+
+def test_history_is_trimmed_oldest_first_so_the_prompt_fits(client):
+    history = []
+    for n in range(80):
+        history += [Message("user", f"Question {n} about Zurich and Geneva?"), Message("assistant", f"Answer {n}.")]
+    reply = client.ask("What about Paris?", history=history, params=SamplingParams(max_new_tokens=40))
+    assert reply.started.history_messages_dropped > 0
+    assert reply.started.history_messages_dropped % 2 == 0  # whole turns go
+    assert reply.finished.prompt_tokens + 40 <= 1024
+    assert "Question 0 " not in reply.started.prompt
+    assert "Answer 79." in reply.started.prompt
+    assert reply.started.prompt.endswith("<human>: What about Paris?\n<bot>:")
+
+
+def test_a_message_that_cannot_fit_is_invalid_argument(client):
+    with pytest.raises(NightcapError) as caught:
+        client.ask("Zurich " * 1500, params=GREEDY)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context window of 1024 tokens" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"message": "   "}, "the message is empty"),
+        ({"params": SamplingParams(max_new_tokens=0)}, "max_new_tokens must be at least 1"),
+        ({"params": SamplingParams(max_new_tokens=1024)}, "leaves no room for a prompt"),
+        ({"params": SamplingParams(temperature=-1.0)}, "temperature must be >= 0"),
+        ({"params": SamplingParams(top_p=1.5)}, "top_p must be in (0, 1]"),
+        ({"params": SamplingParams(top_k=-3)}, "top_k must be >= 0"),
+        ({"retrieval": True, "k": 0}, "retrieval_k must be between 1 and 100"),
+        ({"retrieval": True, "k": 101}, "retrieval_k must be between 1 and 100"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_the_stack_keeps_serving(client, kwargs, message):
+    kwargs = {"message": "Where is Zurich?", **kwargs}
+    with pytest.raises(NightcapError) as caught:
+        client.ask(**kwargs)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.message
+    assert client.ask("Hi", params=GREEDY).text is not None
+
+
+def test_an_unknown_role_is_refused_by_the_client_library(client):
+    with pytest.raises(ValueError, match="unknown role 'robot'"):
+        client.ask("Hi", history=[Message("robot", "beep")])
+
+
+def test_chat_answers_without_context_when_retrieval_is_down(generation_address):
+    dead = f"127.0.0.1:{free_port()}"
+    running = start_orchestrator(generation_address, dead)
+    try:
+        with ChatClient(running.address, timeout=60) as client:
+            reply = client.ask("Where is Zurich?", retrieval=True, params=GREEDY)
+            status = client.status()
+    finally:
+        running.stop(grace=1)
+    assert reply.started.sources == []
+    assert reply.finished.context_used is False
+    assert "retrieval unavailable" in reply.finished.notice and dead in reply.finished.notice
+    assert reply.finished.completion_tokens > 0
+    by_name = {b.name: b for b in status.backends}
+    assert by_name["retrieval"].health == "UNAVAILABLE"
+    assert by_name["generation"].health == "SERVING"
+    assert status.index is None and status.model is not None
+
+
+def test_generation_down_is_unavailable_naming_the_address(retrieval_address):
+    dead = f"127.0.0.1:{free_port()}"
+    running = start_orchestrator(dead, retrieval_address)
+    try:
+        with ChatClient(running.address, timeout=30) as client, pytest.raises(NightcapError) as caught:
+            client.ask("Where is Zurich?")
+    finally:
+        running.stop(grace=1)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert f"generation service at {dead}" in caught.value.message
+
+
+def test_an_orchestrator_that_does_not_answer_is_unavailable_with_its_address():
+    dead = f"127.0.0.1:{free_port()}"
+    with ChatClient(dead, timeout=10) as client, pytest.raises(NightcapError) as caught:
+        client.ask("Where is Zurich?")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert dead in str(caught.value)
+
+
+def test_status_reports_every_backend_the_model_and_the_index(client):
+    status = client.status()
+    assert status.orchestrator_health == "SERVING"
+    assert {b.name: b.health for b in status.backends} == {"generation": "SERVING", "retrieval": "SERVING"}
+    assert status.model["architecture"] == "GPTNeoXForCausalLM"
+    assert status.index["dimension"] == 384 and status.index["passages"] > 0
+
+
+def test_closing_a_chat_stream_stops_its_generation(client):
+    events = client.chat("Tell me about Zurich.", params=SamplingParams(max_new_tokens=200))
+    next(events)
+    next(events)
+    events.close()
+    started = time.monotonic()
+    # the serial engine runs one request at a time: this answer comes only after the first one stopped
+    assert client.ask("Hi", params=SamplingParams(max_new_tokens=1)).finished.completion_tokens == 1
+    assert time.monotonic() - started < 10
+
+
+def test_a_deadline_that_passes_is_deadline_exceeded(client):
+    with pytest.raises(NightcapError) as caught:
+        client.ask("Tell me about Zurich.", params=SamplingParams(max_new_tokens=200), timeout=0.05)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_template_renders_exactly_as_transformers_does(tiny_loaded):
+    turns = [Turn("system", "Be brief."), Turn("user", "Hi"), Turn("assistant", "Hello."), Turn("user", "Zurich?")]
+    tokenizer = tiny_loaded.tokenizer
+    expected = tokenizer.apply_chat_template(
+        [{"role": t.role, "content": t.content} for t in turns],
+        chat_template=CHATML,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert ChatTemplatePrompt(CHATML).render(turns, []) == expected
+
+
+def test_context_goes_into_the_system_message_or_a_human_turn():
+    passages = [ContextPassage("Zurich", "Zurich is in Switzerland.", "wiki")]
+    chatml = ChatTemplatePrompt(CHATML).render([Turn("user", "Where is Zurich?")], passages)
+    assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert "[1] Zurich: Zurich is in Switzerland." in chatml
+    openchatkit = OpenChatKitPrompt().render([Turn("user", "Where is Zurich?")], passages)
+    assert openchatkit == (
+        "<human>: Answer the question using the context below when it is relevant.\n"
+        "[1] Zurich: Zurich is in Switzerland.\n<human>: Where is Zurich?\n<bot>:"
+    )
