@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def build_tiny_gpt_neox(folder: Path, vocab_size: int = 512) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,
     )
@@ -87,3 +88,77 @@ def generation_address(tiny_loaded) -> Iterator[str]:
     yield running.address
     engine.shutdown(grace=1.0)
     running.stop(grace=1.0)
+
+
+# A slice of the default Wikipedia corpus: enough neighbours that finding Zurich means something.
+CORPUS_SLICE_TITLES = ["Zurich", "Switzerland", "Geneva", "Paris", "France", "Berlin", "Vienna", "Alps", "Rhine"]
+CORPUS_SLICE_LIMIT = 24
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from services.retrieval.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def small_index(embedder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(var_dir, index name): the corpus slice indexed under var_dir/indexes/wiki-slice."""
+    from services.retrieval.build import build_index
+    from services.retrieval.corpus import read_wikipedia_summaries
+
+    var_dir = tmp_path_factory.mktemp("var")
+    documents = read_wikipedia_summaries(limit=CORPUS_SLICE_LIMIT, titles=CORPUS_SLICE_TITLES)
+    build_index(documents, embedder, var_dir / "indexes" / "wiki-slice", progress=False)
+    return var_dir, "wiki-slice"
+
+
+@pytest.fixture(scope="session")
+def retrieval_address(embedder, small_index) -> Iterator[str]:
+    from services.retrieval.index import load_index
+    from services.retrieval.retriever import Retriever
+    from services.retrieval.server import start_retrieval_server
+
+    var_dir, name = small_index
+    index = load_index(var_dir / "indexes" / name)
+    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    yield running.address
+    running.stop(grace=1.0)
+    index.close()
+
+
+def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: int = 16):
+    from nightcap.v1 import chat_pb2, chat_pb2_grpc
+    from services.common.server import ServiceBinding, start_server
+    from services.orchestrator.backends import GenerationBackend, RetrievalBackend
+    from services.orchestrator.conversation import ChatOrchestrator
+    from services.orchestrator.server import ChatServicer
+
+    orchestrator = ChatOrchestrator(
+        GenerationBackend(generation),
+        RetrievalBackend(retrieval) if retrieval else None,
+        default_max_new_tokens=max_new_tokens,
+        backend_timeout=5.0,
+    )
+    binding = ServiceBinding(
+        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
+        chat_pb2_grpc.add_ChatServicer_to_server,
+        ChatServicer(orchestrator),
+    )
+    return start_server([binding], "127.0.0.1:0")
+
+
+@pytest.fixture(scope="session")
+def orchestrator_address(generation_address: str, retrieval_address: str) -> Iterator[str]:
+    """The three services together: a real orchestrator in front of the tiny model and the corpus slice."""
+    running = start_orchestrator(generation_address, retrieval_address)
+    yield running.address
+    running.stop(grace=1.0)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for 'the service is down' cases)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -90,7 +90,7 @@ def test_concurrent_requests_each_get_their_own_correct_answer(stub):
 def test_model_info_and_tokenize(stub, tiny_loaded):
     info = stub.ModelInfo(generation_pb2.ModelInfoRequest())
     assert info.architecture == "GPTNeoXForCausalLM"
-    assert info.context_length == 256
+    assert info.context_length == 1024
     assert info.prompt_format == "openchatkit"
     assert list(info.stop) == ["<human>:"]
     assert (info.dtype, info.device) == ("float32", "cpu")
@@ -114,7 +114,7 @@ def test_token_id_prompt_gives_the_same_answer_as_its_text(stub, tiny_loaded):
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
         ({"max_new_tokens": -5}, "max_new_tokens must be at least 1"),
-        ({"max_new_tokens": 10_000}, "exceeds the model's context window of 256"),
+        ({"max_new_tokens": 10_000}, "exceeds the model's context window of 1024"),
         ({"temperature": -0.1}, "temperature must be >= 0"),
         ({"temperature": float("nan")}, "temperature must be >= 0"),
         ({"top_p": 0.0}, "top_p must be in (0, 1]"),
@@ -137,7 +137,7 @@ def test_bad_sampling_parameters_are_invalid_argument_and_the_server_keeps_servi
     [
         ({"text": ""}, "the prompt is empty"),
         ({}, "the request has no prompt"),
-        ({"text": "Zurich " * 400}, "context window is 256 tokens"),
+        ({"text": "Zurich " * 1500}, "context window is 1024 tokens"),
         ({"token_ids": generation_pb2.TokenIds(ids=[1, 99_999])}, "outside the model's vocabulary"),
     ],
 )

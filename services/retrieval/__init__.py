@@ -1,0 +1,1 @@
+"""Retrieval service: corpus -> chunker -> embedder -> index (faiss + PassageStore) -> Retriever -> gRPC server."""
