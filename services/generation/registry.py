@@ -19,6 +19,7 @@ from pathlib import Path
 from services.common.errors import FailedPrecondition, NotFound
 
 METADATA_FILE = "nightcap.json"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the registry name of the embedded default (DESIGN.md)
 PROMPT_FORMATS = ("chat_template", "openchatkit")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

@@ -17,6 +17,11 @@ from services.orchestrator.server import ChatServicer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
+@app.callback()
+def cli() -> None:
+    """Keeps `serve` a subcommand (typer folds a lone command into the app), like the other services."""
+
+
 @app.command()
 def serve(
     address: str = typer.Option(

@@ -1,0 +1,142 @@
+"""The local stack supervisor (`make up` / `make status` / `make down`), run as a user runs it: a subprocess
+that starts the three real services in the background, here on free ports with a tiny model and a small
+index, and a var dir of the test's own."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deploy.supervisor import PidRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("generation", "retrieval", "orchestrator")
+STACK_TIMEOUT_S = 300
+
+
+@dataclass
+class LocalStack:
+    var_dir: Path
+    addresses: dict[str, str]
+
+    def run(self, command: str, *options: str) -> subprocess.CompletedProcess[str]:
+        """``python -m deploy.stack <command>`` against this var dir and these addresses."""
+        shared = ["--var-dir", str(self.var_dir)]
+        if command != "down":
+            shared += [f"--{name}-address={address}" for name, address in self.addresses.items()]
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.stack", command, *shared, *options],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=STACK_TIMEOUT_S,
+        )
+
+    def recorded_pids(self) -> dict[str, int]:
+        records = {name: PidRecord.load(self.var_dir / "run" / f"{name}.pid") for name in SERVICES}
+        return {name: record.pid for name, record in records.items() if record is not None}
+
+    def processes_serving_its_addresses(self) -> list[str]:
+        """Command lines of live processes started for one of this stack's addresses (none after `down`)."""
+        found = []
+        for process in psutil.process_iter(["cmdline", "status"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if process.info["status"] != psutil.STATUS_ZOMBIE and any(a in cmdline for a in self.addresses.values()):
+                found.append(cmdline)
+        return found
+
+
+def _free_addresses(count: int) -> list[str]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))  # held together, so the ports differ
+        return [f"127.0.0.1:{probe.getsockname()[1]}" for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit code {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[LocalStack]:
+    local = LocalStack(tmp_path / "var", dict(zip(SERVICES, _free_addresses(len(SERVICES)), strict=True)))
+    try:
+        yield local
+    finally:
+        local.run("down", "--grace", "5")
+
+
+@pytest.fixture
+def small_index_folder(small_index: tuple[Path, str]) -> Path:
+    var_dir, name = small_index
+    return var_dir / "indexes" / name
+
+
+def test_up_serves_all_three_answers_and_down_leaves_no_process_behind(
+    stack: LocalStack, tiny_model_dir: Path, small_index_folder: Path
+) -> None:
+    up_options = ["--model", str(tiny_model_dir), "--index", str(small_index_folder), "--max-new-tokens", "8"]
+
+    up = stack.run("up", *up_options)
+    assert up.returncode == 0, _output(up)
+    assert "> Where is Zurich?" in up.stdout
+    assert "Source: " in up.stdout
+    pids = stack.recorded_pids()
+    assert sorted(pids) == sorted(SERVICES)
+    assert (stack.var_dir / "logs" / "generation.log").stat().st_size > 0
+
+    status = stack.run("status")
+    assert status.returncode == 0, _output(status)
+    for name, address in stack.addresses.items():
+        assert re.search(rf"{name}\s+{pids[name]}\s+{re.escape(address)}\s+SERVING", status.stdout), status.stdout
+    assert "model: name " in status.stdout
+    assert "index: passages " in status.stdout
+
+    again = stack.run("up", *up_options)
+    assert again.returncode == 0, _output(again)
+    assert "already up" in again.stdout
+    assert stack.recorded_pids() == pids
+
+    down = stack.run("down")
+    assert down.returncode == 0, _output(down)
+    assert [name for name, pid in pids.items() if _is_alive(pid)] == []
+    assert stack.recorded_pids() == {}
+    assert stack.processes_serving_its_addresses() == []
+
+    after = stack.run("status")
+    assert after.returncode == 1
+    assert not re.search(r"\bSERVING", after.stdout), after.stdout
+
+
+def test_a_service_that_fails_to_start_fails_up_with_its_log_and_leaves_nothing_running(
+    stack: LocalStack, small_index_folder: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-model"
+
+    up = stack.run("up", "--model", str(missing), "--index", str(small_index_folder), "--no-ask")
+
+    assert up.returncode != 0, _output(up)
+    assert "generation exited with code" in up.stderr, _output(up)
+    assert "Last lines of" in up.stderr
+    assert str(missing) in up.stderr.split("Last lines of", 1)[1]  # the service's own error, from its log
+    assert stack.recorded_pids() == {}
+    assert stack.processes_serving_its_addresses() == []
