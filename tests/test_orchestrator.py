@@ -182,9 +182,9 @@ def test_context_goes_into_the_system_message_or_a_human_turn():
     passages = [ContextPassage("Zurich", "Zurich is in Switzerland.", "wiki")]
     chatml = ChatTemplatePrompt(CHATML).render([Turn("user", "Where is Zurich?")], passages)
     assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.")
-    assert "[1] Zurich: Zurich is in Switzerland." in chatml
+    assert "Context:\nZurich: Zurich is in Switzerland.<|im_end|>" in chatml
     openchatkit = OpenChatKitPrompt().render([Turn("user", "Where is Zurich?")], passages)
     assert openchatkit == (
         "<human>: Answer the question using the context below when it is relevant.\n"
-        "[1] Zurich: Zurich is in Switzerland.\n<human>: Where is Zurich?\n<bot>:"
+        "Zurich: Zurich is in Switzerland.\n<human>: Where is Zurich?\n<bot>:"
     )

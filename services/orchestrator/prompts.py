@@ -34,7 +34,9 @@ class ContextPassage:
 
 
 def context_block(passages: list[ContextPassage]) -> str:
-    return "\n".join(f"[{n}] {p.title}: {p.text}" for n, p in enumerate(passages, 1))
+    # One plain line per passage, led by its title (default-corpus passages already start with it).
+    # Numbering them ("[1] ...") made SmolLM2-135M garble names in its answers.
+    return "\n".join(p.text if p.text.startswith(f"{p.title}:") else f"{p.title}: {p.text}" for p in passages)
 
 
 class ChatTemplatePrompt:
