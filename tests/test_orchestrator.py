@@ -178,11 +178,13 @@ def test_chat_template_renders_exactly_as_transformers_does(tiny_loaded):
     assert ChatTemplatePrompt(CHATML).render(turns, []) == expected
 
 
-def test_context_goes_into_the_system_message_or_a_human_turn():
+def test_context_follows_the_question_or_comes_as_a_human_turn():
     passages = [ContextPassage("Zurich", "Zurich is in Switzerland.", "wiki")]
     chatml = ChatTemplatePrompt(CHATML).render([Turn("user", "Where is Zurich?")], passages)
-    assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.")
-    assert "Context:\nZurich: Zurich is in Switzerland.<|im_end|>" in chatml
+    assert chatml == (
+        "<|im_start|>user\nWhere is Zurich?\n\nRelevant information:\nZurich: Zurich is in Switzerland.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     openchatkit = OpenChatKitPrompt().render([Turn("user", "Where is Zurich?")], passages)
     assert openchatkit == (
         "<human>: Answer the question using the context below when it is relevant.\n"

@@ -17,7 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from services.common.errors import FailedPrecondition
 
 CONTEXT_INSTRUCTION = "Answer the question using the context below when it is relevant."
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+CONTEXT_HEADING = "Relevant information:"
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,11 @@ def context_block(passages: list[ContextPassage]) -> str:
 
 
 class ChatTemplatePrompt:
-    """The model's own chat template; context goes into the system message."""
+    """The model's own chat template; context follows the new user message.
+
+    Measured on SmolLM2-135M with the Zurich passages: context after the question (keeping the model's
+    own system prompt) gave "Zurich is the largest city in Switzerland ..."; the same context in a
+    system message gave "... located in the northern part of the Swiss Alps"."""
 
     def __init__(self, template: str, bos_token: str = "", eos_token: str = "") -> None:
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -56,11 +60,8 @@ class ChatTemplatePrompt:
     def render(self, turns: list[Turn], context: list[ContextPassage]) -> str:
         messages = [{"role": t.role, "content": t.content} for t in turns]
         if context:
-            instruction = f"{CONTEXT_INSTRUCTION}\n\nContext:\n{context_block(context)}"
-            if messages and messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}
-            else:
-                messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM_PROMPT} {instruction}"})
+            question = messages[-1]["content"]
+            messages[-1] = {"role": "user", "content": f"{question}\n\n{CONTEXT_HEADING}\n{context_block(context)}"}
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
