@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test lint format clean
+.PHONY: help setup protos up down status chat test bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ format: setup ## apply ruff's fixes and formatting
 
 test: setup lint ## lint, then the whole test suite
 	$(PY) -m pytest
+
+bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
+	@for script in tests/bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv
 	rm -rf var protos/nightcap/v1/*_pb2*.py protos/nightcap/v1/*_pb2*.pyi
