@@ -24,10 +24,10 @@ TINY_CORPUS = [
 ]
 
 
-def build_tiny_gpt_neox(folder: Path, vocab_size: int = 512) -> Path:
-    """A random 2-layer GPT-NeoX and a byte-level BPE tokenizer trained on TINY_CORPUS."""
+def train_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on TINY_CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,9 +38,16 @@ def build_tiny_gpt_neox(folder: Path, vocab_size: int = 512) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(TINY_CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny_gpt_neox(folder: Path) -> Path:
+    """A random 2-layer GPT-NeoX (the RedPajama architecture) with the tiny tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    fast = train_tiny_tokenizer()
     config = GPTNeoXConfig(
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=len(fast),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -50,8 +57,29 @@ def build_tiny_gpt_neox(folder: Path, vocab_size: int = 512) -> Path:
         bos_token_id=fast.bos_token_id,
     )
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config)
-    model.save_pretrained(folder)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (the default model's architecture, with grouped KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = train_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
 
@@ -70,24 +98,22 @@ def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def generation_address(tiny_loaded) -> Iterator[str]:
-    """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX."""
-    from nightcap.v1 import generation_pb2, generation_pb2_grpc
-    from services.common.server import ServiceBinding, start_server
-    from services.generation.engine.engine import SerialEngine
-    from services.generation.server import GenerationServicer
+def generation_server(tiny_loaded):
+    """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX: (address, engine)."""
+    from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.server import start_generation_server
 
-    engine = SerialEngine(tiny_loaded, max_waiting=8)
-    servicer = GenerationServicer(tiny_loaded, engine, default_max_new_tokens=16)
-    binding = ServiceBinding(
-        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-        generation_pb2_grpc.add_GenerationServicer_to_server,
-        servicer,
-    )
-    running = start_server([binding], "127.0.0.1:0")
-    yield running.address
+    engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_concurrent_requests=32))
+    running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
+    yield running.address, engine
     engine.shutdown(grace=1.0)
     running.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+def generation_address(generation_server) -> str:
+    return generation_server[0]
 
 
 # A slice of the default Wikipedia corpus: enough neighbours that finding Zurich means something.
@@ -129,24 +155,11 @@ def retrieval_address(embedder, small_index) -> Iterator[str]:
 
 
 def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: int = 16):
-    from nightcap.v1 import chat_pb2, chat_pb2_grpc
-    from services.common.server import ServiceBinding, start_server
-    from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-    from services.orchestrator.conversation import ChatOrchestrator
-    from services.orchestrator.server import ChatServicer
+    from services.orchestrator.server import start_chat_server
 
-    orchestrator = ChatOrchestrator(
-        GenerationBackend(generation),
-        RetrievalBackend(retrieval) if retrieval else None,
-        default_max_new_tokens=max_new_tokens,
-        backend_timeout=5.0,
+    return start_chat_server(
+        generation, retrieval, "127.0.0.1:0", default_max_new_tokens=max_new_tokens, backend_timeout=5
     )
-    binding = ServiceBinding(
-        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
-        chat_pb2_grpc.add_ChatServicer_to_server,
-        ChatServicer(orchestrator),
-    )
-    return start_server([binding], "127.0.0.1:0")
 
 
 @pytest.fixture(scope="session")

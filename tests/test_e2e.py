@@ -7,12 +7,10 @@ import pytest
 from conftest import start_orchestrator
 
 from clients import ChatClient, SamplingParams
-from nightcap.v1 import generation_pb2, generation_pb2_grpc
-from services.common.server import ServiceBinding, start_server
-from services.generation.engine.engine import SerialEngine
+from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
 from services.generation.registry import ModelRegistry
-from services.generation.server import GenerationServicer
+from services.generation.server import start_generation_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,13 +25,8 @@ def default_registry(tmp_path_factory) -> ModelRegistry:
 @pytest.fixture(scope="module")
 def default_generation_address(default_registry):
     loaded = load_model(DEFAULT_MODEL, default_registry)
-    engine = SerialEngine(loaded)
-    binding = ServiceBinding(
-        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-        generation_pb2_grpc.add_GenerationServicer_to_server,
-        GenerationServicer(loaded, engine),
-    )
-    running = start_server([binding], "127.0.0.1:0")
+    engine = ContinuousBatchingEngine(loaded)
+    running = start_generation_server(loaded, engine, "127.0.0.1:0")
     yield running.address
     engine.shutdown(grace=1)
     running.stop(grace=1)

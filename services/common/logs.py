@@ -25,8 +25,8 @@ class _ToLoguru(logging.Handler):
 def setup_logging(component: str, level: str = "INFO", log_file: Path | None = None) -> None:
     logger.remove()
     logger.configure(extra={"component": component})
-    logger.add(sys.stderr, level=level.upper(), format=FORMAT)
+    logger.add(sys.stderr, level=level.upper(), format=FORMAT, backtrace=False, diagnose=False)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        logger.add(log_file, level=level.upper(), format=FORMAT, rotation="50 MB", retention=3)
+        logger.add(log_file, level=level.upper(), format=FORMAT, rotation="50 MB", retention=3, diagnose=False)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

@@ -9,15 +9,16 @@ import torch
 import typer
 from loguru import logger
 
-from nightcap.v1 import generation_pb2, generation_pb2_grpc
 from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
-from services.common.server import ServiceBinding, serve_until_signalled, start_server
-from services.generation.engine.engine import SerialEngine
+from services.common.server import serve_until_signalled
+from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
+from services.generation.metrics import GenerationMetrics
 from services.generation.registry import ModelRegistry
-from services.generation.server import GenerationServicer
+from services.generation.server import start_generation_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -47,8 +48,31 @@ def serve(
     max_new_tokens: int = typer.Option(
         256, envvar="NIGHTCAP_MAX_NEW_TOKENS", help="default max_new_tokens when a request leaves it unset"
     ),
-    max_waiting: int = typer.Option(
-        64, envvar="NIGHTCAP_MAX_WAITING", help="requests queued beyond this get RESOURCE_EXHAUSTED"
+    max_batch_size: int = typer.Option(
+        32, envvar="NIGHTCAP_MAX_BATCH_SIZE", help="most sequences decoding together in one batch"
+    ),
+    max_batch_total_tokens: int = typer.Option(
+        32768,
+        envvar="NIGHTCAP_MAX_BATCH_TOTAL_TOKENS",
+        help="KV-cache budget: prompt + max_new_tokens summed over the running batch; bounds memory",
+    ),
+    max_concurrent_requests: int = typer.Option(
+        128,
+        envvar="NIGHTCAP_MAX_CONCURRENT_REQUESTS",
+        help="running + queued requests; beyond it new requests get RESOURCE_EXHAUSTED",
+    ),
+    max_prefill_tokens: int = typer.Option(
+        2048,
+        envvar="NIGHTCAP_MAX_PREFILL_TOKENS",
+        help="prompt tokens admitted per group and prefilled per step (longer prompts go in chunks)",
+    ),
+    metrics_address: str = typer.Option(
+        "127.0.0.1:9400",
+        envvar="NIGHTCAP_METRICS_ADDRESS",
+        help="host:port of the Prometheus /metrics endpoint (port 0: any free; empty: off)",
+    ),
+    grace: float = typer.Option(
+        10.0, envvar="NIGHTCAP_GRACE", help="seconds SIGTERM lets running requests finish before cancelling"
     ),
     threads: int = typer.Option(0, envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)"),
     var_dir: Path | None = VarDir,
@@ -73,19 +97,22 @@ def serve(
         loaded.dtype,
         loaded.device,
     )
-    engine = SerialEngine(loaded, max_waiting=max_waiting)
-    servicer = GenerationServicer(loaded, engine, default_max_new_tokens=max_new_tokens)
-    binding = ServiceBinding(
-        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-        generation_pb2_grpc.add_GenerationServicer_to_server,
-        servicer,
+    metrics = GenerationMetrics()
+    if metrics_address:
+        logger.info(
+            "metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], metrics.serve(metrics_address)
+        )
+    engine = ContinuousBatchingEngine(
+        loaded,
+        SchedulerConfig(max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens),
+        metrics,
     )
     try:
-        running = start_server([binding], address)
+        running = start_generation_server(loaded, engine, address, default_max_new_tokens=max_new_tokens)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    serve_until_signalled(running, "generation", on_stop=engine.shutdown)
+    serve_until_signalled(running, "generation", grace=grace, on_stop=engine.shutdown)
 
 
 @app.command("prepare-default")

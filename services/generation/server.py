@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from services.common.errors import InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.server import RunningServer, ServiceBinding, start_server
 from services.generation.engine import params
-from services.generation.engine.engine import Finished, GenerationRequest, RequestStatus, SerialEngine
+from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
+from services.generation.engine.sampling import TokenLogprob
 from services.generation.loading import LoadedModel
 
 _FINISH_REASONS = {
@@ -19,36 +24,56 @@ _FINISH_REASONS = {
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, loaded: LoadedModel, engine: SerialEngine, default_max_new_tokens: int = 256) -> None:
+    def __init__(
+        self, loaded: LoadedModel, engine: ContinuousBatchingEngine, default_max_new_tokens: int = 256
+    ) -> None:
         self.loaded = loaded
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
+        self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
     def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext):
         prompt_ids = self._prompt_ids(request)
         params.check_prompt(len(prompt_ids), self.loaded.context_length)
         config = params.sampling_config(
-            request.params, len(prompt_ids), self.loaded.context_length, self.default_max_new_tokens
+            request.params, len(prompt_ids), self.loaded.context_length, self.default_max_new_tokens, self.vocab_size
         )
-        job = GenerationRequest(prompt_ids=prompt_ids, config=config)
+        remaining = context.time_remaining()
+        job = Request(prompt_ids=prompt_ids, config=config, deadline=_deadline(remaining))
         if request.request_id:
             job.request_id = request.request_id
         self.engine.submit(job)
         context.add_callback(job.cancel)  # runs when the client cancels, its deadline passes, or we finish
         for event in job.events():
-            if isinstance(event, Finished):
-                if event.status is RequestStatus.FINISHED_ERROR:
-                    raise RuntimeError(f"generation failed for request {job.request_id}: {event.error}")
+            # a client that reads slower than we generate gets everything pending in one message
+            events = [event, *job.drain()] if isinstance(event, TokenChunk) else [event]
+            chunks = [e for e in events if isinstance(e, TokenChunk)]
+            if chunks:
                 yield generation_pb2.GenerateResponse(
-                    finish=generation_pb2.Finish(
-                        reason=_FINISH_REASONS[event.status],
-                        prompt_tokens=event.prompt_tokens,
-                        generated_tokens=event.generated_tokens,
-                        stop_sequence=event.stop_sequence,
-                    )
+                    token_ids=[i for c in chunks for i in c.token_ids],
+                    text="".join(c.text for c in chunks),
+                    logprobs=[_logprob(lp) for c in chunks for lp in c.logprobs],
                 )
-            else:
-                yield generation_pb2.GenerateResponse(token_ids=event.token_ids, text=event.text)
+            finished = next((e for e in events if isinstance(e, Finished)), None)
+            if finished is not None:
+                yield self._finish_message(job, finished)
+                return
+
+    def _finish_message(self, job: Request, event: Finished) -> generation_pb2.GenerateResponse:
+        if event.status is RequestStatus.FINISHED_ERROR:
+            raise RuntimeError(f"generation failed for request {job.request_id}: {event.error}")
+        if event.status is RequestStatus.FINISHED_CANCELLED and job.deadline and time.monotonic() >= job.deadline:
+            raise DeadlineExceeded(f"the request's deadline passed after {event.generated_tokens} generated tokens")
+        return generation_pb2.GenerateResponse(
+            finish=generation_pb2.Finish(
+                reason=_FINISH_REASONS[event.status],
+                prompt_tokens=event.prompt_tokens,
+                generated_tokens=event.generated_tokens,
+                stop_sequence=event.stop_sequence,
+                queue_ms=event.queue_ms,
+                time_to_first_token_ms=event.time_to_first_token_ms,
+            )
+        )
 
     def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.ServicerContext):
         loaded = self.loaded
@@ -80,9 +105,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return self._encode(request.text, request.add_special_tokens)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
-            vocab = self.loaded.model.get_input_embeddings().num_embeddings
-            bad = [i for i in ids if i >= vocab]
+            bad = [i for i in ids if i >= self.vocab_size]
             if bad:
-                raise InvalidArgument(f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{vocab - 1})")
+                raise InvalidArgument(
+                    f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{self.vocab_size - 1})"
+                )
             return ids
         raise InvalidArgument("the request has no prompt: set text or token_ids")
+
+
+def start_generation_server(
+    loaded: LoadedModel, engine: ContinuousBatchingEngine, address: str, default_max_new_tokens: int = 256
+) -> RunningServer:
+    """nightcap.v1.Generation with health and reflection on ``address`` (port 0: any free)."""
+    binding = ServiceBinding(
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+        generation_pb2_grpc.add_GenerationServicer_to_server,
+        GenerationServicer(loaded, engine, default_max_new_tokens),
+    )
+    return start_server([binding], address)
+
+
+def _deadline(remaining: float | None) -> float | None:
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _logprob(logprob: TokenLogprob) -> generation_pb2.TokenLogprob:
+    return generation_pb2.TokenLogprob(
+        token_id=logprob.token_id,
+        logprob=logprob.logprob,
+        top=[generation_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+    )

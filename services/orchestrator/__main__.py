@@ -7,12 +7,9 @@ import sys
 import typer
 from loguru import logger
 
-from nightcap.v1 import chat_pb2, chat_pb2_grpc
 from services.common.logs import setup_logging
-from services.common.server import ServiceBinding, serve_until_signalled, start_server
-from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-from services.orchestrator.conversation import ChatOrchestrator
-from services.orchestrator.server import ChatServicer
+from services.common.server import serve_until_signalled
+from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -45,19 +42,14 @@ def serve(
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
     setup_logging("orchestrator", log_level)
-    orchestrator = ChatOrchestrator(
-        GenerationBackend(generation),
-        RetrievalBackend(retrieval) if retrieval else None,
-        default_max_new_tokens=max_new_tokens,
-        backend_timeout=backend_timeout,
-    )
-    binding = ServiceBinding(
-        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
-        chat_pb2_grpc.add_ChatServicer_to_server,
-        ChatServicer(orchestrator),
-    )
     try:
-        running = start_server([binding], address)
+        running = start_chat_server(
+            generation,
+            retrieval or None,
+            address,
+            default_max_new_tokens=max_new_tokens,
+            backend_timeout=backend_timeout,
+        )
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None

@@ -11,6 +11,8 @@ from loguru import logger
 
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
 from services.common.errors import ServiceError, Unavailable
+from services.common.server import RunningServer, ServiceBinding, start_server
+from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator
 
 STATUS_TIMEOUT_S = 3.0
@@ -88,3 +90,25 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             except ServiceError as error:
                 logger.debug("status: no index stats: {}", error)
         return response
+
+
+def start_chat_server(
+    generation: str,
+    retrieval: str | None,
+    address: str,
+    default_max_new_tokens: int = 256,
+    backend_timeout: float = 10.0,
+) -> RunningServer:
+    """nightcap.v1.Chat in front of the given backends, with health and reflection, on ``address``."""
+    orchestrator = ChatOrchestrator(
+        GenerationBackend(generation),
+        RetrievalBackend(retrieval) if retrieval else None,
+        default_max_new_tokens=default_max_new_tokens,
+        backend_timeout=backend_timeout,
+    )
+    binding = ServiceBinding(
+        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
+        chat_pb2_grpc.add_ChatServicer_to_server,
+        ChatServicer(orchestrator),
+    )
+    return start_server([binding], address)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from nightcap.v1 import common_pb2
 from services.common.errors import InvalidArgument
-from services.generation.engine.sampling import SamplingConfig
+from services.generation.engine.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 200
+MAX_STOP_TOKEN_IDS = 64
 
 
 def check_prompt(prompt_tokens: int, context_length: int) -> None:
@@ -20,8 +23,19 @@ def check_prompt(prompt_tokens: int, context_length: int) -> None:
         )
 
 
+def _optional(params: common_pb2.SamplingParams, name: str, default: float) -> float:
+    value = getattr(params, name) if params.HasField(name) else default
+    if isinstance(value, float) and math.isnan(value):
+        raise InvalidArgument(f"{name} must be a number, got NaN")
+    return value
+
+
 def sampling_config(
-    params: common_pb2.SamplingParams, prompt_tokens: int, context_length: int, default_max_new_tokens: int
+    params: common_pb2.SamplingParams,
+    prompt_tokens: int,
+    context_length: int,
+    default_max_new_tokens: int,
+    vocab_size: int,
 ) -> SamplingConfig:
     """Checks every field that is set; unset fields take the defaults. Raises InvalidArgument."""
     room = context_length - prompt_tokens
@@ -36,29 +50,61 @@ def sampling_config(
             )
     else:
         max_new_tokens = min(default_max_new_tokens, room)
-    temperature = params.temperature if params.HasField("temperature") else 0.0
-    if not temperature >= 0.0:  # also rejects NaN
+    temperature = _optional(params, "temperature", 0.0)
+    if temperature < 0.0:
         raise InvalidArgument(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    top_k = params.top_k if params.HasField("top_k") else 0
+    if params.HasField("do_sample"):
+        if not params.do_sample:
+            temperature = 0.0
+        elif temperature == 0.0:
+            if params.HasField("temperature"):
+                raise InvalidArgument("do_sample=true needs a temperature above 0, got 0")
+            temperature = 1.0
+    top_k = int(_optional(params, "top_k", 0))
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0 (0 turns it off), got {top_k}")
-    top_p = params.top_p if params.HasField("top_p") else 1.0
+    top_p = _optional(params, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"top_p must be in (0, 1] (1 turns it off), got {top_p}")
-    penalty = params.repetition_penalty if params.HasField("repetition_penalty") else 1.0
+    typical_p = _optional(params, "typical_p", 1.0)
+    if not 0.0 < typical_p <= 1.0:
+        raise InvalidArgument(f"typical_p must be in (0, 1] (1 turns it off), got {typical_p}")
+    penalty = _optional(params, "repetition_penalty", 1.0)
     if not penalty > 0.0:
         raise InvalidArgument(f"repetition_penalty must be > 0 (1 turns it off), got {penalty}")
+    frequency = _optional(params, "frequency_penalty", 0.0)
+    presence = _optional(params, "presence_penalty", 0.0)
+    for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
+        if not -2.0 <= value <= 2.0:
+            raise InvalidArgument(f"{name} must be in [-2, 2] (0 turns it off), got {value}")
     if len(params.stop) > MAX_STOP_SEQUENCES:
         raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(params.stop)}")
     for stop in params.stop:
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise InvalidArgument(f"each stop sequence must be 1 to {MAX_STOP_LENGTH} characters, got {stop!r}")
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed")
+    bad_ids = [i for i in params.stop_token_ids if i >= vocab_size]
+    if bad_ids:
+        raise InvalidArgument(f"stop_token_ids {bad_ids[:5]} are outside the model's vocabulary (0..{vocab_size - 1})")
+    top_logprobs = int(_optional(params, "top_logprobs", 0))
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
+    if top_logprobs and not params.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs=true")
     return SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        typical_p=typical_p,
         repetition_penalty=penalty,
+        frequency_penalty=frequency,
+        presence_penalty=presence,
         stop=tuple(params.stop),
+        stop_token_ids=frozenset(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
         seed=params.seed if params.HasField("seed") else None,
+        logprobs=params.logprobs,
+        top_logprobs=top_logprobs,
     )

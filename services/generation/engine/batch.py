@@ -1,0 +1,152 @@
+"""The model side of continuous batching: sequences of different lengths decoding as one batch.
+
+Written over the models' own KV cache (transformers' DynamicCache) with left padding and an attention
+mask, the way TGI batches models it has no custom kernels for: a batch is one left-padded cache;
+a new group joins by padding both to a common length and concatenating rows (``merge``); finished rows
+leave by index (``keep_rows``), and columns that became padding for every row are trimmed.
+
+Why not transformers' own continuous batching (``generate_batch``)? Measured on this 2-core CPU it
+reached only 0.4x a static batch of 16 for a Llama-135M shape, and for GPT-NeoX it fails ("PagedAttention
+Cache.update() missing 1 required positional argument: 'kwargs'"); this path works for both, and on CPU
+matches the static batch (see `make bench`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40); older 5.x only
+    # know past_key_values. Asking the signature keeps both working.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache | None,
+) -> tuple[torch.Tensor, DynamicCache]:
+    """One model call; returns the last position's logits (batch, vocab) and the grown cache."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_keyword(type(model)): cache if cache is not None else DynamicCache()},
+    )
+    new_cache = output["cache"] if "cache" in output else output["past_key_values"]
+    return output.logits[:, -1, :], new_cache
+
+
+@dataclass
+class KVBatch:
+    """Rows decoding together: ``mask`` (rows, columns) marks real tokens in the shared left-padded cache."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # long, 1 = a real token's keys and values, 0 = padding
+    next_tokens: torch.Tensor  # (rows,) the token each row feeds in at the next decode step
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def decode_step(self, model: torch.nn.Module) -> torch.Tensor:
+        """Feeds every row its next token; returns logits (rows, vocab)."""
+        positions = self.mask.sum(dim=1, keepdim=True)  # the new token's index among its real tokens
+        self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
+        logits, self.cache = forward(model, self.next_tokens[:, None], self.mask, positions, self.cache)
+        return logits
+
+    def keep_rows(self, rows: list[int]) -> KVBatch | None:
+        """The batch without the other rows (None when no row is left), trimmed of all-padding columns."""
+        if not rows:
+            return None
+        if rows == list(range(self.rows)):
+            return self
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        drop = int((mask.sum(dim=0) == 0).long().cumprod(0).sum())  # leading columns that are all padding
+        layers = [
+            (layer.keys.index_select(0, index)[:, :, drop:], layer.values.index_select(0, index)[:, :, drop:])
+            for layer in self.cache.layers
+        ]
+        return KVBatch(_cache_from(layers), mask[:, drop:], self.next_tokens.index_select(0, index))
+
+
+def merge(running: KVBatch | None, joining: KVBatch) -> KVBatch:
+    """One batch holding the rows of both: the shorter is left-padded to the longer's length."""
+    if running is None:
+        return joining
+    length = max(running.mask.shape[1], joining.mask.shape[1])
+    layers = []
+    for ours, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
+        keys = torch.cat([_left_pad(ours.keys, length), _left_pad(theirs.keys, length)], dim=0)
+        values = torch.cat([_left_pad(ours.values, length), _left_pad(theirs.values, length)], dim=0)
+        layers.append((keys, values))
+    mask = torch.cat([_left_pad_mask(running.mask, length), _left_pad_mask(joining.mask, length)], dim=0)
+    return KVBatch(_cache_from(layers), mask, torch.cat([running.next_tokens, joining.next_tokens]))
+
+
+@dataclass
+class PrefillJob:
+    """Prompts entering together: left-padded to one length and run through the model in column chunks,
+    so a long prompt shares the engine with decode steps instead of stalling them."""
+
+    input_ids: torch.Tensor  # (rows, prompt columns), left-padded
+    mask: torch.Tensor
+    done: int = 0  # columns already in the cache
+    cache: DynamicCache | None = None
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PrefillJob:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        return cls(ids.to(device), mask.to(device))
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.input_ids.shape[1]
+
+    def step(self, model: torch.nn.Module, chunk_tokens: int) -> torch.Tensor | None:
+        """Prefills the next chunk (at least one column); the last position's logits once all are in."""
+        columns = max(1, chunk_tokens // self.input_ids.shape[0])
+        end = min(self.input_ids.shape[1], self.done + columns)
+        positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)[:, self.done : end]
+        logits, self.cache = forward(
+            model, self.input_ids[:, self.done : end], self.mask[:, :end], positions, self.cache
+        )
+        self.done = end
+        return logits if self.finished else None
+
+    def into_batch(self, first_tokens: torch.Tensor) -> KVBatch:
+        assert self.cache is not None and self.finished
+        return KVBatch(self.cache, self.mask, first_tokens)
+
+
+def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[2]  # (rows, heads, columns, head_dim)
+    if missing == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
