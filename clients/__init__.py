@@ -5,6 +5,7 @@ from clients.client import (
     ChatEvent,
     ChatFinished,
     ChatStarted,
+    IndexClient,
     Message,
     NightcapError,
     Reply,
@@ -14,12 +15,16 @@ from clients.client import (
     TextDelta,
     check_health,
 )
+from clients.documents import Document, DocumentReadError, read_documents
 
 __all__ = [
     "ChatClient",
     "ChatEvent",
     "ChatFinished",
     "ChatStarted",
+    "Document",
+    "DocumentReadError",
+    "IndexClient",
     "Message",
     "NightcapError",
     "Reply",
@@ -28,4 +33,5 @@ __all__ = [
     "StackStatus",
     "TextDelta",
     "check_health",
+    "read_documents",
 ]

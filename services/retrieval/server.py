@@ -1,31 +1,38 @@
-"""The Retrieval gRPC servicer: protobuf in, Retriever call, protobuf out. Errors go to the shared interceptor."""
+"""The Retrieval gRPC servicer: protobuf in, Retriever / Ingestor call, protobuf out. Errors go to the shared
+interceptor."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 from loguru import logger
 
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.common.errors import FailedPrecondition
 from services.common.server import RunningServer, ServiceBinding, start_server
-from services.retrieval.retriever import DEFAULT_K, Retriever
+from services.retrieval.corpus import Document
+from services.retrieval.ingest import Chunking, Ingestor
+from services.retrieval.retriever import DEFAULT_K, QueryBatcher, Retriever, Searchable
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 REQUEST_ID_KEY = "x-request-id"
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    def __init__(self, retriever: Retriever) -> None:
-        self._retriever = retriever
+    def __init__(self, searchable: Searchable, ingestor: Ingestor | None = None) -> None:
+        self._searchable = searchable
+        self._batcher = QueryBatcher(searchable)
+        self._ingestor = ingestor
 
     def Search(
         self, request: retrieval_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.SearchResponse:
         started = time.perf_counter()
         k = request.k if request.HasField("k") else DEFAULT_K
-        hits = self._retriever.search(request.query, k)
+        hits = self._batcher.search(request.query, k)
         logger.info(
             "search id={} query_chars={} k={} hits={} ms={:.1f}",
             _request_id(context),
@@ -48,15 +55,74 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         )
 
     def Stats(self, request: retrieval_pb2.StatsRequest, context: grpc.ServicerContext) -> retrieval_pb2.StatsResponse:
-        manifest = self._retriever.index.manifest
+        stats = self._searchable.stats()
         return retrieval_pb2.StatsResponse(
-            passages=manifest.passages,
-            documents=manifest.documents,
-            dimension=manifest.dimension,
-            embedder=manifest.embedder,
-            index_type=manifest.factory,
-            index_path=str(self._retriever.index.folder),
+            passages=stats.passages,
+            documents=stats.documents,
+            dimension=stats.dimension,
+            embedder=stats.embedder,
+            index_type=stats.index_type,
+            index_path=stats.index_path,
+            bytes_on_disk=stats.bytes_on_disk,
+            format=stats.format,
+            generation=stats.generation,
         )
+
+    def AddDocuments(
+        self, request_iterator: Iterator[retrieval_pb2.AddDocumentsRequest], context: grpc.ServicerContext
+    ) -> retrieval_pb2.AddDocumentsResponse:
+        ingestor = self._writable()
+        documents = [
+            Document(id=r.document.id, title=r.document.title, text=r.document.text, source=r.document.source)
+            for r in request_iterator
+        ]
+        report = ingestor.add(documents)
+        logger.info(
+            "add id={} documents={} replaced={} passages={} seconds={:.1f}",
+            _request_id(context),
+            len(documents),
+            report.documents_replaced,
+            report.passages_added,
+            report.seconds,
+        )
+        return retrieval_pb2.AddDocumentsResponse(
+            documents_added=report.documents_added,
+            documents_replaced=report.documents_replaced,
+            passages_added=report.passages_added,
+            passages_removed=report.passages_removed,
+            passages_total=report.passages_total,
+            documents_total=report.documents_total,
+            seconds=report.seconds,
+        )
+
+    def DeleteDocuments(
+        self, request: retrieval_pb2.DeleteDocumentsRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.DeleteDocumentsResponse:
+        report = self._writable().delete(list(request.ids))
+        logger.info(
+            "delete id={} documents={} passages={}",
+            _request_id(context),
+            report.documents_deleted,
+            report.passages_removed,
+        )
+        return retrieval_pb2.DeleteDocumentsResponse(
+            documents_deleted=report.documents_deleted,
+            passages_removed=report.passages_removed,
+            passages_total=report.passages_total,
+            documents_total=report.documents_total,
+        )
+
+    def _writable(self) -> Ingestor:
+        if self._ingestor is None:
+            stats = self._searchable.stats()
+            raise FailedPrecondition(
+                f"the index at {stats.index_path} is served read-only ({stats.format}); serve a nightcap index "
+                "(`python -m services.retrieval serve --index NAME`) to add or delete documents"
+            )
+        return self._ingestor
+
+    def close(self) -> None:
+        self._batcher.close()
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
@@ -67,10 +133,18 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex[:12]
 
 
-def start_retrieval_server(retriever: Retriever, address: str) -> RunningServer:
+def start_retrieval_server(
+    searchable: Searchable, address: str, chunking: Chunking | None = None, batch_size: int | None = None
+) -> RunningServer:
+    """Serves ``searchable``; a Retriever over an index opened writable also takes AddDocuments/DeleteDocuments."""
+    ingestor = None
+    if isinstance(searchable, Retriever) and not searchable.read_only:
+        ingestor = Ingestor(searchable.embedder, searchable.index, chunking or Chunking())
+        if batch_size:
+            ingestor.batch_size = batch_size
     binding = ServiceBinding(
         full_name=SERVICE_NAME,
         add=retrieval_pb2_grpc.add_RetrievalServicer_to_server,
-        servicer=RetrievalServicer(retriever),
+        servicer=RetrievalServicer(searchable, ingestor),
     )
     return start_server([binding], address)
