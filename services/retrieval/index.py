@@ -149,6 +149,7 @@ class PassageIndex:
         self._vectors = vectors
         self._store = store
         self._dead = store.dead_rows()
+        self._mapped = settings.mmap
         self._write_lock = threading.Lock()  # one commit at a time
         self._swap_lock = threading.Lock()  # a search sees one commit's vectors and passages, not a mix
 
@@ -240,10 +241,12 @@ class PassageIndex:
             return CommitReport(len(added), len(removed_rows), len(replaced), manifest)
 
     def _writable_copy(self) -> faiss.Index:
-        try:
-            return faiss.clone_index(self._vectors)
-        except RuntimeError:  # a memory-mapped IVF index cannot be cloned; read the file into memory instead
+        if self._mapped:
+            # A clone of a memory-mapped index shares the mapped arrays (faiss 1.15: removing ids from such a
+            # clone of a Flat index crashes; an IVF one refuses to clone): read the file into memory instead.
+            self._mapped = False
             return faiss.read_index(str(self.folder / self.manifest.vectors_file))
+        return faiss.clone_index(self._vectors)
 
     def _train(self, vectors: faiss.Index, sample: np.ndarray) -> None:
         if len(sample) > self.settings.train_sample:
