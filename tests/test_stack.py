@@ -4,6 +4,7 @@ index, and a var dir of the test's own."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -35,6 +36,8 @@ class LocalStack:
         return subprocess.run(
             [sys.executable, "-m", "deploy.stack", command, *shared, *options],
             cwd=REPO_ROOT,
+            # any free port for the metrics endpoint, so a stack the user has up does not collide
+            env={**os.environ, "NIGHTCAP_METRICS_ADDRESS": "127.0.0.1:0"},
             capture_output=True,
             text=True,
             timeout=STACK_TIMEOUT_S,

@@ -83,6 +83,16 @@ def serve(
     setup_logging("generation", log_level)
     if threads > 0:
         torch.set_num_threads(threads)
+    metrics = GenerationMetrics()
+    if metrics_address:  # bound before the model loads, so a taken port fails in a second, not a minute
+        try:
+            port = metrics.serve(metrics_address)
+        except OSError as error:
+            logger.error(
+                "cannot serve metrics on {}: {}; pick a free port or pass --metrics-address ''", metrics_address, error
+            )
+            raise typer.Exit(2) from None
+        logger.info("metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], port)
     try:
         loaded = load_model(model, ModelRegistry(layout.models), device, dtype, prompt_format)
     except ServiceError as error:
@@ -97,11 +107,6 @@ def serve(
         loaded.dtype,
         loaded.device,
     )
-    metrics = GenerationMetrics()
-    if metrics_address:
-        logger.info(
-            "metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], metrics.serve(metrics_address)
-        )
     engine = ContinuousBatchingEngine(
         loaded,
         SchedulerConfig(max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens),
