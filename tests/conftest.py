@@ -41,47 +41,37 @@ def train_tiny_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def build_tiny_gpt_neox(folder: Path) -> Path:
-    """A random 2-layer GPT-NeoX (the RedPajama architecture) with the tiny tokenizer."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _build_tiny(folder: Path, architecture: str, **shape: int) -> Path:
+    """A random 2-layer model of ``architecture`` (an AutoConfig model type) with the tiny tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fast = train_tiny_tokenizer()
-    config = GPTNeoXConfig(
+    config = AutoConfig.for_model(
+        architecture,
         vocab_size=len(fast),
         hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=128,
         max_position_embeddings=1024,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,
+        **shape,
     )
     torch.manual_seed(0)
-    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def build_tiny_gpt_neox(folder: Path) -> Path:
+    """GPT-NeoX: the RedPajama architecture."""
+    return _build_tiny(folder, "gpt_neox")
 
 
 def build_tiny_llama(folder: Path) -> Path:
-    """A random 2-layer Llama (the default model's architecture, with grouped KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fast = train_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=fast.eos_token_id,
-        bos_token_id=fast.bos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    """Llama, the default model's architecture, with grouped KV heads."""
+    return _build_tiny(folder, "llama", num_key_value_heads=2)
 
 
 @pytest.fixture(scope="session")
