@@ -220,7 +220,7 @@ def test_an_embedder_of_another_dimension_cannot_feed_the_index(embedder: Embedd
 
 def test_searches_are_answered_while_documents_are_being_embedded(live: LiveIndex) -> None:
     live.client.add_documents([ZURICH])
-    many = [Document(d.id, d.text, d.title, d.source) for d in read_wikipedia_summaries(limit=60) if d.id != "Zurich"]
+    many = [Document(d.id, d.text, d.title, d.source) for d in read_wikipedia_summaries(limit=100) if d.id != "Zurich"]
     adding = threading.Thread(target=live.client.add_documents, args=(many,))
     answered_during_add = 0
 
@@ -231,7 +231,7 @@ def test_searches_are_answered_while_documents_are_being_embedded(live: LiveInde
         answered_during_add += adding.is_alive()
     adding.join()
 
-    assert answered_during_add >= 3
+    assert answered_during_add >= 3  # each waits for at most one batch of embedding, not the whole call
     assert live.client.stats().documents == len(many) + 1
 
 

@@ -151,31 +151,43 @@ class PassageIndex:
         self._dead = store.dead_rows()
         self._mapped = settings.mmap
         self._write_lock = threading.Lock()  # one commit at a time
-        self._swap_lock = threading.Lock()  # a search sees one commit's vectors and passages, not a mix
+        self._swap_lock = threading.Lock()  # the store commit and the switch to the new vectors, together
 
     @property
     def read_only(self) -> bool:
         return self._writer is None
+
+    @property
+    def vectors(self) -> faiss.Index:
+        """The faiss index searched now (a commit replaces it with a new one)."""
+        return self._vectors
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         return self.search_many(query.reshape(1, -1), k)[0]
 
     def search_many(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """The k best passages for each row of ``queries`` (normalized vectors)."""
-        with self._swap_lock:
-            vectors, dead = self._vectors, self._dead
-            # Removed-but-unremovable rows (HNSW) are over-fetched and dropped.
-            wanted = min(k + len(dead), max(vectors.ntotal, 1))
-            scores, rows = vectors.search(np.ascontiguousarray(queries, dtype=np.float32), wanted)
-            results = []
-            for row_list, score_list in zip(rows, scores, strict=True):
-                found = [
-                    (int(row), float(score))
-                    for row, score in zip(row_list, score_list, strict=True)
-                    if row >= 0 and int(row) not in dead
-                ][:k]
-                passages = self._store.get([row for row, _ in found])
-                results.append([Hit(p, score) for p, (_, score) in zip(passages, found, strict=True)])
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        try:
+            return self._search_snapshot(self._vectors, self._dead, queries, k)
+        except KeyError:  # a commit removed a found passage between the faiss search and the store lookup
+            with self._swap_lock:
+                return self._search_snapshot(self._vectors, self._dead, queries, k)
+
+    def _search_snapshot(self, vectors: faiss.Index, dead: set[int], queries: np.ndarray, k: int) -> list[list[Hit]]:
+        # faiss searches are safe from many threads and a commit never modifies the index a search holds (it
+        # swaps in a new one), so searches take no lock. Removed-but-unremovable rows (HNSW) are over-fetched.
+        wanted = min(k + len(dead), max(vectors.ntotal, 1))
+        scores, rows = vectors.search(queries, wanted)
+        results = []
+        for row_list, score_list in zip(rows, scores, strict=True):
+            found = [
+                (int(row), float(score))
+                for row, score in zip(row_list, score_list, strict=True)
+                if row >= 0 and int(row) not in dead
+            ][:k]
+            passages = self._store.get([row for row, _ in found])
+            results.append([Hit(p, score) for p, (_, score) in zip(passages, found, strict=True)])
         return results
 
     def commit(self, change: Change) -> CommitReport:

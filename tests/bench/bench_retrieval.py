@@ -1,0 +1,332 @@
+"""Retrieval benchmark: index speed and recall at 100k and 1M vectors, ingestion against bare encode, and
+retrieval quality on the default corpus. Writes var/bench/retrieval.json (tests/bench/report.py) and prints a table.
+
+    python tests/bench/bench_retrieval.py [--sizes 100000,1000000] [--articles 1000] [--queries 1000]
+
+Three parts, each measured side by side with its baseline in this one run:
+
+1. Index speed (synthetic 384-d vectors, as the issue allows: embedding a million passages takes hours here).
+   Vectors are clustered like sentence embeddings (topics plus noise), queries come from the same distribution.
+   Every approximate index is compared with exact search (IDMap2,Flat) on the same vectors: recall@10, p50/p99
+   latency and queries/s of one caller, queries/s of 16 concurrent callers through the service's QueryBatcher,
+   build time (train + add + the durable commit) and bytes on disk. Query embedding is excluded: the batcher is
+   handed precomputed query vectors.
+2. Ingestion: the same passages of the default corpus through bare ``SentenceTransformer.encode`` and through
+   the service (AddDocuments over gRPC: chunking, embedding, faiss, SQLite, durable commit), alternated.
+3. Quality: a question per article made from its Wikipedia description ("Painting by Georges Seurat" ->
+   "What is the painting by Georges Seurat?"), the article as the expected source: recall@1, recall@5, MRR@10
+   over articles; for the default fp32 embedder and the int8-quantized one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+import psutil
+from loguru import logger
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "bench")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from report import BenchReport  # noqa: E402
+
+from clients.client import IndexClient  # noqa: E402
+from clients.documents import Document as ClientDocument  # noqa: E402
+from services.retrieval.chunker import Passage, passages_of  # noqa: E402
+from services.retrieval.corpus import default_corpus_path, read_wikipedia_summaries  # noqa: E402
+from services.retrieval.embedder import Embedder  # noqa: E402
+from services.retrieval.index import (  # noqa: E402
+    Change,
+    Hit,
+    IndexSettings,
+    PassageIndex,
+    apply_search_params,
+    create_index,
+    load_index,
+)
+from services.retrieval.retriever import QueryBatcher, Retriever  # noqa: E402
+from services.retrieval.server import start_retrieval_server  # noqa: E402
+
+DIMENSION = 384
+TOPICS = 2048
+CONCURRENT_CALLERS = 32
+# size -> (factory, search parameters to measure, train sample); exact search first, the baseline of the others.
+# Each index is built once and measured under each of its search parameters.
+INDEXES = {
+    100_000: [
+        ("IDMap2,Flat", [""], 0),
+        ("HNSW32", ["efSearch=64", "efSearch=128"], 0),
+        ("IVF1024,Flat", ["nprobe=8", "nprobe=16"], 65_536),
+    ],
+    1_000_000: [
+        ("IDMap2,Flat", [""], 0),
+        ("IVF1024,Flat", ["nprobe=8", "nprobe=16", "nprobe=32"], 65_536),
+    ],
+}
+
+
+# --- 1. index speed ---------------------------------------------------------------------------------------
+
+
+def clustered_vectors(count: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
+    """Unit vectors around topic centers: what sentence embeddings look like, unlike uniform noise."""
+    out = np.empty((count, DIMENSION), dtype=np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        block = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, DIMENSION), np.float32) * 0.06
+        out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+class PrecomputedQueries:
+    """The batcher's searchable with query embedding taken out: "q17" is the 17th precomputed query vector."""
+
+    read_only = True
+
+    def __init__(self, index: PassageIndex, queries: np.ndarray) -> None:
+        self.index, self.queries = index, queries
+
+    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
+        return self.index.search_many(self.queries[[int(q[1:]) for q in queries]], k)
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def build(folder: Path, factory: str, train_sample: int, vectors: np.ndarray) -> tuple[PassageIndex, float]:
+    """Creates the index and commits every vector in one step; the time is train + add + the durable commit."""
+    settings = IndexSettings(factory=factory, train_sample=train_sample or 262_144)
+    create_index(folder, "synthetic-384", DIMENSION, settings)
+    index = load_index(folder, settings, writable=True)
+    passages = [Passage(f"d{i}#0", f"d{i}", "", f"passage {i}", "") for i in range(len(vectors))]
+    started = time.perf_counter()
+    index.commit(Change(passages=passages, vectors=vectors))
+    return index, time.perf_counter() - started
+
+
+def latencies(search: Callable[[int], object], count: int) -> np.ndarray:
+    times = np.empty(count)
+    for i in range(count):
+        started = time.perf_counter()
+        search(i)
+        times[i] = time.perf_counter() - started
+    return times * 1000
+
+
+def measure(index: PassageIndex, queries: np.ndarray, exact_rows: np.ndarray | None, factory: str) -> dict:
+    found = index.search_many(queries, 10)
+    rows = np.array([[int(h.passage.doc_id[1:]) for h in hits] + [-1] * (10 - len(hits)) for hits in found])
+    reference = rows if exact_rows is None else exact_rows
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, reference, strict=True)]))
+    faiss.omp_set_num_threads(1)  # one caller on one core: the latency a single request sees
+    # Exact search at 1M takes ~100 ms a query on one core: fewer samples keep the run short.
+    samples = min(len(queries), 200 if factory == "IDMap2,Flat" else 500)
+    single = latencies(lambda i: index.search_many(queries[i : i + 1], 10), samples)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    batcher = QueryBatcher(PrecomputedQueries(index, queries))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENT_CALLERS) as pool:
+        list(pool.map(lambda i: batcher.search(f"q{i}", 10), range(len(queries))))
+    concurrent_qps = len(queries) / (time.perf_counter() - started)
+    batcher.close()
+    return {
+        "rows": rows,
+        "recall_at_10": round(recall, 4),
+        "p50_ms": round(float(np.percentile(single, 50)), 3),
+        "p99_ms": round(float(np.percentile(single, 99)), 3),
+        "qps_single": round(1000 / float(np.mean(single)), 1),
+        "qps_concurrent": round(concurrent_qps, 1),
+    }
+
+
+def bench_index_speed(report: BenchReport, sizes: list[int], query_count: int, workdir: Path) -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((TOPICS, DIMENSION)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    for size in sizes:
+        logger.info("index speed at {} vectors: generating", size)
+        vectors = clustered_vectors(size, rng, centers)
+        queries = clustered_vectors(query_count, rng, centers)
+        exact_rows: np.ndarray | None = None
+        for factory, search_params, train_sample in INDEXES.get(size, INDEXES[100_000]):
+            logger.info("{} vectors, {}: building", size, factory)
+            gc.collect()
+            memory_before = rss_bytes()
+            folder = workdir / f"n{size}-{len(report.results)}"
+            index, build_seconds = build(folder, factory, train_sample, vectors)
+            memory = rss_bytes() - memory_before
+            for params in search_params:
+                apply_search_params(index.vectors, params)
+                metrics = measure(index, queries, exact_rows, factory)
+                rows = metrics.pop("rows")
+                if exact_rows is None:
+                    exact_rows = rows  # the first configuration is exact search
+                metrics.update(
+                    build_s=round(build_seconds, 1),
+                    index_mb=round(index.manifest.vectors_bytes / 2**20, 1),
+                    rss_mb=round(memory / 2**20, 1),
+                )
+                label = f"{factory} {params}".strip()
+                system = "exact baseline" if factory == "IDMap2,Flat" else "nightcap"
+                report.add("index_search", system, label, {"vectors": size, "dim": DIMENSION}, metrics)
+                logger.info("{}: {}", label, metrics)
+            index.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        if size == 1_000_000:
+            candidates = [r for r in report.results if r["params"].get("vectors") == size and r["system"] == "nightcap"]
+            good = [r for r in candidates if r["metrics"]["recall_at_10"] >= 0.95]
+            if good:
+                chosen = min(good, key=lambda r: r["metrics"]["p50_ms"])
+            else:
+                chosen = max(candidates, key=lambda r: r["metrics"]["recall_at_10"])
+            report.ratio("recall_at_10_1m", chosen["metrics"]["recall_at_10"])
+            report.ratio("p50_search_ms_1m", chosen["metrics"]["p50_ms"])
+            logger.info("1M headline from {}", chosen["model"])
+        del vectors
+        gc.collect()
+
+
+# --- 2 and 3. ingestion and quality on the default corpus -------------------------------------------------
+
+
+def question_for(description: str) -> str:
+    # "Painting by Georges Seurat" -> "What is the painting by Georges Seurat?"; "NASA mission" stays capitalised.
+    keep = len(description) > 1 and description[1].isupper()
+    return f"What is the {description if keep else description[0].lower() + description[1:]}?"
+
+
+def evaluation_set(article_count: int) -> tuple[list, list[tuple[str, str]]]:
+    articles = json.loads(default_corpus_path().read_text(encoding="utf-8"))
+    documents = list(read_wikipedia_summaries(limit=article_count))
+    questions = [
+        (question_for(articles[d.id]["description"]), d.title)
+        for d in documents
+        if articles.get(d.id, {}).get("description", "").strip()
+    ]
+    return documents, questions
+
+
+def quality(retriever: Retriever, questions: list[tuple[str, str]]) -> dict[str, float]:
+    ranks = []
+    for start in tqdm(range(0, len(questions), 64), desc="evaluating", unit="batch"):
+        batch = questions[start : start + 64]
+        for (_, expected), hits in zip(batch, retriever.search_batch([q for q, _ in batch], 30), strict=True):
+            titles = list(dict.fromkeys(h.passage.title for h in hits))  # rank articles, not passages
+            ranks.append(titles.index(expected) + 1 if expected in titles else None)
+    return {
+        "recall_at_1": round(float(np.mean([r == 1 for r in ranks])), 4),
+        "recall_at_5": round(float(np.mean([r is not None and r <= 5 for r in ranks])), 4),
+        "mrr_at_10": round(float(np.mean([1 / r if r is not None and r <= 10 else 0 for r in ranks])), 4),
+    }
+
+
+def bare_encode_seconds(embedder: Embedder, texts: list[str]) -> float:
+    started = time.perf_counter()
+    embedder._model.encode(texts, batch_size=32)  # the baseline the issue names: plain encode, batch 32
+    return time.perf_counter() - started
+
+
+def service_ingest(embedder: Embedder, documents: list, folder: Path) -> tuple[float, Retriever]:
+    create_index(folder, embedder.name, embedder.dimension)
+    retriever = Retriever(embedder, load_index(folder, writable=True))
+    running = start_retrieval_server(retriever, "127.0.0.1:0")
+    try:
+        with IndexClient(running.address, timeout=3600) as client:
+            sent = [ClientDocument(d.id, d.text, d.title, d.source) for d in documents]
+            started = time.perf_counter()
+            client.add_documents(sent)
+            seconds = time.perf_counter() - started
+    finally:
+        running.stop(grace=None)
+    return seconds, retriever
+
+
+def bench_batched_search(report: BenchReport, retriever: Retriever, questions: list[str]) -> None:
+    """Concurrent searches with query embedding: the service's batcher against one encode per call."""
+    questions = questions[:256]
+    rates = {}
+    for max_batch in (1, 64):
+        batcher = QueryBatcher(retriever, max_batch=max_batch)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENT_CALLERS) as pool:
+            list(pool.map(lambda q, b=batcher: b.search(q, 5), questions))
+        rates[max_batch] = len(questions) / (time.perf_counter() - started)
+        batcher.close()
+        system = "one encode per call" if max_batch == 1 else "nightcap QueryBatcher"
+        report.add("search_with_embedding", system, "all-MiniLM-L6-v2",
+                   {"callers": CONCURRENT_CALLERS, "max_batch": max_batch, "queries": len(questions)},
+                   {"qps_concurrent": round(rates[max_batch], 1)})  # fmt: skip
+    report.ratio("search_batched_vs_unbatched", rates[64] / rates[1])
+
+
+def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None:
+    documents, questions = evaluation_set(article_count)
+    texts = [p.text for d in documents for p in passages_of(d)]
+    params = {"articles": len(documents), "passages": len(texts), "questions": len(questions)}
+    for quantize in ("none", "int8"):
+        embedder = Embedder(quantize=quantize)
+        embedder.encode(texts[:64])  # warm up
+        logger.info("ingestion ({}): {} passages, bare encode and the service, alternated", quantize, len(texts))
+        bare = [bare_encode_seconds(embedder, texts)]
+        service_seconds, retriever = service_ingest(embedder, documents, workdir / f"corpus-{quantize}")
+        bare.append(bare_encode_seconds(embedder, texts))
+        bare_rate = len(texts) / float(np.mean(bare))
+        service_rate = len(texts) / service_seconds
+        name = "all-MiniLM-L6-v2" + ("" if quantize == "none" else " int8")
+        report.add("encode", "bare SentenceTransformer.encode", name, params,
+                   {"passages_per_s": round(bare_rate, 1)})  # fmt: skip
+        report.add(
+            "ingest",
+            "nightcap AddDocuments",
+            name,
+            params,
+            {"passages_per_s": round(service_rate, 1), **quality(retriever, questions)},
+        )
+        if quantize == "none":
+            report.ratio("ingest_vs_encode", service_rate / bare_rate)
+            fp32_rate = service_rate
+            bench_batched_search(report, retriever, [q for q, _ in questions])
+        else:
+            report.ratio("ingest_int8_vs_fp32", service_rate / fp32_rate)
+        retriever.index.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000", help="index sizes to measure, comma-separated")
+    parser.add_argument("--queries", type=int, default=1000, help="queries per index measurement")
+    parser.add_argument("--articles", type=int, default=1000, help="default-corpus articles for parts 2 and 3")
+    parser.add_argument("--skip-index", action="store_true", help="skip part 1 (synthetic index speed)")
+    parser.add_argument("--skip-corpus", action="store_true", help="skip parts 2 and 3 (ingestion and quality)")
+    parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default $NIGHTCAP_VAR or var/)")
+    args = parser.parse_args()
+    report = BenchReport("retrieval")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as workdir:
+        if not args.skip_corpus:
+            bench_corpus(report, args.articles, Path(workdir))
+        if not args.skip_index:
+            bench_index_speed(report, [int(s) for s in args.sizes.split(",")], args.queries, Path(workdir))
+    logger.info("benchmark took {:.0f}s", time.perf_counter() - started)
+    report.write(args.var_dir)
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()
