@@ -159,17 +159,63 @@ def run_nightcap(address: str, batch: list[list[int]]) -> dict[str, float]:
     return summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings))
 
 
+def run_long_prompt_interference(address: str, vocab: int, long_prompt_tokens: int) -> dict[str, float]:
+    """Four streams decode while one long prompt arrives: how long do they stall while it is prefilled?"""
+    rng = random.Random(1)
+    long_prompt = [rng.randrange(100, min(vocab, 20_000)) for _ in range(long_prompt_tokens)]
+    decoders = [Timings(0.0) for _ in range(4)]
+    long_request = Timings(0.0)
+    started = threading.Barrier(5)
+
+    def decode(row: int, stub) -> None:
+        request = generation_pb2.GenerateRequest(
+            token_ids=generation_pb2.TokenIds(ids=prompts(4, vocab)[row]),
+            params=common_pb2.SamplingParams(max_new_tokens=96, temperature=0.0, ignore_eos=True),
+        )
+        decoders[row].sent = time.perf_counter()
+        for number, response in enumerate(stub.Generate(request, timeout=600)):
+            decoders[row].tokens.append(time.perf_counter())
+            if number == 16:
+                started.wait()  # every stream is decoding: now the long prompt arrives
+            del response
+
+    def prefill(stub) -> None:
+        started.wait()
+        request = generation_pb2.GenerateRequest(
+            token_ids=generation_pb2.TokenIds(ids=long_prompt),
+            params=common_pb2.SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+        )
+        long_request.sent = time.perf_counter()
+        for _ in stub.Generate(request, timeout=600):
+            long_request.tokens.append(time.perf_counter())
+
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        threads = [threading.Thread(target=decode, args=(row, stub)) for row in range(4)]
+        threads.append(threading.Thread(target=prefill, args=(stub,)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    gaps = sorted(g for t in decoders for g in t.gaps)
+    return {
+        "decode_gap_max_ms": 1000 * gaps[-1],
+        "decode_itl_p99_ms": 1000 * percentile(gaps, 99),
+        "long_prompt_ttft_ms": 1000 * long_request.ttft,
+    }
+
+
 class GenerationServer:
     """The real service in its own process, as `make up` runs it."""
 
-    def __init__(self, model: str, var_dir: Path, max_batch_size: int) -> None:
+    def __init__(self, model: str, var_dir: Path, max_batch_size: int, max_prefill_tokens: int = 2048) -> None:
         with socket_port() as port:
             self.address = f"127.0.0.1:{port}"
         self.log = (var_dir / "bench" / "generation-server.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.generation", "serve", "--model", model, "--address", self.address,
              "--var-dir", str(var_dir), "--metrics-address", "", "--max-batch-size", str(max_batch_size),
-             "--log-level", "WARNING"],
+             "--max-prefill-tokens", str(max_prefill_tokens), "--log-level", "WARNING"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -259,7 +305,27 @@ def main() -> None:
             report.add("generate", "nightcap", name, {**base, "concurrency": n}, served[n])
             report.ratio(f"{name}/n{n}_vs_sequential", served[n]["tokens_per_s"] / sequential["tokens_per_s"])
             report.ratio(f"{name}/n{n}_vs_static_batch", served[n]["tokens_per_s"] / static[n]["tokens_per_s"])
+    if "pythia-160m-shape" in args.models:
+        measure_chunked_prefill(report, folders["pythia-160m-shape"][0], layout.root)
     report.write(layout.root)
+
+
+def measure_chunked_prefill(report: BenchReport, folder: Path, var_dir: Path, long_prompt_tokens: int = 1536) -> None:
+    """Prefilling a long prompt in one step against chunks of 256 tokens interleaved with decode steps."""
+    name, results = "pythia-160m-shape", {}
+    for chunk in (long_prompt_tokens, 256):
+        server = GenerationServer(str(folder), var_dir, max_batch_size=8, max_prefill_tokens=chunk)
+        try:
+            run_nightcap(server.address, prompts(2, 49_152))  # warm-up
+            results[chunk] = run_long_prompt_interference(server.address, 49_152, long_prompt_tokens)
+        finally:
+            server.stop()
+        params = {"decoding_streams": 4, "long_prompt_tokens": long_prompt_tokens, "max_prefill_tokens": chunk}
+        report.add("long_prompt_interference", "nightcap", name, params, results[chunk])
+    whole, chunked = results[long_prompt_tokens], results[256]
+    report.ratio(
+        f"{name}/prefill_chunked_vs_whole_decode_gap_max", chunked["decode_gap_max_ms"] / whole["decode_gap_max_ms"]
+    )
 
 
 if __name__ == "__main__":
