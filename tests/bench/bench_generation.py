@@ -5,6 +5,7 @@ For each model and each concurrency N (same 32-token prompts, 64 new tokens with
                 not depend on N, so it is measured once per model over a few requests
   static-batch  model.generate on one batch of N prompts (the best this hardware does at that size)
   nightcap      the generation service over gRPC (a subprocess), N concurrent streaming clients
+  transformers-generate_batch   transformers' continuous batching, in process (Llama only; N <= 16)
 
     python tests/bench/bench_generation.py [--concurrency 1 4 16 64] [--models pythia-160m-shape smollm2-135m]
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import grpc
 import torch
 from report import BenchReport
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from clients.client import check_health
@@ -125,6 +126,17 @@ def run_static_batch(model, batch: list[list[int]]) -> dict[str, float]:
     )  # fmt: skip
     finished = time.perf_counter()
     return summarise([Timings(started, clock.times) for _ in batch], started, finished)
+
+
+@torch.inference_mode()
+def run_transformers_continuous_batching(model, batch: list[list[int]]) -> dict[str, float]:
+    """transformers' own continuous batching manager (Llama only: it fails for GPT-NeoX in 5.24)."""
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    started = time.perf_counter()
+    outputs = model.generate_batch(inputs=batch, generation_config=config, progress_bar=False)
+    finished = time.perf_counter()
+    tokens = sum(len(output.generated_tokens) for output in outputs.values())
+    return {"tokens_per_s": tokens / (finished - started)}
 
 
 def run_nightcap(address: str, batch: list[list[int]]) -> dict[str, float]:
@@ -293,6 +305,10 @@ def main() -> None:
         sequential = run_sequential(model, prompts(SEQUENTIAL_REQUESTS, vocab))
         report.add("generate", "sequential", name, {**base, "requests": SEQUENTIAL_REQUESTS}, sequential)
         static = {n: run_static_batch(model, prompts(n, vocab)) for n in args.concurrency}
+        if model.config.model_type == "llama":  # the alternative engine this one was chosen over
+            for n in [n for n in args.concurrency if n <= 16]:
+                result = run_transformers_continuous_batching(model, prompts(n, vocab))
+                report.add("generate", "transformers-generate_batch", name, {**base, "concurrency": n}, result)
         del model
         server = GenerationServer(str(serve_as), layout.root, max_batch_size=max(args.concurrency))
         try:
