@@ -200,7 +200,7 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(tiny_loaded):
     request = engine.submit(Request([1, 2, 3], SamplingConfig(max_new_tokens=60, ignore_eos=True)))
     closer = threading.Thread(target=engine.shutdown, kwargs={"grace": 30})
     closer.start()
-    assert wait_until(lambda: not engine._accepting)
+    assert wait_until(lambda: not engine.accepting)
     with pytest.raises(Unavailable, match="shutting down"):
         engine.submit(Request([1], SamplingConfig(max_new_tokens=1)))
     closer.join(30)

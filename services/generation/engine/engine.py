@@ -82,6 +82,11 @@ class ContinuousBatchingEngine:
     def waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown has begun: new requests are refused."""
+        return self._accepting
+
     def shutdown(self, grace: float = 10.0) -> None:
         """Stops admission, lets queued and running requests finish for ``grace`` s, then cancels the rest."""
         with self._wakeup:
