@@ -1,0 +1,156 @@
+"""Fine-tuning through real Ray Train: a tiny GPT-NeoX on 2 CPU workers (DDP over gloo), a run killed after a
+checkpoint and resumed by name, and one small job submitted with `ray job submit` to a local Ray head.
+
+One Ray head serves the file (in-process runs join it; the job is submitted to it) and is stopped at the end with
+its `ray start --block` process group, so no Ray process outlives the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from test_training import city_chats, write_jsonl
+
+from training import finetune
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A local Ray head with the jobs API (what `make ray-up` starts): (jobs address, GCS address).
+
+    One head serves this module; it is stopped with its whole `ray start --block` process group."""
+    # Ray 2.60 heads use token auth (~/.ray/auth_token); clients (the job CLI, ray.init here) send the token
+    # only in token mode.
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    port, dashboard = free_port(), free_port()
+    var = tmp_path_factory.mktemp("head-var")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NIGHTCAP_VAR": str(var)}
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while ray_cli("job", "list", "--address", address).returncode != 0:
+            assert head.poll() is None, "ray start --head exited early"
+            assert time.monotonic() < deadline, "the Ray head's jobs API did not come up in 180 s"
+            time.sleep(1)
+        yield address, f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
+
+
+@pytest.fixture(scope="module")
+def connected(ray_head) -> Iterator[None]:
+    """This process joins the head for the in-process runs (finetune.main reuses the connection)."""
+    import ray
+
+    ray.init(address=ray_head[1], logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("chat-data")
+    return write_jsonl(folder / "train.jsonl", city_chats(96)), write_jsonl(folder / "eval.jsonl", city_chats(8, 3))
+
+
+def run_args(model: Path, data: tuple[Path, Path], storage: Path, name: str) -> list[str]:
+    train, held_out = data
+    return [
+        "--model", str(model), "--data", str(train), "--eval-data", str(held_out),
+        "--seq-length", "64", "--batch-size", "8", "--micro-batch-size", "2", "--num-workers", "2",
+        "--cpus-per-worker", "1", "--total-steps", "8", "--checkpoint-steps", "3", "--eval-steps", "4",
+        "--lr", "3e-3", "--warmup-steps", "1", "--storage-path", str(storage), "--run-name", name,
+    ]  # fmt: skip
+
+
+def final_pointer(storage: Path, name: str) -> dict:
+    return json.loads((storage / name / finetune.FINAL_POINTER).read_text())
+
+
+@pytest.fixture(scope="module")
+def straight_run(connected, tiny_model_dir, chat_data, tmp_path_factory) -> tuple[Path, dict]:
+    storage = tmp_path_factory.mktemp("ray-storage")
+    assert finetune.main(run_args(tiny_model_dir, chat_data, storage, "straight")) == 0
+    return storage, final_pointer(storage, "straight")
+
+
+def test_two_workers_lower_the_loss_and_leave_a_loadable_final_checkpoint(straight_run, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    storage, final = straight_run
+    metrics = final["metrics"]
+    assert metrics["step"] == 8 and metrics["start_step"] == 0
+    assert metrics["eval_loss"] < 5.5  # the random tiny model starts near ln(vocab) = 6.1
+    checkpoints = sorted(p.name for p in (storage / "straight").glob("checkpoint_0*"))
+    assert checkpoints == ["checkpoint_000006", "checkpoint_000008"]  # CheckpointConfig(num_to_keep=2)
+    hf = Path(final["hf_folder"])
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.vocab_size == before.config.vocab_size == len(tokenizer)
+    assert not model.gpt_neox.embed_in.weight.equal(before.gpt_neox.embed_in.weight)  # trained weights
+
+
+def test_a_killed_run_resumes_at_its_checkpoint_and_ends_with_the_same_loss(
+    straight_run, tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
+    args = run_args(tiny_model_dir, chat_data, tmp_path, "interrupted")
+    monkeypatch.setenv(finetune.CRASH_ENV, "5")  # every worker dies after step 5; the last checkpoint is step 3
+    assert finetune.main(args) == 1
+    assert [p.name for p in (tmp_path / "interrupted").glob("checkpoint_0*")] == ["checkpoint_000003"]
+    monkeypatch.delenv(finetune.CRASH_ENV)
+    assert finetune.main(args) == 0
+    resumed, straight = final_pointer(tmp_path, "interrupted")["metrics"], straight_run[1]["metrics"]
+    assert resumed["start_step"] == 3 and resumed["step"] == 8
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-5)
+
+
+def test_ray_job_submit_runs_finetune_on_a_local_head(ray_head, tiny_model_dir, chat_data, tmp_path):
+    storage = tmp_path / "storage"
+    args = run_args(tiny_model_dir, chat_data, storage, "submitted")
+    args[args.index("--total-steps") + 1] = "2"
+    args[args.index("--num-workers") + 1] = "1"
+    submit = ray_cli(
+        "job", "submit", "--address", ray_head[0], "--working-dir", str(REPO), "--",
+        "python", "training/finetune.py", *args, timeout=400,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert f"final checkpoint: {storage / 'submitted'}" in submit.stdout
+    job_id = re.search(r"Job '(\w+)' succeeded", submit.stdout + submit.stderr)
+    assert job_id, submit.stdout[-2000:]
+    status = ray_cli("job", "status", "--address", ray_head[0], job_id.group(1))
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    assert final_pointer(storage, "submitted")["metrics"]["step"] == 2
