@@ -388,6 +388,16 @@ def test_every_factory_round_trips_through_save_and_load(tmp_path: Path, factory
         reloaded.close()
 
 
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF4,Flat"])
+def test_an_empty_index_answers_searches_with_nothing(tmp_path: Path, factory: str) -> None:
+    folder = create_index(tmp_path / "indexes" / "empty", "synthetic", 32, IndexSettings(factory=factory))
+    index = load_index(folder)
+    try:
+        assert index.search_many(np.ones((2, 32), dtype=np.float32), 3) == [[], []]
+    finally:
+        index.close()
+
+
 def test_a_factory_faiss_does_not_know_is_a_clear_error(tmp_path: Path) -> None:
     from services.common.errors import InvalidArgument
 

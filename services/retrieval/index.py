@@ -177,7 +177,9 @@ class PassageIndex:
     def _search_snapshot(self, vectors: faiss.Index, dead: set[int], queries: np.ndarray, k: int) -> list[list[Hit]]:
         # faiss searches are safe from many threads and a commit never modifies the index a search holds (it
         # swaps in a new one), so searches take no lock. Removed-but-unremovable rows (HNSW) are over-fetched.
-        wanted = min(k + len(dead), max(vectors.ntotal, 1))
+        if vectors.ntotal == 0:  # nothing added yet (an IVF index is not even trained)
+            return [[] for _ in queries]
+        wanted = min(k + len(dead), vectors.ntotal)
         scores, rows = vectors.search(queries, wanted)
         results = []
         for row_list, score_list in zip(rows, scores, strict=True):
@@ -245,6 +247,7 @@ class PassageIndex:
                     self._store.commit(asdict(manifest), added, removed_rows, dead_now)
                     self._vectors, self.manifest = vectors, manifest
                     self._dead = self._dead | set(dead_now)
+                    self._mapped = False
             except BaseException:
                 vectors_path.unlink(missing_ok=True)
                 raise
@@ -256,7 +259,6 @@ class PassageIndex:
         if self._mapped:
             # A clone of a memory-mapped index shares the mapped arrays (faiss 1.15: removing ids from such a
             # clone of a Flat index crashes; an IVF one refuses to clone): read the file into memory instead.
-            self._mapped = False
             return faiss.read_index(str(self.folder / self.manifest.vectors_file))
         return faiss.clone_index(self._vectors)
 
