@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench lint format clean
+.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -56,3 +56,25 @@ bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv
 	rm -rf var protos/nightcap/v1/*_pb2*.py protos/nightcap/v1/*_pb2*.pyi
+
+# Training (training/finetune.py). The head gets the venv on PATH (jobs run `python`) and an absolute
+# NIGHTCAP_VAR, so a submitted job finds the registry and writes checkpoints under this var/, not its upload copy.
+RAY_DASHBOARD_PORT ?= 8265
+DEMO_STEPS ?= 8
+
+ray-up: setup ## a local Ray head; jobs API and dashboard on 127.0.0.1:8265 (RAY_DASHBOARD_PORT)
+	PATH=$(abspath $(VENV))/bin:$$PATH NIGHTCAP_VAR=$(abspath var) $(VENV)/bin/ray start --head \
+		--dashboard-host 127.0.0.1 --dashboard-port $(RAY_DASHBOARD_PORT) --disable-usage-stats
+	@echo "submit jobs with (Ray 2.60 heads use token auth; the CLI sends the token in token mode):"
+	@echo "  RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir . -- python training/finetune.py --help"
+
+ray-down: ## stop the local Ray head (`ray stop`: every Ray process of this user on this machine)
+	@if [ -x $(VENV)/bin/ray ]; then $(VENV)/bin/ray stop; else echo "nothing to stop (no $(VENV))"; fi
+
+finetune-demo: setup ## fine-tune SmolLM2-135M for a few minutes on 2 CPU workers, on chat data from the Wikipedia corpus
+	$(PY) -m services.generation prepare-default --var-dir var
+	$(PY) -m training.prepare_data wiki --limit 1500 --eval-fraction 0.02 -o var/data/wiki-chat
+	$(PY) training/finetune.py --model smollm2-135m-instruct --var-dir var \
+		--data var/data/wiki-chat/train.jsonl --eval-data var/data/wiki-chat/eval.jsonl \
+		--num-workers 2 --seq-length 256 --batch-size 8 --micro-batch-size 2 --lr 1e-4 --warmup-steps 1 \
+		--total-steps $(DEMO_STEPS) --eval-steps 4 --checkpoint-steps 4 --run-name finetune-demo-$$(date +%Y%m%d-%H%M%S)

@@ -222,6 +222,7 @@ def chat_file(tmp_path: Path) -> Path:
         (["--strategy", "fsdp"], "fsdp runs on GPUs only"),
         (["--epochs", "1"], "exactly one of --total-steps or --epochs"),
         (["--seq-length", "4096"], "exceeds the model's context of 1024"),
+        (["--lr-scheduler", "sawtooth"], "--lr-scheduler 'sawtooth' is not one of linear, cosine"),
     ],
 )
 def test_bad_arguments_fail_before_ray_starts(extra, message, tiny_model_dir, chat_file, tmp_path, capsys):
@@ -303,3 +304,19 @@ def test_a_lora_adapter_is_merged_into_the_exported_hugging_face_folder(tiny_mod
     assert not any("lora" in name for name in exported.state_dict())
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=prompt).logits, expected, atol=1e-4)
+
+
+def test_epochs_set_the_step_count_and_loguru_writes_progress_to_a_file_under_var(tiny_model_dir, tmp_path):
+    from services.common.logs import setup_logging
+
+    train = write_jsonl(tmp_path / "train.jsonl", city_chats(32))
+    argv = ["--model", str(tiny_model_dir), "--data", str(train), "--seq-length", "64", "--batch-size", "4"]
+    argv += ["--epochs", "2", "--train-log-backend", "loguru", "--var-dir", str(tmp_path)]
+    _, config, data, _ = finetune.build_run(argv)
+    assert config.total_steps == -(-2 * len(data.train) // 4)
+    try:
+        finetune.train_loop_per_worker({"config": asdict(config), "data": data, "use_ray": False})
+    finally:
+        setup_logging("test")  # the loop pointed loguru at its file; close it
+    (log_file,) = (tmp_path / "logs" / "training" / "finetune").glob("file_*.log")
+    assert f"step {config.total_steps}/{config.total_steps} loss" in log_file.read_text()

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU"
     )
-    g.add_argument("--ray-address", default=None, help="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto: the one `ray start` runs here); default: RAY_ADDRESS (set by `ray job "
+        "submit`), else a new local Ray for this run only",
+    )
     g = p.add_argument_group("checkpoints and eval")
     g.add_argument("--run-name", default="finetune", help="rerun with the same name to resume from its checkpoint")
     g.add_argument("--storage-path", default=None, help="checkpoint storage (S3/NFS on a cluster); default var/ray")
@@ -210,6 +215,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingConfigError("--strategy fsdp runs on GPUs only (Ray Train refuses FSDP on CPU); use ddp")
     if args.precision in ("bf16", "fp16") and not args.use_gpu:
         raise TrainingConfigError(f"--precision {args.precision} is for GPUs; on CPU use fp32 (or auto)")
+    from transformers import SchedulerType
+
+    try:
+        SchedulerType(args.lr_scheduler)
+    except ValueError:
+        names = ", ".join(t.value for t in SchedulerType)
+        raise TrainingConfigError(f"--lr-scheduler {args.lr_scheduler!r} is not one of {names}") from None
     if args.lora and args.strategy == "fsdp":
         raise TrainingConfigError("--lora with --strategy fsdp is not supported: LoRA adapters are small, use ddp")
     if args.lora and (args.lora_rank <= 0 or args.lora_alpha <= 0):
@@ -544,6 +556,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     model, plain_model, tokenizer = build_model(config, session)
     optimizer, scheduler = build_optimizer(config, model)
     progress = ProgressLog(config, session.rank)
+    # fp16 needs loss scaling against underflowing gradients; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
 
     start_step = 0
     with ExitStack() as stack:
@@ -573,14 +587,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
             sync = stack_no_sync(model, last_micro)
             with sync, autocast(config, device):
                 loss, count = token_loss(model, input_ids, labels)
-                (loss / labelled).backward()
+                scaler.scale(loss / labelled).backward()
             loss_sum, tokens = loss_sum + loss.item(), tokens + count
+        scaler.unscale_(optimizer)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
             if config.max_grad_norm > 0
             else 0.0
         )
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -671,7 +687,10 @@ def run_trainer(args: argparse.Namespace, config: TrainConfig, data: TrainData, 
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=args.ray_address, logging_level="WARNING", log_to_driver=True)
+        # "local" rather than Ray's default: that joins whatever /tmp/ray/ray_current_cluster names, which may be
+        # a head stopped long ago (the run then hangs on its GCS address).
+        address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
