@@ -8,11 +8,12 @@ Three parts, each measured side by side with its baseline in this one run:
 1. Index speed (synthetic 384-d vectors, as the issue allows: embedding a million passages takes hours here).
    Vectors are clustered like sentence embeddings (topics plus noise), queries come from the same distribution.
    Every approximate index is compared with exact search (IDMap2,Flat) on the same vectors: recall@10, p50/p99
-   latency and queries/s of one caller, queries/s of 16 concurrent callers through the service's QueryBatcher,
+   latency and queries/s of one caller, queries/s of 32 concurrent callers through the service's QueryBatcher,
    build time (train + add + the durable commit) and bytes on disk. Query embedding is excluded: the batcher is
    handed precomputed query vectors.
 2. Ingestion: the same passages of the default corpus through bare ``SentenceTransformer.encode`` and through
-   the service (AddDocuments over gRPC: chunking, embedding, faiss, SQLite, durable commit), alternated.
+   the service (AddDocuments over gRPC: chunking, embedding, faiss, SQLite, durable commit), fp32 and int8,
+   interleaved slice by slice so that load from other work on the machine hits all of them alike.
 3. Quality: a question per article made from its Wikipedia description ("Painting by Georges Seurat" ->
    "What is the painting by Georges Seurat?"), the article as the expected source: recall@1, recall@5, MRR@10
    over articles; for the default fp32 embedder and the int8-quantized one.
@@ -238,25 +239,30 @@ def quality(retriever: Retriever, questions: list[tuple[str, str]]) -> dict[str,
     }
 
 
-def bare_encode_seconds(embedder: Embedder, texts: list[str]) -> float:
+ROUNDS = 8  # the corpus is measured in this many slices, each one through every system, in rotating order
+
+
+def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
-    embedder._model.encode(texts, batch_size=32)  # the baseline the issue names: plain encode, batch 32
+    action()
     return time.perf_counter() - started
 
 
-def service_ingest(embedder: Embedder, documents: list, folder: Path) -> tuple[float, Retriever]:
-    create_index(folder, embedder.name, embedder.dimension)
-    retriever = Retriever(embedder, load_index(folder, writable=True))
-    running = start_retrieval_server(retriever, "127.0.0.1:0")
-    try:
-        with IndexClient(running.address, timeout=3600) as client:
-            sent = [ClientDocument(d.id, d.text, d.title, d.source) for d in documents]
-            started = time.perf_counter()
-            client.add_documents(sent)
-            seconds = time.perf_counter() - started
-    finally:
-        running.stop(grace=None)
-    return seconds, retriever
+class IngestingService:
+    """A real retrieval server on port 0 over a new writable index, fed through the client library."""
+
+    def __init__(self, embedder: Embedder, folder: Path) -> None:
+        create_index(folder, embedder.name, embedder.dimension)
+        self.retriever = Retriever(embedder, load_index(folder, writable=True))
+        self.running = start_retrieval_server(self.retriever, "127.0.0.1:0")
+        self.client = IndexClient(self.running.address, timeout=3600)
+
+    def add(self, documents: list) -> None:
+        self.client.add_documents([ClientDocument(d.id, d.text, d.title, d.source) for d in documents])
+
+    def close(self) -> None:
+        self.client.close()
+        self.running.stop(grace=None)
 
 
 def bench_batched_search(report: BenchReport, retriever: Retriever, questions: list[str]) -> None:
@@ -278,35 +284,42 @@ def bench_batched_search(report: BenchReport, retriever: Retriever, questions: l
 
 
 def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None:
+    """Ingestion against bare encode, fp32 and int8, on the same passages. Other work on a shared machine makes
+    speed drift by 2x within minutes, so each slice of the corpus goes through all four in rotating order and
+    the totals are compared: a slow minute hits every system alike."""
     documents, questions = evaluation_set(article_count)
-    texts = [p.text for d in documents for p in passages_of(d)]
-    params = {"articles": len(documents), "passages": len(texts), "questions": len(questions)}
-    for quantize in ("none", "int8"):
-        embedder = Embedder(quantize=quantize)
-        embedder.encode(texts[:64])  # warm up
-        logger.info("ingestion ({}): {} passages, bare encode and the service, alternated", quantize, len(texts))
-        bare = [bare_encode_seconds(embedder, texts)]
-        service_seconds, retriever = service_ingest(embedder, documents, workdir / f"corpus-{quantize}")
-        bare.append(bare_encode_seconds(embedder, texts))
-        bare_rate = len(texts) / float(np.mean(bare))
-        service_rate = len(texts) / service_seconds
-        name = "all-MiniLM-L6-v2" + ("" if quantize == "none" else " int8")
+    passages = {d.id: [p.text for p in passages_of(d)] for d in documents}
+    total = sum(len(texts) for texts in passages.values())
+    params = {"articles": len(documents), "passages": total, "questions": len(questions)}
+    embedders = {quantize: Embedder(quantize=quantize) for quantize in ("none", "int8")}
+    services = {q: IngestingService(e, workdir / f"corpus-{q}") for q, e in embedders.items()}
+    seconds = {(q, system): 0.0 for q in embedders for system in ("bare", "service")}
+    for embedder in embedders.values():
+        embedder.encode(passages[documents[0].id])  # warm up
+    slices = [documents[i::ROUNDS] for i in range(ROUNDS)]
+    for number, part in enumerate(tqdm(slices, desc="ingestion vs bare encode", unit="slice")):
+        texts = [text for d in part for text in passages[d.id]]
+        steps = [
+            (q, system, (lambda m=e._model, t=texts: m.encode(t, batch_size=32))  # plain encode, batch 32
+             if system == "bare" else (lambda s=services[q], p=part: s.add(p)))
+            for q, e in embedders.items() for system in ("bare", "service")
+        ]  # fmt: skip
+        for q, system, action in steps[number % 4 :] + steps[: number % 4]:
+            seconds[(q, system)] += timed(action)
+    rates = {key: total / value for key, value in seconds.items()}
+    for q in embedders:
+        name = "all-MiniLM-L6-v2" + ("" if q == "none" else " int8")
         report.add("encode", "bare SentenceTransformer.encode", name, params,
-                   {"passages_per_s": round(bare_rate, 1)})  # fmt: skip
-        report.add(
-            "ingest",
-            "nightcap AddDocuments",
-            name,
-            params,
-            {"passages_per_s": round(service_rate, 1), **quality(retriever, questions)},
-        )
-        if quantize == "none":
-            report.ratio("ingest_vs_encode", service_rate / bare_rate)
-            fp32_rate = service_rate
-            bench_batched_search(report, retriever, [q for q, _ in questions])
-        else:
-            report.ratio("ingest_int8_vs_fp32", service_rate / fp32_rate)
-        retriever.index.close()
+                   {"passages_per_s": round(rates[(q, "bare")], 1)})  # fmt: skip
+        found = quality(services[q].retriever, questions)
+        report.add("ingest", "nightcap AddDocuments", name, params,
+                   {"passages_per_s": round(rates[(q, "service")], 1), **found})  # fmt: skip
+    report.ratio("ingest_vs_encode", rates[("none", "service")] / rates[("none", "bare")])
+    report.ratio("ingest_int8_vs_fp32", rates[("int8", "service")] / rates[("none", "service")])
+    bench_batched_search(report, services["none"].retriever, [q for q, _ in questions])
+    for service in services.values():
+        service.close()
+        service.retriever.index.close()
 
 
 def main() -> None:
