@@ -9,8 +9,8 @@ Three parts, each measured side by side with its baseline in this one run:
    Vectors are clustered like sentence embeddings (topics plus noise), queries come from the same distribution.
    Every approximate index is compared with exact search (IDMap2,Flat) on the same vectors: recall@10, p50/p99
    latency and queries/s of one caller, queries/s of 32 concurrent callers through the service's QueryBatcher,
-   build time (train + add + the durable commit) and bytes on disk. Query embedding is excluded: the batcher is
-   handed precomputed query vectors.
+   build time (train + add + the durable commit) and the index's size (on disk and in memory). Query embedding
+   is excluded: the batcher is handed precomputed query vectors.
 2. Ingestion: the same passages of the default corpus through bare ``SentenceTransformer.encode`` and through
    the service (AddDocuments over gRPC: chunking, embedding, faiss, SQLite, durable commit), fp32 and int8,
    interleaved slice by slice so that load from other work on the machine hits all of them alike.
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import psutil
 from loguru import logger
 from tqdm import tqdm
 
@@ -106,10 +105,6 @@ class PrecomputedQueries:
         return self.index.search_many(self.queries[[int(q[1:]) for q in queries]], k)
 
 
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
-
-
 def build(folder: Path, factory: str, train_sample: int, vectors: np.ndarray) -> tuple[PassageIndex, float]:
     """Creates the index and commits every vector in one step; the time is train + add + the durable commit."""
     settings = IndexSettings(factory=factory, train_sample=train_sample or 262_144)
@@ -170,21 +165,17 @@ def bench_index_speed(report: BenchReport, sizes: list[int], query_count: int, w
         for factory, search_params, train_sample in INDEXES.get(size, INDEXES[100_000]):
             logger.info("{} vectors, {}: building", size, factory)
             gc.collect()
-            memory_before = rss_bytes()
             folder = workdir / f"n{size}-{len(report.results)}"
             index, build_seconds = build(folder, factory, train_sample, vectors)
-            memory = rss_bytes() - memory_before
             for params in search_params:
                 apply_search_params(index.vectors, params)
                 metrics = measure(index, queries, exact_rows, factory)
                 rows = metrics.pop("rows")
                 if exact_rows is None:
                     exact_rows = rows  # the first configuration is exact search
-                metrics.update(
-                    build_s=round(build_seconds, 1),
-                    index_mb=round(index.manifest.vectors_bytes / 2**20, 1),
-                    rss_mb=round(memory / 2**20, 1),
-                )
+                # faiss holds in memory the arrays it writes, so the file's size is the index's memory too
+                # (RSS deltas were noise here: freed arrays of the previous index are reused).
+                metrics.update(build_s=round(build_seconds, 1), index_mb=round(index.manifest.vectors_bytes / 2**20, 1))
                 label = f"{factory} {params}".strip()
                 system = "exact baseline" if factory == "IDMap2,Flat" else "nightcap"
                 report.add("index_search", system, label, {"vectors": size, "dim": DIMENSION}, metrics)
