@@ -1,8 +1,8 @@
 """Fine-tuning through real Ray Train: a tiny GPT-NeoX on 2 CPU workers (DDP over gloo), a run killed after a
 checkpoint and resumed by name, and one small job submitted with `ray job submit` to a local Ray head.
 
-One Ray head serves the file (in-process runs join it; the job is submitted to it) and is stopped at the end with
-its `ray start --block` process group, so no Ray process outlives the tests."""
+One Ray head serves the file (`finetune.py --ray-address` runs join it; the job is submitted to it) and is
+stopped at the end with its `ray start --block` process group, so no Ray process outlives the tests."""
 
 from __future__ import annotations
 
@@ -27,7 +27,12 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # Ray 2.60 heads use token auth (~/.ray/auth_token); clients joining one (the job CLI, ray.init with an
+    # address) send the token only in token mode.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +40,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     """A local Ray head with the jobs API (what `make ray-up` starts): (jobs address, GCS address).
 
     One head serves this module; it is stopped with its whole `ray start --block` process group."""
-    # Ray 2.60 heads use token auth (~/.ray/auth_token); clients (the job CLI, ray.init here) send the token
-    # only in token mode.
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
     port, dashboard = free_port(), free_port()
     var = tmp_path_factory.mktemp("head-var")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NIGHTCAP_VAR": str(var)}
@@ -63,20 +64,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
-        if saved_mode is None:
-            os.environ.pop("RAY_AUTH_MODE")
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
-@pytest.fixture(scope="module")
-def connected(ray_head) -> Iterator[None]:
-    """This process joins the head for the in-process runs (finetune.main reuses the connection)."""
-    import ray
-
-    ray.init(address=ray_head[1], logging_level="WARNING")
-    yield
-    ray.shutdown()
+def finetune_on(head: tuple[str, str], args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`python training/finetune.py` joining the head, as a user on the head's machine runs it."""
+    return subprocess.run(
+        [sys.executable, "training/finetune.py", *args, "--ray-address", head[1]],
+        capture_output=True, text=True, timeout=400, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "token", **env},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +95,10 @@ def final_pointer(storage: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_run(connected, tiny_model_dir, chat_data, tmp_path_factory) -> tuple[Path, dict]:
+def straight_run(ray_head, tiny_model_dir, chat_data, tmp_path_factory) -> tuple[Path, dict]:
     storage = tmp_path_factory.mktemp("ray-storage")
-    assert finetune.main(run_args(tiny_model_dir, chat_data, storage, "straight")) == 0
+    run = finetune_on(ray_head, run_args(tiny_model_dir, chat_data, storage, "straight"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     return storage, final_pointer(storage, "straight")
 
 
@@ -124,14 +120,16 @@ def test_two_workers_lower_the_loss_and_leave_a_loadable_final_checkpoint(straig
 
 
 def test_a_killed_run_resumes_at_its_checkpoint_and_ends_with_the_same_loss(
-    straight_run, tiny_model_dir, chat_data, tmp_path, monkeypatch
+    ray_head, straight_run, tiny_model_dir, chat_data, tmp_path
 ):
     args = run_args(tiny_model_dir, chat_data, tmp_path, "interrupted")
-    monkeypatch.setenv(finetune.CRASH_ENV, "5")  # every worker dies after step 5; the last checkpoint is step 3
-    assert finetune.main(args) == 1
+    # Every worker dies after step 5; the last checkpoint is step 3.
+    crashed = finetune_on(ray_head, args, **{finetune.CRASH_ENV: "5"})
+    assert crashed.returncode == 1 and "rerun with --run-name interrupted to resume" in crashed.stdout
     assert [p.name for p in (tmp_path / "interrupted").glob("checkpoint_0*")] == ["checkpoint_000003"]
-    monkeypatch.delenv(finetune.CRASH_ENV)
-    assert finetune.main(args) == 0
+    resumed_run = finetune_on(ray_head, args)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    assert "resumed from the checkpoint at step 3" in resumed_run.stdout + resumed_run.stderr
     resumed, straight = final_pointer(tmp_path, "interrupted")["metrics"], straight_run[1]["metrics"]
     assert resumed["start_step"] == 3 and resumed["step"] == 8
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--ray-address",
         default=None,
-        help="Ray cluster to join (auto: the one `ray start` runs here); default: RAY_ADDRESS (set by `ray job "
-        "submit`), else a new local Ray for this run only",
+        help="Ray cluster to join (auto: the one `ray start` runs here; a Ray 2.60 head also wants "
+        "RAY_AUTH_MODE=token); default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray for this run",
     )
     g = p.add_argument_group("checkpoints and eval")
     g.add_argument("--run-name", default="finetune", help="rerun with the same name to resume from its checkpoint")
@@ -311,8 +311,10 @@ class Session:
         self.use_ray = use_ray
         if use_ray:
             import ray.train
+            from ray.train.v2._internal.execution import context as ray_context
 
-            logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report on the console
+            # Ray logs every report at INFO from a logger named after its file path (context.py's getLogger(__file__)).
+            logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         else:
