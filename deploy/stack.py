@@ -11,6 +11,7 @@ pid files to var/run/<service>.pid. It says what it reuses: the model, the index
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,7 @@ from deploy.supervisor import (
 from services.common.paths import VAR_ENV, VarLayout
 from services.generation.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
-from services.retrieval.index import MANIFEST_FILE
+from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 
 # The services' own defaults, repeated: importing them would load torch and slow every `status` and `down`.
 DEFAULT_QUESTION = "Where is Zurich?"
@@ -146,7 +147,7 @@ def up(
                 else:
                     _prepare("model", ["services.generation", "prepare-default"], layout, log_level)
             if "retrieval" in names_to_start and index is None:
-                if (layout.indexes / DEFAULT_INDEX / MANIFEST_FILE).is_file():
+                if _index_is_current(layout.indexes / DEFAULT_INDEX):
                     typer.echo(f"default index: reusing {layout.indexes / DEFAULT_INDEX}")
                 else:
                     _prepare("index", ["services.retrieval", "build-default"], layout, log_level)
@@ -281,6 +282,15 @@ def _settings(command: list[str]) -> list[str]:
         at = arguments.index("--log-level")
         del arguments[at : at + 2]
     return arguments
+
+
+def _index_is_current(folder: Path) -> bool:
+    """A complete index in this code's format (its manifest copy says so); anything else, an older format
+    included, goes to build-default, which rebuilds it."""
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text()).get("format") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _prepare(what: str, module_command: list[str], layout: VarLayout, log_level: str) -> None:

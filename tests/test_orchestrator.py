@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port, start_orchestrator
 
 from clients import ChatClient, ChatFinished, ChatStarted, Message, NightcapError, SamplingParams, TextDelta
-from services.orchestrator.prompts import ChatTemplatePrompt, ContextPassage, OpenChatKitPrompt, Turn
+from services.orchestrator.prompts import ChatTemplatePrompt, ContextPassage, OpenChatKitPrompt, Turn, context_block
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
@@ -176,6 +176,14 @@ def test_chat_template_renders_exactly_as_transformers_does(tiny_loaded):
         tokenize=False,
     )
     assert ChatTemplatePrompt(CHATML).render(turns, []) == expected
+
+
+def test_a_passage_without_a_title_is_given_as_its_text_alone():
+    passages = [
+        ContextPassage("", "Zurich is in Switzerland.", "notes.txt"),
+        ContextPassage("Bern", "Bern: capital.", ""),
+    ]
+    assert context_block(passages) == "Zurich is in Switzerland.\nBern: city."
 
 
 def test_context_follows_the_question_or_comes_as_a_human_turn():

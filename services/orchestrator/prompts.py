@@ -36,7 +36,13 @@ class ContextPassage:
 def context_block(passages: list[ContextPassage]) -> str:
     # One plain line per passage, led by its title (default-corpus passages already start with it).
     # Numbering them ("[1] ...") made SmolLM2-135M garble names in its answers.
-    return "\n".join(p.text if p.text.startswith(f"{p.title}:") else f"{p.title}: {p.text}" for p in passages)
+    return "\n".join(_context_line(p) for p in passages)
+
+
+def _context_line(passage: ContextPassage) -> str:
+    if not passage.title or passage.text.startswith(f"{passage.title}:"):
+        return passage.text
+    return f"{passage.title}: {passage.text}"
 
 
 class ChatTemplatePrompt:
