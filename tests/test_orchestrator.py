@@ -181,7 +181,7 @@ def test_chat_template_renders_exactly_as_transformers_does(tiny_loaded):
 def test_a_passage_without_a_title_is_given_as_its_text_alone():
     passages = [
         ContextPassage("", "Zurich is in Switzerland.", "notes.txt"),
-        ContextPassage("Bern", "Bern: capital.", ""),
+        ContextPassage("Bern", "Bern: city.", ""),
     ]
     assert context_block(passages) == "Zurich is in Switzerland.\nBern: city."
 
