@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import grpc
 from loguru import logger
@@ -55,18 +56,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         )
 
     def Stats(self, request: retrieval_pb2.StatsRequest, context: grpc.ServicerContext) -> retrieval_pb2.StatsResponse:
-        stats = self._searchable.stats()
-        return retrieval_pb2.StatsResponse(
-            passages=stats.passages,
-            documents=stats.documents,
-            dimension=stats.dimension,
-            embedder=stats.embedder,
-            index_type=stats.index_type,
-            index_path=stats.index_path,
-            bytes_on_disk=stats.bytes_on_disk,
-            format=stats.format,
-            generation=stats.generation,
-        )
+        # IndexStats mirrors StatsResponse field for field
+        return retrieval_pb2.StatsResponse(**asdict(self._searchable.stats()))
 
     def AddDocuments(
         self, request_iterator: Iterator[retrieval_pb2.AddDocumentsRequest], context: grpc.ServicerContext
@@ -85,15 +76,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             report.passages_added,
             report.seconds,
         )
-        return retrieval_pb2.AddDocumentsResponse(
-            documents_added=report.documents_added,
-            documents_replaced=report.documents_replaced,
-            passages_added=report.passages_added,
-            passages_removed=report.passages_removed,
-            passages_total=report.passages_total,
-            documents_total=report.documents_total,
-            seconds=report.seconds,
-        )
+        return retrieval_pb2.AddDocumentsResponse(**asdict(report))  # IngestReport mirrors it field for field
 
     def DeleteDocuments(
         self, request: retrieval_pb2.DeleteDocumentsRequest, context: grpc.ServicerContext
