@@ -37,7 +37,7 @@ from deploy.supervisor import (
     wait_until_serving,
 )
 from services.common.paths import VAR_ENV, VarLayout
-from services.generation.registry import DEFAULT_MODEL, ModelRegistry
+from services.common.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
 from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 

@@ -81,8 +81,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from services.common.registry import ModelRegistry
     from services.generation.loading import load_model
-    from services.generation.registry import ModelRegistry
 
     return load_model(str(tiny_model_dir), ModelRegistry(tmp_path_factory.mktemp("registry")))
 

@@ -7,9 +7,9 @@ import pytest
 from conftest import start_orchestrator
 
 from clients import ChatClient, SamplingParams
+from services.common.registry import ModelRegistry
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
-from services.generation.registry import ModelRegistry
 from services.generation.server import start_generation_server
 
 pytestmark = pytest.mark.e2e

@@ -18,12 +18,12 @@ from conftest import build_tiny_llama, free_port
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import ResourceExhausted, Unavailable
+from services.common.registry import ModelRegistry
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.loading import load_model
-from services.generation.registry import ModelRegistry
 from services.generation.server import start_generation_server
 
 

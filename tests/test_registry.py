@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import FailedPrecondition, NotFound
+from services.common.registry import METADATA_FILE, ModelRegistry, RegistryError
 from services.generation.loading import load_model
-from services.generation.registry import METADATA_FILE, ModelRegistry, RegistryError
 
 
 @pytest.fixture

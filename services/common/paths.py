@@ -1,4 +1,4 @@
-"""The runtime folder (DESIGN.md "Runtime state"): everything a running stack writes lives under it."""
+"""The runtime folder (default ``var/``): everything a running stack writes lives under it; delete it to reset."""
 
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ from transformers.generation.streamers import BaseStreamer
 from clients.client import check_health
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.paths import VarLayout
+from services.common.registry import ModelRegistry
 from services.generation.loading import DEFAULT_MODEL, prepare_default
-from services.generation.registry import ModelRegistry
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64

