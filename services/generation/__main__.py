@@ -12,13 +12,14 @@ from loguru import logger
 from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
+from services.common.registry import ModelRegistry
 from services.common.server import serve_until_signalled
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
 from services.generation.metrics import GenerationMetrics
-from services.generation.registry import ModelRegistry
-from services.generation.server import start_generation_server
+from services.generation.server import serve_model_host
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -75,10 +76,15 @@ def serve(
         10.0, envvar="NIGHTCAP_GRACE", help="seconds SIGTERM lets running requests finish before cancelling"
     ),
     threads: int = typer.Option(0, envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)"),
+    swap_drain_seconds: float = typer.Option(
+        DEFAULT_DRAIN_SECONDS,
+        envvar="NIGHTCAP_SWAP_DRAIN_SECONDS",
+        help="after a model swap (ModelAdmin/LoadVersion), how long running streams may finish on the old version",
+    ),
     var_dir: Path | None = VarDir,
     log_level: str = LogLevel,
 ) -> None:
-    """Load the model and serve nightcap.v1.Generation (with health and reflection) until SIGTERM."""
+    """Load the model and serve nightcap.v1.Generation and ModelAdmin (with health and reflection) until SIGTERM."""
     layout = VarLayout.from_env(var_dir)
     setup_logging("generation", log_level)
     if threads > 0:
@@ -93,8 +99,9 @@ def serve(
             )
             raise typer.Exit(2) from None
         logger.info("metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], port)
+    registry = ModelRegistry(layout.models)
     try:
-        loaded = load_model(model, ModelRegistry(layout.models), device, dtype, prompt_format)
+        loaded = load_model(model, registry, device, dtype, prompt_format)
     except ServiceError as error:
         logger.error("cannot serve {}: {}", model, error)
         raise typer.Exit(2) from None
@@ -112,12 +119,20 @@ def serve(
         SchedulerConfig(max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens),
         metrics,
     )
+    # Later versions load on the same device and dtype as the first (ModelAdmin/LoadVersion).
+    host = ModelHost(
+        loaded,
+        engine,
+        registry,
+        load=lambda spec: load_model(spec, registry, device, dtype, prompt_format),
+        drain_seconds=swap_drain_seconds,
+    )
     try:
-        running = start_generation_server(loaded, engine, address, default_max_new_tokens=max_new_tokens)
+        running = serve_model_host(host, address, default_max_new_tokens=max_new_tokens)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    serve_until_signalled(running, "generation", grace=grace, on_stop=engine.shutdown)
+    serve_until_signalled(running, "generation", grace=grace, on_stop=host.shutdown)
 
 
 @app.command("prepare-default")

