@@ -146,10 +146,12 @@ class ModelRegistry:
         source: str,
         metrics: dict[str, float] | None = None,
         notes: str = "",
+        move: bool = False,
         **extra: object,
     ) -> RegistryVersion:
         """Copies ``hf_folder`` in as the next version of ``name``, hashes it, and renames it into place.
 
+        ``move``: rename ``hf_folder`` in instead of copying it (it must be on the registry's filesystem).
         ``extra`` fills the optional metadata fields (dtype, parent, training, gate)."""
         if not _NAME.match(name):
             raise ValueError(f"model name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
@@ -159,7 +161,11 @@ class ModelRegistry:
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".publishing-", dir=folder))
         try:
-            shutil.copytree(hf_folder, staging, dirs_exist_ok=True)
+            if move:
+                staging.rmdir()
+                os.rename(hf_folder, staging)
+            else:
+                shutil.copytree(hf_folder, staging, dirs_exist_ok=True)
             files = {
                 str(p.relative_to(staging)): _sha256(p)
                 for p in sorted(staging.rglob("*"))
