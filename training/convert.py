@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as `python training/convert.py` (how `ray j
 
 import torch
 from loguru import logger
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from services.common.errors import ServiceError
@@ -171,7 +172,7 @@ def _from_hf(folder: Path) -> tuple[Any, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:  # a corrupted safetensors file lands here too
+    except (OSError, ValueError, SafetensorError) as error:
         raise ConversionError(f"cannot read a causal LM from {folder}: {error}") from None
     return model.eval(), tokenizer
 
