@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import typer
 
+from clients.chatctl_model import model_app
 from clients.client import (
     DEFAULT_ADDRESS,
     DEFAULT_RETRIEVAL_ADDRESS,
@@ -282,6 +283,7 @@ index_app = typer.Typer(
     help="Feed and inspect the retrieval service's index directly (it has its own address, not the orchestrator's).",
 )
 app.add_typer(index_app, name="index")
+app.add_typer(model_app, name="model")
 IndexAddressOption = typer.Option(
     DEFAULT_RETRIEVAL_ADDRESS, "--address", envvar="NIGHTCAP_RETRIEVAL_ADDRESS", help="retrieval service host:port"
 )

@@ -221,3 +221,21 @@ def test_a_second_load_while_one_runs_is_refused(registry):
     finally:
         release.set()
         server.close()
+
+
+def test_chatctl_model_publishes_lists_and_rolls_back(served):
+    from test_chatctl import chatctl
+
+    address = ["--address", served.running.address]
+    published = chatctl("model", "publish", "tiny:2", *address)
+    assert published.returncode == 0, published.stderr
+    assert "tiny:2 serves new requests (was tiny:1" in published.stdout
+
+    listing = chatctl("model", "list", *address)
+    assert "* tiny:2" in listing.stdout and "promote  tiny:1 -> tiny:2" in listing.stdout
+
+    assert chatctl("model", "rollback", *address).returncode == 0
+    status = chatctl("model", "status", *address)
+    assert "serving   tiny:1" in status.stdout and "previous  tiny:2" in status.stdout
+    again = chatctl("model", "rollback", *address)
+    assert again.returncode == 1 and "nothing to roll back to" in again.stderr
