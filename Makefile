@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo
+.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo publish-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -78,3 +78,16 @@ finetune-demo: setup ## fine-tune SmolLM2-135M for a few minutes on 2 CPU worker
 		--data var/data/wiki-chat/train.jsonl --eval-data var/data/wiki-chat/eval.jsonl \
 		--num-workers 2 --seq-length 256 --batch-size 8 --micro-batch-size 2 --lr 1e-4 --warmup-steps 1 \
 		--total-steps $(DEMO_STEPS) --eval-steps 4 --checkpoint-steps 4 --run-name finetune-demo-$$(date +%Y%m%d-%H%M%S)
+
+# The newest finished finetune-demo run (its final.json), converted, gated against the served model on the run's
+# eval data, and published to the generation service `make up` started. `chatctl model rollback` undoes it.
+GENERATION_ADDRESS ?= 127.0.0.1:50051
+PUBLISH_NAME ?= wiki-chat
+
+publish-demo: setup ## convert the last finetune-demo run, gate it, publish it to the running `make up` stack
+	@final=$$(ls -t var/ray/storage/finetune-demo-*/final.json 2>/dev/null | head -1); \
+	if [ -z "$$final" ]; then echo "no finished finetune-demo run under var/ray/storage: run make finetune-demo"; exit 2; fi; \
+	run=$$(basename $$(dirname $$final)); echo "publishing run $$run as $(PUBLISH_NAME)"; \
+	$(PY) training/convert.py --run $$run --name $(PUBLISH_NAME) --var-dir var --publish $(GENERATION_ADDRESS)
+	$(VENV)/bin/chatctl status
+	$(VENV)/bin/chatctl model list $(PUBLISH_NAME) --address $(GENERATION_ADDRESS)

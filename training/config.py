@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--wandb-project", default="nightcap", help="W&B project")
     g.add_argument("--log-steps", type=int, default=1, help="log progress every N steps")
+    g = p.add_argument_group("publishing (training/convert.py when the run ends)")
+    g.add_argument(
+        "--publish",
+        default="",
+        help="generation service host:port: convert the final checkpoint, gate it on --eval-data, and load it there",
+    )
+    g.add_argument("--publish-name", default="", help="registry name for --publish (default: the run name)")
     return p
 
 

@@ -307,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_final(storage, final)
     print(f"final checkpoint: {checkpoint / HF_FOLDER}")
+    if args.publish:
+        from training import convert
+
+        name = args.publish_name or config.run_name.lower()
+        var = VarLayout.from_env(args.var_dir)
+        argv = ["--run", config.run_name, "--storage-path", str(storage), "--var-dir", str(var.root), "--name", name]
+        return convert.main([*argv, "--publish", args.publish])
     return 0
 
 
