@@ -239,3 +239,24 @@ def test_chatctl_model_publishes_lists_and_rolls_back(served):
     assert "serving   tiny:1" in status.stdout and "previous  tiny:2" in status.stdout
     again = chatctl("model", "rollback", *address)
     assert again.returncode == 1 and "nothing to roll back to" in again.stderr
+
+
+def test_the_orchestrator_reports_the_new_version_after_a_switch(served):
+    from conftest import start_orchestrator
+
+    from clients import ChatClient, ChatStarted, SamplingParams
+
+    orchestrator = start_orchestrator(served.running.address, None)
+    try:
+        with ChatClient(orchestrator.address, timeout=60) as client:
+
+            def model_of_a_turn() -> str:
+                events = client.chat("Where is Zurich?", params=SamplingParams(max_new_tokens=4, temperature=0.0))
+                return next(e for e in events if isinstance(e, ChatStarted)).model
+
+            assert model_of_a_turn() == "tiny:1"
+            load(served, "tiny:2")
+            assert model_of_a_turn() == "tiny:2"
+            assert client.status().model["version"] == "2"
+    finally:
+        orchestrator.stop(grace=1.0)

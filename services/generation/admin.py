@@ -24,7 +24,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
         if registry is None:
             raise FailedPrecondition("this server was started without a model registry")
         names = [request.name] if request.name else registry.names()
-        active = self.host.active.label
+        active = self.host.current(context.time_remaining()).label
         versions = []
         for name in names:
             for version in reversed(registry.versions(name)):
@@ -50,7 +50,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
         yield from _stream(self.host.start_rollback(request.mode == admin_pb2.SWAP_MODE_IN_PLACE))
 
     def ActiveVersion(self, request: admin_pb2.ActiveVersionRequest, context: grpc.ServicerContext):
-        active = self.host.active
+        active = self.host.current(context.time_remaining())
         return admin_pb2.ActiveVersionResponse(
             model=active.label,
             previous=self.host.previous,

@@ -137,19 +137,23 @@ class ModelHost:
     def draining_requests(self) -> int:
         return sum(s.engine.active_sequences + s.engine.waiting for s in list(self._draining))
 
+    def current(self, wait: float | None = None) -> ServedModel:
+        """The model serving new requests; during an in-place swap, waits for it (up to ``wait`` seconds)."""
+        if not self._open.wait(wait):
+            raise Unavailable("the model is being swapped in place and the request's deadline came first")
+        return self._active
+
     def submit(self, build: Callable[[LoadedModel], Request], wait: float | None = None) -> tuple[ServedModel, Request]:
         """Builds a request for the active model and submits it to that model's engine, atomically with
         respect to a switch. ``wait``: how long to wait for an in-place swap (None: as long as it takes)."""
-        if not self._open.wait(wait):
-            raise Unavailable("the model is being swapped in place and the request's deadline came first")
         while True:
-            served = self._active
+            served = self.current(wait)
             request = build(served.loaded)
             with self._lock:
-                if served is self._active:
+                if self._open.is_set() and served is self._active:
                     served.engine.submit(request)
                     return served, request
-            # the switch happened between reading the model and submitting: build again for the new one
+            # a switch happened between reading the model and submitting: build again for the new one
 
     def shutdown(self, grace: float) -> None:
         for served in [self._active, *self._draining]:
@@ -203,7 +207,7 @@ class ModelHost:
             job.finish()
         except ServiceError as error:
             self.metrics.swaps.labels("failed").inc()
-            logger.warning("swap to {} failed; {} still serves: {}", spec, self._active.label, error)
+            logger.warning("swap to {} failed; {} serves: {}", spec, getattr(self._active, "label", "nothing"), error)
             job.fail(error)
         except Exception as error:  # a bug, but the served model must stay up and the caller must hear why
             self.metrics.swaps.labels("failed").inc()
@@ -237,10 +241,14 @@ class ModelHost:
 
     def _swap_in_place(self, job: SwapJob, spec: str, previous: str) -> ServedModel:
         self.registry.resolve(spec)  # refuse a bad version before pausing anything
-        self._open.clear()
+        if not self._active.loaded.version:
+            raise FailedPrecondition(
+                f"{previous} is not a registry version, so it could not be reloaded if this failed"
+            )
+        with self._lock:
+            self._open.clear()
+            old = self._active
         try:
-            with self._lock:
-                old = self._active
             job.emit(SwapProgress("draining", f"finishing running requests on {previous}", 0.1, spec, previous))
             old.engine.shutdown(self._drain_seconds)
             old_spec = previous

@@ -84,7 +84,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
 
     def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.ServicerContext):
-        loaded = self.host.active.loaded
+        loaded = self.host.current(context.time_remaining()).loaded
         tokenizer = loaded.tokenizer
         return generation_pb2.ModelInfoResponse(
             name=loaded.name,
@@ -101,7 +101,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
 
     def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.ServicerContext):
-        ids = _encode(self.host.active.loaded, request.text, request.add_special_tokens)
+        ids = _encode(self.host.current(context.time_remaining()).loaded, request.text, request.add_special_tokens)
         return generation_pb2.TokenizeResponse(token_count=len(ids), token_ids=ids if request.return_ids else [])
 
     def _prompt_ids(self, request: generation_pb2.GenerateRequest, loaded: LoadedModel) -> list[int]:
