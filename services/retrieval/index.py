@@ -455,16 +455,16 @@ class PassageIndex:
             return report
 
     def _merge(self, segments: Sequence[Segment], dead: frozenset[int]) -> tuple[faiss.Index, int]:
-        """One index holding the live vectors of ``segments``, re-added from their decoded vectors.
-
-        faiss' own merge_from would keep PQ codes bit for bit, but IndexIDMap2 over IVF corrupts its id map on
-        merge (faiss 1.15: remove_ids then aborts on an assertion), so vectors are decoded and re-added: exact
-        for Flat and HNSW, and for PQ codes a decoded vector encodes back to the same code."""
+        """One index holding the live vectors of ``segments`` (each read into memory in turn, never mapped)."""
         template = self._template
         if template is None:
             template = empty_index(self.manifest.factory, self.manifest.dimension)
         merged = faiss.clone_index(template)
         dead_rows = np.fromiter(dead, dtype=np.int64, count=len(dead))
+        if faiss.try_extract_index_ivf(merged) is not None:
+            return merged, merge_inverted_lists(merged, [self.folder / s.file for s in segments], dead_rows)
+        # Flat, HNSW, PQ: decoded vectors re-added (exact for Flat and HNSW; a decoded PQ vector encodes back to
+        # its own code). HNSW has no merge_from, and a new graph is how its removed vectors really go.
         for segment in segments:
             ids, vectors = decode_segment(self.folder / segment.file)
             live = ~np.isin(ids, dead_rows)
@@ -528,6 +528,45 @@ def empty_index(factory: str, dimension: int) -> faiss.Index:
         raise InvalidArgument(
             f"faiss cannot make an index from the factory string {factory!r}: {str(error).strip()}"
         ) from error
+
+
+def merge_inverted_lists(merged: faiss.Index, paths: Sequence[Path], dead_rows: np.ndarray) -> int:
+    """Copies the live entries of IVF segments into ``merged`` (an empty IDMap2 over IVF from the same trained
+    template), list by list and code by code: what compaction must not change, it does not re-encode.
+
+    By hand because faiss' merge_from cannot drop entries and, through IndexIDMap2, mis-numbers the inner ids
+    (faiss 1.15: remove_ids afterwards aborts on an assertion). IDMap2's contract is kept: inner ids run
+    0..ntotal-1 and id_map[inner id] is the row."""
+    wrapper = faiss.downcast_index(merged)
+    target = faiss.extract_index_ivf(merged)
+    rows_in_order: list[np.ndarray] = []
+    count = 0
+    for path in paths:
+        segment = faiss.read_index(str(path))
+        rows = faiss.vector_to_array(faiss.downcast_index(segment).id_map).astype(np.int64)
+        lists = faiss.extract_index_ivf(segment).invlists
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            if size == 0:
+                continue
+            inner = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+            codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).reshape(size, -1)
+            keep = ~np.isin(rows[inner], dead_rows)
+            kept = int(keep.sum())
+            if kept == 0:
+                continue
+            # named arrays: swig_ptr holds no reference, so a temporary would be freed before faiss reads it
+            new_ids = np.arange(count, count + kept, dtype=np.int64)
+            kept_codes = np.ascontiguousarray(codes[keep])
+            target.invlists.add_entries(number, kept, faiss.swig_ptr(new_ids), faiss.swig_ptr(kept_codes))
+            rows_in_order.append(rows[inner[keep]])
+            count += kept
+        del segment
+    target.ntotal = wrapper.ntotal = count
+    if rows_in_order:
+        faiss.copy_array_to_vector(np.concatenate(rows_in_order), wrapper.id_map)
+    wrapper.construct_rev_map()
+    return count
 
 
 def decode_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
