@@ -226,6 +226,7 @@ class PassageIndex:
         self._swap_lock = threading.Lock()  # the store commit and the switch to the new view, together
         self._compact_lock = threading.Lock()  # one compaction at a time (commits go on beside it)
         self._background: threading.Thread | None = None
+        self._closed = False
 
     @property
     def read_only(self) -> bool:
@@ -507,6 +508,10 @@ class PassageIndex:
         return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
 
     def close(self) -> None:
+        """Waits for a background compaction, then releases the store and the writer lock; twice is once."""
+        if self._closed:
+            return
+        self._closed = True
         self.wait_for_compaction()
         if self._writer is not None:
             self._store.checkpoint()
