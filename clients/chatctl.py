@@ -363,6 +363,25 @@ def index_delete(
     )
 
 
+@index_app.command("compact")
+def index_compact(
+    address: str = IndexAddressOption,
+    timeout: float = IndexTimeoutOption,
+) -> None:
+    """Merge the index's vector segments into one and drop the vectors of deleted documents (searches and
+    additions go on meanwhile). Each add is a new segment; compacting keeps searches over many of them fast."""
+    with IndexClient(address, timeout=timeout) as client:
+        try:
+            report = client.compact()
+        except NightcapError as error:
+            raise _index_error(error) from None
+    print(
+        f"compacted {report.segments_before} segments into {report.segments_after}, dropped "
+        f"{report.vectors_dropped} vectors of deleted passages: {report.bytes_before / 2**20:.1f} MB -> "
+        f"{report.bytes_after / 2**20:.1f} MB in {report.seconds:.1f}s"
+    )
+
+
 @index_app.command("stats")
 def index_stats(
     address: str = IndexAddressOption,

@@ -336,6 +336,8 @@ class IndexStats:
     bytes_on_disk: int
     format: str
     generation: int
+    segments: int = 0
+    tombstones: int = 0
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,17 @@ class DeleteReport:
     passages_removed: int
     passages_total: int
     documents_total: int
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    segments_before: int
+    segments_after: int
+    vectors_dropped: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    generation: int
 
 
 class IndexClient:
@@ -405,6 +418,11 @@ class IndexClient:
     def delete_documents(self, ids: Sequence[str], timeout: float | None = None) -> DeleteReport:
         request = retrieval_pb2.DeleteDocumentsRequest(ids=list(ids))
         return DeleteReport(**_fields_with_defaults(self._call(self._stub.DeleteDocuments, request, timeout)))
+
+    def compact(self, timeout: float | None = None) -> CompactReport:
+        """Merges the index's vector segments into one and drops removed passages' vectors; returns when done."""
+        response = self._call(self._stub.Compact, retrieval_pb2.CompactRequest(), timeout)
+        return CompactReport(**_fields_with_defaults(response))
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -95,6 +95,17 @@ Mmap = Annotated[
         help="Memory-map the vectors file instead of reading it (large indexes; the first write copies it).",
     ),
 ]
+CompactSegments = Annotated[
+    int,
+    typer.Option(
+        "--compact-segments",
+        envvar="NIGHTCAP_INDEX_COMPACT_SEGMENTS",
+        min=0,
+        help="Each commit adds a vector segment; past this many, compact them in the background (searches and "
+        "commits go on). 0: only on request (`chatctl index compact`).",
+    ),
+]
+DEFAULT_COMPACT_SEGMENTS = 32  # searching 32 small segments beside a large one costs little; see the README
 Sentences = Annotated[
     int,
     typer.Option("--passage-sentences", envvar="NIGHTCAP_PASSAGE_SENTENCES", min=1, help="Sentences per passage."),
@@ -158,6 +169,7 @@ def serve(
     search_params: SearchParams = "",
     threads: Threads = 0,
     mmap: Mmap = False,
+    compact_segments: CompactSegments = DEFAULT_COMPACT_SEGMENTS,
     passage_sentences: Sentences = 3,
     passage_overlap: Overlap = 0,
     batch_size: BatchSize = BATCH_SIZE,
@@ -180,14 +192,14 @@ def serve(
     ] = Expansion.w_th,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Serve Search, Stats, AddDocuments and DeleteDocuments until SIGTERM or Ctrl-C."""
+    """Serve Search, Stats, AddDocuments, DeleteDocuments and Compact until SIGTERM or Ctrl-C."""
     setup_logging("retrieval", log_level)
     hf_logging.disable_progress_bar()  # a weight-loading bar is noise in a service log file
     if threads:
         faiss.omp_set_num_threads(threads)
     chunking = _chunking(passage_sentences, passage_overlap)
     folder = index_folder(index, VarLayout.from_env(var_dir))
-    settings = IndexSettings(factory=factory, search_params=search_params, mmap=mmap)
+    settings = IndexSettings(factory=factory, search_params=search_params, mmap=mmap, compact_segments=compact_segments)
     searchable: Searchable
     try:
         if find_openchatkit_files(folder) is not None:
@@ -274,6 +286,33 @@ def build_default(
     typer.echo(
         f"built {report.folder}: {report.passages} passages of {report.documents} documents in "
         f"{report.seconds:.1f}s ({report.passages_per_second:.1f} passages/s)"
+    )
+
+
+@app.command("compact")
+def compact(
+    index: Annotated[
+        str,
+        typer.Option("--index", envvar="NIGHTCAP_RETRIEVAL_INDEX", help="Index name under <var>/indexes/, or a path."),
+    ] = DEFAULT_INDEX_NAME,
+    var_dir: VarDir = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Compact an index that no service is serving: merge its segments, drop removed passages' vectors.
+    (A served index is compacted through the service: `chatctl index compact`.)"""
+    setup_logging("retrieval", log_level)
+    folder = index_folder(index, VarLayout.from_env(var_dir))
+    try:
+        passage_index = load_index(folder, writable=True)
+    except IndexLoadError as error:
+        raise _fail(error) from None
+    try:
+        report = passage_index.compact()
+    finally:
+        passage_index.close()
+    typer.echo(
+        f"compacted {folder}: {report.segments_before} segments into {report.segments_after}, dropped "
+        f"{report.vectors_dropped} vectors of removed passages in {report.seconds:.1f}s"
     )
 
 

@@ -1,14 +1,20 @@
-"""A passage index on disk that can be fed while it serves: faiss vectors plus the passage store.
+"""A passage index on disk that can be fed while it serves: faiss vector segments plus the passage store.
 
 Layout of ``var/indexes/<name>/``:
-  ``passages.sqlite``          the PassageStore, and the committed state: which vectors file is current, counts,
-                               the embedder, the faiss factory
-  ``vectors-<generation>.faiss`` the faiss index as of that commit (ids are store rows, never reused)
-  ``manifest.json``            a readable copy of the committed state, rewritten after each commit (never read)
+  ``passages.sqlite``       the PassageStore, the tombstones of removed passages, and the committed state: which
+                            segment files are current, counts, the embedder, the faiss factory
+  ``vectors-<n>.faiss``     one segment: the vectors one commit added (ids are store rows, never reused); a
+                            segment is written once and never changed
+  ``trained-<n>.faiss``     IVF/PQ factories only: the empty index trained at the first commit, cloned for every
+                            later segment so all segments share one quantizer and their scores compare
+  ``manifest.json``         a readable copy of the committed state, rewritten after each commit (never read)
 
-A commit writes the new vectors file and fsyncs it, then one SQLite transaction changes the passages and
-points the state at the new file, then the old file is deleted. A crash before the transaction leaves the old
-file current (the new one is an orphan, removed at the next open); after it, the new one. Never a half index.
+A commit costs what it adds: it writes one new segment file (its passages' vectors) and fsyncs it, then one SQLite
+transaction adds the passages, turns removed passages into tombstones and appends the segment to the state. No
+existing file is read or rewritten. A crash before the transaction leaves the new file an orphan (removed at the
+next writable open); after it, the commit is whole. Searches query every segment and merge the per-segment top-k,
+skipping tombstones. Compaction (``compact``, explicit or in the background past a segment threshold) merges the
+segments into one, drops the tombstoned vectors, and commits that the same way.
 A new index is made in a hidden sibling folder and renamed into place, so a folder that exists is complete.
 """
 
@@ -20,6 +26,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -28,6 +35,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import xxhash
 from loguru import logger
 
 from services.common.errors import FailedPrecondition, InvalidArgument
@@ -37,15 +45,22 @@ from services.retrieval.store import PassageStore, StoreDamagedError
 
 DEFAULT_INDEX_NAME = "wikipedia-en"
 INDEX_FACTORY = "IDMap2,Flat"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MIGRATABLE_FORMATS = (2,)  # format 2: one vectors file rewritten by every commit; becomes one segment
 STORE_FILE = "passages.sqlite"
 MANIFEST_FILE = "manifest.json"
 # faiss trains IVF/PQ on a sample; 256 points per centroid is what its k-means uses at most anyway.
 DEFAULT_TRAIN_SAMPLE = 262_144
+# Vectors re-added per call while compacting: bounds the extra memory to this many decoded vectors.
+COMPACT_CHUNK = 65_536
 
 
-def vectors_file_name(generation: int) -> str:
-    return f"vectors-{generation:08d}.faiss"
+def vectors_file_name(number: int) -> str:
+    return f"vectors-{number:08d}.faiss"
+
+
+def trained_file_name(number: int) -> str:
+    return f"trained-{number:08d}.faiss"
 
 
 class IndexLoadError(FailedPrecondition):
@@ -59,7 +74,22 @@ class IndexSettings:
     factory: str = INDEX_FACTORY  # any faiss index_factory string: "IDMap2,Flat", "HNSW32", "IVF4096,Flat", ...
     search_params: str = ""  # faiss ParameterSpace string applied after loading, e.g. "nprobe=32" or "efSearch=128"
     train_sample: int = DEFAULT_TRAIN_SAMPLE
-    mmap: bool = False  # map the vectors file instead of reading it (faiss supports it for Flat, IVF and PQ)
+    mmap: bool = False  # map the segment files instead of reading them (faiss supports it for Flat, IVF and PQ)
+    # Compact in the background once a commit leaves more segments than this (0: only when asked).
+    compact_segments: int = 0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One immutable vectors file: the rows ``first_row <= row < end_row`` that were added together (rows of
+    later segments are always higher), ``vectors`` of them still in the file (tombstoned ones included)."""
+
+    file: str
+    bytes: int
+    digest: str  # "xxh3_128:<hex>" (or "sha256:<hex>" for a file migrated from format 2)
+    vectors: int
+    first_row: int
+    end_row: int
 
 
 @dataclass(frozen=True)
@@ -70,18 +100,33 @@ class Manifest:
     dimension: int
     passages: int
     documents: int
-    vectors_file: str
-    vectors_bytes: int
-    vectors_sha256: str
+    segments: tuple[Segment, ...] = ()
+    trained: Segment | None = None  # the empty trained index segments are cloned from (IVF/PQ), once trained
     factory: str = INDEX_FACTORY
     metric: str = "inner_product"
     generation: int = 0
     created: str = ""
     updated: str = ""
-    dead_rows: int = 0
+    dead_rows: int = 0  # tombstones: removed passages whose vectors are still in a segment
     next_row: int = 0
+    next_file: int = 1
     details: dict[str, Any] = field(default_factory=dict)  # e.g. the corpus and chunking that made it
     format: int = FORMAT_VERSION
+
+    @property
+    def vectors(self) -> int:
+        return sum(segment.vectors for segment in self.segments)
+
+    def to_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Manifest:
+        state = dict(state)
+        state["segments"] = tuple(Segment(**segment) for segment in state.get("segments", ()))
+        if state.get("trained") is not None:
+            state["trained"] = Segment(**state["trained"])
+        return cls(**state)
 
 
 @dataclass(frozen=True)
@@ -105,6 +150,32 @@ class CommitReport:
     passages_removed: int
     documents_removed: int
     manifest: Manifest
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    segments_before: int
+    segments_after: int
+    vectors_dropped: int  # tombstoned vectors removed from disk
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class _LoadedSegment:
+    segment: Segment
+    vectors: faiss.Index
+    dead: int  # tombstones among this segment's rows: searches over-fetch by this many
+
+
+@dataclass(frozen=True)
+class _View:
+    """What a search sees: swapped whole by a commit, so a search never sees half of one."""
+
+    segments: tuple[_LoadedSegment, ...]
+    dead: frozenset[int]
 
 
 def index_folder(name_or_path: str | Path, layout: VarLayout) -> Path:
@@ -131,13 +202,14 @@ def now() -> str:
 
 
 class PassageIndex:
-    """A loaded index: batched search, and commits that searches never see half of."""
+    """A loaded index: batched search over its segments, and commits that searches never see half of."""
 
     def __init__(
         self,
         folder: Path,
         manifest: Manifest,
-        vectors: faiss.Index,
+        view: _View,
+        template: faiss.Index | None,
         store: PassageStore,
         settings: IndexSettings,
         writer: WriterLock | None = None,
@@ -146,21 +218,29 @@ class PassageIndex:
         self._writer = writer
         self.manifest = manifest
         self.settings = settings
-        self._vectors = vectors
+        self._view = view
+        self._template = template  # empty (trained) index each new segment is cloned from; None until needed
         self._store = store
-        self._dead = store.dead_rows()
-        self._mapped = settings.mmap
+        self._next_file = manifest.next_file
         self._write_lock = threading.Lock()  # one commit at a time
-        self._swap_lock = threading.Lock()  # the store commit and the switch to the new vectors, together
+        self._swap_lock = threading.Lock()  # the store commit and the switch to the new view, together
+        self._compact_lock = threading.Lock()  # one compaction at a time (commits go on beside it)
+        self._background: threading.Thread | None = None
+        self._closed = False
 
     @property
     def read_only(self) -> bool:
         return self._writer is None
 
     @property
-    def vectors(self) -> faiss.Index:
-        """The faiss index searched now (a commit replaces it with a new one)."""
-        return self._vectors
+    def segment_count(self) -> int:
+        return len(self.manifest.segments)
+
+    def set_search_params(self, search_params: str) -> None:
+        """Applies faiss search parameters (e.g. ``nprobe=16``) to every segment, and to segments to come."""
+        for loaded in self._view.segments:
+            apply_search_params(loaded.vectors, search_params)
+        self.settings = replace(self.settings, search_params=search_params)
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         return self.search_many(query.reshape(1, -1), k)[0]
@@ -169,98 +249,117 @@ class PassageIndex:
         """The k best passages for each row of ``queries`` (normalized vectors)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         try:
-            return self._search_snapshot(self._vectors, self._dead, queries, k)
+            return self._search_view(self._view, queries, k)
         except KeyError:  # a commit removed a found passage between the faiss search and the store lookup
             with self._swap_lock:
-                return self._search_snapshot(self._vectors, self._dead, queries, k)
+                return self._search_view(self._view, queries, k)
 
-    def _search_snapshot(self, vectors: faiss.Index, dead: set[int], queries: np.ndarray, k: int) -> list[list[Hit]]:
-        # faiss searches are safe from many threads and a commit never modifies the index a search holds (it
-        # swaps in a new one), so searches take no lock. Removed-but-unremovable rows (HNSW) are over-fetched.
-        if vectors.ntotal == 0:  # nothing added yet (an IVF index is not even trained)
+    def _search_view(self, view: _View, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        # faiss searches are safe from many threads and a commit never modifies a segment a search holds (it
+        # swaps in a new view), so searches take no lock. Each segment over-fetches by its tombstones.
+        found_scores, found_rows = [], []
+        for loaded in view.segments:
+            wanted = min(k + loaded.dead, loaded.vectors.ntotal)
+            if wanted == 0:
+                continue
+            scores, rows = loaded.vectors.search(queries, wanted)
+            found_scores.append(scores)
+            found_rows.append(rows)
+        if not found_scores:  # nothing added yet
             return [[] for _ in queries]
-        wanted = min(k + len(dead), vectors.ntotal)
-        scores, rows = vectors.search(queries, wanted)
+        scores, rows = np.hstack(found_scores), np.hstack(found_rows)
+        # Merge the per-segment top lists: best first; a stable sort keeps faiss' order among equal scores.
+        order = np.argsort(-scores, axis=1, kind="stable")
         results = []
-        for row_list, score_list in zip(rows, scores, strict=True):
-            found = [
-                (int(row), float(score))
-                for row, score in zip(row_list, score_list, strict=True)
-                if row >= 0 and int(row) not in dead
-            ][:k]
-            passages = self._store.get([row for row, _ in found])
-            results.append([Hit(p, score) for p, (_, score) in zip(passages, found, strict=True)])
+        for query_rows, query_scores, query_order in zip(rows, scores, order, strict=True):
+            best: list[tuple[int, float]] = []
+            for at in query_order:
+                row = int(query_rows[at])
+                if row >= 0 and row not in view.dead:
+                    best.append((row, float(query_scores[at])))
+                    if len(best) == k:
+                        break
+            passages = self._store.get([row for row, _ in best])
+            results.append([Hit(p, score) for p, (_, score) in zip(passages, best, strict=True)])
         return results
 
     def commit(self, change: Change) -> CommitReport:
         """Applies ``change`` durably: after this returns, a crash or restart keeps it; if it raises, nothing
-        changed. Searches go on meanwhile against the previous state and switch over at once."""
-        if self._writer is None:
-            raise FailedPrecondition(f"the index at {self.folder} was opened read-only")
+        changed. Its cost is what it adds: one new segment file; removed passages become tombstones. Searches
+        go on meanwhile against the previous state and switch over at once."""
+        self._check_writable("documents cannot be changed")
         with self._write_lock:
             old = self.manifest
             # A document added again replaces the old one: its passages go first.
             replaced = self._store.rows_of_documents({*change.remove_documents, *(p.doc_id for p in change.passages)})
             removed_rows = [row for rows in replaced.values() for row in rows]
-            vectors = self._writable_copy()
-            dead_now: list[int] = []
-            if removed_rows:
-                ids = np.asarray(removed_rows, dtype=np.int64)
-                try:
-                    vectors.remove_ids(ids)
-                except RuntimeError:  # HNSW cannot remove vectors; searches skip these rows instead
-                    dead_now = removed_rows
-            added: list[tuple[int, Passage]] = []
-            if change.passages:
-                assert change.vectors is not None
-                if change.vectors.shape != (len(change.passages), old.dimension):
-                    raise ValueError(
-                        f"got vectors of shape {change.vectors.shape} for {len(change.passages)} passages of "
-                        f"dimension {old.dimension}"
-                    )
-                embeddings = np.ascontiguousarray(change.vectors, dtype=np.float32)
-                if not vectors.is_trained:
-                    self._train(vectors, embeddings)
-                rows = np.arange(old.next_row, old.next_row + len(change.passages), dtype=np.int64)
-                vectors.add_with_ids(embeddings, rows)
-                added = list(zip(rows.tolist(), change.passages, strict=True))
-            generation = old.generation + 1
-            vectors_path = self.folder / vectors_file_name(generation)
-            described = write_vectors(vectors, vectors_path)
-            passages = old.passages + len(added) - len(removed_rows)
-            documents_after = old.documents - len(replaced) + len({p.doc_id for p in change.passages})
-            manifest = replace(
-                old,
-                generation=generation,
-                passages=passages,
-                documents=documents_after,
-                vectors_file=vectors_path.name,
-                vectors_bytes=described["bytes"],
-                vectors_sha256=described["sha256"],
-                updated=now(),
-                dead_rows=old.dead_rows + len(dead_now),
-                next_row=old.next_row + len(added),
-            )
-            apply_search_params(vectors, self.settings.search_params)
+            written: list[Path] = []
             try:
+                manifest, loaded, added, template = self._write_segment(old, change, written)
+                manifest = replace(
+                    manifest,
+                    generation=old.generation + 1,
+                    passages=old.passages + len(added) - len(removed_rows),
+                    documents=old.documents - len(replaced) + len({p.doc_id for p in change.passages}),
+                    updated=now(),
+                    dead_rows=old.dead_rows + len(removed_rows),
+                )
+                dead = self._view.dead | set(removed_rows)
+                segments = tuple(replace(s, dead=_dead_in(s.segment, dead)) for s in (*self._view.segments, *loaded))
                 with self._swap_lock:
-                    self._store.commit(asdict(manifest), added, removed_rows, dead_now)
-                    self._vectors, self.manifest = vectors, manifest
-                    self._dead = self._dead | set(dead_now)
-                    self._mapped = False
+                    self._store.commit(manifest.to_state(), added, removed_rows, removed_rows)
+                    self._view, self.manifest, self._template = _View(segments, frozenset(dead)), manifest, template
             except BaseException:
-                vectors_path.unlink(missing_ok=True)
+                for path in written:
+                    path.unlink(missing_ok=True)
                 raise
-            (self.folder / old.vectors_file).unlink(missing_ok=True)
             write_manifest_copy(self.folder, manifest)
-            return CommitReport(len(added), len(removed_rows), len(replaced), manifest)
+        self._maybe_compact_in_background()
+        return CommitReport(len(added), len(removed_rows), len(replaced), manifest)
 
-    def _writable_copy(self) -> faiss.Index:
-        if self._mapped:
-            # A clone of a memory-mapped index shares the mapped arrays (faiss 1.15: removing ids from such a
-            # clone of a Flat index crashes; an IVF one refuses to clone): read the file into memory instead.
-            return faiss.read_index(str(self.folder / self.manifest.vectors_file))
-        return faiss.clone_index(self._vectors)
+    def _write_segment(
+        self, old: Manifest, change: Change, written: list[Path]
+    ) -> tuple[Manifest, tuple[_LoadedSegment, ...], list[tuple[int, Passage]], faiss.Index | None]:
+        """Writes the new passages' vectors as one segment file (training the template first if it must be)."""
+        if not change.passages:
+            return old, (), [], self._template
+        assert change.vectors is not None
+        if change.vectors.shape != (len(change.passages), old.dimension):
+            raise ValueError(
+                f"got vectors of shape {change.vectors.shape} for {len(change.passages)} passages of "
+                f"dimension {old.dimension}"
+            )
+        embeddings = np.ascontiguousarray(change.vectors, dtype=np.float32)
+        template, trained = self._template, old.trained
+        if template is None:
+            template = empty_index(old.factory, old.dimension)
+        if not template.is_trained:
+            self._train(template, embeddings)
+            trained = write_vectors(template, self.folder / trained_file_name(self._take_file_number()), 0, 0)
+            written.append(self.folder / trained.file)
+        vectors = faiss.clone_index(template)
+        rows = np.arange(old.next_row, old.next_row + len(change.passages), dtype=np.int64)
+        vectors.add_with_ids(embeddings, rows)
+        path = self.folder / vectors_file_name(self._take_file_number())
+        written.append(path)
+        segment = write_vectors(vectors, path, old.next_row, old.next_row + len(rows))
+        if self.settings.mmap:
+            vectors = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        apply_search_params(vectors, self.settings.search_params)
+        manifest = replace(
+            old,
+            segments=(*old.segments, segment),
+            trained=trained,
+            next_row=old.next_row + len(rows),
+            next_file=self._next_file,
+        )
+        added = list(zip(rows.tolist(), change.passages, strict=True))
+        return manifest, (_LoadedSegment(segment, vectors, 0),), added, template
+
+    def _take_file_number(self) -> int:
+        number = self._next_file
+        self._next_file += 1
+        return number
 
     def _train(self, vectors: faiss.Index, sample: np.ndarray) -> None:
         if len(sample) > self.settings.train_sample:
@@ -276,6 +375,132 @@ class PassageIndex:
                 f"or create the index with a smaller factory (e.g. IDMap2,Flat)"
             ) from error
 
+    def compact(self) -> CompactReport:
+        """Merges every segment into one and drops the vectors of removed passages, durably and atomically
+        (a crash at any moment leaves the index as it was before or after). Commits and searches go on
+        meanwhile; segments committed during the merge stay as they are, after the merged one."""
+        self._check_writable("it cannot be compacted")
+        started = time.perf_counter()
+        with self._compact_lock:
+            with self._write_lock:
+                snapshot, dead = self.manifest, self._view.dead
+                number = self._take_file_number()
+            before = sum(s.bytes for s in snapshot.segments)
+            if len(snapshot.segments) <= 1 and not dead:
+                logger.info("compaction of {}: nothing to do (one segment, no tombstones)", self.folder)
+                return CompactReport(len(snapshot.segments), len(snapshot.segments), 0, before, before, 0.0, snapshot)
+            logger.info(
+                "compacting {}: {} segments, {} vectors, {} tombstones",
+                self.folder,
+                len(snapshot.segments),
+                snapshot.vectors,
+                len(dead),
+            )
+            merged, kept = self._merge(snapshot.segments, dead)
+            written = self.folder / vectors_file_name(number)
+            try:
+                merged_loaded: tuple[_LoadedSegment, ...] = ()
+                if kept:
+                    first, end = snapshot.segments[0].first_row, snapshot.segments[-1].end_row
+                    segment = write_vectors(merged, written, first, end)
+                    if self.settings.mmap:
+                        merged = faiss.read_index(str(written), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                    apply_search_params(merged, self.settings.search_params)
+                    merged_loaded = (_LoadedSegment(segment, merged, 0),)
+                with self._write_lock:
+                    current = self.manifest
+                    later = current.segments[len(snapshot.segments) :]
+                    assert current.segments[: len(snapshot.segments)] == snapshot.segments  # only commits ran
+                    manifest = replace(
+                        current,
+                        segments=(*(s.segment for s in merged_loaded), *later),
+                        dead_rows=current.dead_rows - len(dead),
+                        generation=current.generation + 1,
+                        next_file=self._next_file,
+                        updated=now(),
+                    )
+                    remaining = self._view.dead - dead
+                    loaded = tuple(
+                        replace(s, dead=_dead_in(s.segment, remaining))
+                        for s in (*merged_loaded, *self._view.segments[len(snapshot.segments) :])
+                    )
+                    with self._swap_lock:
+                        self._store.commit(manifest.to_state(), cleared_dead_rows=sorted(dead))
+                        self._view, self.manifest = _View(loaded, remaining), manifest
+            except BaseException:
+                written.unlink(missing_ok=True)
+                raise
+            write_manifest_copy(self.folder, manifest)
+            for old in snapshot.segments:
+                (self.folder / old.file).unlink(missing_ok=True)
+            after = sum(s.bytes for s in manifest.segments[: len(merged_loaded)])
+            report = CompactReport(
+                len(snapshot.segments),
+                len(manifest.segments),
+                snapshot.vectors - kept,
+                before,
+                after,
+                time.perf_counter() - started,
+                manifest,
+            )
+            logger.info(
+                "compacted {}: {} segments -> {}, {} tombstoned vectors dropped, {:.1f} MB -> {:.1f} MB in {:.1f}s",
+                self.folder,
+                report.segments_before,
+                report.segments_after,
+                report.vectors_dropped,
+                before / 2**20,
+                after / 2**20,
+                report.seconds,
+            )
+            return report
+
+    def _merge(self, segments: Sequence[Segment], dead: frozenset[int]) -> tuple[faiss.Index, int]:
+        """One index holding the live vectors of ``segments`` (each read into memory in turn, never mapped)."""
+        template = self._template
+        if template is None:
+            template = empty_index(self.manifest.factory, self.manifest.dimension)
+        merged = faiss.clone_index(template)
+        dead_rows = np.fromiter(dead, dtype=np.int64, count=len(dead))
+        if faiss.try_extract_index_ivf(merged) is not None:
+            return merged, merge_inverted_lists(merged, [self.folder / s.file for s in segments], dead_rows)
+        # Flat, HNSW, PQ: decoded vectors re-added (exact for Flat and HNSW; a decoded PQ vector encodes back to
+        # its own code). HNSW has no merge_from, and a new graph is how its removed vectors really go.
+        for segment in segments:
+            ids, vectors = decode_segment(self.folder / segment.file)
+            live = ~np.isin(ids, dead_rows)
+            for start in range(0, len(ids), COMPACT_CHUNK):
+                window = slice(start, start + COMPACT_CHUNK)
+                if live[window].any():
+                    merged.add_with_ids(vectors[window][live[window]], ids[window][live[window]])
+            del vectors
+        return merged, int(merged.ntotal)
+
+    def _maybe_compact_in_background(self) -> None:
+        threshold = self.settings.compact_segments
+        if not threshold or len(self.manifest.segments) <= threshold:
+            return
+        if self._background is not None and self._background.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.compact()
+            except Exception as error:  # logged, never raised into a thread nobody joins for its result
+                logger.error("background compaction of {} failed: {}", self.folder, error)
+
+        logger.info("{} segments (threshold {}): compacting in the background", len(self.manifest.segments), threshold)
+        self._background = threading.Thread(target=run, name="index-compaction", daemon=True)
+        self._background.start()
+
+    def wait_for_compaction(self, timeout: float | None = None) -> None:
+        if self._background is not None:
+            self._background.join(timeout)
+
+    def _check_writable(self, consequence: str) -> None:
+        if self._writer is None:
+            raise FailedPrecondition(f"the index at {self.folder} was opened read-only; {consequence}")
+
     def documents_present(self, doc_ids: Sequence[str]) -> set[str]:
         return set(self._store.rows_of_documents(doc_ids))
 
@@ -283,24 +508,100 @@ class PassageIndex:
         return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
 
     def close(self) -> None:
+        """Waits for a background compaction, then releases the store and the writer lock; twice is once."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait_for_compaction()
         if self._writer is not None:
             self._store.checkpoint()
             self._writer.release()
         self._store.close()
 
 
-def write_vectors(vectors: faiss.Index, path: Path) -> dict[str, Any]:
+def _dead_in(segment: Segment, dead: frozenset[int] | set[int]) -> int:
+    if not dead:
+        return 0
+    rows = np.fromiter(dead, dtype=np.int64, count=len(dead))
+    return int(np.count_nonzero((rows >= segment.first_row) & (rows < segment.end_row)))
+
+
+def empty_index(factory: str, dimension: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dimension, _with_id_map(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise InvalidArgument(
+            f"faiss cannot make an index from the factory string {factory!r}: {str(error).strip()}"
+        ) from error
+
+
+def merge_inverted_lists(merged: faiss.Index, paths: Sequence[Path], dead_rows: np.ndarray) -> int:
+    """Copies the live entries of IVF segments into ``merged`` (an empty IDMap2 over IVF from the same trained
+    template), list by list and code by code: what compaction must not change, it does not re-encode.
+
+    By hand because faiss' merge_from cannot drop entries and, through IndexIDMap2, mis-numbers the inner ids
+    (faiss 1.15: remove_ids afterwards aborts on an assertion). IDMap2's contract is kept: inner ids run
+    0..ntotal-1 and id_map[inner id] is the row."""
+    wrapper = faiss.downcast_index(merged)
+    target = faiss.extract_index_ivf(merged)
+    rows_in_order: list[np.ndarray] = []
+    count = 0
+    for path in paths:
+        segment = faiss.read_index(str(path))
+        rows = faiss.vector_to_array(faiss.downcast_index(segment).id_map).astype(np.int64)
+        lists = faiss.extract_index_ivf(segment).invlists
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            if size == 0:
+                continue
+            inner = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+            codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).reshape(size, -1)
+            keep = ~np.isin(rows[inner], dead_rows)
+            kept = int(keep.sum())
+            if kept == 0:
+                continue
+            # named arrays: swig_ptr holds no reference, so a temporary would be freed before faiss reads it
+            new_ids = np.arange(count, count + kept, dtype=np.int64)
+            kept_codes = np.ascontiguousarray(codes[keep])
+            target.invlists.add_entries(number, kept, faiss.swig_ptr(new_ids), faiss.swig_ptr(kept_codes))
+            rows_in_order.append(rows[inner[keep]])
+            count += kept
+        del segment
+    target.ntotal = wrapper.ntotal = count
+    if rows_in_order:
+        faiss.copy_array_to_vector(np.concatenate(rows_in_order), wrapper.id_map)
+    wrapper.construct_rev_map()
+    return count
+
+
+def decode_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The row ids and (decoded) vectors a segment file holds, read into memory (never mapped)."""
+    index = faiss.read_index(str(path))
+    wrapper = faiss.downcast_index(index)
+    if not isinstance(wrapper, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        raise ValueError(f"{path} does not hold an IDMap index")
+    ids = faiss.vector_to_array(wrapper.id_map).astype(np.int64)
+    inner = faiss.downcast_index(wrapper.index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        ivf.make_direct_map()  # IVF lists know only their own order; reconstruction needs the map back
+    vectors = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.empty((0, index.d), np.float32)
+    return ids, vectors
+
+
+def write_vectors(vectors: faiss.Index, path: Path, first_row: int, end_row: int) -> Segment:
     temporary = path.with_suffix(".partial")
     faiss.write_index(vectors, str(temporary))
     _fsync(temporary)
     os.replace(temporary, path)
     _fsync(path.parent)
-    return describe_file(path)
+    size, digest = describe_file(path)
+    return Segment(path.name, size, digest, int(vectors.ntotal), first_row, end_row)
 
 
 def write_manifest_copy(folder: Path, manifest: Manifest) -> None:
     temporary = folder / f".{MANIFEST_FILE}.partial"
-    temporary.write_text(json.dumps(asdict(manifest), indent=2) + "\n", encoding="utf-8")
+    temporary.write_text(json.dumps(manifest.to_state(), indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, folder / MANIFEST_FILE)
 
 
@@ -316,12 +617,14 @@ def apply_search_params(vectors: faiss.Index, search_params: str) -> None:
         ) from error
 
 
-def describe_file(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
+def describe_file(path: Path, algorithm: str = "xxh3_128") -> tuple[int, str]:
+    """Size and digest of a file. xxh3 hashes at memory speed (~10 GB/s; sha256 ~1 GB/s, which made opening
+    a 1M-vector index cost seconds); format 2's sha256 digests are still checked as sha256."""
+    digest = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
     with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
+        while chunk := file.read(1 << 22):
             digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return path.stat().st_size, f"{algorithm}:{digest.hexdigest()}"
 
 
 def _fsync(path: Path) -> None:
@@ -361,33 +664,24 @@ def create_index(
     replace_existing: bool = False,
 ) -> Path:
     """Makes an empty index at ``destination`` atomically: a hidden sibling folder renamed into place."""
-    try:
-        vectors = faiss.index_factory(dimension, _with_id_map(settings.factory), faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise InvalidArgument(
-            f"faiss cannot make an index from the factory string {settings.factory!r}: {str(error).strip()}"
-        ) from error
+    empty_index(settings.factory, dimension)  # refuses a factory faiss does not know before anything is written
     parent = destination.parent
     remove_leftovers(destination)
     temporary = parent / f".{destination.name}.building-{os.getpid()}"
     temporary.mkdir()
     try:
-        described = write_vectors(vectors, temporary / vectors_file_name(0))
         manifest = Manifest(
             embedder=embedder,
             dimension=dimension,
             passages=0,
             documents=0,
-            vectors_file=vectors_file_name(0),
-            vectors_bytes=described["bytes"],
-            vectors_sha256=described["sha256"],
             factory=settings.factory,
             created=now(),
             updated=now(),
             details=details or {},
         )
         store = PassageStore.open(temporary / STORE_FILE)
-        store.commit(asdict(manifest))
+        store.commit(manifest.to_state())
         store.checkpoint()
         store.close()
         write_manifest_copy(temporary, manifest)
@@ -433,7 +727,8 @@ def _with_id_map(factory: str) -> str:
 def load_index(folder: Path, settings: IndexSettings | None = None, writable: bool = False) -> PassageIndex:
     """Opens the last committed state of an index or raises IndexLoadError saying what is wrong.
 
-    ``writable`` takes the index's writer lock (held until ``close``) and clears what unfinished commits left."""
+    ``writable`` takes the index's writer lock (held until ``close``), clears what unfinished commits left and
+    records a migrated older format (read-only opens migrate in memory only)."""
 
     def refuse(problem: str) -> IndexLoadError:
         return IndexLoadError(f"retrieval index at {folder} {problem}; {rebuild_hint(folder)}")
@@ -452,25 +747,43 @@ def load_index(folder: Path, settings: IndexSettings | None = None, writable: bo
         state = store.read_state()
         if state is None:
             raise refuse(f"is incomplete: {STORE_FILE} holds no committed state")
+        migrated_from = state.get("format")
+        if migrated_from in MIGRATABLE_FORMATS:
+            state = _migrate_format_2(state)
+        elif migrated_from != FORMAT_VERSION:
+            raise refuse(f"has format {migrated_from}, this code reads {FORMAT_VERSION}")
+        else:
+            migrated_from = None
         try:
-            manifest = Manifest(**state)
+            manifest = Manifest.from_state(state)
         except TypeError as error:
             raise refuse(f"has a state this code cannot read ({error})") from error
-        if manifest.format != FORMAT_VERSION:
-            raise refuse(f"has format {manifest.format}, this code reads {FORMAT_VERSION}")
         settings = settings or IndexSettings(factory=manifest.factory)
         if settings.factory != manifest.factory:
             settings = replace(settings, factory=manifest.factory)
-        vectors = _read_vectors(folder, manifest, settings, refuse)
-        counts = (vectors.ntotal, store.count_passages(), store.count_documents())
-        expected = (manifest.passages + manifest.dead_rows, manifest.passages, manifest.documents)
-        if counts != expected or vectors.d != manifest.dimension:
+        dead = frozenset(store.dead_rows())
+        segments = tuple(
+            _LoadedSegment(segment, _read_vectors(folder, segment, settings, refuse), _dead_in(segment, dead))
+            for segment in manifest.segments
+        )
+        template = _read_vectors(folder, manifest.trained, replace(settings, mmap=False), refuse) if manifest.trained \
+            else None  # fmt: skip
+        if migrated_from is not None and segments and not empty_index(manifest.factory, manifest.dimension).is_trained:
+            template = faiss.read_index(str(folder / segments[0].segment.file))  # in memory, even when mapped
+            template.reset()  # keeps what training learned, drops the vectors
+        vectors = sum(s.vectors.ntotal for s in segments)
+        counts = (vectors, store.count_passages(), store.count_documents(), len(dead))
+        expected = (manifest.passages + manifest.dead_rows, manifest.passages, manifest.documents, manifest.dead_rows)
+        wrong_dimension = [s.segment.file for s in segments if s.vectors.d != manifest.dimension]
+        if counts != expected or wrong_dimension or any(s.vectors.ntotal != s.segment.vectors for s in segments):
             raise refuse(
-                f"is inconsistent: faiss holds {counts[0]} vectors of dimension {vectors.d}, the store "
-                f"{counts[1]} passages of {counts[2]} documents, its state says {manifest.passages} of "
-                f"{manifest.documents} at dimension {manifest.dimension}"
+                f"is inconsistent: its {len(segments)} segments hold {counts[0]} vectors, the store "
+                f"{counts[1]} passages of {counts[2]} documents and {counts[3]} tombstones, its state says "
+                f"{manifest.passages} of {manifest.documents} with {manifest.dead_rows} tombstones"
+                + (f"; {', '.join(wrong_dimension)} not of dimension {manifest.dimension}" if wrong_dimension else "")
             )
-        apply_search_params(vectors, settings.search_params)
+        for loaded in segments:
+            apply_search_params(loaded.vectors, settings.search_params)
     except BaseException:
         store.close()
         raise
@@ -481,29 +794,61 @@ def load_index(folder: Path, settings: IndexSettings | None = None, writable: bo
         except BaseException:
             store.close()
             raise
+        if migrated_from is not None:
+            manifest = _record_migration(folder, store, manifest, template, migrated_from)
         _remove_orphans(folder, manifest)
-    return PassageIndex(folder, manifest, vectors, store, settings, writer)
+    return PassageIndex(folder, manifest, _View(segments, dead), template, store, settings, writer)
 
 
-def _read_vectors(folder: Path, manifest: Manifest, settings: IndexSettings, refuse: Any) -> faiss.Index:
-    path = folder / manifest.vectors_file
+def _migrate_format_2(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 kept one vectors file holding every vector: it becomes the one segment of format 3."""
+    state = dict(state)
+    file, size, sha256 = state.pop("vectors_file"), state.pop("vectors_bytes"), state.pop("vectors_sha256")
+    vectors = state["passages"] + state.get("dead_rows", 0)
+    number = int(file.removeprefix("vectors-").removesuffix(".faiss"))
+    state["segments"] = [
+        {"file": file, "bytes": size, "digest": f"sha256:{sha256}", "vectors": vectors, "first_row": 0,
+         "end_row": state.get("next_row", 0)}
+    ] if vectors else []  # fmt: skip
+    state.update(format=FORMAT_VERSION, next_file=number + 1, trained=None)
+    return state
+
+
+def _record_migration(
+    folder: Path, store: PassageStore, manifest: Manifest, template: faiss.Index | None, old_format: int
+) -> Manifest:
+    if template is not None:
+        trained = write_vectors(template, folder / trained_file_name(manifest.next_file), 0, 0)
+        manifest = replace(manifest, trained=trained, next_file=manifest.next_file + 1)
+    store.commit(manifest.to_state())
+    write_manifest_copy(folder, manifest)
+    logger.info("migrated the index at {} from format {} to {} (its vectors file is now one segment)",
+                folder, old_format, FORMAT_VERSION)  # fmt: skip
+    return manifest
+
+
+def _read_vectors(folder: Path, segment: Segment, settings: IndexSettings, refuse: Any) -> faiss.Index:
+    path = folder / segment.file
+    algorithm = segment.digest.split(":", 1)[0]
     try:
-        actual = describe_file(path)
+        actual = describe_file(path, algorithm)
     except OSError as error:
-        raise refuse(f"is missing {manifest.vectors_file} ({error.strerror})") from error
-    expected = {"bytes": manifest.vectors_bytes, "sha256": manifest.vectors_sha256}
-    if actual != expected:
-        raise refuse(f"is damaged: {manifest.vectors_file} is not the file its state describes ({actual})")
+        raise refuse(f"is missing {segment.file} ({error.strerror})") from error
+    if actual != (segment.bytes, segment.digest):
+        raise refuse(f"is damaged: {segment.file} is not the file its state describes ({actual[0]} bytes, {actual[1]})")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if settings.mmap else 0
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as error:
-        raise refuse(f"could not be read: {manifest.vectors_file}: {error}") from error
+        raise refuse(f"could not be read: {segment.file}: {error}") from error
 
 
 def _remove_orphans(folder: Path, manifest: Manifest) -> None:
-    # Vectors files of commits that never reached the store (a crash between the two writes).
-    for path in [*folder.glob("vectors-*.faiss"), *folder.glob("vectors-*.partial")]:
-        if path.name != manifest.vectors_file:
-            logger.info("removing {}: left by a commit that did not finish", path)
-            path.unlink(missing_ok=True)
+    # Files of commits and compactions that never reached the store (a crash between the two writes), and
+    # segments a compaction replaced but had not deleted yet.
+    current = {segment.file for segment in manifest.segments} | ({manifest.trained.file} if manifest.trained else set())
+    for pattern in ("vectors-*.faiss", "trained-*.faiss", "*.partial"):
+        for path in folder.glob(pattern):
+            if path.name not in current and not path.name.startswith("."):
+                logger.info("removing {}: left by a commit or compaction that did not finish", path)
+                path.unlink(missing_ok=True)

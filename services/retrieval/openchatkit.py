@@ -171,6 +171,8 @@ class OpenChatKitIndex:
             bytes_on_disk=self.bytes_on_disk(),
             format="openchatkit",
             generation=0,
+            segments=1,
+            tombstones=0,
         )
 
     def close(self) -> None:

@@ -30,6 +30,8 @@ class IndexStats:
     bytes_on_disk: int
     format: str
     generation: int
+    segments: int
+    tombstones: int
 
 
 class Searchable(Protocol):
@@ -92,6 +94,8 @@ class Retriever:
             bytes_on_disk=self.index.bytes_on_disk(),
             format="nightcap",
             generation=manifest.generation,
+            segments=len(manifest.segments),
+            tombstones=manifest.dead_rows,
         )
 
 

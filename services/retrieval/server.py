@@ -95,12 +95,34 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             documents_total=report.documents_total,
         )
 
+    def Compact(
+        self, request: retrieval_pb2.CompactRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.CompactResponse:
+        report = self._writable().index.compact()
+        logger.info(
+            "compact id={} segments={}->{} vectors_dropped={} seconds={:.1f}",
+            _request_id(context),
+            report.segments_before,
+            report.segments_after,
+            report.vectors_dropped,
+            report.seconds,
+        )
+        return retrieval_pb2.CompactResponse(
+            segments_before=report.segments_before,
+            segments_after=report.segments_after,
+            vectors_dropped=report.vectors_dropped,
+            bytes_before=report.bytes_before,
+            bytes_after=report.bytes_after,
+            seconds=report.seconds,
+            generation=report.manifest.generation,
+        )
+
     def _writable(self) -> Ingestor:
         if self._ingestor is None:
             stats = self._searchable.stats()
             raise FailedPrecondition(
                 f"the index at {stats.index_path} is served read-only ({stats.format}); serve a nightcap index "
-                "(`python -m services.retrieval serve --index NAME`) to add or delete documents"
+                "(`python -m services.retrieval serve --index NAME`) to add, delete or compact"
             )
         return self._ingestor
 

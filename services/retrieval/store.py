@@ -1,7 +1,8 @@
 """The passage store: passage records keyed by their faiss id, and the index's committed state, in one SQLite file.
 
-SQLite is the commit point of an index (see index.py): one transaction changes the passages and names the
-vectors file that matches them, so the two can never disagree after a crash.
+SQLite is the commit point of an index (see index.py): one transaction changes the passages, records the
+tombstones of removed ones and names the vector segments that match them, so the two can never disagree after a
+crash.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS passages (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages (doc_id);
--- Rows deleted from the store whose vectors the faiss index cannot remove (HNSW): searches skip them.
+-- Tombstones: rows deleted from the store whose vectors are still in a segment file. Searches skip them;
+-- compaction drops their vectors and then their tombstones.
 CREATE TABLE IF NOT EXISTS dead_rows (row INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -87,8 +89,10 @@ class PassageStore:
         added: Sequence[tuple[int, Passage]] = (),
         removed_rows: Sequence[int] = (),
         dead_rows: Sequence[int] = (),
+        cleared_dead_rows: Sequence[int] = (),
     ) -> None:
-        """One transaction: remove rows, add passages, mark rows dead, record the new state."""
+        """One transaction: remove rows, add passages, mark rows dead (tombstones), forget tombstones whose
+        vectors compaction dropped, record the new state."""
         records = [(row, p.id, p.doc_id, p.title, p.text, p.source) for row, p in added]
         with self._lock:
             self._connection.execute("BEGIN IMMEDIATE")
@@ -96,6 +100,7 @@ class PassageStore:
                 self._connection.executemany("DELETE FROM passages WHERE row = ?", [(r,) for r in removed_rows])
                 self._connection.executemany("INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?)", records)
                 self._connection.executemany("INSERT INTO dead_rows VALUES (?)", [(r,) for r in dead_rows])
+                self._connection.executemany("DELETE FROM dead_rows WHERE row = ?", [(r,) for r in cleared_dead_rows])
                 self._connection.execute(
                     "INSERT OR REPLACE INTO state VALUES ('index', ?)", (json.dumps(state, sort_keys=True),)
                 )

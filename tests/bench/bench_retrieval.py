@@ -5,8 +5,10 @@ retrieval quality on the default corpus. Writes var/bench/retrieval.json (tests/
 
 Three parts, each measured side by side with its baseline in this one run:
 
-1. Index speed (synthetic 384-d vectors, as the issue allows: embedding a million passages takes hours here).
-   Vectors are clustered like sentence embeddings (topics plus noise), queries come from the same distribution.
+1. Index speed on vectors made from real ones: the MiniLM vectors of --base-articles articles' passages, mixed
+   in pairs with a little noise up to 1M (embedding a million passages takes hours here); queries are real
+   questions, embedded. Then, on the largest size, add100: 100 articles committed to it against the same to an
+   empty (trained) index, next to what a commit cost before segments, the open and the compaction.
    Every approximate index is compared with exact search (IDMap2,Flat) on the same vectors: recall@10, p50/p99
    latency and queries/s of one caller, queries/s of 32 concurrent callers through the service's QueryBatcher,
    build time (train + add + the durable commit) and the index's size (on disk and in memory). Query embedding
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -47,6 +50,7 @@ from report import BenchReport  # noqa: E402
 
 from clients.client import IndexClient  # noqa: E402
 from clients.documents import Document as ClientDocument  # noqa: E402
+from services.retrieval.build import build_index  # noqa: E402
 from services.retrieval.chunker import Passage, passages_of  # noqa: E402
 from services.retrieval.corpus import default_corpus_path, read_wikipedia_summaries  # noqa: E402
 from services.retrieval.embedder import Embedder  # noqa: E402
@@ -55,40 +59,63 @@ from services.retrieval.index import (  # noqa: E402
     Hit,
     IndexSettings,
     PassageIndex,
-    apply_search_params,
     create_index,
     load_index,
 )
+from services.retrieval.ingest import Ingestor  # noqa: E402
 from services.retrieval.retriever import QueryBatcher, Retriever  # noqa: E402
 from services.retrieval.server import start_retrieval_server  # noqa: E402
 
 DIMENSION = 384
-TOPICS = 2048
 CONCURRENT_CALLERS = 32
+# Mixtures: (1 - w) * a + w * b + noise, w ~ U(0, MIX_MAX), per-dimension noise NOISE (a MiniLM vector's own
+# per-dimension spread is about 1/sqrt(384) = 0.05), then normalized: new points between real passages that keep
+# the embeddings' anisotropy (they all lean the same way), which uniform or clustered noise does not.
+MIX_MAX = 0.5
+NOISE = 0.01
 # size -> (factory, search parameters to measure, train sample); exact search first, the baseline of the others.
-# Each index is built once and measured under each of its search parameters.
+# Each index is built once and measured under each of its search parameters. HNSW32 took ~25 min to build at
+# 1M on these 2 shared cores (extrapolated from 100k), so it is measured up to --hnsw-max vectors only.
 INDEXES = {
     100_000: [
         ("IDMap2,Flat", [""], 0),
         ("HNSW32", ["efSearch=64", "efSearch=128"], 0),
-        ("IVF1024,Flat", ["nprobe=8", "nprobe=16"], 65_536),
+        ("IVF1024,Flat", ["nprobe=8", "nprobe=16", "nprobe=32"], 65_536),
     ],
     1_000_000: [
         ("IDMap2,Flat", [""], 0),
-        ("IVF1024,Flat", ["nprobe=8", "nprobe=16", "nprobe=32"], 65_536),
+        ("HNSW32", ["efSearch=64", "efSearch=128"], 0),
+        ("IVF1024,Flat", ["nprobe=8", "nprobe=16", "nprobe=32", "nprobe=64"], 65_536),
     ],
 }
+ADD_ROUNDS = 3  # add100 measurements, each a new set of 100 articles, alternating between the two indexes
 
 
-# --- 1. index speed ---------------------------------------------------------------------------------------
+# --- 1. index speed on vectors made from real embeddings -----------------------------------------------------
 
 
-def clustered_vectors(count: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
-    """Unit vectors around topic centers: what sentence embeddings look like, unlike uniform noise."""
-    out = np.empty((count, DIMENSION), dtype=np.float32)
+def corpus_vectors(embedder: Embedder, article_count: int, cache: Path) -> np.ndarray:
+    """MiniLM vectors of the first articles' passages; cached under var/bench/ (encoding them takes minutes)."""
+    path = cache / f"minilm-passages-{article_count}.npy"
+    if path.is_file():
+        return np.load(path)
+    texts = [p.text for d in read_wikipedia_summaries(limit=article_count) for p in passages_of(d)]
+    logger.info("encoding {} passages of {} articles for the mixture base", len(texts), article_count)
+    vectors = np.concatenate(
+        [embedder.encode(texts[i : i + 256]) for i in tqdm(range(0, len(texts), 256), desc="base vectors")]
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def mixture_vectors(base: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty((count, base.shape[1]), dtype=np.float32)
     for start in range(0, count, 100_000):
         n = min(100_000, count - start)
-        block = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, DIMENSION), np.float32) * 0.06
+        weight = rng.uniform(0, MIX_MAX, (n, 1)).astype(np.float32)
+        block = (1 - weight) * base[rng.integers(0, len(base), n)] + weight * base[rng.integers(0, len(base), n)]
+        block += rng.standard_normal(block.shape, dtype=np.float32) * NOISE
         out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
@@ -108,7 +135,7 @@ class PrecomputedQueries:
 def build(folder: Path, factory: str, train_sample: int, vectors: np.ndarray) -> tuple[PassageIndex, float]:
     """Creates the index and commits every vector in one step; the time is train + add + the durable commit."""
     settings = IndexSettings(factory=factory, train_sample=train_sample or 262_144)
-    create_index(folder, "synthetic-384", DIMENSION, settings)
+    create_index(folder, "minilm-mixtures-384", DIMENSION, settings)
     index = load_index(folder, settings, writable=True)
     passages = [Passage(f"d{i}#0", f"d{i}", "", f"passage {i}", "") for i in range(len(vectors))]
     started = time.perf_counter()
@@ -153,33 +180,43 @@ def measure(index: PassageIndex, queries: np.ndarray, exact_rows: np.ndarray | N
     }
 
 
-def bench_index_speed(report: BenchReport, sizes: list[int], query_count: int, workdir: Path) -> None:
+def bench_index_speed(
+    report: BenchReport, sizes: list[int], query_count: int, workdir: Path, embedder: Embedder, args: argparse.Namespace
+) -> None:
     rng = np.random.default_rng(0)
-    centers = rng.standard_normal((TOPICS, DIMENSION)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    base = corpus_vectors(embedder, args.base_articles, (args.var_dir or ROOT / "var") / "bench" / "cache")
+    _, questions = evaluation_set(args.base_articles)
+    queries = embedder.encode([q for q, _ in questions[:query_count]])  # real questions, embedded for real
+    add_sets = add100_sets(embedder, args.base_articles)
     for size in sizes:
-        logger.info("index speed at {} vectors: generating", size)
-        vectors = clustered_vectors(size, rng, centers)
-        queries = clustered_vectors(query_count, rng, centers)
+        logger.info("index speed at {} vectors: mixing {} real passage vectors", size, len(base))
+        vectors = mixture_vectors(base, size, rng)
         exact_rows: np.ndarray | None = None
         for factory, search_params, train_sample in INDEXES.get(size, INDEXES[100_000]):
+            if factory.startswith("HNSW") and size > args.hnsw_max:
+                logger.info("{} at {} vectors skipped (--hnsw-max {})", factory, size, args.hnsw_max)
+                continue
             logger.info("{} vectors, {}: building", size, factory)
             gc.collect()
             folder = workdir / f"n{size}-{len(report.results)}"
             index, build_seconds = build(folder, factory, train_sample, vectors)
             for params in search_params:
-                apply_search_params(index.vectors, params)
+                index.set_search_params(params)
                 metrics = measure(index, queries, exact_rows, factory)
                 rows = metrics.pop("rows")
                 if exact_rows is None:
                     exact_rows = rows  # the first configuration is exact search
                 # faiss holds in memory the arrays it writes, so the file's size is the index's memory too
                 # (RSS deltas were noise here: freed arrays of the previous index are reused).
-                metrics.update(build_s=round(build_seconds, 1), index_mb=round(index.manifest.vectors_bytes / 2**20, 1))
+                megabytes = sum(s.bytes for s in index.manifest.segments) / 2**20
+                metrics.update(build_s=round(build_seconds, 1), index_mb=round(megabytes, 1))
                 label = f"{factory} {params}".strip()
                 system = "exact baseline" if factory == "IDMap2,Flat" else "nightcap"
-                report.add("index_search", system, label, {"vectors": size, "dim": DIMENSION}, metrics)
+                params_row = {"vectors": size, "dim": DIMENSION, "data": f"MiniLM mixtures of {len(base)} passages"}
+                report.add("index_search", system, label, params_row, metrics)
                 logger.info("{}: {}", label, metrics)
+            if size == max(sizes) and not factory.startswith("HNSW"):
+                bench_add100(report, index, factory, search_params[-1], add_sets, embedder, workdir, vectors)
             index.close()
             shutil.rmtree(folder, ignore_errors=True)
         if size == 1_000_000:
@@ -191,9 +228,108 @@ def bench_index_speed(report: BenchReport, sizes: list[int], query_count: int, w
                 chosen = max(candidates, key=lambda r: r["metrics"]["recall_at_10"])
             report.ratio("recall_at_10_1m", chosen["metrics"]["recall_at_10"])
             report.ratio("p50_search_ms_1m", chosen["metrics"]["p50_ms"])
-            logger.info("1M headline from {}", chosen["model"])
+            report.add("large_index_default", "chosen", chosen["model"], {"vectors": size, "rule": "recall@10 >= 0.95, "
+                       "then lowest p50"}, dict(chosen["metrics"]))  # fmt: skip
+            logger.info("1M headline (the default for large indexes) from {}", chosen["model"])
         del vectors
         gc.collect()
+
+
+# --- add 100 documents: cost proportional to what a commit adds ----------------------------------------------
+
+
+def add100_sets(embedder: Embedder, skip: int) -> list[tuple[list, list[Passage], np.ndarray]]:
+    """ADD_ROUNDS sets of 100 articles after the ones mixed into the big index: documents, passages, vectors."""
+    documents = list(read_wikipedia_summaries(limit=skip + 100 * ADD_ROUNDS))[skip:]
+    sets = []
+    for number in range(ADD_ROUNDS):
+        chosen = documents[number * 100 : (number + 1) * 100]
+        passages = [p for d in chosen for p in passages_of(d)]
+        sets.append((chosen, passages, embedder.encode([p.text for p in passages])))
+    return sets
+
+
+def trained_empty(folder: Path, factory: str, sample: np.ndarray) -> PassageIndex:
+    """An empty index of ``factory`` that is already trained (as the big one is): trained on a sample of the big
+    index's vectors, then emptied by deleting everything and compacting (the trained quantizer stays)."""
+    settings = IndexSettings(factory=factory)
+    create_index(folder, "minilm-mixtures-384", DIMENSION, settings)
+    index = load_index(folder, settings, writable=True)
+    if factory.startswith("IVF"):
+        passages = [Passage(f"t{i}#0", f"t{i}", "", "", "") for i in range(len(sample))]
+        index.commit(Change(passages=passages, vectors=sample))
+        index.commit(Change(remove_documents=[p.doc_id for p in passages]))
+        index.compact()
+    return index
+
+
+def bench_add100(
+    report: BenchReport,
+    big: PassageIndex,
+    factory: str,
+    search_params: str,
+    add_sets: list,
+    embedder: Embedder,
+    workdir: Path,
+    vectors: np.ndarray,
+) -> None:
+    """100 articles into the big index and into an empty (trained) one of the same factory, alternating, each
+    round new articles: commit only (vectors precomputed) and the whole AddDocuments path (chunk, embed, commit).
+    Beside it, what one commit cost before segments (format 2: clone, rewrite and sha256 the whole index), the
+    open of the big index, and its compaction. The empty index is trained once and reused: by the last round
+    it holds the few hundred passages of the earlier ones. The whole AddDocuments path is measured in the first
+    round only (embedding is most of it, and slow on a shared machine)."""
+    size = big.manifest.passages
+    seconds: dict[tuple[str, str], list[float]] = {(w, p): [] for w in ("big", "empty") for p in ("commit", "add")}
+    empty = trained_empty(workdir / f"empty-{factory.replace(',', '-')}", factory, vectors[:65_536])
+    empty.set_search_params(search_params)
+    for number, (documents, passages, embedded) in enumerate(add_sets):
+        order = [("big", big), ("empty", empty)] if number % 2 == 0 else [("empty", empty), ("big", big)]
+        for where, index in order:
+            change = Change(passages=passages, vectors=embedded)
+            seconds[(where, "commit")].append(timed(lambda i=index, c=change: i.commit(c)))
+        if number == 0:
+            e2e_documents = [type(d)(f"e2e-{d.id}", d.title, d.text, d.source) for d in documents]
+            for where, index in order:
+                ingestor = Ingestor(embedder, index)
+                seconds[(where, "add")].append(timed(lambda g=ingestor, d=e2e_documents: g.add(d)))
+    empty.close()
+    median = {key: float(np.median(values)) for key, values in seconds.items()}
+    passages_per_set = round(float(np.mean([len(p) for _, p, _ in add_sets])))
+    for where in ("big", "empty"):
+        metrics = {"commit_s": round(median[(where, "commit")], 3), "add_documents_s": round(median[(where, "add")], 3)}
+        params = {"index_vectors": size if where == "big" else 0, "documents": 100, "passages": passages_per_set,
+                  "rounds": ADD_ROUNDS}  # fmt: skip
+        report.add("add100", "nightcap segments", factory, params, metrics)
+    name = "add100_at_1m_vs_empty" if factory == "IDMap2,Flat" else f"add100_at_1m_vs_empty_{factory.split(',')[0]}"
+    report.ratio(name, median[("big", "commit")] / median[("empty", "commit")])
+    report.ratio(name + "_with_embedding", median[("big", "add")] / median[("empty", "add")])
+    loaded = faiss.read_index(str(big.folder / big.manifest.segments[0].file))  # as format 2 held it in memory
+    old_style = timed(lambda i=loaded: format_2_commit(i, workdir / "format2.faiss"))
+    del loaded
+    (workdir / "format2.faiss").unlink(missing_ok=True)
+    big.close()
+    opened = timed(lambda: load_index(big.folder).close())
+    reopened = load_index(big.folder, writable=True)
+    compacted = reopened.compact()
+    reopened.close()
+    report.add("commit_cost", "format 2 (before segments): clone + rewrite + sha256 of the whole index", factory,
+               {"index_vectors": size}, {"commit_s": round(old_style, 2)})  # fmt: skip
+    report.add("open_and_compact", "nightcap segments", factory,
+               {"index_vectors": size, "segments_before": compacted.segments_before},
+               {"open_s": round(opened, 2), "compact_s": round(compacted.seconds, 1)})  # fmt: skip
+    logger.info("add100 at {} ({}): {}; format-2 style commit {:.1f}s", size, factory, median, old_style)
+
+
+def format_2_commit(loaded: faiss.Index, destination: Path) -> None:
+    """What every commit did before segments: clone the loaded index, write it whole, fsync and hash it."""
+    faiss.write_index(faiss.clone_index(loaded), str(destination))
+    with destination.open("rb") as file:
+        os.fsync(file.fileno())
+    digest = hashlib.sha256()
+    with destination.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
 
 
 # --- 2 and 3. ingestion and quality on the default corpus -------------------------------------------------
@@ -275,9 +411,10 @@ def bench_batched_search(report: BenchReport, retriever: Retriever, questions: l
 
 
 def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None:
-    """Ingestion against bare encode, fp32 and int8, on the same passages. Other work on a shared machine makes
-    speed drift by 2x within minutes, so each slice of the corpus goes through all four in rotating order and
-    the totals are compared: a slow minute hits every system alike."""
+    """Ingestion against bare encode, fp32 and int8, on the same passages, plus the default-index build (the
+    path of `make up`: build_index into a new folder, fp32). Other work on a shared machine makes speed drift by
+    2x within minutes, so each slice of the corpus goes through all five in rotating order and the totals are
+    compared: a slow minute hits every system alike."""
     documents, questions = evaluation_set(article_count)
     passages = {d.id: [p.text for p in passages_of(d)] for d in documents}
     total = sum(len(texts) for texts in passages.values())
@@ -285,6 +422,7 @@ def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None
     embedders = {quantize: Embedder(quantize=quantize) for quantize in ("none", "int8")}
     services = {q: IngestingService(e, workdir / f"corpus-{q}") for q, e in embedders.items()}
     seconds = {(q, system): 0.0 for q in embedders for system in ("bare", "service")}
+    seconds[("none", "build")] = 0.0
     for embedder in embedders.values():
         embedder.encode(passages[documents[0].id])  # warm up
     slices = [documents[i::ROUNDS] for i in range(ROUNDS)]
@@ -295,7 +433,9 @@ def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None
              if system == "bare" else (lambda s=services[q], p=part: s.add(p)))
             for q, e in embedders.items() for system in ("bare", "service")
         ]  # fmt: skip
-        for q, system, action in steps[number % 4 :] + steps[: number % 4]:
+        steps.append(("none", "build", lambda p=part, n=number: build_index(
+            p, embedders["none"], workdir / f"build-{n}", progress=False)))  # fmt: skip
+        for q, system, action in steps[number % 5 :] + steps[: number % 5]:
             seconds[(q, system)] += timed(action)
     rates = {key: total / value for key, value in seconds.items()}
     for q in embedders:
@@ -305,7 +445,10 @@ def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None
         found = quality(services[q].retriever, questions)
         report.add("ingest", "nightcap AddDocuments", name, params,
                    {"passages_per_s": round(rates[(q, "service")], 1), **found})  # fmt: skip
+    report.add("build", "nightcap build_index (make up's default-index build)", "all-MiniLM-L6-v2", params,
+               {"passages_per_s": round(rates[("none", "build")], 1)})  # fmt: skip
     report.ratio("ingest_vs_encode", rates[("none", "service")] / rates[("none", "bare")])
+    report.ratio("build_vs_encode", rates[("none", "build")] / rates[("none", "bare")])
     report.ratio("ingest_int8_vs_fp32", rates[("int8", "service")] / rates[("none", "service")])
     bench_batched_search(report, services["none"].retriever, [q for q, _ in questions])
     for service in services.values():
@@ -318,17 +461,27 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="index sizes to measure, comma-separated")
     parser.add_argument("--queries", type=int, default=1000, help="queries per index measurement")
     parser.add_argument("--articles", type=int, default=1000, help="default-corpus articles for parts 2 and 3")
-    parser.add_argument("--skip-index", action="store_true", help="skip part 1 (synthetic index speed)")
+    parser.add_argument(
+        "--base-articles",
+        type=int,
+        default=3000,
+        help="articles whose real MiniLM passage vectors are mixed into the large sets",
+    )
+    parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size at which HNSW is built")
+    parser.add_argument("--skip-index", action="store_true", help="skip part 1 (index speed and add100)")
     parser.add_argument("--skip-corpus", action="store_true", help="skip parts 2 and 3 (ingestion and quality)")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default $NIGHTCAP_VAR or var/)")
     args = parser.parse_args()
     report = BenchReport("retrieval")
     started = time.perf_counter()
+    logger.info("load before the run: {}", os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as workdir:
         if not args.skip_corpus:
             bench_corpus(report, args.articles, Path(workdir))
         if not args.skip_index:
-            bench_index_speed(report, [int(s) for s in args.sizes.split(",")], args.queries, Path(workdir))
+            sizes = [int(s) for s in args.sizes.split(",")]
+            bench_index_speed(report, sizes, args.queries, Path(workdir), Embedder(), args)
+    report.add("machine_load", "os.getloadavg", "after the run", {}, {"load_1_5_15": list(os.getloadavg())})
     logger.info("benchmark took {:.0f}s", time.perf_counter() - started)
     report.write(args.var_dir)
 
