@@ -12,6 +12,16 @@ from loguru import logger
 from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
+from services.common.security import (
+    HealthAddressOption,
+    InsecureOption,
+    ReflectionOption,
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    TokensFileOption,
+    server_security_or_exit,
+)
 from services.common.server import serve_until_signalled
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
@@ -75,12 +85,22 @@ def serve(
         10.0, envvar="NIGHTCAP_GRACE", help="seconds SIGTERM lets running requests finish before cancelling"
     ),
     threads: int = typer.Option(0, envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)"),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
+    tokens_file: TokensFileOption = None,
+    insecure: InsecureOption = False,
+    reflection: ReflectionOption = True,
+    health_address: HealthAddressOption = "",
     var_dir: Path | None = VarDir,
     log_level: str = LogLevel,
 ) -> None:
     """Load the model and serve nightcap.v1.Generation (with health and reflection) until SIGTERM."""
     layout = VarLayout.from_env(var_dir)
     setup_logging("generation", log_level)
+    security = server_security_or_exit(
+        address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
+    )
     if threads > 0:
         torch.set_num_threads(threads)
     metrics = GenerationMetrics()
@@ -113,7 +133,7 @@ def serve(
         metrics,
     )
     try:
-        running = start_generation_server(loaded, engine, address, default_max_new_tokens=max_new_tokens)
+        running = start_generation_server(loaded, engine, address, max_new_tokens, security)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
