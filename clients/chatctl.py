@@ -54,9 +54,9 @@ TlsCaOption = typer.Option(
     None, "--tls-ca", envvar="NIGHTCAP_TLS_CA", help="use TLS, trusting servers signed by this CA (PEM)"
 )
 TlsCertOption = typer.Option(
-    None, "--tls-cert", envvar="NIGHTCAP_TLS_CERT", help="client certificate for mutual TLS (PEM)"
+    None, "--tls-cert", envvar="NIGHTCAP_CLIENT_CERT", help="client certificate for mutual TLS (PEM)"
 )
-TlsKeyOption = typer.Option(None, "--tls-key", envvar="NIGHTCAP_TLS_KEY", help="key of --tls-cert (PEM)")
+TlsKeyOption = typer.Option(None, "--tls-key", envvar="NIGHTCAP_CLIENT_KEY", help="key of --tls-cert (PEM)")
 TokenOption = typer.Option(
     None, "--token", envvar="NIGHTCAP_TOKEN", help="the token to send: chat, or admin for index add/delete"
 )

@@ -165,7 +165,7 @@ class ChatClient:
         self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
     ) -> None:
         """``credentials``: TLS CA, client certificate and token; by default from ``NIGHTCAP_TLS_CA``,
-        ``NIGHTCAP_TLS_CERT``, ``NIGHTCAP_TLS_KEY``, ``NIGHTCAP_TOKEN`` or ``NIGHTCAP_TOKEN_FILE``."""
+        ``NIGHTCAP_CLIENT_CERT``, ``NIGHTCAP_CLIENT_KEY``, ``NIGHTCAP_TOKEN`` or ``NIGHTCAP_TOKEN_FILE``."""
         self.address = address
         self.timeout = timeout
         self._channel = (credentials or Credentials.from_env()).channel(

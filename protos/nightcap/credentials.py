@@ -72,19 +72,19 @@ class Credentials:
     token_file: Path | None = None  # read again when it changes (rotation)
 
     @classmethod
-    def from_env(cls, prefix: str = "NIGHTCAP_") -> Credentials:
-        """From ``NIGHTCAP_TLS_CA``, ``NIGHTCAP_TLS_CERT``, ``NIGHTCAP_TLS_KEY``, ``NIGHTCAP_TOKEN`` and
-        ``NIGHTCAP_TOKEN_FILE`` (another prefix reads another set, e.g. the orchestrator's backend credentials)."""
+    def from_env(cls) -> Credentials:
+        """From ``NIGHTCAP_TLS_CA``, ``NIGHTCAP_CLIENT_CERT``, ``NIGHTCAP_CLIENT_KEY``, ``NIGHTCAP_TOKEN`` and
+        ``NIGHTCAP_TOKEN_FILE``. (Not ``NIGHTCAP_TLS_CERT``: that is a server's own certificate.)"""
 
         def path(name: str) -> Path | None:
-            value = os.environ.get(prefix + name)
+            value = os.environ.get("NIGHTCAP_" + name)
             return Path(value) if value else None
 
         return cls(
             path("TLS_CA"),
-            path("TLS_CERT"),
-            path("TLS_KEY"),
-            os.environ.get(prefix + "TOKEN") or None,
+            path("CLIENT_CERT"),
+            path("CLIENT_KEY"),
+            os.environ.get("NIGHTCAP_TOKEN") or None,
             path("TOKEN_FILE"),
         )
 
