@@ -541,3 +541,42 @@ def test_chatctl_names_an_unreadable_ca_file() -> None:
     result = chatctl("--tls-ca", "/nonexistent/ca.pem", "status")
     assert result.returncode == 2
     assert "cannot read the CA certificate /nonexistent/ca.pem" in result.stderr
+
+
+def test_the_orchestrator_command_serves_tls_and_tokens_from_its_flags(certs: Certs) -> None:
+    """The flags as a user types them: TLS and tokens on, a chat token answered, no token refused, health open."""
+    import time
+
+    from conftest import free_port
+
+    port, health_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "services.orchestrator", "serve", f"--address=127.0.0.1:{port}",
+        f"--health-address=127.0.0.1:{health_port}", f"--generation=127.0.0.1:{free_port()}", "--retrieval=",
+        f"--tls-cert={certs.server_pem}", f"--tls-key={certs.server_key}", f"--tokens-file={certs.tokens}",
+        "--no-reflection",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    break
+                except grpc.RpcError:
+                    assert process.poll() is None and time.monotonic() < deadline, "the orchestrator did not start"
+                    time.sleep(0.2)
+        stack = Stack(certs, "", "", f"localhost:{port}")
+        status = next(rpc for rpc in RPCS if rpc.name.endswith("Chat/Status"))
+        with tls_channel(stack, "orchestrator") as channel:
+            response = status.call(channel, bearer(certs.token("chat")))
+            assert [backend.name for backend in response.backends] == ["generation"]
+            expect_status(status, channel, [], grpc.StatusCode.UNAUTHENTICATED)
+            with pytest.raises(grpc.RpcError) as raised:
+                list_services(channel)
+            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "security on 127.0.0.1:" in output and "TLS, tokens, reflection off" in output
