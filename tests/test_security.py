@@ -580,3 +580,70 @@ def test_the_orchestrator_command_serves_tls_and_tokens_from_its_flags(certs: Ce
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert "security on 127.0.0.1:" in output and "TLS, tokens, reflection off" in output
+
+
+def every_method_in_the_protos() -> list[tuple[str, bool, bool]]:
+    """(method, client streams, server streams) of every RPC in protos/, including ones added after this test."""
+    found = []
+    for module_info in pkgutil.iter_modules(nightcap.v1.__path__):
+        if module_info.name.endswith("_pb2"):
+            module = importlib.import_module(f"nightcap.v1.{module_info.name}")
+            for service in module.DESCRIPTOR.services_by_name.values():
+                for method in service.methods:
+                    found.append((f"/{service.full_name}/{method.name}", method.client_streaming,
+                                  method.server_streaming))  # fmt: skip
+    return found
+
+
+# Which server of the stack serves each service (ModelAdmin is served beside Generation).
+SERVED_BY = {
+    "nightcap.v1.Generation": "generation",
+    "nightcap.v1.ModelAdmin": "generation",
+    "nightcap.v1.Retrieval": "retrieval",
+    "nightcap.v1.Chat": "orchestrator",
+}
+
+
+def raw_call(channel: grpc.Channel, method: str, client_streams: bool, server_streams: bool, metadata) -> Any:
+    """Calls ``method`` with an empty message, as bytes: no stub needed, so RPCs added later are tried too."""
+    kinds = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }
+    kind = kinds[(client_streams, server_streams)]
+    request = iter([b""]) if client_streams else b""
+    response = kind(method)(request, metadata=metadata, timeout=30)
+    return list(response) if server_streams else response
+
+
+@pytest.mark.parametrize(("method", "client_streams", "server_streams"), every_method_in_the_protos(),
+                         ids=lambda value: value if isinstance(value, str) else "")  # fmt: skip
+def test_every_method_in_the_protos_is_refused_without_the_right_token(
+    stack: Stack, method: str, client_streams: bool, server_streams: bool
+) -> None:
+    service = method.strip("/").split("/")[0]
+    assert service in SERVED_BY, f"{service}: say which server of the stack serves it"
+    before = documents_indexed(stack)
+    with tls_channel(stack, SERVED_BY[service]) as channel:
+        try:
+            raw_call(channel, method, client_streams, server_streams, [])
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                pytest.skip(f"{method} is not served by this test's {SERVED_BY[service]} server")
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+        else:
+            pytest.fail(f"{method} answered a call without a token")
+        for metadata in (bearer(WRONG_TOKEN), [("authorization", "Bearer ")]):
+            with pytest.raises(grpc.RpcError) as raised:
+                raw_call(channel, method, client_streams, server_streams, metadata)
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        if required_role(method) == ADMIN:
+            with pytest.raises(grpc.RpcError) as raised:
+                raw_call(channel, method, client_streams, server_streams, bearer(stack.certs.token("chat")))
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with grpc.insecure_channel(getattr(stack, SERVED_BY[service])) as plaintext, pytest.raises(grpc.RpcError) as raised:
+        raw_call(plaintext, method, client_streams, server_streams, bearer(stack.certs.token("admin")))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert documents_indexed(stack) == before
