@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo publish-demo
+.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ status: setup ## health, model and index of each service
 chat: setup ## `make up` if needed, then the OpenChatKit-style shell
 	$(PY) -m deploy.stack up --no-ask
 	$(VENV)/bin/chatctl chat
+
+certs: setup ## a local CA, server and client certificates and role tokens under var/certs (kept if present)
+	$(PY) -m deploy.certs
 
 lint: setup ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .

@@ -16,12 +16,14 @@ from clients.client import (
     check_health,
 )
 from clients.documents import Document, DocumentReadError, read_documents
+from nightcap.credentials import Credentials
 
 __all__ = [
     "ChatClient",
     "ChatEvent",
     "ChatFinished",
     "ChatStarted",
+    "Credentials",
     "Document",
     "DocumentReadError",
     "IndexClient",

@@ -7,6 +7,7 @@ import cmd
 import json
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import typer
 
@@ -25,6 +26,7 @@ from clients.client import (
     TextDelta,
 )
 from clients.documents import Document, DocumentReadError, read_documents
+from nightcap.credentials import Credentials, CredentialsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -37,6 +39,48 @@ TopPOption = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1];
 RetrievalOption = typer.Option(False, "--retrieval", help="ground answers in passages from the retrieval service")
 KOption = typer.Option(3, "-k", help="passages to retrieve when retrieval is on (1-100)")
 TimeoutOption = typer.Option(300.0, "--timeout", help="seconds before a request is abandoned (its deadline)")
+
+
+@dataclass
+class Connection:
+    """How every command connects: set by the options that come before the command."""
+
+    credentials: Credentials = field(default_factory=Credentials)
+
+
+CONNECTION = Connection()
+
+
+TlsCaOption = typer.Option(
+    None, "--tls-ca", envvar="NIGHTCAP_TLS_CA", help="use TLS, trusting servers signed by this CA (PEM)"
+)
+TlsCertOption = typer.Option(
+    None, "--tls-cert", envvar="NIGHTCAP_CLIENT_CERT", help="client certificate for mutual TLS (PEM)"
+)
+TlsKeyOption = typer.Option(None, "--tls-key", envvar="NIGHTCAP_CLIENT_KEY", help="key of --tls-cert (PEM)")
+TokenOption = typer.Option(
+    None, "--token", envvar="NIGHTCAP_TOKEN", help="the token to send: chat, or admin for index add/delete"
+)
+TokenFileOption = typer.Option(
+    None, "--token-file", envvar="NIGHTCAP_TOKEN_FILE", help="read the token from this file (reread when it changes)"
+)
+
+
+@app.callback()
+def connection(
+    tls_ca: Path | None = TlsCaOption,
+    tls_cert: Path | None = TlsCertOption,
+    tls_key: Path | None = TlsKeyOption,
+    token: str | None = TokenOption,
+    token_file: Path | None = TokenFileOption,
+) -> None:
+    """Connection options, given before the command: chatctl --tls-ca ca.pem --token-file chat.token ask ..."""
+    CONNECTION.credentials = Credentials(tls_ca, tls_cert, tls_key, token, token_file)
+    try:
+        CONNECTION.credentials.check()
+    except CredentialsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @dataclass
@@ -177,7 +221,7 @@ def chat(
     timeout: float = TimeoutOption,
 ) -> None:
     """The OpenChatKit-style shell: type a message, get a streamed answer; /help lists commands."""
-    with ChatClient(address, timeout=timeout) as client:
+    with ChatClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client:
         try:
             client.health()
         except NightcapError as error:
@@ -208,7 +252,7 @@ def ask(
     answer: list[str] = []
     started: ChatStarted | None = None
     finished: ChatFinished | None = None
-    with ChatClient(address, timeout=timeout) as client:
+    with ChatClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client:
         try:
             for event in client.chat(question, retrieval=retrieval, k=k, params=settings.params()):
                 if isinstance(event, ChatStarted):
@@ -246,7 +290,7 @@ def ask(
 @app.command()
 def status(address: str = AddressOption) -> None:
     """Each service's health, the model being served and the index being searched."""
-    with ChatClient(address) as client:
+    with ChatClient(address, credentials=CONNECTION.credentials) as client:
         try:
             report = client.status()
         except NightcapError as error:
@@ -322,7 +366,7 @@ def index_add(
     totals = dict.fromkeys(("documents_added", "documents_replaced", "passages_added", "passages_removed"), 0)
     report = None
     with (
-        IndexClient(address, timeout=timeout) as client,
+        IndexClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client,
         tqdm(total=len(documents), unit="doc", desc="indexing", disable=quiet) as bar,
     ):
         for start in range(0, len(documents), batch):
@@ -352,7 +396,7 @@ def index_delete(
     timeout: float = IndexTimeoutOption,
 ) -> None:
     """Remove documents by id; if any id is unknown nothing is removed."""
-    with IndexClient(address, timeout=timeout) as client:
+    with IndexClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client:
         try:
             report = client.delete_documents(ids)
         except NightcapError as error:
@@ -388,7 +432,7 @@ def index_stats(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Passages, documents, index type, dimension, embedder and bytes on disk."""
-    with IndexClient(address, timeout=30) as client:
+    with IndexClient(address, timeout=30, credentials=CONNECTION.credentials) as client:
         try:
             stats = client.stats()
         except NightcapError as error:
@@ -407,7 +451,7 @@ def index_search(
     address: str = IndexAddressOption,
 ) -> None:
     """The k passages closest to the query, best first."""
-    with IndexClient(address, timeout=60) as client:
+    with IndexClient(address, timeout=60, credentials=CONNECTION.credentials) as client:
         try:
             found = client.search(query, k)
         except NightcapError as error:

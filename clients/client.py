@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.documents import Document
+from nightcap.credentials import Credentials
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", "127.0.0.1:50050")
@@ -160,10 +161,14 @@ def finish_reason_name(reason: int) -> str:
 class ChatClient:
     """A connection to the orchestrator (``nightcap.v1.Chat``)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> None:
+        """``credentials``: TLS CA, client certificate and token; by default from ``NIGHTCAP_TLS_CA``,
+        ``NIGHTCAP_CLIENT_CERT``, ``NIGHTCAP_CLIENT_KEY``, ``NIGHTCAP_TOKEN`` or ``NIGHTCAP_TOKEN_FILE``."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
+        self._channel = (credentials or Credentials.from_env()).channel(
             address, options=[("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         )
         self._chat = chat_pb2_grpc.ChatStub(self._channel)
@@ -256,9 +261,9 @@ class ChatClient:
         return NightcapError(code, details, self.address)
 
 
-def check_health(address: str, timeout: float = 2.0) -> str:
+def check_health(address: str, timeout: float = 2.0, credentials: Credentials | None = None) -> str:
     """Health of any nightcap service (or any gRPC server with grpc.health.v1), without retries."""
-    with grpc.insecure_channel(address) as channel:
+    with (credentials or Credentials.from_env()).channel(address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
@@ -377,10 +382,15 @@ class IndexClient:
         report = index.add_documents(read_documents(["notes/"]))
     """
 
-    def __init__(self, address: str = DEFAULT_RETRIEVAL_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_RETRIEVAL_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
+        self._channel = (credentials or Credentials.from_env()).channel(
             address, options=[("grpc.service_config", _INDEX_RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         )
         self._stub = retrieval_pb2_grpc.RetrievalStub(self._channel)

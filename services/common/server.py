@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
 from services.common.errors import ErrorInterceptor
+from services.common.security import ServerSecurity
 
 # Messages are mostly small; retrieval batches and long prompts stay well under this.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -36,6 +37,7 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    health_port: grpc.Server | None = None  # ServerSecurity.health_address: health alone, in plaintext
 
     @property
     def address(self) -> str:
@@ -49,13 +51,21 @@ class RunningServer:
     def stop(self, grace: float | None = 5.0) -> None:
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self.health_port is not None:
+            self.health_port.stop(0)
 
 
-def start_server(bindings: list[ServiceBinding], address: str, max_workers: int = 32) -> RunningServer:
-    """Starts a server on ``address`` ("host:port"; port 0 picks a free one) and marks it SERVING."""
+def start_server(
+    bindings: list[ServiceBinding], address: str, max_workers: int = 32, security: ServerSecurity | None = None
+) -> RunningServer:
+    """Starts a server on ``address`` ("host:port"; port 0 picks a free one) and marks it SERVING.
+
+    ``security`` (default: open plaintext, refused beyond loopback) sets TLS, tokens and reflection."""
+    security = security or ServerSecurity()
+    security.check_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[*security.interceptors(), ErrorInterceptor()],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -67,12 +77,14 @@ def start_server(bindings: list[ServiceBinding], address: str, max_workers: int 
     names = [binding.full_name for binding in bindings]
     for binding in bindings:
         binding.add(binding.servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if security.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = security.add_port(server, address)
     if port == 0:
         raise OSError(f"could not bind {address}: is another process listening there?")
+    health_port = security.start_health_port(health_servicer)
     server.start()
-    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
+    running = RunningServer(server, port, health_servicer, names, health_port)
     running.set_serving(True)
     return running
 

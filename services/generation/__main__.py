@@ -13,6 +13,16 @@ from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
+from services.common.security import (
+    HealthAddressOption,
+    InsecureOption,
+    ReflectionOption,
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    TokensFileOption,
+    server_security_or_exit,
+)
 from services.common.server import serve_until_signalled
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
@@ -81,12 +91,22 @@ def serve(
         envvar="NIGHTCAP_SWAP_DRAIN_SECONDS",
         help="after a model swap (ModelAdmin/LoadVersion), how long running streams may finish on the old version",
     ),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
+    tokens_file: TokensFileOption = None,
+    insecure: InsecureOption = False,
+    reflection: ReflectionOption = True,
+    health_address: HealthAddressOption = "",
     var_dir: Path | None = VarDir,
     log_level: str = LogLevel,
 ) -> None:
     """Load the model and serve nightcap.v1.Generation and ModelAdmin (with health and reflection) until SIGTERM."""
     layout = VarLayout.from_env(var_dir)
     setup_logging("generation", log_level)
+    security = server_security_or_exit(
+        address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
+    )
     if threads > 0:
         torch.set_num_threads(threads)
     metrics = GenerationMetrics()
@@ -128,7 +148,7 @@ def serve(
         drain_seconds=swap_drain_seconds,
     )
     try:
-        running = serve_model_host(host, address, default_max_new_tokens=max_new_tokens)
+        running = serve_model_host(host, address, max_new_tokens, security)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None

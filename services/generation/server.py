@@ -8,6 +8,7 @@ import grpc
 
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServiceBinding, start_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
@@ -119,13 +120,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 def start_generation_server(
-    loaded: LoadedModel, engine: ContinuousBatchingEngine, address: str, default_max_new_tokens: int = 256
+    loaded: LoadedModel,
+    engine: ContinuousBatchingEngine,
+    address: str,
+    default_max_new_tokens: int = 256,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """nightcap.v1.Generation (and a ModelAdmin without a registry: it cannot swap) for one fixed model."""
-    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens)
+    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens, security)
 
 
-def serve_model_host(host: ModelHost, address: str, default_max_new_tokens: int = 256) -> RunningServer:
+def serve_model_host(
+    host: ModelHost, address: str, default_max_new_tokens: int = 256, security: ServerSecurity | None = None
+) -> RunningServer:
     """nightcap.v1.Generation and nightcap.v1.ModelAdmin, with health and reflection, on ``address``
     (port 0: any free)."""
     from services.generation.admin import ModelAdminServicer
@@ -142,7 +149,7 @@ def serve_model_host(host: ModelHost, address: str, default_max_new_tokens: int 
             ModelAdminServicer(host),
         ),
     ]
-    return start_server(bindings, address)
+    return start_server(bindings, address, security=security)
 
 
 def _vocab(loaded: LoadedModel) -> int:

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 from loguru import logger
 
+from nightcap.credentials import Credentials, CredentialsError
 from services.common.logs import setup_logging
+from services.common.security import (
+    SERVICE_TOKEN_ENV,
+    BackendTlsCaOption,
+    BackendTlsCertOption,
+    BackendTlsKeyOption,
+    HealthAddressOption,
+    InsecureOption,
+    ReflectionOption,
+    ServiceTokenFileOption,
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    TokensFileOption,
+    server_security_or_exit,
+)
 from services.common.server import serve_until_signalled
 from services.orchestrator.server import start_chat_server
 
@@ -38,10 +55,27 @@ def serve(
     backend_timeout: float = typer.Option(
         10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
     ),
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
+    tokens_file: TokensFileOption = None,
+    insecure: InsecureOption = False,
+    reflection: ReflectionOption = True,
+    health_address: HealthAddressOption = "",
+    backend_tls_ca: BackendTlsCaOption = None,
+    backend_tls_cert: BackendTlsCertOption = None,
+    backend_tls_key: BackendTlsKeyOption = None,
+    service_token_file: ServiceTokenFileOption = None,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
     setup_logging("orchestrator", log_level)
+    security = server_security_or_exit(
+        address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
+    )
+    backends = Credentials(
+        backend_tls_ca, backend_tls_cert, backend_tls_key, os.environ.get(SERVICE_TOKEN_ENV), service_token_file
+    )
     try:
         running = start_chat_server(
             generation,
@@ -49,8 +83,10 @@ def serve(
             address,
             default_max_new_tokens=max_new_tokens,
             backend_timeout=backend_timeout,
+            security=security,
+            backend_credentials=backends,
         )
-    except OSError as error:
+    except (OSError, CredentialsError) as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
     logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")

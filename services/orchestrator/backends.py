@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nightcap.credentials import Credentials
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import (
     DeadlineExceeded,
@@ -41,9 +42,9 @@ def backend_error(name: str, address: str, error: grpc.RpcError) -> ServiceError
 class Backend:
     name = "backend"
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = (credentials or Credentials()).channel(address)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def health(self, timeout: float = 2.0) -> tuple[str, str]:
@@ -81,8 +82,8 @@ class GenerationStream:
 class GenerationBackend(Backend):
     name = "generation"
 
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+        super().__init__(address, credentials)
         self._stub = generation_pb2_grpc.GenerationStub(self.channel)
 
     def model_info(self, timeout: float) -> generation_pb2.ModelInfoResponse:
@@ -107,8 +108,8 @@ class GenerationBackend(Backend):
 class RetrievalBackend(Backend):
     name = "retrieval"
 
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+        super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
 
     def search(self, query: str, k: int, timeout: float) -> list[retrieval_pb2.Passage]:

@@ -9,8 +9,10 @@ import uuid
 import grpc
 from loguru import logger
 
+from nightcap.credentials import Credentials
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
 from services.common.errors import ServiceError, Unavailable
+from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServiceBinding, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator
@@ -98,11 +100,15 @@ def start_chat_server(
     address: str,
     default_max_new_tokens: int = 256,
     backend_timeout: float = 10.0,
+    security: ServerSecurity | None = None,
+    backend_credentials: Credentials | None = None,
 ) -> RunningServer:
-    """nightcap.v1.Chat in front of the given backends, with health and reflection, on ``address``."""
+    """nightcap.v1.Chat in front of the given backends, with health and reflection, on ``address``.
+
+    ``backend_credentials``: the TLS CA (and client certificate) and service token it calls the backends with."""
     orchestrator = ChatOrchestrator(
-        GenerationBackend(generation),
-        RetrievalBackend(retrieval) if retrieval else None,
+        GenerationBackend(generation, backend_credentials),
+        RetrievalBackend(retrieval, backend_credentials) if retrieval else None,
         default_max_new_tokens=default_max_new_tokens,
         backend_timeout=backend_timeout,
     )
@@ -111,4 +117,4 @@ def start_chat_server(
         chat_pb2_grpc.add_ChatServicer_to_server,
         ChatServicer(orchestrator),
     )
-    return start_server([binding], address)
+    return start_server([binding], address, security=security)

@@ -13,6 +13,16 @@ from transformers.utils import logging as hf_logging
 
 from services.common.logs import setup_logging
 from services.common.paths import VAR_ENV, VarLayout
+from services.common.security import (
+    HealthAddressOption,
+    InsecureOption,
+    ReflectionOption,
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    TokensFileOption,
+    server_security_or_exit,
+)
 from services.common.server import serve_until_signalled
 from services.retrieval.build import BATCH_SIZE, build_index
 from services.retrieval.corpus import CorpusError, default_corpus_path, read_wikipedia_summaries
@@ -190,11 +200,21 @@ def serve(
             help="OpenChatKit index: cosine similarity to the hit a neighbour needs to be added.",
         ),
     ] = Expansion.w_th,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
+    tokens_file: TokensFileOption = None,
+    insecure: InsecureOption = False,
+    reflection: ReflectionOption = True,
+    health_address: HealthAddressOption = "",
     log_level: LogLevel = "INFO",
 ) -> None:
     """Serve Search, Stats, AddDocuments, DeleteDocuments and Compact until SIGTERM or Ctrl-C."""
     setup_logging("retrieval", log_level)
     hf_logging.disable_progress_bar()  # a weight-loading bar is noise in a service log file
+    security = server_security_or_exit(
+        address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
+    )
     if threads:
         faiss.omp_set_num_threads(threads)
     chunking = _chunking(passage_sentences, passage_overlap)
@@ -222,7 +242,7 @@ def serve(
     except (IndexLoadError, EmbedderLoadError, ValueError) as error:
         raise _fail(error) from None
     try:
-        running = start_retrieval_server(searchable, address, chunking, batch_size)
+        running = start_retrieval_server(searchable, address, chunking, batch_size, security)
     except OSError as error:
         raise _fail(error) from None
     serve_until_signalled(running, "retrieval")
