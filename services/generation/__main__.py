@@ -12,7 +12,7 @@ from loguru import logger
 from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
@@ -75,6 +75,8 @@ def serve(
         10.0, envvar="NIGHTCAP_GRACE", help="seconds SIGTERM lets running requests finish before cancelling"
     ),
     threads: int = typer.Option(0, envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)"),
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
     var_dir: Path | None = VarDir,
     log_level: str = LogLevel,
 ) -> None:
@@ -113,7 +115,13 @@ def serve(
         metrics,
     )
     try:
-        running = start_generation_server(loaded, engine, address, default_max_new_tokens=max_new_tokens)
+        running = start_generation_server(
+            loaded,
+            engine,
+            address,
+            default_max_new_tokens=max_new_tokens,
+            limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
+        )
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None

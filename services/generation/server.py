@@ -8,7 +8,7 @@ import grpc
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
@@ -115,7 +115,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 def start_generation_server(
-    loaded: LoadedModel, engine: ContinuousBatchingEngine, address: str, default_max_new_tokens: int = 256
+    loaded: LoadedModel,
+    engine: ContinuousBatchingEngine,
+    address: str,
+    default_max_new_tokens: int = 256,
+    limits: ServerLimits | None = None,
 ) -> RunningServer:
     """nightcap.v1.Generation with health and reflection on ``address`` (port 0: any free)."""
     binding = ServiceBinding(
@@ -123,7 +127,7 @@ def start_generation_server(
         generation_pb2_grpc.add_GenerationServicer_to_server,
         GenerationServicer(loaded, engine, default_max_new_tokens),
     )
-    return start_server([binding], address)
+    return start_server([binding], address, limits)
 
 
 def _deadline(remaining: float | None) -> float | None:

@@ -8,7 +8,7 @@ import typer
 from loguru import logger
 
 from services.common.logs import setup_logging
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -25,7 +25,10 @@ def serve(
         "127.0.0.1:50050", envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     generation: str = typer.Option(
-        "127.0.0.1:50051", envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port of the generation service"
+        "127.0.0.1:50051",
+        envvar="NIGHTCAP_GENERATION_ADDRESS",
+        help="host:port of the generation service; for replicas, IP:port,IP:port,... or one DNS name that"
+        " resolves to each (dns:///generation:50051), spread by gRPC round_robin with health checks",
     ),
     retrieval: str = typer.Option(
         "127.0.0.1:50052",
@@ -38,6 +41,8 @@ def serve(
     backend_timeout: float = typer.Option(
         10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
     ),
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -49,6 +54,7 @@ def serve(
             address,
             default_max_new_tokens=max_new_tokens,
             backend_timeout=backend_timeout,
+            limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
         )
     except OSError as error:
         logger.error("{}", error)

@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from services.common.logs import setup_logging
 from services.common.paths import VAR_ENV, VarLayout
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.retrieval.build import BATCH_SIZE, build_index
 from services.retrieval.corpus import CorpusError, default_corpus_path, read_wikipedia_summaries
 from services.retrieval.embedder import QUANTIZATIONS, Embedder, EmbedderLoadError
@@ -178,6 +178,9 @@ def serve(
             help="OpenChatKit index: cosine similarity to the hit a neighbour needs to be added.",
         ),
     ] = Expansion.w_th,
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    # documents arrive one per AddDocuments message, and a long one is legitimately megabytes
+    max_input_bytes: MaxInputBytes = 16 * 1024 * 1024,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Serve Search, Stats, AddDocuments and DeleteDocuments until SIGTERM or Ctrl-C."""
@@ -210,7 +213,9 @@ def serve(
     except (IndexLoadError, EmbedderLoadError, ValueError) as error:
         raise _fail(error) from None
     try:
-        running = start_retrieval_server(searchable, address, chunking, batch_size)
+        running = start_retrieval_server(
+            searchable, address, chunking, batch_size, ServerLimits(max_concurrent_rpcs, max_input_bytes)
+        )
     except OSError as error:
         raise _fail(error) from None
     serve_until_signalled(running, "retrieval")
