@@ -8,9 +8,8 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port, start_orchestrator
+from conftest import free_port, start_orchestrator, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loguru import logger
 
 from clients import ChatClient, NightcapError, SamplingParams
 from clients.client import check_health
@@ -21,23 +20,6 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 # A lone UTF-16 surrogate as a JavaScript protobuf encoder writes it: three bytes that are not UTF-8.
 LONE_SURROGATE = b"\xed\xa0\x80"
 PLACEHOLDER = "@@@"  # as long as LONE_SURROGATE, so every length prefix stays right when it is swapped in
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
-    yield lines
-    logger.remove(sink)
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_raw_stub_chat_without_a_deadline_answers(orchestrator_address):
