@@ -80,7 +80,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     )
                 )
                 logger.info(
-                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s",
+                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s"
+                    " replica {}",
                     request_id,
                     len(request.history),
                     turn.history_messages_dropped,
@@ -89,6 +90,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     finish.generated_tokens,
                     ((first_delta_at or time.monotonic()) - started) * 1000,
                     time.monotonic() - started,
+                    stream.replica() or self.orchestrator.generation.address,
                 )
 
     def Status(self, request: chat_pb2.StatusRequest, context: grpc.ServicerContext) -> chat_pb2.StatusResponse:
