@@ -27,13 +27,13 @@ setup: $(STAMP) $(STUBS) ## create .venv, install pinned requirements and the em
 
 protos: $(STUBS) ## regenerate the gRPC stubs from protos/
 
-up: setup ## prepare the default model and index, start the stack, ask it "Where is Zurich?"
-	$(PY) -m deploy.stack up
+up: setup ## prepare the default model and index, start the stack under supervisord, ask it "Where is Zurich?" (GENERATION_REPLICAS=N)
+	$(PY) -m deploy.stack up $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS))
 
 down: ## stop every process `make up` started
 	@if [ -x $(PY) ]; then $(PY) -m deploy.stack down; else echo "nothing to stop (no $(VENV))"; fi
 
-status: setup ## health, model and index of each service
+status: setup ## state, health, restarts and last exit of each service; the model and the index
 	$(PY) -m deploy.stack status
 
 chat: setup ## `make up` if needed, then the OpenChatKit-style shell

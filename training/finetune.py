@@ -39,7 +39,15 @@ from loguru import logger
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
 from services.generation.registry import ModelRegistry
-from training.data import IGNORE_INDEX, DataError, PackedData, load_packed, mixture_order, parse_mixture
+from training.data import (
+    IGNORE_INDEX,
+    DataError,
+    PackedData,
+    load_packed,
+    map_mixture_paths,
+    mixture_order,
+    parse_mixture,
+)
 
 STATE_FILE = "train_state.pt"
 HF_FOLDER = "hf"
@@ -662,6 +670,9 @@ def build_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainC
     args = build_parser().parse_args(argv)
     check_args(args)
     var = VarLayout.from_env(args.var_dir)
+    # var/... data paths name files under NIGHTCAP_VAR when the job's (uploaded) working dir has no var/
+    args.data = map_mixture_paths(args.data, var.resolve)
+    args.eval_data = str(var.resolve(args.eval_data)) if args.eval_data else ""
     source = resolve_model_source(args.model, var)
     tokenizer = load_tokenizer(source)
     context = model_context_length(source)
