@@ -42,6 +42,10 @@ from services.generation.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
 from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 
+# glibc's malloc gives each thread that allocates its own arena (up to 8 x cores) and, after a large free,
+# raises its mmap threshold so later large tensors come from those arenas and stay resident. Two arenas and a
+# fixed 1 MiB threshold bound generation's RSS (tests/bench/generation_rss.py measures both settings).
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 # The services' own defaults, repeated: importing them would load torch and slow every `status` and `down`.
 DEFAULT_QUESTION = "Where is Zurich?"
 
@@ -283,7 +287,8 @@ def _service_specs(
     for name in addresses:
         module = "generation" if name.startswith("generation") else name
         serve = [sys.executable, "-m", f"services.{module}", "serve", "--address", addresses[name]]
-        specs[name] = ServiceSpec(name, addresses[name], [*serve, *arguments[name], "--log-level", log_level])
+        command = [*serve, *arguments[name], "--log-level", log_level]
+        specs[name] = ServiceSpec(name, addresses[name], command, ALLOCATOR_ENV if module == "generation" else {})
     return specs
 
 

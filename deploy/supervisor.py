@@ -20,7 +20,7 @@ import sys
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -45,6 +45,7 @@ class ServiceSpec:
     name: str
     address: str
     command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's own environment
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class Supervisord:
             f"[supervisorctl]\nserverurl=unix://{self.socket}\n",
         ]
         for spec in specs:
+            environment = ",".join(f'{key}="{value}"' for key, value in spec.env.items())
             sections.append(
                 f"[program:{spec.name}]\n"
                 f"command={shlex.join(spec.command).replace('%', '%%')}\n"
@@ -214,6 +216,7 @@ class Supervisord:
                 f"stopsignal=TERM\nstopwaitsecs={int(grace)}\nstopasgroup=true\nkillasgroup=true\n"
                 f"redirect_stderr=true\nstdout_logfile={self.run.log_file(spec.name)}\n"
                 "stdout_logfile_maxbytes=50MB\nstdout_logfile_backups=2\n"
+                + (f"environment={environment}\n" if environment else "")
             )
         return "\n".join(sections)
 
