@@ -56,7 +56,7 @@ def serve(
             backend_timeout=backend_timeout,
             limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a taken port; a list of generation addresses that is not IPs
         logger.error("{}", error)
         raise typer.Exit(2) from None
     logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")
