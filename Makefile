@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup protos up down status chat test bench soak lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,13 +27,13 @@ setup: $(STAMP) $(STUBS) ## create .venv, install pinned requirements and the em
 
 protos: $(STUBS) ## regenerate the gRPC stubs from protos/
 
-up: setup ## prepare the default model and index, start the stack, ask it "Where is Zurich?"
-	$(PY) -m deploy.stack up
+up: setup ## prepare the default model and index, start the stack under supervisord, ask it "Where is Zurich?" (GENERATION_REPLICAS=N)
+	$(PY) -m deploy.stack up $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS))
 
 down: ## stop every process `make up` started
 	@if [ -x $(PY) ]; then $(PY) -m deploy.stack down; else echo "nothing to stop (no $(VENV))"; fi
 
-status: setup ## health, model and index of each service
+status: setup ## state, health, restarts and last exit of each service; the model and the index
 	$(PY) -m deploy.stack status
 
 chat: setup ## `make up` if needed, then the OpenChatKit-style shell
@@ -56,6 +56,13 @@ test: setup lint ## lint, then the whole test suite
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
 	@for script in tests/bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+SOAK_DURATION ?= 600
+
+soak: setup ## against `make up`: 64 chat sessions for SOAK_DURATION s (600), each service killed once; generation RSS per allocator setting; var/bench/soak.json
+	$(PY) -m deploy.stack up --no-ask $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS))
+	$(PY) tests/bench/generation_rss.py
+	$(PY) tests/bench/soak.py --duration $(SOAK_DURATION)
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv
 	rm -rf var protos/nightcap/v1/*_pb2*.py protos/nightcap/v1/*_pb2*.pyi

@@ -23,6 +23,8 @@ from clients.documents import Document
 from nightcap.credentials import Credentials
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
+# Trailing metadata key of a call that failed in the orchestrator's backend (services/common/errors.py).
+FAILED_SERVICE_KEY = "nightcap-failed-service"
 DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", "127.0.0.1:50050")
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -254,14 +256,23 @@ class ChatClient:
     def _error(self, error: grpc.RpcError) -> NightcapError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = (error.details() if hasattr(error, "details") else None) or str(error)
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if _failed_backend(error) is not None:
+            pass  # the orchestrator answered; its message names the backend that failed
+        elif code == grpc.StatusCode.UNAVAILABLE:
             details = f"cannot reach the nightcap orchestrator at {self.address} ({details})"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             details = f"no answer from {self.address} within the deadline ({details})"
         return NightcapError(code, details, self.address)
 
 
+def _failed_backend(error: grpc.RpcError) -> str | None:
+    """``name address`` of the backend the server said failed, when the server answered at all."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return dict(metadata or ()).get(FAILED_SERVICE_KEY)
+
+
 def check_health(address: str, timeout: float = 2.0, credentials: Credentials | None = None) -> str:
+
     """Health of any nightcap service (or any gRPC server with grpc.health.v1), without retries."""
     with (credentials or Credentials.from_env()).channel(address) as channel:
         try:

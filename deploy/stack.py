@@ -4,18 +4,23 @@
     python -m deploy.stack status   # pid, address and health of each service; the model and the index
     python -m deploy.stack down     # SIGTERM, then SIGKILL after a grace period; nothing is left behind
 
-`up` runs the prepare steps in the foreground (their progress bars show), then starts generation and
-retrieval in the background, then the orchestrator once both are SERVING. Logs go to var/logs/<service>.log,
-pid files to var/run/<service>.pid. It says what it reuses: the model, the index, services already running.
+`up` runs the prepare steps in the foreground (their progress bars show), then has supervisord start
+generation (``--generation-replicas N``: N processes) and retrieval, then the orchestrator once they are
+SERVING. supervisord restarts a service that crashes; `status` shows its restarts and last exit. Logs go to
+var/logs/<service>.log, supervisord's files to var/run/. It says what it reuses: the model, the index, a
+stack already up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+import xmlrpc.client
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -23,17 +28,13 @@ import typer
 
 from clients.client import ChatClient, ChatFinished, ChatStarted, NightcapError, SamplingParams, TextDelta
 from deploy.supervisor import (
-    PidRecord,
     RunFolder,
     ServiceSpec,
-    StartedService,
     StartupFailed,
+    Supervisord,
     address_taken_by,
     child_environment,
     health,
-    live_process,
-    start_service,
-    stop_processes,
     wait_until_serving,
 )
 from services.common.paths import VAR_ENV, VarLayout
@@ -41,10 +42,12 @@ from services.common.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
 from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 
+# glibc's malloc gives each thread that allocates its own arena (up to 8 x cores) and, after a large free,
+# raises its mmap threshold so later large tensors come from those arenas and stay resident. Two arenas and a
+# fixed 1 MiB threshold bound generation's RSS (tests/bench/generation_rss.py measures both settings).
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 # The services' own defaults, repeated: importing them would load torch and slow every `status` and `down`.
 DEFAULT_QUESTION = "Where is Zurich?"
-BACKENDS = ("generation", "retrieval")
-SERVICES = (*BACKENDS, "orchestrator")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -73,6 +76,17 @@ def main() -> None:
     app()
 
 
+Replicas = Annotated[
+    int,
+    typer.Option(
+        envvar=["GENERATION_REPLICAS", "NIGHTCAP_GENERATION_REPLICAS"],
+        min=1,
+        help="Generation processes; replica i > 0 listens on the generation port + 10 i, and the orchestrator"
+        " spreads chats over all of them (gRPC round_robin with health checks).",
+    ),
+]
+
+
 @app.command()
 def up(
     var_dir: VarDir = Path("var"),
@@ -93,6 +107,7 @@ def up(
     orchestrator_address: OrchestratorAddress = "127.0.0.1:50050",
     generation_address: GenerationAddress = "127.0.0.1:50051",
     retrieval_address: RetrievalAddress = "127.0.0.1:50052",
+    generation_replicas: Replicas = 1,
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
     ] = True,
@@ -112,35 +127,39 @@ def up(
         str, typer.Option(envvar="NIGHTCAP_LOG_LEVEL", help="Log level passed to the three services.")
     ] = "INFO",
 ) -> None:
-    """Prepare the model and index, start the three services, wait until SERVING, ask the question."""
+    """Prepare the model and index, start the services under supervisord, wait until SERVING, ask."""
     layout = VarLayout.from_env(var_dir)
     run = RunFolder(layout)
-    addresses = {
-        "generation": generation_address,
-        "retrieval": retrieval_address,
-        "orchestrator": orchestrator_address,
-    }
+    addresses = _addresses(orchestrator_address, generation_address, retrieval_address, generation_replicas)
     if len(set(addresses.values())) < len(addresses):
-        _fail(f"the three services need three different addresses, got {addresses}")
+        _fail(f"the services need different addresses, got {addresses}")
     specs = _service_specs(layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level)
+    supervisord = Supervisord(run)
 
     with run.lock(on_wait=lambda: typer.echo("waiting for another deploy.stack command on this var dir ...")):
-        running = _running_services(run, specs)
-        if len(running) == len(SERVICES) and all(health(r.address) == "SERVING" for r in running.values()):
-            typer.echo(f"nightcap is already up (var dir {layout.root}):")
-            _print_service_table(run, addresses)
-            return
-        to_start = [specs[name] for name in SERVICES if name not in running]
-        _refuse_taken_addresses(to_start)
+        started_supervisord = False
+        if supervisord.process() is not None:
+            _refuse_other_settings(supervisord, specs)
+            states = supervisord.states()
+            running = {name for name, state in states.items() if state.state in ("RUNNING", "STARTING")}
+            if len(running) == len(specs) and all(health(spec.address) == "SERVING" for spec in specs.values()):
+                typer.echo(f"nightcap is already up (var dir {layout.root}):")
+                _print_service_table(supervisord, specs)
+                if ask:
+                    _ask(orchestrator_address, question, max_new_tokens)
+                return
+        else:
+            running = set()
+            _refuse_taken_addresses(list(specs.values()))
+        to_start = [spec for name, spec in specs.items() if name not in running]
 
         timings: list[str] = []
         names_to_start = {spec.name for spec in to_start}
         begin = time.monotonic()
-        started: list[StartedService] = []
         try:
             # the prepare commands are no-ops once their output exists, but each costs seconds of imports:
             # look first, and leave the full checks to the services when they load
-            if "generation" in names_to_start and model is None:
+            if any(name.startswith("generation") for name in names_to_start) and model is None:
                 versions = ModelRegistry(layout.models).versions(DEFAULT_MODEL)
                 if versions:
                     typer.echo(f"default model: reusing {DEFAULT_MODEL}:{versions[-1]}")
@@ -152,48 +171,57 @@ def up(
                 else:
                     _prepare("index", ["services.retrieval", "build-default"], layout, log_level)
             timings.append(f"prepare {time.monotonic() - begin:.1f} s")
-            for phase in (BACKENDS, ("orchestrator",)):
-                phase_started = [start_service(s, run, child_environment()) for s in to_start if s.name in phase]
-                started += phase_started
+            if supervisord.process() is None:
+                supervisord.start(list(specs.values()), grace, child_environment())
+                started_supervisord = True
+            backends = [name for name in specs if name != "orchestrator"]
+            for phase in (backends, ["orchestrator"]):
+                phase_specs = [spec for spec in to_start if spec.name in phase]
+                for spec in phase_specs:
+                    supervisord.start_service(spec.name)
                 typer.echo(
                     "waiting for "
                     + ", ".join(f"{name} ({addresses[name]})" for name in phase)
                     + f" to report SERVING (timeout {start_timeout:.0f} s) ..."
                 )
                 phase_begin = time.monotonic()
-                _wait(phase_started, [running[n] for n in phase if n in running], start_timeout)
+                _wait(supervisord, phase_specs, [specs[n] for n in phase if n in running], start_timeout)
                 timings.append(f"{'+'.join(phase)} healthy after {time.monotonic() - phase_begin:.1f} s")
         except StartupFailed as failure:
             typer.secho(f"\n{failure}. Last lines of {failure.log_path}:", fg="red", err=True)
             typer.echo(textwrap.indent(failure.log_tail or "(empty)", "  | "), err=True)
-            _stop_started(run, started, grace)
+            _stop_started(supervisord, started_supervisord, to_start, grace)
             _fail(f"nightcap did not start: {failure}")
         except KeyboardInterrupt:
             typer.echo("\ninterrupted: stopping what this run started", err=True)
-            _stop_started(run, started, grace)
+            _stop_started(supervisord, started_supervisord, to_start, grace)
             raise typer.Exit(130) from None
 
     typer.echo(f"nightcap is up in {time.monotonic() - begin:.1f} s ({'; '.join(timings)}):")
-    _print_service_table(run, addresses)
+    _print_service_table(supervisord, specs)
     if ask:
         _ask(orchestrator_address, question, max_new_tokens)
 
 
 @app.command()
 def down(var_dir: VarDir = Path("var"), grace: Grace = 15.0) -> None:
-    """Stop every service `up` started (SIGTERM, then SIGKILL after the grace period)."""
+    """Stop every service `up` started, and supervisord (SIGTERM, then SIGKILL after the grace period)."""
     run = RunFolder(VarLayout.from_env(var_dir))
+    supervisord = Supervisord(run)
     with run.lock(on_wait=lambda: typer.echo("waiting for another deploy.stack command on this var dir ...")):
-        records = [record for name in SERVICES if (record := run.record(name)) is not None]
-        if not records:
-            typer.echo(f"nothing to stop (no pid files in {run.layout.run})")
+        process = supervisord.process()
+        if process is None:
+            typer.echo(f"nothing to stop (no supervisord for {run.layout.root})")
             return
-        outcome = stop_processes(records, grace)
-        for record in records:
-            typer.echo(f"{record.name:<13} {outcome[record.name].message}")
-            run.forget(record.name)
-    if any(result.survived for result in outcome.values()):
-        _fail("some processes could not be stopped")
+        states = supervisord.states()
+        began = time.monotonic()
+        survivors = supervisord.shutdown(grace)
+        for name, state in states.items():
+            was = f"pid {state.pid}" if state.pid else state.state.lower()
+            typer.echo(f"{name:<13} {was}: stopped")
+        typer.echo(f"supervisord   pid {process.pid}: stopped in {time.monotonic() - began:.1f} s")
+    if survivors:
+        _fail("some processes could not be stopped: " + "; ".join(survivors))
 
 
 @app.command()
@@ -203,18 +231,17 @@ def status(
     generation_address: GenerationAddress = "127.0.0.1:50051",
     retrieval_address: RetrievalAddress = "127.0.0.1:50052",
 ) -> None:
-    """Pid, address and health of each service, and the model and index behind the orchestrator.
+    """State, pid, address, health, restarts and last exit of each service; the model and the index.
 
-    Exits 0 when all three are SERVING, 1 otherwise. Addresses come from the pid files when there are."""
+    Exits 0 when all are SERVING, 1 otherwise. Addresses come from the running stack when there is one."""
     run = RunFolder(VarLayout.from_env(var_dir))
-    addresses = {
-        "generation": generation_address,
-        "retrieval": retrieval_address,
-        "orchestrator": orchestrator_address,
-    }
-    healths = _print_service_table(run, addresses)
-    record = run.record("orchestrator")
-    orchestrator = record.address if record else orchestrator_address
+    supervisord = Supervisord(run)
+    specs = {spec.name: spec for spec in supervisord.specs()} if supervisord.process() else {}
+    if not specs:
+        addresses = _addresses(orchestrator_address, generation_address, retrieval_address, 1)
+        specs = {name: ServiceSpec(name, address, []) for name, address in addresses.items()}
+    healths = _print_service_table(supervisord, specs)
+    orchestrator = specs["orchestrator"].address
     try:
         with ChatClient(orchestrator) as client:
             stack = client.status()
@@ -227,51 +254,66 @@ def status(
         raise typer.Exit(1)
 
 
+def _addresses(orchestrator: str, generation: str, retrieval: str, replicas: int) -> dict[str, str]:
+    """Service name -> address; replica i > 0 of generation is ``generation-<i+1>`` on the port + 10 i."""
+    host, _, port = generation.rpartition(":")
+    replica_addresses = {
+        "generation" if i == 0 else f"generation-{i + 1}": f"{host}:{int(port) + 10 * i}" for i in range(replicas)
+    }
+    return {**replica_addresses, "retrieval": retrieval, "orchestrator": orchestrator}
+
+
 def _service_specs(
     layout: VarLayout, addresses: dict[str, str], model: str, index: str, log_level: str
 ) -> dict[str, ServiceSpec]:
     var_dir = str(layout.root)
+    generations = [name for name in addresses if name.startswith("generation")]
     arguments = {
-        "generation": ["--model", model, "--var-dir", var_dir],
         "retrieval": ["--index", index, "--var-dir", var_dir],
-        "orchestrator": ["--generation", addresses["generation"], "--retrieval", addresses["retrieval"]],
+        "orchestrator": [
+            "--generation",
+            ",".join(addresses[name] for name in generations),
+            "--retrieval",
+            addresses["retrieval"],
+        ],
     }
+    metrics_host, _, metrics_port = os.environ.get("NIGHTCAP_METRICS_ADDRESS", "127.0.0.1:9400").rpartition(":")
+    for n, name in enumerate(generations):
+        arguments[name] = ["--model", model, "--var-dir", var_dir]
+        if n > 0:  # each replica its own metrics port (port 0 stays "any free port")
+            port = int(metrics_port) + n if int(metrics_port) else 0
+            arguments[name] += ["--metrics-address", f"{metrics_host}:{port}"]
     specs = {}
-    for name in SERVICES:
-        serve = [sys.executable, "-m", f"services.{name}", "serve", "--address", addresses[name]]
-        specs[name] = ServiceSpec(name, addresses[name], [*serve, *arguments[name], "--log-level", log_level])
+    for name in addresses:
+        module = "generation" if name.startswith("generation") else name
+        serve = [sys.executable, "-m", f"services.{module}", "serve", "--address", addresses[name]]
+        command = [*serve, *arguments[name], "--log-level", log_level]
+        specs[name] = ServiceSpec(name, addresses[name], command, ALLOCATOR_ENV if module == "generation" else {})
     return specs
 
 
-def _running_services(run: RunFolder, specs: dict[str, ServiceSpec]) -> dict[str, PidRecord]:
-    """Services of an earlier `up` that are still running, by name; stale pid files are removed. A running
-    service started with other settings is an error: reusing it would serve something not asked for."""
-    running: dict[str, PidRecord] = {}
-    for name, spec in specs.items():
-        record = run.record(name)
-        if record is None:
-            continue
-        if live_process(record) is None:
-            typer.echo(f"{name}: removing a stale pid file (pid {record.pid} has exited)")
-            run.forget(name)
-            continue
-        if _settings(record.command) != _settings(spec.command):
+def _refuse_other_settings(supervisord: Supervisord, specs: dict[str, ServiceSpec]) -> None:
+    """A stack up with other settings is an error: reusing it would serve something not asked for."""
+    running = {spec.name: spec for spec in supervisord.specs()}
+    for name in sorted(set(running) | set(specs)):
+        have, want = running.get(name), specs.get(name)
+        if have is None or want is None or _settings(have.command) != _settings(want.command):
             _fail(
-                f"{name} is already running with other settings (pid {record.pid}):\n"
-                f"  running: {' '.join(record.command[1:])}\n  asked:   {' '.join(spec.command[1:])}\n"
+                f"{name}: the stack is already up with other settings:\n"
+                f"  running: {' '.join(have.command[1:]) if have else '(not part of it)'}\n"
+                f"  asked:   {' '.join(want.command[1:]) if want else '(not asked for)'}\n"
                 "Run `python -m deploy.stack down` first."
             )
-        running[name] = record
-    return running
 
 
 def _refuse_taken_addresses(specs: list[ServiceSpec]) -> None:
     for spec in specs:
         holder = address_taken_by(spec.address)
         if holder is not None:
+            option = "generation" if spec.name.startswith("generation") else spec.name
             _fail(
                 f"{spec.name}: {spec.address} is already in use by {holder}, which this stack did not start.\n"
-                f"Stop it, or choose another address with --{spec.name}-address."
+                f"Stop it, or choose another address with --{option}-address."
             )
 
 
@@ -304,51 +346,55 @@ def _prepare(what: str, module_command: list[str], layout: VarLayout, log_level:
     typer.echo(f"default {what} ready in {time.monotonic() - begin:.1f} s")
 
 
-def _wait(started: list[StartedService], reused: list[PidRecord], timeout: float) -> None:
-    for record in reused:
-        typer.echo(f"  {record.name:<13} reusing pid {record.pid}")
+def _wait(supervisord: Supervisord, started: list[ServiceSpec], reused: list[ServiceSpec], timeout: float) -> None:
+    for spec in reused:
+        typer.echo(f"  {spec.name:<13} reusing the running process")
 
-    def on_serving(service: StartedService, seconds: float) -> None:
-        typer.echo(f"  {service.record.name:<13} SERVING after {seconds:.1f} s (pid {service.record.pid})")
+    def on_serving(spec: ServiceSpec, seconds: float) -> None:
+        pid = supervisord.states()[spec.name].pid
+        typer.echo(f"  {spec.name:<13} SERVING after {seconds:.1f} s (pid {pid})")
 
-    def on_waiting(pending: list[StartedService], seconds: float) -> None:
-        for service in pending:
-            typer.echo(f"  {service.record.name:<13} still loading ({seconds:.0f} s; log {service.record.log})")
+    def on_waiting(pending: list[ServiceSpec], seconds: float) -> None:
+        for spec in pending:
+            typer.echo(f"  {spec.name:<13} still loading ({seconds:.0f} s; log {supervisord.run.log_file(spec.name)})")
 
-    wait_until_serving(started, timeout, on_serving, on_waiting)
-    for record in reused:
-        # Reused services were SERVING or still loading from an earlier `up`; they get the same deadline.
-        deadline = time.monotonic() + timeout
-        while health(record.address) != "SERVING":
-            if live_process(record) is None or time.monotonic() > deadline:
-                _fail(f"{record.name} (pid {record.pid}) is running but not SERVING; see {record.log}")
-            time.sleep(0.5)
+    # Reused services were SERVING or still loading (or restarting) from an earlier `up`: same deadline.
+    wait_until_serving(supervisord, [*started, *reused], timeout, on_serving, on_waiting)
 
 
-def _stop_started(run: RunFolder, started: list[StartedService], grace: float) -> None:
-    if not started:
+def _stop_started(
+    supervisord: Supervisord, started_supervisord: bool, started: list[ServiceSpec], grace: float
+) -> None:
+    if started_supervisord:
+        supervisord.shutdown(grace)
+        typer.echo("  stopped supervisord and every service it ran", err=True)
         return
-    outcome = stop_processes([s.record for s in started], grace)
-    for service in started:
-        typer.echo(f"  stopped {service.record.name}: {outcome[service.record.name].message}", err=True)
-        run.forget(service.record.name)
+    for spec in started:
+        with contextlib.suppress(OSError, xmlrpc.client.Fault):
+            supervisord.rpc().supervisor.stopProcess(spec.name, True)
+            typer.echo(f"  stopped {spec.name}", err=True)
 
 
-def _print_service_table(run: RunFolder, addresses: dict[str, str]) -> list[str]:
-    """One line per service: pid (from its pid file), address, health. Returns the healths in order."""
+def _print_service_table(supervisord: Supervisord, specs: dict[str, ServiceSpec]) -> list[str]:
+    """One line per service: supervisord's state and pid, address, health, restarts, last exit. Returns the
+    healths in order."""
+    try:
+        states = supervisord.states() if supervisord.process() else {}
+    except (OSError, xmlrpc.client.Fault):
+        states = {}
+    exits = supervisord.exits()
     healths = []
-    typer.echo(f"  {'service':<13} {'pid':>8}  {'address':<22} health")
-    for name in SERVICES:
-        record = run.record(name)
-        if record is None:
-            pid = "-"
-        elif live_process(record) is None:
-            pid = f"{record.pid}?"  # the pid file is stale: that process is gone
-        else:
-            pid = str(record.pid)
-        address = record.address if record else addresses[name]
-        healths.append(health(address))
-        typer.echo(f"  {name:<13} {pid:>8}  {address:<22} {healths[-1]}")
+    typer.echo(f"  {'service':<13} {'state':<9} {'pid':>8}  {'address':<22} {'health':<12} restarts  last exit")
+    for name, spec in specs.items():
+        state = states.get(name)
+        pid = str(state.pid) if state and state.pid else "-"
+        healths.append(health(spec.address))
+        service_exits = exits.get(name, [])
+        last = f"{service_exits[-1].how} at {service_exits[-1].at}" if service_exits else "-"
+        typer.echo(
+            f"  {name:<13} {state.state if state else 'DOWN':<9} {pid:>8}  {spec.address:<22} {healths[-1]:<12}"
+            f" {len(service_exits):>8}  {last}"
+        )
     return healths
 
 

@@ -1,8 +1,9 @@
-"""Background processes of the local stack: start one with a log and a pid file, find it again, stop it.
+"""The local stack's processes, kept by supervisord (PyPI ``supervisor``): it starts each service with its
+log, restarts one that crashes (with backoff when it crashes again during start-up) and stops them all.
 
-A pid file (``var/run/<service>.pid``) is JSON: pid, address, command, create time and log path. A pid is
-only ever signalled while the process behind it still has the recorded create time and command line, so a
-pid the kernel has reused for something else is never touched.
+One supervisord per var dir: its config, socket and pid file live in ``var/run/``, its own log and each
+service's log in ``var/logs/``. This module writes the config, starts supervisord, and talks to it over its
+XML-RPC socket; restarts and the last exit of each service are read back from supervisord's log.
 """
 
 from __future__ import annotations
@@ -11,21 +12,30 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
+import sys
 import time
+import xmlrpc.client
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+from supervisor.xmlrpc import SupervisorTransport
 
 from clients.client import NightcapError, check_health
 from services.common.paths import VarLayout
 
 LOG_TAIL_LINES = 30
+# A service that exits within START_SECONDS of a start has failed to start: supervisord retries it after
+# 1, 2, 3 ... s (START_RETRIES times) and then gives up (FATAL). One that exits later is restarted at once.
+START_SECONDS = 5
+START_RETRIES = 10
+_EXITED = re.compile(r"^(\S+ \S+) \w+ exited: (\S+) \((.*); not expected\)$")
+_STARTED = "supervisord started with pid"
 
 
 @dataclass(frozen=True)
@@ -35,42 +45,24 @@ class ServiceSpec:
     name: str
     address: str
     command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's own environment
 
 
 @dataclass(frozen=True)
-class PidRecord:
-    """The pid file of a service this supervisor started."""
+class ProcessState:
+    """One service as supervisord sees it."""
 
     name: str
+    state: str  # STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL, UNKNOWN
     pid: int
-    address: str
-    command: list[str]
-    create_time: float
-    log: str
-    started_at: str
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        temporary.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> PidRecord | None:
-        """The record in ``path``; None when there is none or it cannot be read (treated as stale)."""
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+    exit_status: int
+    description: str
 
 
-@dataclass
-class StartedService:
-    """A service started by this run: its record, its Popen and where its log began."""
-
-    record: PidRecord
-    popen: subprocess.Popen
-    log_offset: int
+@dataclass(frozen=True)
+class Exit:
+    at: str  # supervisord's log timestamp
+    how: str  # e.g. "terminated by SIGKILL", "exit status 1"
 
 
 class StartupFailed(Exception):
@@ -84,22 +76,13 @@ class StartupFailed(Exception):
 
 
 class RunFolder:
-    """Where the supervisor keeps logs, pid files and its lock: ``var/logs`` and ``var/run``."""
+    """Where the stack keeps logs, supervisord's files and its lock: ``var/logs`` and ``var/run``."""
 
     def __init__(self, layout: VarLayout) -> None:
         self.layout = layout
 
-    def pid_file(self, name: str) -> Path:
-        return self.layout.run / f"{name}.pid"
-
     def log_file(self, name: str) -> Path:
         return self.layout.logs / f"{name}.log"
-
-    def record(self, name: str) -> PidRecord | None:
-        return PidRecord.load(self.pid_file(name))
-
-    def forget(self, name: str) -> None:
-        self.pid_file(name).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self, on_wait: Callable[[], None]) -> Iterator[None]:
@@ -114,22 +97,173 @@ class RunFolder:
             yield
 
 
-def live_process(record: PidRecord) -> psutil.Process | None:
-    """The process a record describes, if it is still running; None if it exited or its pid was reused."""
-    try:
-        process = psutil.Process(record.pid)
-        if abs(process.create_time() - record.create_time) > 0.01 or process.cmdline() != record.command:
+class Supervisord:
+    """The supervisord of one var dir."""
+
+    def __init__(self, run: RunFolder) -> None:
+        self.run = run
+        self.config = run.layout.run / "supervisord.conf"
+        self.socket = run.layout.run / "supervisor.sock"
+        self.pid_file = run.layout.run / "supervisord.pid"
+        self.specs_file = run.layout.run / "services.json"
+        self.log = run.layout.logs / "supervisord.log"
+
+    # --- lifecycle
+
+    def process(self) -> psutil.Process | None:
+        """The running supervisord of this var dir, or None."""
+        try:
+            process = psutil.Process(int(self.pid_file.read_text().strip()))
+            if process.status() == psutil.STATUS_ZOMBIE or str(self.config) not in process.cmdline():
+                return None
+            return process
+        except (OSError, ValueError, psutil.Error):
             return None
-        return process if _is_running(process) else None
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return None
+
+    def start(self, specs: list[ServiceSpec], grace: float, env: dict[str, str]) -> None:
+        """Writes the config for ``specs`` (none started yet) and starts supervisord in the background."""
+        self.run.layout.logs.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self._config_text(specs, grace))
+        self.specs_file.write_text(json.dumps([asdict(spec) for spec in specs], indent=2) + "\n")
+        self.socket.unlink(missing_ok=True)
+        supervisord = Path(sys.executable).parent / "supervisord"
+        # supervisord forks into the background itself; this returns once it has
+        subprocess.run([str(supervisord), "-c", str(self.config)], env=env, check=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError, xmlrpc.client.Fault):
+                if self.rpc().supervisor.getState()["statename"] == "RUNNING":
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"supervisord did not come up within 15 s; see {self.log}")
+            time.sleep(0.1)
+
+    def specs(self) -> list[ServiceSpec]:
+        """The services this supervisord was configured with."""
+        try:
+            return [ServiceSpec(**spec) for spec in json.loads(self.specs_file.read_text())]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def shutdown(self, grace: float) -> list[str]:
+        """Stops every service (SIGTERM to its process group, SIGKILL after ``grace``), then supervisord.
+        Returns the command lines of processes that outlived it all (none, normally)."""
+        supervisord = self.process()
+        if supervisord is None:
+            return []
+        family = [supervisord, *supervisord.children(recursive=True)]
+        with contextlib.suppress(OSError, xmlrpc.client.Fault):
+            self.rpc().supervisor.stopAllProcesses(True)
+        with contextlib.suppress(OSError, xmlrpc.client.Fault):
+            self.rpc().supervisor.shutdown()
+        alive = _wait_for_exit(family, grace + 5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        survivors = _wait_for_exit(alive, 5)
+        for path in (self.socket, self.pid_file):
+            path.unlink(missing_ok=True)
+        return [" ".join(p.cmdline()) for p in survivors if _is_running(p)]
+
+    # --- services
+
+    def rpc(self) -> xmlrpc.client.ServerProxy:
+        transport = SupervisorTransport(None, None, f"unix://{self.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def start_service(self, name: str) -> None:
+        self.rpc().supervisor.startProcess(name, False)
+
+    def states(self) -> dict[str, ProcessState]:
+        return {
+            info["name"]: ProcessState(
+                info["name"], info["statename"], info["pid"], info["exitstatus"], info["description"]
+            )
+            for info in self.rpc().supervisor.getAllProcessInfo()
+        }
+
+    def exits(self) -> dict[str, list[Exit]]:
+        """Unexpected exits of each service since this supervisord started (each one was restarted)."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        since = max((n for n, line in enumerate(lines) if _STARTED in line), default=0)
+        exits: dict[str, list[Exit]] = {}
+        for line in lines[since:]:
+            found = _EXITED.match(line)
+            if found:
+                exits.setdefault(found.group(2), []).append(Exit(found.group(1).split(",")[0], found.group(3)))
+        return exits
+
+    def _config_text(self, specs: list[ServiceSpec], grace: float) -> str:
+        layout = self.run.layout
+        sections = [
+            f"[unix_http_server]\nfile={self.socket}\nchmod=0700\n",
+            f"[supervisord]\nlogfile={self.log}\npidfile={self.pid_file}\ndirectory={Path.cwd()}\n"
+            f"identifier=nightcap-{layout.root}\nlogfile_maxbytes=10MB\n",
+            "[rpcinterface:supervisor]\n"
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
+            f"[supervisorctl]\nserverurl=unix://{self.socket}\n",
+        ]
+        for spec in specs:
+            environment = ",".join(f'{key}="{value}"' for key, value in spec.env.items())
+            sections.append(
+                f"[program:{spec.name}]\n"
+                f"command={shlex.join(spec.command).replace('%', '%%')}\n"
+                f"autostart=false\nautorestart=unexpected\nexitcodes=0\n"
+                f"startsecs={START_SECONDS}\nstartretries={START_RETRIES}\n"
+                f"stopsignal=TERM\nstopwaitsecs={int(grace)}\nstopasgroup=true\nkillasgroup=true\n"
+                f"redirect_stderr=true\nstdout_logfile={self.run.log_file(spec.name)}\n"
+                "stdout_logfile_maxbytes=50MB\nstdout_logfile_backups=2\n"
+                + (f"environment={environment}\n" if environment else "")
+            )
+        return "\n".join(sections)
 
 
-def _is_zombie(pid: int) -> bool:
+def wait_until_serving(
+    supervisord: Supervisord,
+    specs: list[ServiceSpec],
+    timeout: float,
+    on_serving: Callable[[ServiceSpec, float], None],
+    on_waiting: Callable[[list[ServiceSpec], float], None],
+) -> None:
+    """Polls each service's health until all report SERVING; raises StartupFailed as soon as one exits (a
+    start-up failure is not retried here: its log says why) or when ``timeout`` seconds pass."""
+    begin = time.monotonic()
+    next_notice = begin + 15.0
+    offsets = {spec.name: _size(supervisord.run.log_file(spec.name)) for spec in specs}
+    pending = list(specs)
+    while pending:
+        states = supervisord.states()
+        for spec in list(pending):
+            state = states[spec.name]
+            if state.state in ("BACKOFF", "EXITED", "FATAL"):
+                raise _failure(supervisord, spec, f"exited with code {state.exit_status} during start-up", offsets)
+            if health(spec.address) == "SERVING":
+                pending.remove(spec)
+                on_serving(spec, time.monotonic() - begin)
+        if not pending:
+            return
+        now = time.monotonic()
+        if now - begin > timeout:
+            raise _failure(supervisord, pending[0], f"did not report SERVING within {timeout:.0f} s", offsets)
+        if now >= next_notice:
+            on_waiting(pending, now - begin)
+            next_notice = now + 15.0
+        time.sleep(0.5)
+
+
+def _size(path: Path) -> int:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _failure(supervisord: Supervisord, spec: ServiceSpec, reason: str, offsets: dict[str, int]) -> StartupFailed:
+    log_path = supervisord.run.log_file(spec.name)
+    return StartupFailed(spec.name, reason, log_path, log_tail(log_path, offsets.get(spec.name, 0)))
 
 
 def _is_running(process: psutil.Process) -> bool:
@@ -138,81 +272,6 @@ def _is_running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def start_service(spec: ServiceSpec, run: RunFolder, env: dict[str, str]) -> StartedService:
-    """Starts ``spec`` in its own session (Ctrl-C in the terminal does not reach it), output appended to
-    its log, and writes its pid file."""
-    log_path = run.log_file(spec.name)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started_at = datetime.now().astimezone().isoformat(timespec="seconds")
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {started_at} deploy.stack: {shlex.join(spec.command)}\n".encode())
-        log.flush()
-        offset = log.tell()
-        popen = subprocess.Popen(
-            spec.command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-    record = PidRecord(
-        name=spec.name,
-        pid=popen.pid,
-        address=spec.address,
-        command=spec.command,
-        create_time=psutil.Process(popen.pid).create_time(),
-        log=str(log_path),
-        started_at=started_at,
-    )
-    record.save(run.pid_file(spec.name))
-    return StartedService(record=record, popen=popen, log_offset=offset)
-
-
-@dataclass(frozen=True)
-class StopOutcome:
-    message: str  # how it ended, e.g. "pid 123 stopped in 0.4 s"
-    survived: bool = False  # something of it outlived SIGKILL (a process stuck in the kernel)
-
-
-def stop_processes(records: list[PidRecord], grace: float) -> dict[str, StopOutcome]:
-    """SIGTERM each recorded process (it drains and stops its own workers), SIGKILL whatever of it and its
-    descendants is left after ``grace`` seconds. Returns how each one ended, by service name."""
-    outcome: dict[str, StopOutcome] = {}
-    families: dict[str, list[psutil.Process]] = {}
-    for record in records:
-        process = live_process(record)
-        if process is None:
-            outcome[record.name] = StopOutcome(
-                f"pid {record.pid} now belongs to another process: left alone"
-                if psutil.pid_exists(record.pid) and not _is_zombie(record.pid)
-                else f"pid {record.pid} had already exited"
-            )
-            continue
-        try:
-            families[record.name] = [process, *process.children(recursive=True)]
-            process.terminate()
-        except psutil.NoSuchProcess:
-            outcome[record.name] = StopOutcome(f"pid {record.pid} exited by itself")
-    started = time.monotonic()
-    left = _wait_for_exit([p for family in families.values() for p in family], grace)
-    for process in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    survivors = set(_wait_for_exit(left, 5.0))
-    for record in records:
-        family = families.get(record.name)
-        if family is None or record.name in outcome:
-            continue
-        if any(p in survivors for p in family):
-            outcome[record.name] = StopOutcome(f"pid {record.pid} survived SIGKILL", survived=True)
-        elif any(p in left for p in family):
-            outcome[record.name] = StopOutcome(f"pid {record.pid} killed after {grace:.0f} s grace")
-        else:
-            outcome[record.name] = StopOutcome(f"pid {record.pid} stopped in {time.monotonic() - started:.1f} s")
-    return outcome
 
 
 def _wait_for_exit(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -232,41 +291,6 @@ def health(address: str, timeout: float = 2.0) -> str:
         return check_health(address, timeout=timeout)
     except NightcapError as error:
         return error.code.name
-
-
-def wait_until_serving(
-    started: list[StartedService],
-    timeout: float,
-    on_serving: Callable[[StartedService, float], None],
-    on_waiting: Callable[[list[StartedService], float], None],
-) -> None:
-    """Polls each service's health until all report SERVING; raises StartupFailed as soon as one exits or
-    when ``timeout`` seconds pass. ``on_waiting`` is called about every 15 s with those still pending."""
-    begin = time.monotonic()
-    next_notice = begin + 15.0
-    pending = list(started)
-    while pending:
-        for service in list(pending):
-            code = service.popen.poll()
-            if code is not None:
-                raise _failure(service, f"exited with code {code} during start-up")
-            if health(service.record.address) == "SERVING":
-                pending.remove(service)
-                on_serving(service, time.monotonic() - begin)
-        if not pending:
-            return
-        now = time.monotonic()
-        if now - begin > timeout:
-            raise _failure(pending[0], f"did not report SERVING within {timeout:.0f} s")
-        if now >= next_notice:
-            on_waiting(pending, now - begin)
-            next_notice = now + 15.0
-        time.sleep(0.5)
-
-
-def _failure(service: StartedService, reason: str) -> StartupFailed:
-    log_path = Path(service.record.log)
-    return StartupFailed(service.record.name, reason, log_path, log_tail(log_path, service.log_offset))
 
 
 def log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
@@ -311,5 +335,5 @@ def _listener_of(port: int) -> str | None:
 
 
 def child_environment() -> dict[str, str]:
-    """The supervisor's environment, with unbuffered Python output so logs are written as they happen."""
+    """The stack's environment, with unbuffered Python output so logs are written as they happen."""
     return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -165,3 +165,26 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every loguru message (INFO and up) logged in this process while the test runs."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Polls ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

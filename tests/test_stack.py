@@ -1,14 +1,16 @@
-"""The local stack supervisor (`make up` / `make status` / `make down`), run as a user runs it: a subprocess
-that starts the three real services in the background, here on free ports with a tiny model and a small
-index, and a var dir of the test's own."""
+"""The local stack (`make up` / `make status` / `make down`), run as a user runs it: a subprocess that has
+supervisord start the three real services in the background, here on free ports with a tiny model and a
+small index, and a var dir of the test's own."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.supervisor import PidRecord
+from deploy.supervisor import RunFolder, Supervisord
+from services.common.paths import VarLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("generation", "retrieval", "orchestrator")
@@ -43,9 +46,15 @@ class LocalStack:
             timeout=STACK_TIMEOUT_S,
         )
 
+    @property
+    def supervisord(self) -> Supervisord:
+        return Supervisord(RunFolder(VarLayout(self.var_dir.resolve())))
+
     def recorded_pids(self) -> dict[str, int]:
-        records = {name: PidRecord.load(self.var_dir / "run" / f"{name}.pid") for name in SERVICES}
-        return {name: record.pid for name, record in records.items() if record is not None}
+        """Service name -> pid, as supervisord has them; {} when no supervisord runs for this var dir."""
+        if self.supervisord.process() is None:
+            return {}
+        return {name: state.pid for name, state in self.supervisord.states().items() if state.pid}
 
     def processes_serving_its_addresses(self) -> list[str]:
         """Command lines of live processes started for one of this stack's addresses (none after `down`)."""
@@ -110,7 +119,8 @@ def test_up_serves_all_three_answers_and_down_leaves_no_process_behind(
     status = stack.run("status")
     assert status.returncode == 0, _output(status)
     for name, address in stack.addresses.items():
-        assert re.search(rf"{name}\s+{pids[name]}\s+{re.escape(address)}\s+SERVING", status.stdout), status.stdout
+        line = rf"{name}\s+(RUNNING|STARTING)\s+{pids[name]}\s+{re.escape(address)}\s+SERVING\s+0\s+-"
+        assert re.search(line, status.stdout), status.stdout
     assert "model: name " in status.stdout
     assert "index: passages " in status.stdout
 
@@ -118,12 +128,14 @@ def test_up_serves_all_three_answers_and_down_leaves_no_process_behind(
     assert again.returncode == 0, _output(again)
     assert "already up" in again.stdout
     assert stack.recorded_pids() == pids
+    supervisord = stack.supervisord.process()
 
     down = stack.run("down")
     assert down.returncode == 0, _output(down)
     assert [name for name, pid in pids.items() if _is_alive(pid)] == []
     assert stack.recorded_pids() == {}
     assert stack.processes_serving_its_addresses() == []
+    assert not _is_alive(supervisord.pid)
 
     after = stack.run("status")
     assert after.returncode == 1
@@ -142,4 +154,38 @@ def test_a_service_that_fails_to_start_fails_up_with_its_log_and_leaves_nothing_
     assert "Last lines of" in up.stderr
     assert str(missing) in up.stderr.split("Last lines of", 1)[1]  # the service's own error, from its log
     assert stack.recorded_pids() == {}
+    assert stack.processes_serving_its_addresses() == []
+
+
+def _wait_for_restart(stack: LocalStack, name: str, old_pid: int, timeout: float = 120) -> str:
+    """`status` output once ``name`` runs again under a new pid and is SERVING."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = stack.run("status")
+        pid = stack.recorded_pids().get(name)
+        if pid and pid != old_pid and re.search(rf"{name}\s+(RUNNING|STARTING)\s+{pid}\s+\S+\s+SERVING", status.stdout):
+            return status.stdout
+        assert time.monotonic() < deadline, f"{name} did not come back within {timeout} s:\n{status.stdout}"
+        time.sleep(1)
+
+
+def test_a_killed_service_is_restarted_counted_and_usable_at_once(
+    stack: LocalStack, tiny_model_dir: Path, small_index_folder: Path
+) -> None:
+    up_options = ["--model", str(tiny_model_dir), "--index", str(small_index_folder), "--max-new-tokens", "4"]
+    up = stack.run("up", *up_options, "--no-ask")
+    assert up.returncode == 0, _output(up)
+
+    for name in ("generation", "retrieval"):
+        old_pid = stack.recorded_pids()[name]
+        os.kill(old_pid, signal.SIGKILL)
+        status = _wait_for_restart(stack, name, old_pid)
+        assert re.search(rf"{name}\s+(RUNNING|STARTING).*SERVING\s+1\s+terminated by SIGKILL at ", status), status
+        # `make up`'s own question, as soon as the restarted service reports SERVING
+        again = stack.run("up", *up_options)
+        assert again.returncode == 0, _output(again)
+        assert "Source: none" not in again.stdout and "Source: " in again.stdout, again.stdout
+
+    down = stack.run("down")
+    assert down.returncode == 0, _output(down)
     assert stack.processes_serving_its_addresses() == []

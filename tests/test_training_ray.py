@@ -37,7 +37,8 @@ def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """A local Ray head with the jobs API (what `make ray-up` starts): (jobs address, GCS address).
+    """A local Ray head with the jobs API (what `make ray-up` starts): (jobs address, GCS address, its
+    NIGHTCAP_VAR).
 
     One head serves this module; it is stopped with its whole `ray start --block` process group."""
     port, dashboard = free_port(), free_port()
@@ -56,7 +57,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             assert head.poll() is None, "ray start --head exited early"
             assert time.monotonic() < deadline, "the Ray head's jobs API did not come up in 180 s"
             time.sleep(1)
-        yield address, f"127.0.0.1:{port}"
+        yield address, f"127.0.0.1:{port}", var
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -152,3 +153,31 @@ def test_ray_job_submit_runs_finetune_on_a_local_head(ray_head, tiny_model_dir, 
     status = ray_cli("job", "status", "--address", ray_head[0], job_id.group(1))
     assert "succeeded" in (status.stdout + status.stderr).lower()
     assert final_pointer(storage, "submitted")["metrics"]["step"] == 2
+
+
+def readme_ray_job_command() -> list[str]:
+    """The `ray job submit` command of the README's training section, as a user copies it."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(r"^RAY_AUTH_MODE=token (\.venv/bin/ray job submit .*?)\n(?=\S)", readme, re.M | re.S)
+    assert found, "the README has no `ray job submit` command"
+    return found.group(1).replace("\\\n", " ").split()
+
+
+def test_the_readme_ray_job_submit_command_works_as_written(ray_head, tiny_model_dir):
+    """The README's data paths are var/..., which the job's uploaded working dir lacks (var/ is git-ignored):
+    they must name the files under the head's NIGHTCAP_VAR. Only the address, the model (the tiny one) and
+    the step count (2) are changed for the test."""
+    command = readme_ray_job_command()
+    assert "var/data/wiki-chat/train.jsonl:1" in command
+    command[command.index("--address") + 1] = ray_head[0]
+    command[command.index("--model") + 1] = str(tiny_model_dir)
+    command[command.index("--total-steps") + 1] = "2"
+    data = ray_head[2] / "data" / "wiki-chat"
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / "train.jsonl", city_chats(96))
+    write_jsonl(data / "eval.jsonl", city_chats(8, 3))
+    command[0] = str(VENV_BIN / "ray")
+    submit = ray_cli(*command[1:], timeout=400)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert re.search(r"Job '\w+' succeeded", submit.stdout + submit.stderr), submit.stdout[-2000:]
+    assert f"final checkpoint: {ray_head[2] / 'ray' / 'storage'}" in submit.stdout

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,15 @@ def parse_mixture(spec: str) -> list[DataSource]:
     if not sources:
         raise DataError(f"no data files in {spec!r}; expected path:weight[,path:weight...]")
     return sources
+
+
+def map_mixture_paths(spec: str, change: Callable[[str], Path]) -> str:
+    """The mixture ``spec`` with each path replaced by ``change(path)``, weights kept."""
+    parts = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path, sep, weight = part.rpartition(":")
+        parts.append(f"{change(path)}:{weight}" if sep and _is_number(weight) else str(change(part)))
+    return ",".join(parts)
 
 
 def _is_number(text: str) -> bool:

@@ -56,7 +56,15 @@ from training.config import (
     model_context_length,
     resolve_model_source,
 )
-from training.data import IGNORE_INDEX, DataError, PackedData, load_packed, mixture_order, parse_mixture
+from training.data import (
+    IGNORE_INDEX,
+    DataError,
+    PackedData,
+    load_packed,
+    map_mixture_paths,
+    mixture_order,
+    parse_mixture,
+)
 from training.model import all_sum, autocast, build_model, build_optimizer, evaluate, stack_no_sync, token_loss
 from training.session import ProgressLog, Session
 
@@ -217,6 +225,9 @@ def build_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainC
     args = build_parser().parse_args(argv)
     check_args(args)
     var = VarLayout.from_env(args.var_dir)
+    # var/... data paths name files under NIGHTCAP_VAR when the job's (uploaded) working dir has no var/
+    args.data = map_mixture_paths(args.data, var.resolve)
+    args.eval_data = str(var.resolve(args.eval_data)) if args.eval_data else ""
     source = resolve_model_source(args.model, var)
     tokenizer = load_tokenizer(source)
     context = model_context_length(source)

@@ -4,13 +4,15 @@ port 0 support, and a SIGTERM-driven graceful stop."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
+import typer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
@@ -20,6 +22,35 @@ from services.common.security import ServerSecurity
 
 # Messages are mostly small; retrieval batches and long prompts stay well under this.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Threads beyond the call limit: health checks (never refused) and the refusals themselves need one each.
+SPARE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one server accepts: calls running at once (beyond: RESOURCE_EXHAUSTED) and request size."""
+
+    max_concurrent_rpcs: int = 256
+    max_input_bytes: int = 1024 * 1024
+
+
+# The two limits as CLI options; every service's `serve` takes them the same way.
+MaxConcurrentRpcs = Annotated[
+    int,
+    typer.Option(
+        envvar="NIGHTCAP_MAX_CONCURRENT_RPCS",
+        min=1,
+        help="Calls this server runs at once (streams included); beyond, RESOURCE_EXHAUSTED. Health is exempt.",
+    ),
+]
+MaxInputBytes = Annotated[
+    int,
+    typer.Option(
+        envvar="NIGHTCAP_MAX_INPUT_BYTES",
+        min=1,
+        help="Largest request message accepted, in bytes; larger ones are refused unread (INVALID_ARGUMENT).",
+    ),
+]
 
 
 @dataclass
@@ -56,16 +87,24 @@ class RunningServer:
 
 
 def start_server(
-    bindings: list[ServiceBinding], address: str, max_workers: int = 32, security: ServerSecurity | None = None
+    bindings: list[ServiceBinding],
+    address: str,
+    limits: ServerLimits | None = None,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """Starts a server on ``address`` ("host:port"; port 0 picks a free one) and marks it SERVING.
 
-    ``security`` (default: open plaintext, refused beyond loopback) sets TLS, tokens and reflection."""
+    Each running call holds a thread (a stream too), so the pool is sized to the call limit. ``security``
+    (default: open plaintext, refused beyond loopback) sets TLS, tokens and reflection."""
+    limits = limits or ServerLimits()
     security = security or ServerSecurity()
     security.check_address(address)
+    interceptor = ErrorInterceptor(limits.max_concurrent_rpcs, limits.max_input_bytes)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*security.interceptors(), ErrorInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="grpc"),
+        interceptors=[*security.interceptors(), interceptor],
+        # grpcio's own hard bound, above ours so that ours (which names the flag) answers first
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs + SPARE_THREADS,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -83,10 +122,19 @@ def start_server(
     if port == 0:
         raise OSError(f"could not bind {address}: is another process listening there?")
     health_port = security.start_health_port(health_servicer)
+    interceptor.server_name = _server_name(address, port)
     server.start()
     running = RunningServer(server, port, health_servicer, names, health_port)
     running.set_serving(True)
     return running
+
+
+def _server_name(address: str, port: int) -> str:
+    """host:port as a client would name this server; a wildcard host becomes this machine's name."""
+    host = address.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 def serve_until_signalled(

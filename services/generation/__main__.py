@@ -23,7 +23,7 @@ from services.common.security import (
     TokensFileOption,
     server_security_or_exit,
 )
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
@@ -98,6 +98,8 @@ def serve(
     insecure: InsecureOption = False,
     reflection: ReflectionOption = True,
     health_address: HealthAddressOption = "",
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
     var_dir: Path | None = VarDir,
     log_level: str = LogLevel,
 ) -> None:
@@ -148,7 +150,9 @@ def serve(
         drain_seconds=swap_drain_seconds,
     )
     try:
-        running = serve_model_host(host, address, max_new_tokens, security)
+        running = serve_model_host(
+            host, address, max_new_tokens, ServerLimits(max_concurrent_rpcs, max_input_bytes), security
+        )
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None

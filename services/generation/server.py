@@ -9,7 +9,7 @@ import grpc
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.security import ServerSecurity
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
@@ -124,14 +124,19 @@ def start_generation_server(
     engine: ContinuousBatchingEngine,
     address: str,
     default_max_new_tokens: int = 256,
+    limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
 ) -> RunningServer:
     """nightcap.v1.Generation (and a ModelAdmin without a registry: it cannot swap) for one fixed model."""
-    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens, security)
+    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens, limits, security)
 
 
 def serve_model_host(
-    host: ModelHost, address: str, default_max_new_tokens: int = 256, security: ServerSecurity | None = None
+    host: ModelHost,
+    address: str,
+    default_max_new_tokens: int = 256,
+    limits: ServerLimits | None = None,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """nightcap.v1.Generation and nightcap.v1.ModelAdmin, with health and reflection, on ``address``
     (port 0: any free)."""
@@ -149,7 +154,7 @@ def serve_model_host(
             ModelAdminServicer(host),
         ),
     ]
-    return start_server(bindings, address, security=security)
+    return start_server(bindings, address, limits, security)
 
 
 def _vocab(loaded: LoadedModel) -> int:

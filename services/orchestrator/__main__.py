@@ -25,7 +25,7 @@ from services.common.security import (
     TokensFileOption,
     server_security_or_exit,
 )
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -42,7 +42,10 @@ def serve(
         "127.0.0.1:50050", envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     generation: str = typer.Option(
-        "127.0.0.1:50051", envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port of the generation service"
+        "127.0.0.1:50051",
+        envvar="NIGHTCAP_GENERATION_ADDRESS",
+        help="host:port of the generation service; for replicas, IP:port,IP:port,... or one DNS name that"
+        " resolves to each (dns:///generation:50051), spread by gRPC round_robin with health checks",
     ),
     retrieval: str = typer.Option(
         "127.0.0.1:50052",
@@ -66,6 +69,8 @@ def serve(
     backend_tls_cert: BackendTlsCertOption = None,
     backend_tls_key: BackendTlsKeyOption = None,
     service_token_file: ServiceTokenFileOption = None,
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -83,10 +88,12 @@ def serve(
             address,
             default_max_new_tokens=max_new_tokens,
             backend_timeout=backend_timeout,
+            limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
             security=security,
             backend_credentials=backends,
         )
-    except (OSError, CredentialsError) as error:
+    # a taken port; unreadable certificates; a list of generation addresses that is not IPs
+    except (OSError, CredentialsError, ValueError) as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
     logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")

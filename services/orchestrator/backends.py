@@ -3,6 +3,8 @@ ServiceErrors that name the backend and its address."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,13 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nightcap.credentials import Credentials
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import (
+    SERVER_KEY,
+    BackendFailed,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServiceError,
-    Unavailable,
 )
 
 _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
@@ -28,15 +32,61 @@ _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
+# The caller's own doing (bad input, load, a call it cancelled): passed on as they are, blaming no backend.
+_PASSED_THROUGH: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+# gRPC's default reconnect backoff grows to 120 s: a backend restarted after a minute down stayed
+# unreachable long after it reported SERVING. Capped at 1 s, a restarted backend is used within a second,
+# and calls made while it reconnects wait for it (wait_for_ready) up to their timeout.
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Replicas: gRPC's own round_robin over every address the target resolves to, each subchannel watched
+# through grpc.health.v1 so a replica that is NOT_SERVING (draining, loading) or gone stops getting calls.
+_REPLICA_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 
-def backend_error(name: str, address: str, error: grpc.RpcError) -> ServiceError:
-    """Client mistakes pass through as they are; everything else says which backend failed."""
+def channel_target(address: str) -> str:
+    """The gRPC target for one address, a comma-separated list of IP:port (replicas), or a DNS name that
+    resolves to several (``dns:///generation.default.svc:50051``, a headless Service)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("no address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
+    try:
+        families = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(
+            f"a list of addresses must be IP:port each, got {address!r}: for names, give one DNS name that"
+            " resolves to every replica (e.g. a Kubernetes headless Service)"
+        ) from None
+    if len(families) > 1:
+        raise ValueError(f"a list of addresses must be all IPv4 or all IPv6, got {address!r}")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
+def backend_error(name: str, address: str, error: grpc.RpcError, peer: str | None = None) -> ServiceError:
+    """Client mistakes pass through as they are; everything else says which backend failed (``peer``:
+    the replica that answered, when known)."""
     code, details = error.code(), error.details()
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        return _ERRORS[code](details)
-    kind = _ERRORS.get(code, Unavailable)
-    return kind(f"the {name} service at {address} failed: {code.name}: {details}")
+    if code in _PASSED_THROUGH:
+        return _PASSED_THROUGH[code](details)
+    where = peer or address
+    return BackendFailed(
+        code if code in _ERRORS else grpc.StatusCode.UNAVAILABLE,
+        f"the {name} service at {where} failed: {code.name}: {details}",
+        f"{name} {where}",
+    )
 
 
 class Backend:
@@ -44,8 +94,16 @@ class Backend:
 
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self.channel = (credentials or Credentials()).channel(address)
+        options = [*_RECONNECT_OPTIONS]
+        if "," in address or address.startswith("dns:"):
+            options.append(("grpc.service_config", _REPLICA_SERVICE_CONFIG))
+        self.channel = (credentials or Credentials()).channel(channel_target(address), options)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._connectivity: grpc.ChannelConnectivity | None = None
+        self.channel.subscribe(self._on_connectivity)
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        self._connectivity = state
 
     def health(self, timeout: float = 2.0) -> tuple[str, str]:
         """(status, detail): SERVING / NOT_SERVING from grpc.health.v1, or the gRPC code when unreachable."""
@@ -55,10 +113,18 @@ class Backend:
             return error.code().name, error.details() or ""
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status), ""
 
-    def error(self, error: grpc.RpcError) -> ServiceError:
-        return backend_error(self.name, self.address, error)
+    def error(self, error: grpc.RpcError, peer: str | None = None) -> ServiceError:
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._connectivity != grpc.ChannelConnectivity.READY:
+            # a call that waited for a connection until its timeout: the backend is down, not slow
+            return BackendFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the {self.name} service at {self.address} failed: UNAVAILABLE: not reachable ({error.details()})",
+                f"{self.name} {self.address}",
+            )
+        return backend_error(self.name, self.address, error, peer)
 
     def close(self) -> None:
+        self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
 
@@ -73,7 +139,15 @@ class GenerationStream:
         try:
             yield from self.call
         except grpc.RpcError as error:
-            raise self.backend.error(error) from None
+            raise self.backend.error(error, self.replica()) from None
+
+    def replica(self) -> str | None:
+        """host:port of the replica serving this stream, as it named itself; None before it answered."""
+        try:
+            metadata = self.call.initial_metadata()
+        except grpc.RpcError:
+            return None
+        return dict(metadata or ()).get(SERVER_KEY)
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -88,21 +162,23 @@ class GenerationBackend(Backend):
 
     def model_info(self, timeout: float) -> generation_pb2.ModelInfoResponse:
         try:
-            return self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout)
+            return self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None
 
     def count_tokens(self, text: str, timeout: float) -> int:
         try:
-            return self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text), timeout=timeout).token_count
+            request = generation_pb2.TokenizeRequest(text=text)
+            return self._stub.Tokenize(request, timeout=timeout, wait_for_ready=True).token_count
         except grpc.RpcError as error:
             raise self.error(error) from None
 
     def generate(
-        self, prompt: str, params: common_pb2.SamplingParams, timeout: float, request_id: str
+        self, prompt: str, params: common_pb2.SamplingParams, timeout: float | None, request_id: str
     ) -> GenerationStream:
+        """``timeout`` None: no deadline, as the chat that asks had none."""
         request = generation_pb2.GenerateRequest(request_id=request_id, text=prompt, params=params)
-        return GenerationStream(self._stub.Generate(request, timeout=timeout), self)
+        return GenerationStream(self._stub.Generate(request, timeout=timeout, wait_for_ready=True), self)
 
 
 class RetrievalBackend(Backend):
@@ -114,12 +190,13 @@ class RetrievalBackend(Backend):
 
     def search(self, query: str, k: int, timeout: float) -> list[retrieval_pb2.Passage]:
         try:
-            return list(self._stub.Search(retrieval_pb2.SearchRequest(query=query, k=k), timeout=timeout).passages)
+            request = retrieval_pb2.SearchRequest(query=query, k=k)
+            return list(self._stub.Search(request, timeout=timeout, wait_for_ready=True).passages)
         except grpc.RpcError as error:
             raise self.error(error) from None
 
     def stats(self, timeout: float) -> retrieval_pb2.StatsResponse:
         try:
-            return self._stub.Stats(retrieval_pb2.StatsRequest(), timeout=timeout)
+            return self._stub.Stats(retrieval_pb2.StatsRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None

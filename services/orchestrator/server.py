@@ -5,19 +5,29 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 from loguru import logger
 
 from nightcap.credentials import Credentials
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import Cancelled, ServiceError, Unavailable
 from services.common.security import ServerSecurity
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator
 
 STATUS_TIMEOUT_S = 3.0
+# grpcio reports a call without a deadline as having about 2**63 ns left; passed on as a timeout, that
+# overflowed into a deadline already past. Anything beyond a year means "no deadline".
+NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
+def backend_timeout_for(context: grpc.ServicerContext) -> float | None:
+    """The time this call has left, to pass on to the backend; None when the caller set no deadline."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < NO_DEADLINE_S else None
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
@@ -27,10 +37,19 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     def Chat(self, request: chat_pb2.ChatRequest, context: grpc.ServicerContext):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex[:12]
+        try:
+            yield from self._chat(request, request_id, started, context)
+        except Cancelled:
+            if context.is_active():
+                raise  # the generation service cancelled, not our client
+            logger.info("chat {}: CANCELLED by its client after {:.2f}s", request_id, time.monotonic() - started)
+
+    def _chat(
+        self, request: chat_pb2.ChatRequest, request_id: str, started: float, context: grpc.ServicerContext
+    ) -> Iterator[chat_pb2.ChatResponse]:
         turn = self.orchestrator.prepare(request)
-        remaining = context.time_remaining()
         stream = self.orchestrator.generation.generate(
-            turn.prompt, turn.params, timeout=remaining if remaining is not None else 3600.0, request_id=request_id
+            turn.prompt, turn.params, timeout=backend_timeout_for(context), request_id=request_id
         )
         context.add_callback(stream.cancel)  # the client went away: stop generating
         responses = iter(stream)
@@ -63,7 +82,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     )
                 )
                 logger.info(
-                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s",
+                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s"
+                    " replica {}",
                     request_id,
                     len(request.history),
                     turn.history_messages_dropped,
@@ -72,6 +92,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     finish.generated_tokens,
                     ((first_delta_at or time.monotonic()) - started) * 1000,
                     time.monotonic() - started,
+                    stream.replica() or self.orchestrator.generation.address,
                 )
 
     def Status(self, request: chat_pb2.StatusRequest, context: grpc.ServicerContext) -> chat_pb2.StatusResponse:
@@ -100,6 +121,7 @@ def start_chat_server(
     address: str,
     default_max_new_tokens: int = 256,
     backend_timeout: float = 10.0,
+    limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
     backend_credentials: Credentials | None = None,
 ) -> RunningServer:
@@ -117,4 +139,4 @@ def start_chat_server(
         chat_pb2_grpc.add_ChatServicer_to_server,
         ChatServicer(orchestrator),
     )
-    return start_server([binding], address, security=security)
+    return start_server([binding], address, limits, security)

@@ -23,7 +23,7 @@ from services.common.security import (
     TokensFileOption,
     server_security_or_exit,
 )
-from services.common.server import serve_until_signalled
+from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.retrieval.build import BATCH_SIZE, build_index
 from services.retrieval.corpus import CorpusError, default_corpus_path, read_wikipedia_summaries
 from services.retrieval.embedder import QUANTIZATIONS, Embedder, EmbedderLoadError
@@ -207,6 +207,9 @@ def serve(
     insecure: InsecureOption = False,
     reflection: ReflectionOption = True,
     health_address: HealthAddressOption = "",
+    max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
+    # documents arrive one per AddDocuments message, and a long one is legitimately megabytes
+    max_input_bytes: MaxInputBytes = 16 * 1024 * 1024,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Serve Search, Stats, AddDocuments, DeleteDocuments and Compact until SIGTERM or Ctrl-C."""
@@ -242,7 +245,9 @@ def serve(
     except (IndexLoadError, EmbedderLoadError, ValueError) as error:
         raise _fail(error) from None
     try:
-        running = start_retrieval_server(searchable, address, chunking, batch_size, security)
+        running = start_retrieval_server(
+            searchable, address, chunking, batch_size, ServerLimits(max_concurrent_rpcs, max_input_bytes), security
+        )
     except OSError as error:
         raise _fail(error) from None
     serve_until_signalled(running, "retrieval")

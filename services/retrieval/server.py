@@ -14,7 +14,7 @@ from loguru import logger
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import FailedPrecondition
 from services.common.security import ServerSecurity
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.retrieval.corpus import Document
 from services.retrieval.ingest import Chunking, Ingestor
 from services.retrieval.retriever import DEFAULT_K, QueryBatcher, Retriever, Searchable
@@ -144,6 +144,7 @@ def start_retrieval_server(
     address: str,
     chunking: Chunking | None = None,
     batch_size: int | None = None,
+    limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
 ) -> RunningServer:
     """Serves ``searchable``; a Retriever over an index opened writable also takes AddDocuments/DeleteDocuments."""
@@ -157,4 +158,4 @@ def start_retrieval_server(
         add=retrieval_pb2_grpc.add_RetrievalServicer_to_server,
         servicer=RetrievalServicer(searchable, ingestor),
     )
-    return start_server([binding], address, security=security)
+    return start_server([binding], address, limits, security)
