@@ -272,7 +272,6 @@ def _failed_backend(error: grpc.RpcError) -> str | None:
 
 
 def check_health(address: str, timeout: float = 2.0, credentials: Credentials | None = None) -> str:
-
     """Health of any nightcap service (or any gRPC server with grpc.health.v1), without retries."""
     with (credentials or Credentials.from_env()).channel(address) as channel:
         try:
