@@ -142,6 +142,7 @@ class TokenTable:
             try:
                 self._load(info)
             except CredentialsError as error:
+                self._stamp = (info.st_mtime_ns, info.st_ino, info.st_size)  # say so once per change, not per call
                 logger.error("keeping the previous tokens: {}", error)
                 return
             logger.info("tokens reloaded from {}: {} tokens", self.path, len(self._from_file))
