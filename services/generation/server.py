@@ -44,6 +44,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             job.request_id = request.request_id
         self.engine.submit(job)
         context.add_callback(job.cancel)  # runs when the client cancels, its deadline passes, or we finish
+        served_by = f"{self.loaded.name}:{self.loaded.version}" if self.loaded.version else self.loaded.name
         for event in job.events():
             # a client that reads slower than we generate gets everything pending in one message
             events = [event, *job.drain()] if isinstance(event, TokenChunk) else [event]
@@ -53,10 +54,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     token_ids=[i for c in chunks for i in c.token_ids],
                     text="".join(c.text for c in chunks),
                     logprobs=[_logprob(lp) for c in chunks for lp in c.logprobs],
+                    model=served_by,
                 )
+                served_by = ""  # the first message only
             finished = next((e for e in events if isinstance(e, Finished)), None)
             if finished is not None:
-                yield self._finish_message(job, finished)
+                message = self._finish_message(job, finished)
+                message.model = served_by
+                yield message
                 return
 
     def _finish_message(self, job: Request, event: Finished) -> generation_pb2.GenerateResponse:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
+import click
 import typer
 from loguru import logger
 
+from nightcap.records import GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
 from services.common.logs import setup_logging
 from services.common.server import serve_until_signalled
+from services.orchestrator.conversation import QueryMode
 from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -22,13 +25,13 @@ def cli() -> None:
 @app.command()
 def serve(
     address: str = typer.Option(
-        "127.0.0.1:50050", envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
+        ORCHESTRATOR_ADDRESS, envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     generation: str = typer.Option(
-        "127.0.0.1:50051", envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port of the generation service"
+        GENERATION_ADDRESS, envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port of the generation service"
     ),
     retrieval: str = typer.Option(
-        "127.0.0.1:50052",
+        RETRIEVAL_ADDRESS,
         envvar="NIGHTCAP_RETRIEVAL_ADDRESS",
         help="host:port of the retrieval service; empty to run without retrieval",
     ),
@@ -37,6 +40,13 @@ def serve(
     ),
     backend_timeout: float = typer.Option(
         10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
+    ),
+    retrieval_query: str = typer.Option(
+        QueryMode.RECENT.value,
+        envvar="NIGHTCAP_RETRIEVAL_QUERY",
+        click_type=click.Choice([mode.value for mode in QueryMode]),
+        help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the model"
+        " rewrites it as a standalone question; costs a generation call) or last (the message alone)",
     ),
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
@@ -49,11 +59,12 @@ def serve(
             address,
             default_max_new_tokens=max_new_tokens,
             backend_timeout=backend_timeout,
+            query_mode=QueryMode(retrieval_query),
         )
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")
+    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", retrieval_query)
     serve_until_signalled(running, "orchestrator")
 
 
