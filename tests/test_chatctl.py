@@ -7,7 +7,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import click
 import typer
 from conftest import free_port
 
@@ -102,9 +101,10 @@ def test_the_shell_keeps_a_conversation_and_its_commands_work(orchestrator_addre
     assert "unknown command /nonsense" in out
 
 
-def commands_of(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+def commands_of(group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """Every command under a (typer-built click) group, sub-groups included, by its path of names."""
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):
             yield from commands_of(command, (*path, name))
         else:
             yield (*path, name), command
@@ -120,7 +120,7 @@ def test_every_flag_of_every_command_is_explained_in_its_help():
         assert result.returncode == 0, result.stderr
         shown = " ".join(result.stdout.replace("│", " ").split())  # rich wraps help over lines inside boxes
         for parameter in command.params:
-            if isinstance(parameter, click.Option) and parameter.name != "help":
+            if parameter.param_type_name == "option" and parameter.name != "help":
                 assert parameter.help, f"chatctl {' '.join(path)} {parameter.opts[0]} has no help text"
                 for flag in parameter.opts:
                     assert flag in shown, f"chatctl {' '.join(path)} --help does not show {flag}"
