@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench lint format clean ray-up ray-down finetune-demo
+.PHONY: help setup protos up down status chat test bench eval lint format clean ray-up ray-down finetune-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ test: setup lint ## lint, then the whole test suite
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
 	@for script in tests/bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+eval: setup ## answer quality of the default stack (make up, then tests/eval/run_eval.py): var/bench/eval.json
+	$(PY) -m deploy.stack up --no-ask
+	$(PY) tests/eval/run_eval.py --samples var/bench/eval-samples.json
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv
 	rm -rf var protos/nightcap/v1/*_pb2*.py protos/nightcap/v1/*_pb2*.pyi
