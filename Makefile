@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench soak lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup protos up down status chat test bench soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ soak: setup ## against `make up`: 64 chat sessions for SOAK_DURATION s (600), ea
 	$(PY) -m deploy.stack up --no-ask $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS))
 	$(PY) tests/bench/generation_rss.py
 	$(PY) tests/bench/soak.py --duration $(SOAK_DURATION)
+eval: setup ## answer quality of the default stack (make up, then tests/eval/run_eval.py): var/bench/eval.json
+	$(PY) -m deploy.stack up --no-ask
+	$(PY) tests/eval/run_eval.py --samples var/bench/eval-samples.json
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv
 	rm -rf var protos/nightcap/v1/*_pb2*.py protos/nightcap/v1/*_pb2*.pyi

@@ -16,17 +16,16 @@ from clients.client import (
     DEFAULT_ADDRESS,
     DEFAULT_RETRIEVAL_ADDRESS,
     ChatClient,
-    ChatFinished,
     ChatStarted,
     IndexClient,
     Message,
     NightcapError,
     SamplingParams,
     Source,
-    TextDelta,
 )
 from clients.documents import Document, DocumentReadError, read_documents
 from nightcap.credentials import Credentials, CredentialsError
+from nightcap.records import DEFAULT_K, MAX_K
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -37,7 +36,7 @@ TemperatureOption = typer.Option(0.6, "--temperature", help="sampling temperatur
 TopKOption = typer.Option(40, "--top-k", help="sample from the k most likely tokens; 0 turns it off")
 TopPOption = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1]; 1 turns it off")
 RetrievalOption = typer.Option(False, "--retrieval", help="ground answers in passages from the retrieval service")
-KOption = typer.Option(3, "-k", help="passages to retrieve when retrieval is on (1-100)")
+KOption = typer.Option(DEFAULT_K, "-k", help=f"passages to retrieve when retrieval is on (1-{MAX_K})")
 TimeoutOption = typer.Option(300.0, "--timeout", help="seconds before a request is abandoned (its deadline)")
 
 
@@ -134,42 +133,49 @@ class ChatShell(cmd.Cmd):
     def do_say(self, arg: str) -> None:
         """say TEXT: send a message (plain lines do this)"""
         answer: list[str] = []
-        events = self.client.chat(
-            arg,
-            history=self.history,
-            retrieval=self.settings.retrieval,
-            k=self.settings.k,
-            params=self.settings.params(),
-        )
+
+        def show(text: str) -> None:
+            answer.append(text)
+            if self.stream:
+                print(text, end="", flush=True)
+
+        sources: tuple[Source, ...] = ()
         try:
-            for event in events:
-                if isinstance(event, ChatStarted):
-                    self.last = event
-                elif isinstance(event, TextDelta):
-                    answer.append(event.text)
-                    if self.stream:
-                        print(event.text, end="", flush=True)
-                elif isinstance(event, ChatFinished) and event.notice:
-                    print(f"\n[{event.notice}]", end="")
+            reply = self.client.ask(
+                arg,
+                on_text=show,
+                history=self.history,
+                retrieval=self.settings.retrieval,
+                k=self.settings.k,
+                params=self.settings.params(),
+            )
         except NightcapError as error:
             print(f"\nerror: {error}")
             return
-        except KeyboardInterrupt:
-            events.close()  # cancels the call: the server stops generating
+        except KeyboardInterrupt:  # ask cancels the call: the server stops generating
             print("\n[interrupted]")
+        else:
+            self.last, sources = reply.started, tuple(reply.started.sources)
+            if reply.finished.notice:
+                print(f"\n[{reply.finished.notice}]", end="")
         if not self.stream:
             print("".join(answer), end="")
         print("\n")
-        self.history += [Message("user", arg), Message("assistant", "".join(answer).strip())]
+        self.history += [Message("user", arg, sources), Message("assistant", "".join(answer).strip())]
 
     def do_raw_prompt(self, arg: str) -> None:
         """raw_prompt: show the exact prompt the model saw for the last message"""
         print(self.last.prompt if self.last else "(nothing sent yet)")
 
     def do_sources(self, arg: str) -> None:
-        """sources: show the passages given to the model for the last message"""
+        """sources: show what was searched for the last message and the passages given to the model"""
+        if self.last and self.last.retrieval_query:
+            print(f"searched: {self.last.retrieval_query}")
         if not self.last or not self.last.sources:
-            print("(no sources: retrieval was off or found nothing)")
+            if self.last is not None and self.last.retrieved_ids:
+                print("(no new sources: the passages found were given in earlier turns)")
+            else:
+                print("(no sources: retrieval was off or found nothing)")
         for number, source in enumerate(self.last.sources if self.last else [], 1):
             print(format_source(number, source))
 
@@ -249,30 +255,26 @@ def ask(
 ) -> None:
     """Ask one question, print the answer (and its sources), and exit."""
     settings = Settings(max_tokens, temperature, top_k, top_p, retrieval, k)
-    answer: list[str] = []
-    started: ChatStarted | None = None
-    finished: ChatFinished | None = None
     with ChatClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client:
         try:
-            for event in client.chat(question, retrieval=retrieval, k=k, params=settings.params()):
-                if isinstance(event, ChatStarted):
-                    started = event
-                elif isinstance(event, TextDelta):
-                    answer.append(event.text)
-                    if not as_json:
-                        print(event.text, end="", flush=True)
-                else:
-                    finished = event
+            reply = client.ask(
+                question,
+                on_text=None if as_json else lambda text: print(text, end="", flush=True),
+                retrieval=retrieval,
+                k=k,
+                params=settings.params(),
+            )
         except NightcapError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
-    assert started is not None and finished is not None  # the client library guarantees both on success
+    started, finished = reply.started, reply.finished
     if as_json:
         print(
             json.dumps(
                 {
-                    "answer": "".join(answer).strip(),
+                    "answer": reply.text.strip(),
                     "model": started.model,
+                    "retrieval_query": started.retrieval_query,
                     "sources": [asdict(s) for s in started.sources],
                     **asdict(finished),
                 },
@@ -447,7 +449,7 @@ def index_stats(
 @index_app.command("search")
 def index_search(
     query: str = typer.Argument(..., help="the text to search for"),
-    k: int = typer.Option(3, "-k", help="passages to return (1-100)"),
+    k: int = typer.Option(DEFAULT_K, "-k", help=f"passages to return (1-{MAX_K})"),
     address: str = IndexAddressOption,
 ) -> None:
     """The k passages closest to the query, best first."""

@@ -12,20 +12,31 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.documents import Document
 from nightcap.credentials import Credentials
+from nightcap.records import (
+    ORCHESTRATOR_ADDRESS,
+    RETRIEVAL_ADDRESS,
+    AddReport,
+    CompactReport,
+    DeleteReport,
+    Document,
+    IndexStats,
+    from_message,
+    to_message,
+)
+from nightcap.records import Passage as Source
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 # Trailing metadata key of a call that failed in the orchestrator's backend (services/common/errors.py).
 FAILED_SERVICE_KEY = "nightcap-failed-service"
-DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", "127.0.0.1:50050")
+DEFAULT_ADDRESS = os.environ.get("NIGHTCAP_ADDRESS", ORCHESTRATOR_ADDRESS)
 DEFAULT_TIMEOUT_S = 300.0
 
 # gRPC retries a call that failed with UNAVAILABLE before any response arrived (so a stream that has
@@ -69,15 +80,9 @@ class NightcapError(Exception):
 class Message:
     role: str  # "system", "user" or "assistant"
     content: str
-
-
-@dataclass(frozen=True)
-class Source:
-    id: str
-    title: str
-    text: str
-    source: str
-    score: float
+    # For a user turn: the sources its ChatStarted listed. Sent back with the history, they stay in the
+    # prompt beside their turn, and later turns do not give them again.
+    sources: tuple[Source, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class ChatStarted:
     prompt: str
     history_messages_dropped: int
     model: str
+    retrieval_query: str = ""  # what was searched for (built from the conversation, not only the message)
+    retrieved_ids: list[str] = field(default_factory=list)  # every passage found, best first, incl. earlier ones
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,10 @@ class Reply:
     text: str
     started: ChatStarted
     finished: ChatFinished
+
+    def as_history(self, message: str) -> list[Message]:
+        """This turn as two history messages (the question with its sources, then the answer)."""
+        return [Message("user", message, tuple(self.started.sources)), Message("assistant", self.text.strip())]
 
 
 @dataclass(frozen=True)
@@ -200,7 +211,14 @@ class ChatClient:
         Closing the iterator early cancels the call, and the server stops generating."""
         request = chat_pb2.ChatRequest(
             request_id=request_id,
-            history=[chat_pb2.ChatMessage(role=_role(m.role), content=m.content) for m in history],
+            history=[
+                chat_pb2.ChatMessage(
+                    role=_role(m.role),
+                    content=m.content,
+                    sources=[to_message(s, retrieval_pb2.Passage) for s in m.sources],
+                )
+                for m in history
+            ],
             message=message,
             retrieval=retrieval,
             params=(params or SamplingParams()).to_proto(),
@@ -216,17 +234,24 @@ class ChatClient:
         finally:
             call.cancel()
 
-    def ask(self, message: str, **kwargs: Any) -> Reply:
-        """One turn, collected into a ``Reply``; takes the same arguments as ``chat``."""
+    def ask(self, message: str, on_text: Callable[[str], object] | None = None, **kwargs: Any) -> Reply:
+        """One turn, collected into a ``Reply``; ``on_text`` sees each piece of the answer as it streams.
+        Takes the same arguments as ``chat``; an exception in ``on_text`` (Ctrl-C) cancels the call."""
         text: list[str] = []
         started = finished = None
-        for event in self.chat(message, **kwargs):
-            if isinstance(event, ChatStarted):
-                started = event
-            elif isinstance(event, TextDelta):
-                text.append(event.text)
-            else:
-                finished = event
+        events = self.chat(message, **kwargs)
+        try:
+            for event in events:
+                if isinstance(event, ChatStarted):
+                    started = event
+                elif isinstance(event, TextDelta):
+                    text.append(event.text)
+                    if on_text is not None:
+                        on_text(event.text)
+                else:
+                    finished = event
+        finally:
+            events.close()
         if started is None or finished is None:
             raise NightcapError(grpc.StatusCode.INTERNAL, "the chat stream ended early", self.address)
         return Reply(text="".join(text), started=started, finished=finished)
@@ -299,10 +324,12 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
     if kind == "start":
         start = response.start
         return ChatStarted(
-            sources=[Source(p.id, p.title, p.text, p.source, p.score) for p in start.sources],
+            sources=[from_message(Source, p) for p in start.sources],
             prompt=start.prompt,
             history_messages_dropped=start.history_messages_dropped,
             model=start.model,
+            retrieval_query=start.retrieval_query,
+            retrieved_ids=list(start.retrieved_ids),
         )
     if kind == "delta":
         return TextDelta(response.delta)
@@ -322,7 +349,7 @@ def _fields(message: Any) -> dict[str, Any]:
 
 # --- the retrieval index -----------------------------------------------------------------------------------
 
-DEFAULT_RETRIEVAL_ADDRESS = os.environ.get("NIGHTCAP_RETRIEVAL_ADDRESS", "127.0.0.1:50052")
+DEFAULT_RETRIEVAL_ADDRESS = os.environ.get("NIGHTCAP_RETRIEVAL_ADDRESS", RETRIEVAL_ADDRESS)
 
 # Reads are retried on UNAVAILABLE like chat calls; writes are not (a replayed stream could commit twice).
 _INDEX_RETRY_SERVICE_CONFIG = json.dumps(
@@ -338,51 +365,6 @@ _INDEX_RETRY_SERVICE_CONFIG = json.dumps(
         ]
     }
 )
-
-
-@dataclass(frozen=True)
-class IndexStats:
-    passages: int
-    documents: int
-    dimension: int
-    embedder: str
-    index_type: str
-    index_path: str
-    bytes_on_disk: int
-    format: str
-    generation: int
-    segments: int = 0
-    tombstones: int = 0
-
-
-@dataclass(frozen=True)
-class AddReport:
-    documents_added: int
-    documents_replaced: int
-    passages_added: int
-    passages_removed: int
-    passages_total: int
-    documents_total: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class DeleteReport:
-    documents_deleted: int
-    passages_removed: int
-    passages_total: int
-    documents_total: int
-
-
-@dataclass(frozen=True)
-class CompactReport:
-    segments_before: int
-    segments_after: int
-    vectors_dropped: int
-    bytes_before: int
-    bytes_after: int
-    seconds: float
-    generation: int
 
 
 class IndexClient:
@@ -419,30 +401,27 @@ class IndexClient:
         if k is not None:
             request.k = k
         response = self._call(self._stub.Search, request, timeout)
-        return [Source(p.id, p.title, p.text, p.source, p.score) for p in response.passages]
+        return [from_message(Source, p) for p in response.passages]
 
     def stats(self, timeout: float | None = None) -> IndexStats:
         response = self._call(self._stub.Stats, retrieval_pb2.StatsRequest(), timeout)
-        return IndexStats(**_fields_with_defaults(response))
+        return from_message(IndexStats, response)
 
     def add_documents(self, documents: Iterable[Document], timeout: float | None = None) -> AddReport:
         """Streams the documents in one call: the service commits all of them, or none."""
         requests = (
-            retrieval_pb2.AddDocumentsRequest(
-                document=retrieval_pb2.Document(id=d.id, text=d.text, title=d.title, source=d.source)
-            )
-            for d in documents
+            retrieval_pb2.AddDocumentsRequest(document=to_message(d, retrieval_pb2.Document)) for d in documents
         )
-        return AddReport(**_fields_with_defaults(self._call(self._stub.AddDocuments, requests, timeout)))
+        return from_message(AddReport, self._call(self._stub.AddDocuments, requests, timeout))
 
     def delete_documents(self, ids: Sequence[str], timeout: float | None = None) -> DeleteReport:
         request = retrieval_pb2.DeleteDocumentsRequest(ids=list(ids))
-        return DeleteReport(**_fields_with_defaults(self._call(self._stub.DeleteDocuments, request, timeout)))
+        return from_message(DeleteReport, self._call(self._stub.DeleteDocuments, request, timeout))
 
     def compact(self, timeout: float | None = None) -> CompactReport:
         """Merges the index's vector segments into one and drops removed passages' vectors; returns when done."""
         response = self._call(self._stub.Compact, retrieval_pb2.CompactRequest(), timeout)
-        return CompactReport(**_fields_with_defaults(response))
+        return from_message(CompactReport, response)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -453,7 +432,3 @@ class IndexClient:
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"cannot reach the nightcap retrieval service at {self.address} ({details})"
             raise NightcapError(code, details, self.address) from None
-
-
-def _fields_with_defaults(message: Any) -> dict[str, Any]:
-    return {descriptor.name: getattr(message, descriptor.name) for descriptor in message.DESCRIPTOR.fields}

@@ -10,22 +10,15 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from nightcap.records import Document
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown"}
 RECORD_SUFFIXES = {".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ", ".join(sorted({*TEXT_SUFFIXES, *RECORD_SUFFIXES}))
 _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-    title: str = ""
-    source: str = ""
 
 
 class DocumentReadError(Exception):

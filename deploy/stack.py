@@ -26,7 +26,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from clients.client import ChatClient, ChatFinished, ChatStarted, NightcapError, SamplingParams, TextDelta
+from clients.client import ChatClient, NightcapError, SamplingParams
 from deploy.supervisor import (
     RunFolder,
     ServiceSpec,
@@ -37,6 +37,7 @@ from deploy.supervisor import (
     health,
     wait_until_serving,
 )
+from nightcap.records import GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
 from services.common.paths import VAR_ENV, VarLayout
 from services.common.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
@@ -104,9 +105,9 @@ def up(
             help=f"Index to serve (name under var/indexes or a folder); unset: build and serve {DEFAULT_INDEX}.",
         ),
     ] = None,
-    orchestrator_address: OrchestratorAddress = "127.0.0.1:50050",
-    generation_address: GenerationAddress = "127.0.0.1:50051",
-    retrieval_address: RetrievalAddress = "127.0.0.1:50052",
+    orchestrator_address: OrchestratorAddress = ORCHESTRATOR_ADDRESS,
+    generation_address: GenerationAddress = GENERATION_ADDRESS,
+    retrieval_address: RetrievalAddress = RETRIEVAL_ADDRESS,
     generation_replicas: Replicas = 1,
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
@@ -227,9 +228,9 @@ def down(var_dir: VarDir = Path("var"), grace: Grace = 15.0) -> None:
 @app.command()
 def status(
     var_dir: VarDir = Path("var"),
-    orchestrator_address: OrchestratorAddress = "127.0.0.1:50050",
-    generation_address: GenerationAddress = "127.0.0.1:50051",
-    retrieval_address: RetrievalAddress = "127.0.0.1:50052",
+    orchestrator_address: OrchestratorAddress = ORCHESTRATOR_ADDRESS,
+    generation_address: GenerationAddress = GENERATION_ADDRESS,
+    retrieval_address: RetrievalAddress = RETRIEVAL_ADDRESS,
 ) -> None:
     """State, pid, address, health, restarts and last exit of each service; the model and the index.
 
@@ -401,28 +402,26 @@ def _print_service_table(supervisord: Supervisord, specs: dict[str, ServiceSpec]
 def _ask(address: str, question: str, max_new_tokens: int | None) -> None:
     """Streams the answer to ``question`` (with retrieval), then its first source passage."""
     typer.echo(f"\n> {question}")
-    sources = []
-    finished: ChatFinished | None = None
+
+    def show(text: str) -> None:
+        typer.echo(text, nl=False)
+        sys.stdout.flush()
+
     try:
         with ChatClient(address) as client:
-            params = SamplingParams(max_new_tokens=max_new_tokens)
-            for event in client.chat(question, retrieval=True, params=params):
-                if isinstance(event, ChatStarted):
-                    sources = event.sources
-                elif isinstance(event, TextDelta):
-                    typer.echo(event.text, nl=False)
-                    sys.stdout.flush()
-                else:
-                    finished = event
+            reply = client.ask(
+                question, on_text=show, retrieval=True, params=SamplingParams(max_new_tokens=max_new_tokens)
+            )
     except NightcapError as error:
         _fail(f"\nthe stack is up, but the question failed: {error}")
+    sources, finished = reply.started.sources, reply.finished
     typer.echo()
     if sources:
         first = sources[0]
         typer.echo(f"Source: {first.title} ({first.source})")
         typer.echo(f"  {textwrap.shorten(first.text, width=240, placeholder=' ...')}")
     else:
-        typer.echo(f"Source: none ({(finished and finished.notice) or 'no passage was retrieved'})")
+        typer.echo(f"Source: none ({finished.notice or 'no passage was retrieved'})")
 
 
 def _describe(fields: dict | None, keys: list[str]) -> str:

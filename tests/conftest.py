@@ -144,11 +144,16 @@ def retrieval_address(embedder, small_index) -> Iterator[str]:
     index.close()
 
 
-def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: int = 16):
+def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: int = 16, query_mode: str = "recent"):
     from services.orchestrator.server import start_chat_server
 
     return start_chat_server(
-        generation, retrieval, "127.0.0.1:0", default_max_new_tokens=max_new_tokens, backend_timeout=5
+        generation,
+        retrieval,
+        "127.0.0.1:0",
+        default_max_new_tokens=max_new_tokens,
+        backend_timeout=5,
+        query_mode=query_mode,
     )
 
 

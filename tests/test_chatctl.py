@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import typer
 from conftest import free_port
 
 
@@ -99,10 +101,27 @@ def test_the_shell_keeps_a_conversation_and_its_commands_work(orchestrator_addre
     assert "unknown command /nonsense" in out
 
 
-def test_every_flag_is_explained_in_help():
-    for command in ("chat", "ask", "status"):
-        result = chatctl(command, "--help")
-        assert result.returncode == 0
-        assert "--address" in result.stdout
-    assert "--no-stream" in chatctl("chat", "--help").stdout
-    assert "--json" in chatctl("ask", "--help").stdout
+def commands_of(group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """Every command under a (typer-built click) group, sub-groups included, by its path of names."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from commands_of(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_flag_of_every_command_is_explained_in_its_help():
+    from clients.chatctl import app
+
+    commands = dict(commands_of(typer.main.get_command(app)))
+    assert {("chat",), ("ask",), ("status",), ("index", "add"), ("index", "search")} <= set(commands)
+    for path, command in commands.items():
+        result = chatctl(*path, "--help")
+        assert result.returncode == 0, result.stderr
+        shown = " ".join(result.stdout.replace("│", " ").split())  # rich wraps help over lines inside boxes
+        for parameter in command.params:
+            if parameter.param_type_name == "option" and parameter.name != "help":
+                assert parameter.help, f"chatctl {' '.join(path)} {parameter.opts[0]} has no help text"
+                for flag in parameter.opts:
+                    assert flag in shown, f"chatctl {' '.join(path)} --help does not show {flag}"
+                assert " ".join(parameter.help.split()[:3]) in shown, f"{parameter.opts[0]}'s help is not shown"

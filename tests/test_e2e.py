@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import start_orchestrator
 
-from clients import ChatClient, SamplingParams
+from clients import ChatClient, Message, SamplingParams
 from services.common.registry import ModelRegistry
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
@@ -59,14 +59,36 @@ def test_where_is_zurich_is_answered_from_wikipedia(default_generation_address, 
 
 
 def test_the_default_model_follows_the_conversation(default_generation_address):
+    greedy = SamplingParams(temperature=0)
+    question = "What is my dog called?"
+    history = [Message("user", "My dog is called Rex."), Message("assistant", "Rex is a great name for a dog!")]
     running = start_orchestrator(default_generation_address, None, max_new_tokens=24)
     try:
         with ChatClient(running.address, timeout=120) as client:
-            reply = client.ask(
-                "What is the capital of France? Answer in one word.", params=SamplingParams(temperature=0)
+            with_history = client.ask(question, history=history, params=greedy)
+            without = client.ask(question, params=greedy)
+    finally:
+        running.stop(grace=1)
+    assert "My dog is called Rex." in with_history.started.prompt
+    assert "Rex" in with_history.text
+    assert "Rex" not in without.text  # the answer came from the conversation, not by chance
+    assert with_history.finished.notice == "" and with_history.started.sources == []
+
+
+def test_a_follow_up_with_a_pronoun_retrieves_the_article_of_the_earlier_question(
+    default_generation_address, retrieval_address
+):
+    running = start_orchestrator(default_generation_address, retrieval_address, max_new_tokens=32)
+    try:
+        with ChatClient(running.address, timeout=120) as client:
+            first = client.ask("Where is Zurich?", retrieval=True, params=SamplingParams(temperature=0))
+            follow_up = client.ask(
+                "How many people live there?",
+                history=first.as_history("Where is Zurich?"),
+                retrieval=True,
+                params=SamplingParams(temperature=0),
             )
     finally:
         running.stop(grace=1)
-    assert "Paris" in reply.text
-    assert reply.finished.finish_reason in {"eos", "length"}
-    assert reply.finished.notice == "" and reply.started.sources == []
+    assert follow_up.started.retrieved_ids[0].startswith("Zurich#")
+    assert "Where is Zurich?" in follow_up.started.retrieval_query

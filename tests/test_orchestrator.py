@@ -10,6 +10,9 @@ import pytest
 from conftest import free_port, start_orchestrator
 
 from clients import ChatClient, ChatFinished, ChatStarted, Message, NightcapError, SamplingParams, TextDelta
+from nightcap.v1 import generation_pb2, generation_pb2_grpc
+from services.orchestrator.backends import GenerationBackend, RetrievalBackend
+from services.orchestrator.conversation import ChatOrchestrator, TurnRequest
 from services.orchestrator.prompts import ChatTemplatePrompt, ContextPassage, OpenChatKitPrompt, Turn, context_block
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -88,7 +91,8 @@ def test_bad_input_is_invalid_argument_and_the_stack_keeps_serving(client, kwarg
         client.ask(**kwargs)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.message
-    assert client.ask("Hi", params=GREEDY).text is not None
+    after = client.ask("Hi", params=GREEDY)
+    assert after.finished.completion_tokens > 0 and after.finished.finish_reason in {"length", "eos", "stop_sequence"}
 
 
 def test_an_unknown_role_is_refused_by_the_client_library(client):
@@ -143,15 +147,23 @@ def test_status_reports_every_backend_the_model_and_the_index(client):
     assert status.index["dimension"] == 384 and status.index["passages"] > 0
 
 
-def test_closing_a_chat_stream_stops_its_generation(client):
-    events = client.chat("Tell me about Zurich.", params=SamplingParams(max_new_tokens=200))
+def cancelled_requests(engine) -> float:
+    return engine.metrics.registry.get_sample_value("nightcap_generation_requests_total", {"outcome": "cancelled"}) or 0
+
+
+def test_closing_a_chat_stream_cancels_its_generation_and_frees_its_slot(client, generation_server):
+    _, engine = generation_server
+    before = cancelled_requests(engine)
+    events = client.chat("Tell me about Zurich.", params=SamplingParams(max_new_tokens=900))
     next(events)
     next(events)
+    assert engine.active_sequences == 1
     events.close()
-    started = time.monotonic()
-    # the serial engine runs one request at a time: this answer comes only after the first one stopped
-    assert client.ask("Hi", params=SamplingParams(max_new_tokens=1)).finished.completion_tokens == 1
-    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while engine.active_sequences and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active_sequences == 0
+    assert cancelled_requests(engine) == before + 1  # stopped by the cancel, not by running out of tokens
 
 
 def test_a_deadline_that_passes_is_deadline_exceeded(client):
@@ -198,3 +210,99 @@ def test_context_follows_the_question_or_comes_as_a_human_turn():
         "<human>: Answer the question using the context below when it is relevant.\n"
         "Zurich: Zurich is in Switzerland.\n<human>: Where is Zurich?\n<bot>:"
     )
+
+
+# --- a conversation: the query it searches, passages given once, the cost of a turn ---------------------
+
+
+def ask_zurich_then_population(client, **kwargs):
+    first = client.ask("Where is Zurich?", retrieval=True, k=2, params=GREEDY)
+    history = first.as_history("Where is Zurich?")
+    return first, client.ask("How many people live there?", history=history, retrieval=True, k=2, **kwargs)
+
+
+def test_a_follow_up_searches_with_the_earlier_question_and_finds_its_article(client):
+    _, follow_up = ask_zurich_then_population(client, params=GREEDY)
+    query = follow_up.started.retrieval_query
+    assert "How many people live there?" in query and "Where is Zurich?" in query
+    assert follow_up.started.retrieved_ids[0].startswith("Zurich#")
+
+
+def test_the_last_message_alone_is_searched_in_last_mode(generation_address, retrieval_address):
+    running = start_orchestrator(generation_address, retrieval_address, query_mode="last")
+    try:
+        with ChatClient(running.address, timeout=60) as client:
+            _, follow_up = ask_zurich_then_population(client, params=GREEDY)
+    finally:
+        running.stop(grace=1)
+    assert follow_up.started.retrieval_query == "How many people live there?"
+    assert not follow_up.started.retrieved_ids[0].startswith("Zurich#")  # the flaw the mix fixes
+
+
+def test_passages_given_in_an_earlier_turn_are_not_given_again(client):
+    first, follow_up = ask_zurich_then_population(client, params=GREEDY)
+    zurich = first.started.sources[0]
+    assert zurich.id in follow_up.started.retrieved_ids  # found again ...
+    assert zurich.id not in [s.id for s in follow_up.started.sources]  # ... but not given again
+    assert follow_up.started.prompt.count(zurich.text) == 1  # it stays beside the first question
+    assert len(follow_up.started.sources) == 2  # the new turn still gets k new passages
+    assert follow_up.finished.context_used
+
+
+def test_a_passage_whose_turn_was_trimmed_away_is_given_again(client):
+    first = client.ask("Where is Zurich?", retrieval=True, k=1, params=GREEDY)
+    history = first.as_history("Where is Zurich?")
+    for n in range(60):
+        history += [Message("user", f"Question number {n}?"), Message("assistant", f"Answer {n}.")]
+    reply = client.ask(
+        "Where is Zurich?", history=history, retrieval=True, k=1, params=SamplingParams(max_new_tokens=40)
+    )
+    assert reply.started.history_messages_dropped > 0
+    assert [s.id for s in reply.started.sources] == [first.started.sources[0].id]
+    assert reply.started.prompt.count(first.started.sources[0].text) == 1
+
+
+def test_model_info_is_asked_once_and_again_when_another_model_serves(generation_address, retrieval_address):
+    orchestrator = ChatOrchestrator(GenerationBackend(generation_address), RetrievalBackend(retrieval_address))
+    try:
+        for _ in range(3):
+            orchestrator.prepare(TurnRequest("Where is Zurich?", retrieval=True))
+        assert orchestrator.model_info_calls == 1
+        orchestrator.served_by(orchestrator.model_info().label)  # the same model: nothing changes
+        orchestrator.prepare(TurnRequest("Where is Zurich?"))
+        assert orchestrator.model_info_calls == 1
+        orchestrator.served_by("another-model:2")  # a stream said a new model serves now
+        orchestrator.prepare(TurnRequest("Where is Zurich?"))
+        assert orchestrator.model_info_calls == 2
+    finally:
+        orchestrator.generation.close()
+        orchestrator.retrieval.close()
+
+
+def test_a_turn_counts_only_its_new_pieces_and_sends_the_exact_token_ids(generation_address, tiny_loaded):
+    orchestrator = ChatOrchestrator(GenerationBackend(generation_address), None, default_max_new_tokens=40)
+    history = []
+    for n in range(80):
+        history += [Turn("user", f"Question {n} about Zurich and Geneva?"), Turn("assistant", f"Answer {n}.")]
+    try:
+        first = orchestrator.prepare(TurnRequest("What about Paris?", history=history))
+        calls = orchestrator.tokens.calls
+        second = orchestrator.prepare(
+            TurnRequest("And Rome?", history=[*history, Turn("user", "What about Paris?"), Turn("assistant", "Hm.")])
+        )
+    finally:
+        orchestrator.generation.close()
+    assert first.history_messages_dropped > 0  # trimming happened, which used to re-tokenize the whole prompt
+    assert orchestrator.tokens.calls - calls <= 3  # the new message, the new answer, and the prompt's ends
+    for turn in (first, second):
+        assert turn.prompt_token_ids == tiny_loaded.tokenizer(turn.prompt, add_special_tokens=False)["input_ids"]
+        assert len(turn.prompt_token_ids) + 40 <= 1024
+
+
+def test_the_generation_stream_names_its_model_on_the_first_message_only(generation_address, tiny_loaded):
+    with grpc.insecure_channel(generation_address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        request = generation_pb2.GenerateRequest(text="Zurich", params={"max_new_tokens": 4, "ignore_eos": True})
+        responses = list(stub.Generate(request, timeout=60))
+    assert responses[0].model == tiny_loaded.name
+    assert all(r.model == "" for r in responses[1:])

@@ -447,7 +447,10 @@ def test_chatctl_index_add_stats_and_delete(live: LiveIndex, tmp_path: Path) -> 
     deleted = chatctl("index", "delete", "docs/notes/geneva.md", *address, cwd=tmp_path)
     assert deleted.returncode == 0, deleted.stderr
     assert "deleted 1 documents" in deleted.stdout
-    assert "Geneva" not in chatctl("index", "search", "Lake Geneva", "-k", "5", *address, cwd=tmp_path).stdout
+    searched = chatctl("index", "search", "Lake Geneva", "-k", "5", *address, cwd=tmp_path)
+    assert searched.returncode == 0, searched.stderr
+    assert searched.stdout.count("\n    ") == 4  # one passage from each of the four documents left
+    assert "Geneva" not in searched.stdout
 
 
 def test_chatctl_index_add_of_a_bad_path_sends_nothing(live: LiveIndex, tmp_path: Path) -> None:

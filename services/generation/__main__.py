@@ -9,6 +9,7 @@ import torch
 import typer
 from loguru import logger
 
+from nightcap.records import GENERATION_ADDRESS
 from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
@@ -45,7 +46,7 @@ def serve(
         help="registry name (name or name:version), a Hugging Face folder, a .gguf file, or a hub id",
     ),
     address: str = typer.Option(
-        "127.0.0.1:50051", envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port to listen on (port 0: any free)"
+        GENERATION_ADDRESS, envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     device: str = typer.Option("cpu", envvar="NIGHTCAP_DEVICE", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+import click
 import typer
 from loguru import logger
 
 from nightcap.credentials import Credentials, CredentialsError
+from nightcap.records import GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
 from services.common.logs import setup_logging
 from services.common.security import (
     SERVICE_TOKEN_ENV,
@@ -26,6 +28,7 @@ from services.common.security import (
     server_security_or_exit,
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
+from services.orchestrator.conversation import QueryMode
 from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -39,16 +42,16 @@ def cli() -> None:
 @app.command()
 def serve(
     address: str = typer.Option(
-        "127.0.0.1:50050", envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
+        ORCHESTRATOR_ADDRESS, envvar="NIGHTCAP_ORCHESTRATOR_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     generation: str = typer.Option(
-        "127.0.0.1:50051",
+        GENERATION_ADDRESS,
         envvar="NIGHTCAP_GENERATION_ADDRESS",
         help="host:port of the generation service; for replicas, IP:port,IP:port,... or one DNS name that"
         " resolves to each (dns:///generation:50051), spread by gRPC round_robin with health checks",
     ),
     retrieval: str = typer.Option(
-        "127.0.0.1:50052",
+        RETRIEVAL_ADDRESS,
         envvar="NIGHTCAP_RETRIEVAL_ADDRESS",
         help="host:port of the retrieval service; empty to run without retrieval",
     ),
@@ -71,6 +74,13 @@ def serve(
     service_token_file: ServiceTokenFileOption = None,
     max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
     max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
+    retrieval_query: str = typer.Option(
+        QueryMode.RECENT.value,
+        envvar="NIGHTCAP_RETRIEVAL_QUERY",
+        click_type=click.Choice([mode.value for mode in QueryMode]),
+        help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the model"
+        " rewrites it as a standalone question; costs a generation call) or last (the message alone)",
+    ),
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -91,12 +101,13 @@ def serve(
             limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
             security=security,
             backend_credentials=backends,
+            query_mode=QueryMode(retrieval_query),
         )
     # a taken port; unreadable certificates; a list of generation addresses that is not IPs
     except (OSError, CredentialsError, ValueError) as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    logger.info("generation at {}, retrieval at {}", generation, retrieval or "(none)")
+    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", retrieval_query)
     serve_until_signalled(running, "orchestrator")
 
 

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nightcap.credentials import Credentials
+from nightcap.records import Passage, from_message
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import (
     SERVER_KEY,
@@ -173,12 +174,28 @@ class GenerationBackend(Backend):
         except grpc.RpcError as error:
             raise self.error(error) from None
 
+    def tokenize(self, text: str, timeout: float) -> list[int]:
+        request = generation_pb2.TokenizeRequest(text=text, return_ids=True)
+        try:
+            return list(self._stub.Tokenize(request, timeout=timeout).token_ids)
+        except grpc.RpcError as error:
+            raise self.error(error) from None
+
     def generate(
-        self, prompt: str, params: common_pb2.SamplingParams, timeout: float | None, request_id: str
+        self, token_ids: list[int], params: common_pb2.SamplingParams, timeout: float | None, request_id: str
     ) -> GenerationStream:
         """``timeout`` None: no deadline, as the chat that asks had none."""
-        request = generation_pb2.GenerateRequest(request_id=request_id, text=prompt, params=params)
+        request = generation_pb2.GenerateRequest(
+            request_id=request_id, token_ids=generation_pb2.TokenIds(ids=token_ids), params=params
+        )
         return GenerationStream(self._stub.Generate(request, timeout=timeout, wait_for_ready=True), self)
+
+    def complete(
+        self, token_ids: list[int], max_new_tokens: int, stop: list[str], timeout: float, request_id: str = ""
+    ) -> str:
+        """The whole greedy continuation of ``token_ids``, for the orchestrator's own short prompts."""
+        params = common_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+        return "".join(response.text for response in self.generate(token_ids, params, timeout, request_id))
 
 
 class RetrievalBackend(Backend):
@@ -188,10 +205,11 @@ class RetrievalBackend(Backend):
         super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
 
-    def search(self, query: str, k: int, timeout: float) -> list[retrieval_pb2.Passage]:
+    def search(self, query: str, k: int, timeout: float) -> list[Passage]:
         try:
             request = retrieval_pb2.SearchRequest(query=query, k=k)
-            return list(self._stub.Search(request, timeout=timeout, wait_for_ready=True).passages)
+            response = self._stub.Search(request, timeout=timeout, wait_for_ready=True)
+            return [from_message(Passage, p) for p in response.passages]
         except grpc.RpcError as error:
             raise self.error(error) from None
 

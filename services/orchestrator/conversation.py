@@ -1,79 +1,201 @@
-"""One chat turn, prepared: retrieve context, render the prompt in the model's format, and trim the
-history (oldest first) so that prompt + max_new_tokens fits the model's context window."""
+"""One chat turn, prepared: find the passages the conversation needs, render the prompt in the model's format,
+trim the history (oldest first) so that prompt + max_new_tokens fits the model's context window, and tokenize
+the result once, for Generate.
+
+Works on plain records; the Chat servicer converts protobuf at its edge."""
 
 from __future__ import annotations
 
+import enum
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 
-from nightcap.v1 import chat_pb2, common_pb2, retrieval_pb2
+from nightcap.records import DEFAULT_K, MAX_K, Passage
 from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-from services.orchestrator.prompts import ContextPassage, PromptFormat, Turn, prompt_format_for
+from services.orchestrator.prompts import ContextPassage, PromptFormat, PromptPieces, Turn, prompt_format_for
 
-MAX_K = 100  # the retrieval service's documented maximum
-DEFAULT_K = 3
-_ROLE_NAMES = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
+
+class QueryMode(str, enum.Enum):
+    """How the retrieval query is built from the conversation."""
+
+    RECENT = "recent"  # a weighted mix of the recent user turns, the newest weighing most
+    CONDENSE = "condense"  # the generation model rewrites the follow-up as a standalone question
+    LAST = "last"  # the last message alone (OpenChatKit's behaviour)
+
+
+# Weights of the newest user turns in the `recent` mix, newest first. Chosen on the eval's dev part (the
+# held-out part was not looked at): the follow-up itself must still lead, or "When was he born?" after a
+# question about a film director finds the film.
+RECENT_WEIGHTS = (1.0, 0.6, 0.3)
+CANDIDATES_PER_QUERY = 20  # each turn of the mix contributes its top 20; fewer let good passages fall off
+CONDENSE_MAX_NEW_TOKENS = 40
+CONDENSE_INSTRUCTION = (
+    "Rewrite the last question of this conversation as a question that can be understood without the "
+    "conversation: replace words like it, there, he or she with the name they refer to. Reply with the "
+    "question only."
+)
+TOKEN_COUNT_CACHE = 8192  # rendered turns whose token count is remembered (a few long conversations' worth)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the orchestrator needs to know about the served model; cached until the served model changes."""
+
+    name: str
+    version: str
+    context_length: int
+    prompt_format: str
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    stop: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``name:version`` (or ``name``), as the generation service reports on each stream."""
+        return f"{self.name}:{self.version}" if self.version else self.name
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    message: str
+    history: list[Turn] = field(default_factory=list)  # earlier turns, oldest first; user turns carry context
+    retrieval: bool = False
+    k: int | None = None  # passages to give; None: DEFAULT_K
+    max_new_tokens: int | None = None  # None: the orchestrator's default
+    stop: tuple[str, ...] = ()
+    request_id: str = ""
 
 
 @dataclass
 class PreparedTurn:
     prompt: str
-    prompt_tokens: int
-    params: common_pb2.SamplingParams  # what goes to Generate: max_new_tokens set, stop sequences merged
-    sources: list[retrieval_pb2.Passage]
+    prompt_token_ids: list[int]  # the prompt, tokenized by the generation service: what Generate receives
+    max_new_tokens: int
+    stop: list[str]  # the request's stop sequences plus those the model and the prompt format need
+    sources: list[Passage]  # passages given with this turn (not those the kept history already holds)
+    retrieved_ids: list[str]  # every passage the search returned, best first
+    retrieval_query: str
     history_messages_dropped: int
     model: str
     notice: str
+    query_ms: float = 0.0  # time spent building the query (the rewrite's generation call, for condense)
+    history_passages: int = 0  # passages given in earlier turns that the prompt still holds
 
     @property
     def context_used(self) -> bool:
-        return bool(self.sources)
+        return bool(self.sources) or self.history_passages > 0
 
 
 @dataclass
 class FittedPrompt:
     prompt: str
-    tokens: int
+    token_ids: list[int]
     history_messages_dropped: int
-    passages_kept: int
+    passages: list[Passage]
+    history_passages: int  # passages that earlier turns in the prompt carry
+
+
+class TokenCounter:
+    """Token counts of prompt pieces, asked of the generation service once per distinct text and model."""
+
+    def __init__(self, count: Callable[[str], int], capacity: int = TOKEN_COUNT_CACHE) -> None:
+        self._count = count
+        self._known: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.calls = 0  # Tokenize calls made, for tests and logs
+
+    def count(self, model: str, text: str, count: Callable[[str], int] | None = None) -> int:
+        if not text:
+            return 0
+        key = (model, text)
+        with self._lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return self._known[key]
+        tokens = (count or self._count)(text)
+        with self._lock:
+            self.calls += 1
+            self._known[key] = tokens
+            while len(self._known) > self._capacity:
+                self._known.popitem(last=False)
+        return tokens
+
+    def forget_model(self, model: str) -> None:
+        with self._lock:
+            for key in [key for key in self._known if key[0] == model]:
+                del self._known[key]
 
 
 def fit_prompt(
     prompt_format: PromptFormat,
     history: list[Turn],
     message: Turn,
-    context: list[ContextPassage],
+    ranked: list[Passage],
+    k: int,
     max_new_tokens: int,
     context_length: int,
-    count_tokens: Callable[[str], int],
+    count: Callable[[str], int],
+    tokenize: Callable[[str], list[int]],
 ) -> FittedPrompt:
-    """Drops history oldest first (a leading system message stays), then the least relevant passages,
-    until the prompt leaves room for ``max_new_tokens``; InvalidArgument when even the message alone
-    does not fit. OpenChatKit never trimmed and overflowed the window."""
+    """Drops history oldest first (a leading system message stays), then the least relevant new passages,
+    until the prompt leaves room for ``max_new_tokens``; InvalidArgument when even the message alone does
+    not fit. OpenChatKit never trimmed and overflowed the window.
+
+    The new turn gets the first ``k`` of ``ranked`` that the kept history does not already hold. Each piece
+    of the prompt (a turn, with its passages) is counted once through ``count`` and the pieces summed; only
+    the chosen prompt is tokenized whole, and if the sum was short of it (tokens merging across a piece
+    boundary) trimming goes on from the exact count."""
     budget = context_length - max_new_tokens
     system = history[:1] if history and history[0].role == "system" else []
     rest = history[len(system) :]
-    passages = list(context)
+    dropped_passages = 0
     while True:
-        prompt = prompt_format.render([*system, *rest, message], passages)
-        tokens = count_tokens(prompt)
-        if tokens <= budget:
-            return FittedPrompt(prompt, tokens, len(history) - len(system) - len(rest), len(passages))
+        given = {_key(p) for turn in rest for p in turn.context}
+        fresh = [p for p in ranked if _key(_context(p)) not in given][:k]
+        passages = fresh[: len(fresh) - dropped_passages] if dropped_passages else fresh
+        turns = [*system, *rest, Turn(message.role, message.content, tuple(_context(p) for p in passages))]
+        pieces = prompt_format.pieces(turns)
+        estimate = _sum_of_pieces(pieces, count) if pieces is not None else None
+        token_ids: list[int] | None = None
+        if estimate is None or estimate <= budget:
+            prompt = prompt_format.render(turns)
+            token_ids = tokenize(prompt)
+            if len(token_ids) <= budget:
+                dropped = len(history) - len(system) - len(rest)
+                return FittedPrompt(prompt, token_ids, dropped, passages, sum(len(t.context) for t in rest))
+        tokens = len(token_ids) if token_ids is not None else estimate
         if rest:
             rest = rest[1:]
             while rest and rest[0].role != "user":  # a conversation restarts at a user turn
                 rest = rest[1:]
         elif passages:
-            passages.pop()
+            dropped_passages += 1
         else:
             raise InvalidArgument(
                 f"the message needs a {tokens}-token prompt; with max_new_tokens={max_new_tokens} that exceeds"
                 f" the model's context window of {context_length} tokens: shorten the message or lower"
                 " max_new_tokens"
             )
+
+
+def _sum_of_pieces(pieces: PromptPieces, count: Callable[[str], int]) -> int:
+    return count(pieces.head) + sum(count(piece) for piece in pieces.turns) + count(pieces.tail)
+
+
+def _context(passage: Passage) -> ContextPassage:
+    return ContextPassage(passage.title, passage.text, passage.source)
+
+
+def _key(passage: ContextPassage) -> tuple[str, str]:
+    return passage.title, passage.text
 
 
 class ChatOrchestrator:
@@ -83,21 +205,65 @@ class ChatOrchestrator:
         retrieval: RetrievalBackend | None,
         default_max_new_tokens: int = 256,
         backend_timeout: float = 10.0,
+        query_mode: QueryMode = QueryMode.RECENT,
     ) -> None:
         self.generation = generation
         self.retrieval = retrieval
         self.default_max_new_tokens = default_max_new_tokens
         self.backend_timeout = backend_timeout
+        self.query_mode = QueryMode(query_mode)
+        self.tokens = TokenCounter(lambda text: self.generation.count_tokens(text, self.backend_timeout))
+        self._model: ModelInfo | None = None
+        self._model_lock = threading.Lock()
+        self.model_info_calls = 0
 
-    def prepare(self, request: chat_pb2.ChatRequest) -> PreparedTurn:
-        message, history = validate_messages(request)
-        k = request.retrieval_k if request.HasField("retrieval_k") else DEFAULT_K
+    # -- the served model, cached -------------------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        """The served model's info, asked of the generation service only when not cached."""
+        with self._model_lock:
+            if self._model is not None:
+                return self._model
+        response = self.generation.model_info(self.backend_timeout)
+        info = ModelInfo(
+            name=response.name,
+            version=response.version,
+            context_length=response.context_length,
+            prompt_format=response.prompt_format,
+            chat_template=response.chat_template,
+            bos_token=response.bos_token,
+            eos_token=response.eos_token,
+            stop=tuple(response.stop),
+        )
+        with self._model_lock:
+            self.model_info_calls += 1
+            self._model = info
+        return info
+
+    def served_by(self, model: str) -> None:
+        """A Generate stream said which model served it: a different one than cached means a new model was
+        switched in, so its info (context length, template, token counts) is asked for again next turn."""
+        with self._model_lock:
+            cached = self._model
+            if not model or cached is None or cached.label == model:
+                return
+            self._model = None
+        logger.info("the generation service now serves {} (was {}): model info refreshed", model, cached.label)
+        self.tokens.forget_model(cached.label)
+
+    def forget_model(self) -> None:
+        with self._model_lock:
+            self._model = None
+
+    # -- one turn ------------------------------------------------------------------------------------
+
+    def prepare(self, request: TurnRequest) -> PreparedTurn:
+        validate_turn(request)
+        k = request.k if request.k is not None else DEFAULT_K
         if request.retrieval and not 1 <= k <= MAX_K:
             raise InvalidArgument(f"retrieval_k must be between 1 and {MAX_K}, got {k}")
-        info = self.generation.model_info(self.backend_timeout)
-        params = common_pb2.SamplingParams()
-        params.CopyFrom(request.params)
-        max_new_tokens = params.max_new_tokens if params.HasField("max_new_tokens") else self.default_max_new_tokens
+        info = self.model_info()
+        max_new_tokens = request.max_new_tokens if request.max_new_tokens is not None else self.default_max_new_tokens
         if max_new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_new_tokens >= info.context_length:
@@ -106,54 +272,126 @@ class ChatOrchestrator:
                 f" {info.context_length} tokens: ask for fewer"
             )
         prompt_format = prompt_format_for(info.prompt_format, info.chat_template, info.bos_token, info.eos_token)
-        passages, notice = self._retrieve(request.message, k) if request.retrieval else ([], "")
+        query, query_ms, ranked, notice = "", 0.0, [], ""
+        if request.retrieval:
+            started = time.perf_counter()
+            query, searches = self._query(request, info, prompt_format)
+            query_ms = (time.perf_counter() - started) * 1000
+            given = sum(len(turn.context) for turn in request.history)
+            ranked, notice = self._retrieve(searches, min(k + given, MAX_K))
         fitted = fit_prompt(
             prompt_format,
-            history,
-            message,
-            [ContextPassage(p.title, p.text, p.source) for p in passages],
+            request.history,
+            Turn("user", request.message),
+            ranked,
+            k,
             max_new_tokens,
             info.context_length,
-            lambda text: self.generation.count_tokens(text, self.backend_timeout),
+            lambda text: self.tokens.count(info.label, text),
+            lambda text: self.generation.tokenize(text, self.backend_timeout),
         )
-        params.max_new_tokens = max_new_tokens
-        params.stop.extend(s for s in [*info.stop, *prompt_format.stop] if s not in params.stop)
-        if request.retrieval and passages and not fitted.passages_kept:
+        stop = list(request.stop)
+        stop.extend(s for s in [*info.stop, *prompt_format.stop] if s not in stop)
+        if ranked and not fitted.passages and not fitted.history_passages:
             notice = "the retrieved passages did not fit in the context window; answered without context"
         return PreparedTurn(
             prompt=fitted.prompt,
-            prompt_tokens=fitted.tokens,
-            params=params,
-            sources=passages[: fitted.passages_kept],
+            prompt_token_ids=fitted.token_ids,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            sources=fitted.passages,
+            retrieved_ids=[p.id for p in ranked],
+            retrieval_query=query,
             history_messages_dropped=fitted.history_messages_dropped,
-            model=f"{info.name}:{info.version}" if info.version else info.name,
+            model=info.label,
             notice=notice,
+            query_ms=query_ms,
+            history_passages=fitted.history_passages,
         )
 
-    def _retrieve(self, query: str, k: int) -> tuple[list[retrieval_pb2.Passage], str]:
-        """Passages for the query, or none and a notice why: a chat answers even when retrieval is down."""
+    # -- the retrieval query -------------------------------------------------------------------------
+
+    def _query(
+        self, request: TurnRequest, info: ModelInfo, prompt_format: PromptFormat
+    ) -> tuple[str, list[tuple[str, float]]]:
+        """(the query as shown to the user, the weighted searches that make it)."""
+        earlier = [turn.content for turn in request.history if turn.role == "user"]
+        if self.query_mode is QueryMode.LAST or not earlier:
+            return request.message, [(request.message, 1.0)]
+        if self.query_mode is QueryMode.CONDENSE:
+            question = self._condense(request, prompt_format)
+            return question, [(question, 1.0)]
+        turns = [request.message, *reversed(earlier)][: len(RECENT_WEIGHTS)]
+        searches = list(zip(turns, RECENT_WEIGHTS, strict=False))
+        return " + ".join(f"{weight:g} × {text}" for text, weight in searches), searches
+
+    def _condense(self, request: TurnRequest, prompt_format: PromptFormat) -> str:
+        """The follow-up rewritten by the generation model as a standalone question (the "condense question"
+        step of common RAG chains); the message itself when the rewrite fails or comes back empty."""
+        lines = []
+        for turn in request.history[-4:]:
+            if turn.role in ("user", "assistant"):
+                lines.append(f"{turn.role.capitalize()}: {turn.content.strip()}")
+        lines.append(f"User: {request.message.strip()}")
+        prompt = prompt_format.render(
+            [Turn("user", f"{CONDENSE_INSTRUCTION}\n\n" + "\n".join(lines) + "\n\nStandalone question:")]
+        )
+        try:
+            ids = self.generation.tokenize(prompt, self.backend_timeout)
+            text = self.generation.complete(
+                ids, CONDENSE_MAX_NEW_TOKENS, ["\n", *prompt_format.stop], self.backend_timeout, request.request_id
+            )
+        except InvalidArgument:
+            raise
+        except ServiceError as error:
+            logger.warning("the question rewrite failed, searching for the message alone: {}", error)
+            return request.message
+        question = text.strip().strip('"').strip()
+        return question or request.message
+
+    def _retrieve(self, searches: list[tuple[str, float]], k: int) -> tuple[list[Passage], str]:
+        """Passages for the weighted searches, best first, or none and a notice why: a chat answers even when
+        retrieval is down.
+
+        Several searches are fused by weighted score: sum of weight x cosine similarity. As similarity is
+        linear in the query vector, that ranks passages as one search for the weighted sum of the query
+        vectors would; a passage missing from one search's candidates is scored there as its last candidate."""
         if self.retrieval is None:
             return [], "retrieval is not configured on this orchestrator; answered without context"
+        depth = k if len(searches) == 1 else max(k, CANDIDATES_PER_QUERY)
         try:
-            passages = self.retrieval.search(query, k, self.backend_timeout)
+            results = [self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout) for query, _ in searches]
         except InvalidArgument:
             raise
         except ServiceError as error:
             logger.warning("retrieval failed, answering without context: {}", error)
             return [], f"retrieval unavailable ({error}); answered without context"
-        if not passages:
+        if len(results) == 1:
+            ranked = results[0]
+        else:
+            passages = {p.id: p for found in results for p in found}
+            scores = dict.fromkeys(passages, 0.0)
+            for (_, weight), found in zip(searches, results, strict=True):
+                by_id = {p.id: p.score for p in found}
+                floor = found[-1].score if found else 0.0
+                for passage_id in scores:
+                    scores[passage_id] += weight * by_id.get(passage_id, floor)
+            order = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+            ranked = [_rescored(passages[i], scores[i] / sum(w for _, w in searches)) for i in order]
+        if not ranked:
             return [], "retrieval found no passages; answered without context"
-        return passages, ""
+        return ranked, ""
 
 
-def validate_messages(request: chat_pb2.ChatRequest) -> tuple[Turn, list[Turn]]:
+def _rescored(passage: Passage, score: float) -> Passage:
+    return Passage(passage.id, passage.text, passage.title, passage.source, score)
+
+
+def validate_turn(request: TurnRequest) -> None:
     if not request.message.strip():
         raise InvalidArgument("the message is empty: type something to ask")
-    history = []
-    for index, entry in enumerate(request.history):
-        if entry.role not in _ROLE_NAMES:
+    for index, turn in enumerate(request.history):
+        if turn.role not in ("system", "user", "assistant"):
             raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        if not entry.content.strip():
-            raise InvalidArgument(f"history[{index}] ({_ROLE_NAMES[entry.role]}) is empty")
-        history.append(Turn(_ROLE_NAMES[entry.role], entry.content))
-    return Turn("user", request.message), history
+        if not turn.content.strip():
+            raise InvalidArgument(f"history[{index}] ({turn.role}) is empty")

@@ -21,16 +21,29 @@ CONTEXT_HEADING = "Relevant information:"
 
 
 @dataclass(frozen=True)
-class Turn:
-    role: str  # "system", "user" or "assistant"
-    content: str
-
-
-@dataclass(frozen=True)
 class ContextPassage:
     title: str
     text: str
     source: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system", "user" or "assistant"
+    content: str
+    context: tuple[ContextPassage, ...] = ()  # passages given with this user turn, shown beside it
+
+
+@dataclass(frozen=True)
+class PromptPieces:
+    """A rendered prompt cut where its token count can be summed: ``head + "".join(turns) + tail``.
+
+    Each turn's piece is the same text whichever turns surround it, so its tokens are counted once and
+    reused while history is trimmed, and in the conversation's next turns."""
+
+    head: str
+    turns: list[str]
+    tail: str
 
 
 def context_block(passages: list[ContextPassage]) -> str:
@@ -63,14 +76,33 @@ class ChatTemplatePrompt:
         self._bos, self._eos = bos_token, eos_token
         self.stop: list[str] = []
 
-    def render(self, turns: list[Turn], context: list[ContextPassage]) -> str:
-        messages = [{"role": t.role, "content": t.content} for t in turns]
-        if context:
-            question = messages[-1]["content"]
-            messages[-1] = {"role": "user", "content": f"{question}\n\n{CONTEXT_HEADING}\n{context_block(context)}"}
+    def render(self, turns: list[Turn], context: list[ContextPassage] = ()) -> str:
+        return self._render(_with_context(turns, context), add_generation_prompt=True)
+
+    def pieces(self, turns: list[Turn], context: list[ContextPassage] = ()) -> PromptPieces | None:
+        """The prompt cut into per-turn pieces, or None for a template whose turns do not render alone."""
+        turns = _with_context(turns, context)
+        whole = self.render(turns)
+        anchor = [Turn("system", "-")]
+        before = self._render(anchor, add_generation_prompt=False)
+        pieces = []
+        for turn in turns:
+            alone = self._render([*anchor, turn], add_generation_prompt=False)
+            if not alone.startswith(before):
+                return None
+            pieces.append(alone[len(before) :])
+        without_prompt = self._render(turns, add_generation_prompt=False)
+        tail = whole[len(without_prompt) :]
+        body = "".join(pieces) + tail
+        if not whole.startswith(without_prompt) or not whole.endswith(body):
+            return None
+        return PromptPieces(whole[: len(whole) - len(body)], pieces, tail)
+
+    def _render(self, turns: list[Turn], add_generation_prompt: bool) -> str:
+        messages = [{"role": t.role, "content": _content(t)} for t in turns]
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._bos, eos_token=self._eos
             )
         except TemplateError as error:
             raise FailedPrecondition(f"the model's chat template failed on this conversation: {error}") from None
@@ -87,18 +119,21 @@ class OpenChatKitPrompt:
     def __init__(self) -> None:
         self.stop = [f"{self.HUMAN}:"]
 
-    def render(self, turns: list[Turn], context: list[ContextPassage]) -> str:
-        lines: list[str] = []
-        for index, turn in enumerate(turns):
-            if turn.role == "system":
-                lines.append(turn.content)
-                continue
-            if index == len(turns) - 1 and context:
-                lines.append(f"{self.HUMAN}: {CONTEXT_INSTRUCTION}\n{context_block(context)}")
-            speaker = self.HUMAN if turn.role == "user" else self.BOT
-            lines.append(f"{speaker}: {turn.content}")
-        lines.append(f"{self.BOT}:")
-        return "\n".join(lines)
+    def render(self, turns: list[Turn], context: list[ContextPassage] = ()) -> str:
+        pieces = self.pieces(turns, context)
+        return pieces.head + "".join(pieces.turns) + pieces.tail
+
+    def pieces(self, turns: list[Turn], context: list[ContextPassage] = ()) -> PromptPieces:
+        return PromptPieces("", [f"{self._lines(turn)}\n" for turn in _with_context(turns, context)], f"{self.BOT}:")
+
+    def _lines(self, turn: Turn) -> str:
+        if turn.role == "system":
+            return turn.content
+        speaker = self.HUMAN if turn.role == "user" else self.BOT
+        line = f"{speaker}: {turn.content}"
+        if turn.context:
+            return f"{self.HUMAN}: {CONTEXT_INSTRUCTION}\n{context_block(list(turn.context))}\n{line}"
+        return line
 
 
 PromptFormat = ChatTemplatePrompt | OpenChatKitPrompt
@@ -110,6 +145,20 @@ def prompt_format_for(name: str, chat_template: str, bos_token: str, eos_token: 
     if name == "openchatkit":
         return OpenChatKitPrompt()
     raise FailedPrecondition(f"the generation service reports prompt format {name!r}, which the orchestrator lacks")
+
+
+def _with_context(turns: list[Turn], context: list[ContextPassage]) -> list[Turn]:
+    """The turns, the last one given ``context`` when there is any."""
+    if not context:
+        return list(turns)
+    last = turns[-1]
+    return [*turns[:-1], Turn(last.role, last.content, tuple(context))]
+
+
+def _content(turn: Turn) -> str:
+    if not turn.context:
+        return turn.content
+    return f"{turn.content}\n\n{CONTEXT_HEADING}\n{context_block(list(turn.context))}"
 
 
 def _raise_template_error(message: str) -> None:

@@ -11,12 +11,14 @@ import grpc
 from loguru import logger
 
 from nightcap.credentials import Credentials
-from nightcap.v1 import chat_pb2, chat_pb2_grpc
-from services.common.errors import Cancelled, ServiceError, Unavailable
+from nightcap.records import to_message
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2
+from services.common.errors import Cancelled, InvalidArgument, ServiceError, Unavailable
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-from services.orchestrator.conversation import ChatOrchestrator
+from services.orchestrator.conversation import ChatOrchestrator, QueryMode, TurnRequest
+from services.orchestrator.prompts import ContextPassage, Turn
 
 STATUS_TIMEOUT_S = 3.0
 # grpcio reports a call without a deadline as having about 2**63 ns left; passed on as a timeout, that
@@ -28,6 +30,9 @@ def backend_timeout_for(context: grpc.ServicerContext) -> float | None:
     """The time this call has left, to pass on to the backend; None when the caller set no deadline."""
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+
+
+_ROLE_NAMES = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
@@ -47,22 +52,34 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     def _chat(
         self, request: chat_pb2.ChatRequest, request_id: str, started: float, context: grpc.ServicerContext
     ) -> Iterator[chat_pb2.ChatResponse]:
-        turn = self.orchestrator.prepare(request)
+        turn = self.orchestrator.prepare(turn_request(request, request_id))
+        params = common_pb2.SamplingParams()
+        params.CopyFrom(request.params)
+        params.max_new_tokens = turn.max_new_tokens
+        del params.stop[:]
+        params.stop.extend(turn.stop)
         stream = self.orchestrator.generation.generate(
-            turn.prompt, turn.params, timeout=backend_timeout_for(context), request_id=request_id
+            turn.prompt_token_ids, params, timeout=backend_timeout_for(context), request_id=request_id
         )
         context.add_callback(stream.cancel)  # the client went away: stop generating
         responses = iter(stream)
         # the generation service validates before it streams: its errors reach the client before any message
-        first = next(responses, None)
+        try:
+            first = next(responses, None)
+        except ServiceError:
+            self.orchestrator.forget_model()  # perhaps a new model with another vocabulary: ask again next turn
+            raise
         if first is None:
             raise Unavailable("the generation service closed the stream without answering")
+        self.orchestrator.served_by(first.model)
         yield chat_pb2.ChatResponse(
             start=chat_pb2.ChatStart(
-                sources=turn.sources,
+                sources=[to_message(p, retrieval_pb2.Passage) for p in turn.sources],
                 prompt=turn.prompt,
                 history_messages_dropped=turn.history_messages_dropped,
-                model=turn.model,
+                model=first.model or turn.model,
+                retrieval_query=turn.retrieval_query,
+                retrieved_ids=turn.retrieved_ids,
             )
         )
         first_delta_at = None
@@ -82,14 +99,15 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     )
                 )
                 logger.info(
-                    "chat {}: history={} dropped={} sources={} prompt={} completion={} ttft={:.0f}ms total={:.2f}s"
-                    " replica {}",
+                    "chat {}: history={} dropped={} sources={} prompt={} completion={} query_ms={:.0f}"
+                    " ttft={:.0f}ms total={:.2f}s replica {}",
                     request_id,
                     len(request.history),
                     turn.history_messages_dropped,
                     len(turn.sources),
                     finish.prompt_tokens,
                     finish.generated_tokens,
+                    turn.query_ms,
                     ((first_delta_at or time.monotonic()) - started) * 1000,
                     time.monotonic() - started,
                     stream.replica() or self.orchestrator.generation.address,
@@ -115,6 +133,26 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         return response
 
 
+def turn_request(request: chat_pb2.ChatRequest, request_id: str) -> TurnRequest:
+    """The ChatRequest as the orchestrator's plain record; a history entry without a role is refused here."""
+    history = []
+    for index, entry in enumerate(request.history):
+        if entry.role not in _ROLE_NAMES:
+            raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        context = tuple(ContextPassage(p.title, p.text, p.source) for p in entry.sources)
+        history.append(Turn(_ROLE_NAMES[entry.role], entry.content, context))
+    params = request.params
+    return TurnRequest(
+        message=request.message,
+        history=history,
+        retrieval=request.retrieval,
+        k=request.retrieval_k if request.HasField("retrieval_k") else None,
+        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else None,
+        stop=tuple(params.stop),
+        request_id=request_id,
+    )
+
+
 def start_chat_server(
     generation: str,
     retrieval: str | None,
@@ -124,6 +162,7 @@ def start_chat_server(
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
     backend_credentials: Credentials | None = None,
+    query_mode: QueryMode | str = QueryMode.RECENT,
 ) -> RunningServer:
     """nightcap.v1.Chat in front of the given backends, with health and reflection, on ``address``.
 
@@ -133,6 +172,7 @@ def start_chat_server(
         RetrievalBackend(retrieval, backend_credentials) if retrieval else None,
         default_max_new_tokens=default_max_new_tokens,
         backend_timeout=backend_timeout,
+        query_mode=QueryMode(query_mode),
     )
     binding = ServiceBinding(
         chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,

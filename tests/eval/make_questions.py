@@ -1,0 +1,158 @@
+"""Writes tests/eval/questions.json: the `make eval` question set, generated from the default Wikipedia corpus.
+
+    .venv/bin/python tests/eval/make_questions.py          # rewrite the committed set (deterministic)
+
+Three kinds of article, each with a question the article answers in words that can be checked:
+- a city with its population: "Where is X?" (its country), then "How many people live there?";
+- a person: "Who was X?" (the occupation), then "What nationality was he?";
+- a thing founded, built or established in a year: "What is X?" (what it is), then "When was it founded?".
+
+Single-turn questions name their subject ("How many people live in Accra?"); conversations ask the same kind of
+question as a follow-up with a pronoun, which only the earlier turn explains. The two sets use different
+articles. About a third of each set is held out: tune on the rest (`--split dev`), report both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.retrieval.corpus import Document, read_wikipedia_summaries
+
+OUT = Path(__file__).with_name("questions.json")
+SINGLE_PER_KIND = 20
+CONVERSATIONS_PER_KIND = (14, 13, 13)  # cities, people, things: 40 conversations
+HELD_OUT_EVERY = 3  # every third question of a kind is held out
+
+_CITY = re.compile(r"^[^.]*? is (?:a|an|the) [^.]*?\b(?:city|town|capital|municipality)\b[^.]*? (?:of|in) (?:the )?"
+                   r"(?:[a-z]+ )*([A-Z][a-z]+(?: [A-Z][a-z]+)?)")  # fmt: skip
+_POPULATION = re.compile(
+    r"population (?:of|was|is) (?:about |approximately |around |over |roughly )?(\d{1,3}(?:,\d{3})+)"
+)
+_PERSON = re.compile(r"^[^.()]*? (is|was) an? ([A-Z][a-z]+)(?:-born)?(?: [A-Z][a-z]+)* ([a-z]{4,})\b")
+_FOUNDED = re.compile(
+    r"\b(founded|established|built|opened|formed|completed|released|published|composed|written|painted|discovered"
+    r"|signed|launched|introduced|created) in (?:[A-Z][a-z]+ )?(?:\d{1,2}, )?(\d{4})\b"
+)
+_WHAT = re.compile(
+    r"^[^.()]*? (?:is|was) (?:an?|the) ((?:[a-z-]+ ){0,3}?[a-z-]{4,})(?: in| of| that| which| by| for| located|,|\.)"
+)
+_SKIP_OCCUPATIONS = {"born", "based", "former", "professional", "retired", "stage"}
+
+
+@dataclass(frozen=True)
+class Article:
+    kind: str  # city, person or thing
+    title: str
+    first_answer: str  # what the opening question ("Where is X?") should answer
+    second_answer: str  # what the second question ("How many people live there?") should answer
+    pronoun: str  # he, she, it or there
+    verb: str = ""  # founded, built, ... (things)
+
+
+def articles(documents: list[Document]) -> Iterator[Article]:
+    for document in documents:
+        text, title = document.text, document.title
+        if not text.startswith(title.split(" (")[0]) or len(title) > 40:
+            continue  # the question names the article by its title: the text must be about that name
+        city, population = _CITY.match(text), _POPULATION.search(text)
+        if city and population and city.group(1) != title:
+            yield Article("city", title, city.group(1), population.group(1), "there")
+            continue
+        person = _PERSON.match(text)
+        he, she = len(re.findall(r"\b(?:he|his|him)\b", text, re.I)), len(re.findall(r"\b(?:she|her)\b", text, re.I))
+        if person and person.group(3) not in _SKIP_OCCUPATIONS and max(he, she) >= 2:
+            pronoun = "he" if he > she else "she"
+            yield Article("person", title, person.group(3), person.group(2), pronoun, person.group(1))
+            continue
+        founded, what = _FOUNDED.search(text), _WHAT.match(text)
+        if founded and what and not re.search(r"\b(?:he|she)\b", text[:300], re.I):
+            yield Article("thing", title, what.group(1).split()[-1], founded.group(2), "it", founded.group(1))
+
+
+def name(article: Article) -> str:
+    """The title as a person would say it: "Utopia (book)" is asked about as "Utopia"."""
+    return article.title.split(" (")[0]
+
+
+def standalone(article: Article) -> str:
+    if article.kind == "city":
+        return f"How many people live in {name(article)}?"
+    if article.kind == "person":
+        return f"What nationality {article.verb} {name(article)}?"
+    return f"When was {name(article)} {article.verb}?"
+
+
+def opening(article: Article) -> str:
+    if article.kind == "city":
+        return f"Where is {name(article)}?"
+    if article.kind == "person":
+        return f"Who {article.verb} {name(article)}?"
+    return f"What is {name(article)}?"
+
+
+def follow_up(article: Article) -> str:
+    if article.kind == "city":
+        return "How many people live there?"
+    if article.kind == "person":
+        return f"What nationality {article.verb} {article.pronoun}?"
+    return f"When was it {article.verb}?"
+
+
+def _order(article: Article) -> str:
+    return hashlib.sha256(article.title.encode()).hexdigest()  # a fixed shuffle, independent of corpus order
+
+
+def build() -> dict:
+    found: dict[str, list[Article]] = {"city": [], "person": [], "thing": []}
+    for article in articles(list(read_wikipedia_summaries())):
+        found[article.kind].append(article)
+    single, conversations = [], []
+    for kind, conversation_count in zip(found, CONVERSATIONS_PER_KIND, strict=True):
+        chosen = sorted(found[kind], key=_order)
+        for number, article in enumerate(chosen[:SINGLE_PER_KIND]):
+            single.append(
+                {
+                    "id": f"single-{kind}-{number}",
+                    "kind": kind,
+                    "split": "heldout" if number % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "dev",
+                    "question": standalone(article),
+                    "source": article.title,
+                    "answer_words": [article.second_answer],
+                }
+            )
+        for number, article in enumerate(chosen[SINGLE_PER_KIND : SINGLE_PER_KIND + conversation_count]):
+            conversations.append(
+                {
+                    "id": f"conversation-{kind}-{number}",
+                    "kind": kind,
+                    "split": "heldout" if number % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "dev",
+                    "source": article.title,
+                    "turns": [
+                        {"question": opening(article), "answer_words": [article.first_answer]},
+                        {"question": follow_up(article), "answer_words": [article.second_answer]},
+                    ],
+                }
+            )
+    return {
+        "about": "Generated by tests/eval/make_questions.py from the default corpus (Wikipedia summaries, "
+        "CC BY-SA). `source` is the article title; a passage id is '<title>#<n>'.",
+        "counts": {kind: len(items) for kind, items in found.items()},
+        "single": single,
+        "conversations": conversations,
+    }
+
+
+def main() -> None:
+    questions = build()
+    OUT.write_text(json.dumps(questions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(questions['single'])} single-turn questions, {len(questions['conversations'])} conversations")
+    print(f"articles of each kind in the corpus: {questions['counts']} -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""A slice of `make eval` on the test stack: the question set's shape, and the evaluation itself run through
+real orchestrators on the tiny model and an index of the questions' articles plus distractors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.orchestrator.conversation import QueryMode
+
+EVAL = Path(__file__).with_name("eval")
+sys.path.insert(0, str(EVAL))
+run_eval = importlib.import_module("run_eval")
+QUESTIONS = json.loads((EVAL / "questions.json").read_text(encoding="utf-8"))
+
+
+def one_of_each_kind(items: list[dict]) -> list[dict]:
+    return [next(item for item in items if item["kind"] == kind) for kind in ("city", "person", "thing")]
+
+
+def test_the_question_set_has_held_out_questions_and_conversations_that_need_their_first_turn():
+    single, conversations = QUESTIONS["single"], QUESTIONS["conversations"]
+    assert len(single) >= 50 and len(conversations) >= 30
+    for items in (single, conversations):
+        assert {item["split"] for item in items} == {"dev", "heldout"}
+        assert {item["kind"] for item in items} == {"city", "person", "thing"}
+    assert not {item["source"] for item in single} & {item["source"] for item in conversations}
+    for conversation in conversations:
+        opening, follow_up = conversation["turns"]
+        assert conversation["source"].split(" (")[0] in opening["question"]
+        assert conversation["source"].split(" (")[0] not in follow_up["question"]
+        assert {"there", "he", "she", "it"} & set(follow_up["question"].rstrip("?").split())
+        assert follow_up["answer_words"] and opening["answer_words"]
+
+
+@pytest.fixture(scope="module")
+def eval_retrieval(embedder, tmp_path_factory):
+    """A retrieval service over every article of the question set: each follow-up has a dozen of its kind to
+    mistake it for (the other cities, people and things)."""
+    from services.retrieval.build import build_index
+    from services.retrieval.corpus import read_wikipedia_summaries
+    from services.retrieval.index import load_index
+    from services.retrieval.retriever import Retriever
+    from services.retrieval.server import start_retrieval_server
+
+    titles = [item["source"] for item in QUESTIONS["single"] + QUESTIONS["conversations"]]
+    folder = tmp_path_factory.mktemp("var") / "indexes" / "eval-slice"
+    build_index(read_wikipedia_summaries(titles=titles), embedder, folder, progress=False)
+    index = load_index(folder)
+    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    yield running.address
+    running.stop(grace=1)
+    index.close()
+
+
+def test_the_eval_slice_finds_every_source_and_the_follow_ups_need_the_mix(
+    generation_address, eval_retrieval, tmp_path
+):
+    questions = {
+        "single": one_of_each_kind(QUESTIONS["single"]),
+        "conversations": one_of_each_kind(QUESTIONS["conversations"]),
+    }
+    modes = [QueryMode.RECENT, QueryMode.CONDENSE, QueryMode.LAST]
+    sets, rewrites = run_eval.run(
+        questions, generation_address, eval_retrieval, modes, max_new_tokens=4, progress=False
+    )
+
+    assert sets["single"].metrics()["source_recall_at_3"] == 1.0
+    assert sets["opening"].metrics()["source_recall_at_3"] == 1.0
+    recent, last = sets["followup/recent"].metrics(), sets["followup/last"].metrics()
+    assert recent["source_recall_at_3"] == 1.0
+    assert recent["source_recall_at_3"] > last["source_recall_at_3"]  # the pronoun alone misses
+    assert [o.query for o in sets["followup/last"].outcomes] == [
+        c["turns"][1]["question"] for c in questions["conversations"]
+    ]
+    assert len(rewrites) == 3 and all(r["ms"] > 0 for r in rewrites)
+
+    bench = run_eval.report(sets, rewrites, modes, 3, "tiny")
+    written = json.loads(bench.write(tmp_path).read_text())
+    assert written["ratios"]["multiturn_vs_single_source_recall_at_3"] == 1.0
+    assert "last/multiturn_vs_single_source_recall_at_3" in written["ratios"]
+    names = {(r["name"], r["params"].get("split")) for r in written["results"]}
+    assert {("single", "all"), ("followup/last", "all"), ("condense_rewrite", None)} <= names
