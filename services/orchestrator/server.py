@@ -48,6 +48,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             if context.is_active():
                 raise  # the generation service cancelled, not our client
             logger.info("chat {}: CANCELLED by its client after {:.2f}s", request_id, time.monotonic() - started)
+        except GeneratorExit:
+            # grpcio closes the stream instead when the client leaves while we wait to send, not to receive
+            logger.info("chat {}: CANCELLED by its client after {:.2f}s", request_id, time.monotonic() - started)
+            raise
 
     def _chat(
         self, request: chat_pb2.ChatRequest, request_id: str, started: float, context: grpc.ServicerContext
