@@ -320,3 +320,25 @@ def test_epochs_set_the_step_count_and_loguru_writes_progress_to_a_file_under_va
         setup_logging("test")  # the loop pointed loguru at its file; close it
     (log_file,) = (tmp_path / "logs" / "training" / "finetune").glob("file_*.log")
     assert f"step {config.total_steps}/{config.total_steps} loss" in log_file.read_text()
+
+
+def test_var_data_paths_name_the_files_under_nightcap_var_where_the_working_dir_has_no_var(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """What a `ray job submit --working-dir .` job sees: an upload of the tree without the git-ignored var/,
+    and the head's absolute NIGHTCAP_VAR. The README's var/data/... paths must name the files there."""
+    var = tmp_path / "head-var"
+    data = var / "data" / "wiki-chat"
+    data.mkdir(parents=True)
+    write_jsonl(data / "train.jsonl", city_chats(48))
+    write_jsonl(data / "eval.jsonl", city_chats(4, 3))
+    job_dir = tmp_path / "job-working-dir"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("NIGHTCAP_VAR", str(var))
+    argv = ["--model", str(tiny_model_dir), "--data", "var/data/wiki-chat/train.jsonl:1", "--seq-length", "64"]
+    argv += ["--eval-data", "var/data/wiki-chat/eval.jsonl", "--total-steps", "2", "--batch-size", "4"]
+    args, _, prepared, _ = finetune.build_run(argv)
+    assert args.data == f"{data / 'train.jsonl'}:1"
+    assert args.eval_data == str(data / "eval.jsonl")
+    assert prepared.train.conversations == 48 and prepared.eval is not None

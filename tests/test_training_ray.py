@@ -176,8 +176,11 @@ def test_the_readme_ray_job_submit_command_works_as_written(ray_head, tiny_model
     data.mkdir(parents=True, exist_ok=True)
     write_jsonl(data / "train.jsonl", city_chats(96))
     write_jsonl(data / "eval.jsonl", city_chats(8, 3))
-    command[0] = str(VENV_BIN / "ray")
-    submit = ray_cli(*command[1:], timeout=400)
+    for _ in range(12):  # a head that just started may have no job agent yet ("try again later")
+        submit = ray_cli(*command[1:], timeout=400)
+        if "No available agent to submit job" not in submit.stderr:
+            break
+        time.sleep(10)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert re.search(r"Job '\w+' succeeded", submit.stdout + submit.stderr), submit.stdout[-2000:]
     assert f"final checkpoint: {ray_head[2] / 'ray' / 'storage'}" in submit.stdout
