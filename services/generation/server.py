@@ -7,7 +7,7 @@ import time
 import grpc
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.server import RunningServer, ServiceBinding, start_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
@@ -60,6 +60,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 return
 
     def _finish_message(self, job: Request, event: Finished) -> generation_pb2.GenerateResponse:
+        if event.status is RequestStatus.FINISHED_ERROR and self.engine.failure is not None:
+            raise Unavailable(f"request {job.request_id} lost its model: {event.error}")
         if event.status is RequestStatus.FINISHED_ERROR:
             raise RuntimeError(f"generation failed for request {job.request_id}: {event.error}")
         if event.status is RequestStatus.FINISHED_CANCELLED and job.deadline and time.monotonic() >= job.deadline:

@@ -54,7 +54,7 @@ class ContinuousBatchingEngine:
         self.config = config or SchedulerConfig()
         self.scheduler = ContinuousBatchScheduler(self.config, loaded.eos_token_ids)
         self.metrics = metrics or GenerationMetrics()
-        self.runner = ModelRunner(loaded.model, _pad_token_id(loaded), loaded.device)
+        self.runner = ModelRunner(loaded.model, pad_token_id(loaded), loaded.device)
         self._execute = execute or self.runner.execute
         self._wakeup = threading.Condition()
         self._accepting = True
@@ -240,7 +240,7 @@ def _finished_row(request: Request) -> RowSampling:
     return RowSampling(request.config, [], [], torch.Generator())
 
 
-def _pad_token_id(loaded: LoadedModel) -> int:
+def pad_token_id(loaded: LoadedModel) -> int:
     # padding is masked out; any valid id will do when the tokenizer names none
     tokenizer = loaded.tokenizer
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(loaded.eos_token_ids)):
