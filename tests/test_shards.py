@@ -37,7 +37,7 @@ CASES = [
     ([9], 40, {"temperature": 0.9, "top_k": 40, "seed": 11}),
     (list(range(100, 117)), 15, {}),
     ([3, 1, 4, 1, 5, 9, 2, 6], 30, {"temperature": 1.2, "top_p": 0.9, "seed": 5}),
-    ([200, 201], 12, {}),
+    ([200, 201, 420], 12, {}),  # ids past half the vocabulary: rank 0 holds only half the embedding rows
 ]
 
 
@@ -135,11 +135,16 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
         cancelled.cancel()  # leaves mid-batch; everyone else must be unaffected
         for thread in threads:
             thread.join(120)
+        (rank1,) = server.ranks()
+        server.process.terminate()  # SIGTERM: rank 0 drains, tells rank 1 to stop, both exit cleanly
+        assert server.process.wait(60) == 0
+        rank1.wait(30)  # raises if rank 1 outlives rank 0 (psutil cannot read a grandchild's exit code)
         log = server.log()
     finally:
         server.stop()
     assert results == expected, log
     assert "rank 1/2 joined the gloo group" in log
+    assert "rank 1 stops after" in log  # it left its loop when told to, not by an error
 
 
 def test_a_killed_rank_ends_the_service_within_its_timeout(tiny_model_dir, tmp_path):
@@ -172,9 +177,10 @@ def test_an_idle_service_notices_a_dead_rank_and_a_rank_notices_a_dead_rank0(tin
     try:
         (rank1,) = server.ranks()
         server.process.kill()  # rank 0 vanishes without a word: rank 1 must not wait forever
-        assert rank1.wait(SHARD_TIMEOUT + 15) != 0
+        rank1.wait(SHARD_TIMEOUT + 15)  # raises psutil.TimeoutExpired if it hangs on
     finally:
         server.stop()
+    assert "rank 1 stops:" in server.log()  # it failed its broadcast (and exits 1), it did not wait forever
 
 
 def test_a_model_the_ranks_cannot_split_is_refused_at_start_naming_it(tiny_model_dir, tmp_path):

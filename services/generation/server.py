@@ -30,7 +30,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.loaded = loaded
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
-        self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
+        # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
+        self.vocab_size = getattr(loaded.model.config, "vocab_size", None) or (
+            loaded.model.get_input_embeddings().num_embeddings
+        )
 
     def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext):
         prompt_ids = self._prompt_ids(request)

@@ -376,10 +376,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for the baselines and the servers")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--area", default="generation", help="writes var/bench/<area>.json")
+    parser.add_argument(
+        "--mixed-new-tokens", type=int, nargs=2, default=list(MIXED_NEW_TOKENS), metavar=("LOW", "HIGH"),
+        help="range of new tokens the mixed workload asks for (a smaller HIGH shortens a run on a busy machine)",
+    )  # fmt: skip
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
-    global DEVICE, DTYPE
+    global DEVICE, DTYPE, MIXED_NEW_TOKENS
     DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    MIXED_NEW_TOKENS = tuple(args.mixed_new_tokens)
     layout = VarLayout.from_env(args.var_dir)
     layout.bench.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry(layout.models)
@@ -466,7 +471,7 @@ def measure_mixed(report: BenchReport, name: str, model, address: str, vocab: in
     """Requests that want different lengths: a static batch runs to its longest member; nightcap lets
     each leave when done and takes arrivals as they come. Only requested tokens count."""
     batch, lengths, arrivals = mixed_workload(vocab)
-    params = {"requests": MIXED_REQUESTS, "new_tokens": "16-256", "arrival_s": MIXED_ARRIVAL_S}
+    params = {"requests": MIXED_REQUESTS, "new_tokens": "{}-{}".format(*MIXED_NEW_TOKENS), "arrival_s": MIXED_ARRIVAL_S}
     started, times = run_static_batch(model, batch, new_tokens=max(lengths))
     static = {
         "tokens_per_s": sum(lengths) / (times[-1] - started),
