@@ -196,9 +196,8 @@ def test_typical_p_keeps_the_tokens_nearest_the_entropy_not_the_likeliest():
 
 
 def test_frequency_and_presence_penalties_follow_the_openai_formula():
-    from services.generation.engine.sampling import apply_frequency_presence_penalties
+    from services.generation.engine.sampling import apply_frequency_presence_penalties, token_counts
 
-    logits = torch.zeros(4)
-    generated = torch.tensor([1, 1, 2])
-    penalised = apply_frequency_presence_penalties(logits, generated, frequency=0.5, presence=0.25)
-    assert penalised.tolist() == [0.0, -1.25, -0.75, 0.0]
+    logits = torch.zeros(1, 4)
+    penalised = apply_frequency_presence_penalties(logits, token_counts([[1, 1, 2]], 4), frequency=0.5, presence=0.25)
+    assert penalised.tolist() == [[0.0, -1.25, -0.75, 0.0]]

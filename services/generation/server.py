@@ -7,7 +7,7 @@ import time
 import grpc
 
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.generation.engine import params
@@ -63,12 +63,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 model = ""
             finished = next((e for e in events if isinstance(e, Finished)), None)
             if finished is not None:
-                message = self._finish_message(job, finished)
+                message = self._finish_message(job, finished, served.engine)
                 message.model = model
                 yield message
                 return
 
-    def _finish_message(self, job: Request, event: Finished) -> generation_pb2.GenerateResponse:
+    def _finish_message(
+        self, job: Request, event: Finished, engine: ContinuousBatchingEngine
+    ) -> generation_pb2.GenerateResponse:
+        if event.status is RequestStatus.FINISHED_ERROR and engine.failure is not None:
+            raise Unavailable(f"request {job.request_id} lost its model: {event.error}")
         if event.status is RequestStatus.FINISHED_ERROR:
             raise RuntimeError(f"generation failed for request {job.request_id}: {event.error}")
         if event.status is RequestStatus.FINISHED_CANCELLED and job.deadline and time.monotonic() >= job.deadline:
@@ -158,7 +162,8 @@ def serve_model_host(
 
 
 def _vocab(loaded: LoadedModel) -> int:
-    return loaded.model.get_input_embeddings().num_embeddings
+    # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
+    return getattr(loaded.model.config, "vocab_size", None) or loaded.model.get_input_embeddings().num_embeddings
 
 
 def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:

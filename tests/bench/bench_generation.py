@@ -2,10 +2,24 @@
 
 For each model and each concurrency N (same 32-token prompts, 64 new tokens with ignore_eos, greedy):
   sequential    model.generate one request at a time (how OpenChatKit's bot.py serves); its rate does
-                not depend on N, so it is measured once per model over a few requests
+                not depend on N, so it is measured once per model over 8 requests, half before and half
+                after the others
   static-batch  model.generate on one batch of N prompts (the best this hardware does at that size)
   nightcap      the generation service over gRPC (a subprocess), N concurrent streaming clients
   transformers-generate_batch   transformers' continuous batching, in process (Llama only; N = 16)
+
+Mixed traffic (``mixed_n64_vs_static_batch``): 64 requests asking for 16-256 new tokens (drawn with a
+fixed seed) arrive over 3 s; the static batch gets them all at once (a head start) and must run to its
+longest member; tokens/s counts only the tokens each request asked for.
+
+Scaling at N=16 (``tp2_vs_tp1``, ``tp2_rank_rss_vs_tp1``, ``replicas2_vs_1``): one server, the same
+model over 2 tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain
+gRPC channel with round_robin over both addresses; the largest rank's RSS after loading over the
+1-shard server's.
+
+Fairness: every system is warmed alike, systems take turns (interleaved in time, so load drift on a
+shared machine hits all alike), every run is checked to have produced the tokens it asked for, and a
+streamed message carrying several tokens counts as one inter-token gap, not several zero ones.
 
     python tests/bench/bench_generation.py [--concurrency 1 4 16 64] [--models pythia-160m-shape smollm2-135m]
 
@@ -40,16 +54,28 @@ from services.generation.loading import DEFAULT_MODEL, prepare_default
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
-SEQUENTIAL_REQUESTS = 4
+SEQUENTIAL_REQUESTS = 8
+MIXED_REQUESTS = 64
+MIXED_NEW_TOKENS = (16, 256)
+MIXED_ARRIVAL_S = 3.0
+SCALING_CONCURRENCY = 16
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE = torch.device("cpu")  # --device; the in-process baselines run there, the servers get the same flags
+DTYPE = torch.float32
 
 
 @dataclass
 class Timings:
-    """One request's clock: when it was sent and when each token arrived."""
+    """One request's clock: when it was sent and when each message of tokens arrived."""
 
     sent: float
-    tokens: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)  # one arrival time per token
+    messages: list[float] = field(default_factory=list)  # one per message (or generate step)
+
+    def arrived(self, now: float, count: int) -> None:
+        if count:
+            self.tokens.extend([now] * count)
+            self.messages.append(now)
 
     @property
     def ttft(self) -> float:
@@ -57,7 +83,8 @@ class Timings:
 
     @property
     def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.tokens, self.tokens[1:], strict=False)]
+        """Gaps between messages: tokens that came together are one gap, not zero-length ones."""
+        return [b - a for a, b in zip(self.messages, self.messages[1:], strict=False)]
 
 
 class TokenClock(BaseStreamer):
@@ -103,29 +130,44 @@ def prompts(count: int, vocab: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def run_sequential(model, batch: list[list[int]]) -> dict[str, float]:
-    timings, started = [], time.perf_counter()
+def run_sequential(model, batch: list[list[int]]) -> list[Timings]:
+    timings = []
     for prompt in batch:
         clock = TokenClock(1)
         sent = time.perf_counter()
-        model.generate(
-            torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            streamer=clock, pad_token_id=0,
+        output = model.generate(
+            torch.tensor([prompt], device=DEVICE), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, streamer=clock, pad_token_id=0,
         )  # fmt: skip
-        timings.append(Timings(sent, clock.times))
-    return summarise(timings, started, time.perf_counter())
+        assert output.shape[1] == len(prompt) + NEW_TOKENS, "sequential generate stopped short"
+        timings.append(Timings(sent, clock.times, clock.times))
+    return timings
+
+
+def sequential_rate(timings: list[Timings]) -> dict[str, float]:
+    """Requests ran one after another (in two halves, apart in time): tokens over the time spent in them."""
+    busy = sum(t.tokens[-1] - t.sent for t in timings)
+    metrics = summarise(timings, 0.0, busy)
+    return metrics
 
 
 @torch.inference_mode()
-def run_static_batch(model, batch: list[list[int]]) -> dict[str, float]:
+def run_static_batch(model, batch: list[list[int]], new_tokens: int = NEW_TOKENS) -> tuple[float, list[float]]:
+    """One generate call for the whole batch; returns its start time and the time of each step."""
     clock = TokenClock(len(batch))
     started = time.perf_counter()
-    model.generate(
-        torch.tensor(batch), attention_mask=torch.ones(len(batch), PROMPT_TOKENS, dtype=torch.long),
-        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock, pad_token_id=0,
+    output = model.generate(
+        torch.tensor(batch, device=DEVICE),
+        attention_mask=torch.ones(len(batch), len(batch[0]), dtype=torch.long, device=DEVICE),
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0,
     )  # fmt: skip
-    finished = time.perf_counter()
-    return summarise([Timings(started, clock.times) for _ in batch], started, finished)
+    assert output.shape == (len(batch), len(batch[0]) + new_tokens), "the static batch stopped short"
+    return started, clock.times
+
+
+def static_batch_metrics(model, batch: list[list[int]]) -> dict[str, float]:
+    started, times = run_static_batch(model, batch)
+    return summarise([Timings(started, times, times) for _ in batch], started, times[-1])
 
 
 @torch.inference_mode()
@@ -139,7 +181,11 @@ def run_transformers_continuous_batching(model, batch: list[list[int]]) -> dict[
     return {"tokens_per_s": tokens / (finished - started)}
 
 
-def run_nightcap(address: str, batch: list[list[int]]) -> dict[str, float]:
+def stream_requests(
+    target: str, batch: list[list[int]], new_tokens: list[int], delays: list[float] | None = None, **options
+) -> list[Timings]:
+    """One client thread per request over one channel to ``target``; request i is sent ``delays[i]`` s
+    after the start (all at once without delays). Checks each got exactly the tokens it asked for."""
     timings = [Timings(0.0) for _ in batch]
     barrier = threading.Barrier(len(batch))
     errors: list[BaseException] = []
@@ -148,18 +194,20 @@ def run_nightcap(address: str, batch: list[list[int]]) -> dict[str, float]:
         stub = generation_pb2_grpc.GenerationStub(channel)
         request = generation_pb2.GenerateRequest(
             token_ids=generation_pb2.TokenIds(ids=batch[row]),
-            params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+            params=common_pb2.SamplingParams(max_new_tokens=new_tokens[row], temperature=0.0, ignore_eos=True),
         )
         barrier.wait()
+        start = time.perf_counter()
+        if delays:
+            time.sleep(max(0.0, start + delays[row] - time.perf_counter()))
         timings[row].sent = time.perf_counter()
         try:
-            for response in stub.Generate(request, timeout=600):
-                now = time.perf_counter()
-                timings[row].tokens.extend([now] * len(response.token_ids))
+            for response in stub.Generate(request, timeout=1200):
+                timings[row].arrived(time.perf_counter(), len(response.token_ids))
         except grpc.RpcError as error:
             errors.append(error)
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(target, options=list(options.items())) as channel:
         threads = [threading.Thread(target=client, args=(row, channel)) for row in range(len(batch))]
         for thread in threads:
             thread.start()
@@ -167,7 +215,13 @@ def run_nightcap(address: str, batch: list[list[int]]) -> dict[str, float]:
             thread.join()
     if errors:
         raise RuntimeError(f"{len(errors)} nightcap requests failed: {errors[0]}")
-    assert all(len(t.tokens) == NEW_TOKENS for t in timings)
+    produced = [len(t.tokens) for t in timings]
+    assert produced == new_tokens, f"nightcap produced {produced}, asked for {new_tokens}"
+    return timings
+
+
+def run_nightcap(target: str, batch: list[list[int]], **options) -> dict[str, float]:
+    timings = stream_requests(target, batch, [NEW_TOKENS] * len(batch), **options)
     return summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings))
 
 
@@ -186,7 +240,7 @@ def run_long_prompt_interference(address: str, vocab: int, long_prompt_tokens: i
         )
         decoders[row].sent = time.perf_counter()
         for number, response in enumerate(stub.Generate(request, timeout=600)):
-            decoders[row].tokens.append(time.perf_counter())
+            decoders[row].arrived(time.perf_counter(), len(response.token_ids))
             if number == 16:
                 started.wait()  # every stream is decoding: now the long prompt arrives
             del response
@@ -198,8 +252,8 @@ def run_long_prompt_interference(address: str, vocab: int, long_prompt_tokens: i
             params=common_pb2.SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
         )
         long_request.sent = time.perf_counter()
-        for _ in stub.Generate(request, timeout=600):
-            long_request.tokens.append(time.perf_counter())
+        for response in stub.Generate(request, timeout=600):
+            long_request.arrived(time.perf_counter(), len(response.token_ids))
 
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
@@ -220,14 +274,17 @@ def run_long_prompt_interference(address: str, vocab: int, long_prompt_tokens: i
 class GenerationServer:
     """The real service in its own process, as `make up` runs it."""
 
-    def __init__(self, model: str, var_dir: Path, max_batch_size: int, max_prefill_tokens: int = 2048) -> None:
+    def __init__(
+        self, model: str, var_dir: Path, max_batch_size: int, max_prefill_tokens: int = 2048, *extra: str, log: str = ""
+    ) -> None:
         with socket_port() as port:
             self.address = f"127.0.0.1:{port}"
-        self.log = (var_dir / "bench" / "generation-server.log").open("w")
+        self.log = (var_dir / "bench" / f"generation-server{log}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.generation", "serve", "--model", model, "--address", self.address,
              "--var-dir", str(var_dir), "--metrics-address", "", "--max-batch-size", str(max_batch_size),
-             "--max-prefill-tokens", str(max_prefill_tokens), "--log-level", "WARNING"],
+             "--max-prefill-tokens", str(max_prefill_tokens), "--log-level", "WARNING",
+             "--device", DEVICE.type, "--dtype", str(DTYPE).removeprefix("torch."), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -240,6 +297,13 @@ class GenerationServer:
                     raise RuntimeError(f"the generation service exited; see {self.log.name}") from None
             time.sleep(0.5)
         raise RuntimeError("the generation service did not start within 300 s")
+
+    def rss_bytes(self) -> list[int]:
+        """Resident memory of this server's processes: rank 0 first, then any ranks it started."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        return [p.memory_info().rss for p in [root, *root.children()]]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -279,14 +343,48 @@ def pythia_160m_shape(folder: Path, tokenizer_from: Path) -> Path:
     return folder
 
 
+def redpajama_3b_shape(folder: Path, tokenizer_from: Path) -> Path:
+    """RedPajama-INCITE-Chat-3B's shape (GPT-NeoX, 32 layers, 2560 wide, 32 heads, bf16) with random
+    weights and SmolLM2's tokenizer (its ids are a subset of the 50,432 the shape keeps). For GPU runs."""
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = GPTNeoXConfig(
+        vocab_size=50_432, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10_240,
+        max_position_embeddings=2048, rotary_pct=1.0, use_parallel_residual=False, dtype="bfloat16",
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="values of N")
     parser.add_argument(
         "--models", nargs="+", default=["pythia-160m-shape", "smollm2-135m"], help="which models to measure"
     )
+    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "scaling", "chunked"], help="parts to skip")
+    parser.add_argument(
+        "--num-shard", type=int, nargs="+", default=[1], help="nightcap's tensor-parallel sizes at each N (GPU runs)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for the baselines and the servers")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--area", default="generation", help="writes var/bench/<area>.json")
+    parser.add_argument(
+        "--mixed-new-tokens", type=int, nargs=2, default=list(MIXED_NEW_TOKENS), metavar=("LOW", "HIGH"),
+        help="range of new tokens the mixed workload asks for (a smaller HIGH shortens a run on a busy machine)",
+    )  # fmt: skip
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
+    global DEVICE, DTYPE, MIXED_NEW_TOKENS
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    MIXED_NEW_TOKENS = tuple(args.mixed_new_tokens)
     layout = VarLayout.from_env(args.var_dir)
     layout.bench.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry(layout.models)
@@ -295,35 +393,135 @@ def main() -> None:
         "smollm2-135m": (default.path, DEFAULT_MODEL),
         "pythia-160m-shape": (pythia_160m_shape(layout.bench / "models" / "pythia-160m-shape", default.path),) * 2,
     }
-    report = BenchReport("generation")
+    if "redpajama-3b-shape" in args.models:
+        folders["redpajama-3b-shape"] = (
+            redpajama_3b_shape(layout.bench / "models" / "redpajama-3b-shape", default.path),
+        ) * 2
+    report = BenchReport(args.area)
     for name in args.models:
         folder, serve_as = folders[name]
         print(f"== {name}", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        vocab = model.get_input_embeddings().num_embeddings
-        base = {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
-        sequential = run_sequential(model, prompts(SEQUENTIAL_REQUESTS, vocab))
-        report.add("generate", "sequential", name, {**base, "requests": SEQUENTIAL_REQUESTS}, sequential)
-        static = {n: run_static_batch(model, prompts(n, vocab)) for n in args.concurrency}
-        if model.config.model_type == "llama":  # the alternative engine this one was chosen over
-            for n in [n for n in args.concurrency if n == 16]:  # its weakest point on CPU, per the issue
-                result = run_transformers_continuous_batching(model, prompts(n, vocab))
-                report.add("generate", "transformers-generate_batch", name, {**base, "concurrency": n}, result)
-        del model
-        server = GenerationServer(str(serve_as), layout.root, max_batch_size=max(args.concurrency))
-        try:
-            run_nightcap(server.address, prompts(2, vocab))  # warm-up
-            served = {n: run_nightcap(server.address, prompts(n, vocab)) for n in args.concurrency}
-        finally:
-            server.stop()
-        for n in args.concurrency:
-            report.add("generate", "static-batch", name, {**base, "concurrency": n}, static[n])
-            report.add("generate", "nightcap", name, {**base, "concurrency": n}, served[n])
-            report.ratio(f"{name}/n{n}_vs_sequential", served[n]["tokens_per_s"] / sequential["tokens_per_s"])
-            report.ratio(f"{name}/n{n}_vs_static_batch", served[n]["tokens_per_s"] / static[n]["tokens_per_s"])
-    if "pythia-160m-shape" in args.models:
+        for num_shard in args.num_shard:
+            measure_model(
+                report, name, folder, str(serve_as), layout.root, args.concurrency, "mixed" not in args.skip, num_shard
+            )
+        if "scaling" not in args.skip:
+            measure_scaling(report, name, str(serve_as), layout.root)
+    if "pythia-160m-shape" in args.models and "chunked" not in args.skip:
         measure_chunked_prefill(report, folders["pythia-160m-shape"][0], layout.root)
     report.write(layout.root)
+
+
+def measure_model(
+    report: BenchReport,
+    name: str,
+    folder: Path,
+    serve_as: str,
+    var_dir: Path,
+    concurrency: list[int],
+    mixed: bool,
+    num_shard: int = 1,
+) -> None:
+    """Sequential, static batch and nightcap at each N, taking turns; then the mixed-length workload.
+    With ``num_shard`` > 1 nightcap runs tensor-parallel and its keys start with ``tp<num_shard>_``."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    base = {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    tp = f"tp{num_shard}_" if num_shard > 1 else ""
+    server = GenerationServer(
+        serve_as, var_dir, max([*concurrency, MIXED_REQUESTS]), 2048, "--num-shard", str(num_shard), log=tp
+    )
+    try:
+        run_sequential(model, prompts(1, vocab))  # warm-up, as nightcap's below
+        static_batch_metrics(model, prompts(2, vocab))
+        run_nightcap(server.address, prompts(2, vocab))
+        half = SEQUENTIAL_REQUESTS // 2
+        sequential = run_sequential(model, prompts(half, vocab))
+        static, served = {}, {}
+        for n in concurrency:
+            static[n] = static_batch_metrics(model, prompts(n, vocab))
+            served[n] = run_nightcap(server.address, prompts(n, vocab))
+            print(f"   N={n}: static {static[n]['tokens_per_s']:.0f} tok/s, nightcap {served[n]['tokens_per_s']:.0f}")
+        sequential += run_sequential(model, prompts(SEQUENTIAL_REQUESTS, vocab)[half:])
+        if mixed:
+            measure_mixed(report, name, model, server.address, vocab, tp)
+    finally:
+        server.stop()
+    rate = sequential_rate(sequential)
+    report.add("generate", "sequential", name, {**base, "requests": SEQUENTIAL_REQUESTS}, rate)
+    if model.config.model_type == "llama" and 16 in concurrency:  # the alternative engine this one was chosen over
+        result = run_transformers_continuous_batching(model, prompts(16, vocab))
+        report.add("generate", "transformers-generate_batch", name, {**base, "concurrency": 16}, result)
+    for n in concurrency:
+        report.add("generate", "static-batch", name, {**base, "concurrency": n}, static[n])
+        report.add("generate", f"nightcap{'-' + tp[:-1] if tp else ''}", name, {**base, "concurrency": n}, served[n])
+        report.ratio(f"{name}/{tp}n{n}_vs_sequential", served[n]["tokens_per_s"] / rate["tokens_per_s"])
+        report.ratio(f"{name}/{tp}n{n}_vs_static_batch", served[n]["tokens_per_s"] / static[n]["tokens_per_s"])
+
+
+def mixed_workload(vocab: int) -> tuple[list[list[int]], list[int], list[float]]:
+    """64 prompts, their requested lengths (16-256) and arrival offsets over 3 s, from a fixed seed."""
+    rng = random.Random(64)
+    lengths = [rng.randint(*MIXED_NEW_TOKENS) for _ in range(MIXED_REQUESTS)]
+    arrivals = sorted(rng.uniform(0, MIXED_ARRIVAL_S) for _ in range(MIXED_REQUESTS))
+    return prompts(MIXED_REQUESTS, vocab), lengths, arrivals
+
+
+def measure_mixed(report: BenchReport, name: str, model, address: str, vocab: int, tp: str = "") -> None:
+    """Requests that want different lengths: a static batch runs to its longest member; nightcap lets
+    each leave when done and takes arrivals as they come. Only requested tokens count."""
+    batch, lengths, arrivals = mixed_workload(vocab)
+    params = {"requests": MIXED_REQUESTS, "new_tokens": "{}-{}".format(*MIXED_NEW_TOKENS), "arrival_s": MIXED_ARRIVAL_S}
+    started, times = run_static_batch(model, batch, new_tokens=max(lengths))
+    static = {
+        "tokens_per_s": sum(lengths) / (times[-1] - started),
+        "wasted_tokens": len(batch) * len(times) - sum(lengths),
+    }
+    timings = stream_requests(address, batch, lengths, delays=arrivals)
+    served = summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings))
+    report.add("mixed", "static-batch", name, {**params, "note": "all 64 given at once"}, static)
+    report.add("mixed", "nightcap", name, params, served)
+    report.ratio(f"{name}/{tp}mixed_n64_vs_static_batch", served["tokens_per_s"] / static["tokens_per_s"])
+
+
+def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int = 2) -> None:
+    """Aggregate tokens/s at N=16: 1 server, 2 tensor-parallel ranks, 2 replicas round-robin; in turns."""
+    n, batch = SCALING_CONCURRENCY, prompts(SCALING_CONCURRENCY, 49_152)
+    params = {"concurrency": n, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    one = GenerationServer(serve_as, var_dir, n, 2048, log="-tp1")
+    servers = [one]
+    try:
+        try:
+            tp2 = GenerationServer(serve_as, var_dir, n, 2048, "--num-shard", "2", "--threads", "1", log="-tp2")
+            servers.append(tp2)
+        except RuntimeError as error:  # e.g. SmolLM2's 9 heads do not split over 2 ranks
+            print(f"   {name}: no tensor parallelism: {error}")
+            tp2 = None
+        replicas = [GenerationServer(serve_as, var_dir, n, 2048, "--threads", "1", log=f"-r{i}") for i in (1, 2)]
+        servers += replicas
+        target = "ipv4:" + ",".join(r.address for r in replicas)
+        systems = {"nightcap-1": (one.address, {}), "replicas-2": (target, {"grpc.lb_policy_name": "round_robin"})}
+        if tp2 is not None:
+            systems["tp-2"] = (tp2.address, {})
+            rss_one, rss_ranks = one.rss_bytes()[0], tp2.rss_bytes()
+            report.add("memory", "tp-2", name, {"ranks": 2}, {"rss_mb_per_rank_max": max(rss_ranks) / 2**20})
+            report.add("memory", "nightcap-1", name, {}, {"rss_mb": rss_one / 2**20})
+            report.ratio(f"{name}/tp2_rank_rss_vs_tp1", max(rss_ranks) / rss_one)
+        for address, options in systems.values():
+            run_nightcap(address, prompts(4, 49_152), **options)  # warm-up
+        rates: dict[str, list[float]] = {system: [] for system in systems}
+        for _ in range(rounds):
+            for system, (address, options) in systems.items():
+                rates[system].append(run_nightcap(address, batch, **options)["tokens_per_s"])
+    finally:
+        for server in servers:
+            server.stop()
+    for system, values in rates.items():
+        report.add("scaling", system, name, params, {"tokens_per_s": statistics.mean(values)})
+    mean = {system: statistics.mean(values) for system, values in rates.items()}
+    if "tp-2" in mean:
+        report.ratio(f"{name}/tp2_vs_tp1", mean["tp-2"] / mean["nightcap-1"])
+    report.ratio(f"{name}/replicas2_vs_1", mean["replicas-2"] / mean["nightcap-1"])
 
 
 def measure_chunked_prefill(report: BenchReport, folder: Path, var_dir: Path, long_prompt_tokens: int = 1536) -> None:

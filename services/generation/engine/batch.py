@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from services.generation.engine.scheduler import ModelStep
+
 
 @functools.cache
 def _cache_keyword(model_class: type) -> str:
@@ -121,16 +123,14 @@ class PrefillJob:
     def finished(self) -> bool:
         return self.done >= self.input_ids.shape[1]
 
-    def step(self, model: torch.nn.Module, chunk_tokens: int) -> torch.Tensor | None:
-        """Prefills the next chunk (at least one column); the last position's logits once all are in."""
-        columns = max(1, chunk_tokens // self.input_ids.shape[0])
-        end = min(self.input_ids.shape[1], self.done + columns)
+    def run_columns(self, model: torch.nn.Module, end: int) -> torch.Tensor:
+        """Prefills the columns from ``done`` to ``end``; returns the last position's logits."""
         positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)[:, self.done : end]
         logits, self.cache = forward(
             model, self.input_ids[:, self.done : end], self.mask[:, :end], positions, self.cache
         )
         self.done = end
-        return logits if self.finished else None
+        return logits
 
     def into_batch(self, first_tokens: torch.Tensor) -> KVBatch:
         assert self.cache is not None and self.finished
@@ -150,3 +150,45 @@ def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
+
+
+class ModelRunner:
+    """Runs the model side of one ``ModelStep``: the same cache operations on every rank.
+
+    It holds the running batch's KV cache and the group being prefilled; the scheduler holds who the
+    rows are. Rank 0 samples from the logits it returns; other ranks discard them.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.device = device
+        self.batch: KVBatch | None = None
+        self.prefill: PrefillJob | None = None
+
+    @torch.inference_mode()
+    def execute(self, step: ModelStep) -> torch.Tensor | None:
+        """Applies ``step``; returns logits (decoding rows, then a completed group's rows) or None."""
+        if step.keep is not None and self.batch is not None:
+            self.batch = self.batch.keep_rows(list(step.keep))
+        outputs = []
+        if step.decode_tokens:
+            assert self.batch is not None and self.batch.rows == len(step.decode_tokens), "rows out of step"
+            self.batch.next_tokens = torch.tensor(step.decode_tokens, dtype=torch.long, device=self.device)
+            outputs.append(self.batch.decode_step(self.model))
+        chunk = step.prefill
+        if chunk is not None:
+            if chunk.prompts:
+                self.prefill = PrefillJob.of([list(p) for p in chunk.prompts], self.pad_id, self.device)
+            assert self.prefill is not None and self.prefill.done == chunk.start, "prefill out of step"
+            logits = self.prefill.run_columns(self.model, chunk.end)
+            if chunk.last:
+                outputs.append(logits)
+                joining = self.prefill.into_batch(torch.zeros(logits.shape[0], dtype=torch.long))
+                self.batch = merge(self.batch, joining)
+                self.prefill = None
+        return torch.cat(outputs) if outputs else None
+
+    def reset(self) -> None:
+        """Forgets every row (after a failed step)."""
+        self.batch, self.prefill = None, None

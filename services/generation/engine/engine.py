@@ -1,9 +1,10 @@
 """The continuous batching engine: requests join the running batch at step boundaries and leave the
 moment they finish or are cancelled; nobody waits for another request to finish.
 
-One worker thread owns the model. Each step it (1) drops rows whose client went away, (2) asks the
-scheduler who joins, (3) runs one decode step for the batch, (4) runs one prefill chunk for the group
-that is joining and merges it in once its prompt is in. Requests talk to the engine only through
+One worker thread runs the loop, one step at a time: the scheduler plans the step
+(``schedule``), the model runs it (``ModelRunner.execute``, on every rank when sharded), the whole
+batch is sampled at once (``sample_batch``), and the scheduler applies the tokens
+(``update_from_output``) while the engine streams them. Requests talk to the engine only through
 ``submit`` and their own event queue.
 """
 
@@ -12,47 +13,53 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from loguru import logger
 
 from services.common.errors import Unavailable
-from services.generation.engine.batch import KVBatch, PrefillJob, merge
+from services.generation.engine.batch import ModelRunner
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
-from services.generation.engine.sampling import TokenLogprob, sample_next_token
-from services.generation.engine.scheduler import ContinuousBatchScheduler, SchedulerConfig
+from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
+from services.generation.engine.scheduler import ContinuousBatchScheduler, ModelStep, SchedulerConfig, SchedulerOutput
 from services.generation.engine.text import IncrementalDetokenizer, StopSequenceMatcher
 from services.generation.loading import LoadedModel
 from services.generation.metrics import GenerationMetrics
 
+StepExecutor = Callable[[ModelStep], "torch.Tensor | None"]
+
 
 @dataclass
 class RowState:
-    """What the engine keeps per running request to turn its tokens into events."""
+    """What the engine keeps per running request to sample it and turn its tokens into events."""
 
-    generator: torch.Generator
+    sampling: RowSampling
     detokenizer: IncrementalDetokenizer
     stops: StopSequenceMatcher
-    seen: list[int]  # prompt + output, for the repetition penalty
 
 
 class ContinuousBatchingEngine:
     def __init__(
-        self, loaded: LoadedModel, config: SchedulerConfig | None = None, metrics: GenerationMetrics | None = None
+        self,
+        loaded: LoadedModel,
+        config: SchedulerConfig | None = None,
+        metrics: GenerationMetrics | None = None,
+        execute: StepExecutor | None = None,
     ) -> None:
+        """``execute`` runs one ``ModelStep`` and returns its logits; by default a ``ModelRunner`` on
+        ``loaded.model`` in this process (tensor parallelism passes one that drives every rank)."""
         self.loaded = loaded
         self.config = config or SchedulerConfig()
-        self.scheduler = ContinuousBatchScheduler(self.config)
+        self.scheduler = ContinuousBatchScheduler(self.config, loaded.eos_token_ids)
         self.metrics = metrics or GenerationMetrics()
-        self._pad_id = _pad_token_id(loaded)
+        self.runner = ModelRunner(loaded.model, pad_token_id(loaded), loaded.device)
+        self._execute = execute or self.runner.execute
         self._wakeup = threading.Condition()
         self._accepting = True
         self._stopping = False
-        self._batch: KVBatch | None = None
-        self._batch_requests: list[Request] = []  # row order of _batch
-        self._prefill: PrefillJob | None = None
-        self._prefill_requests: list[Request] = []
+        self.failure: BaseException | None = None  # set when the model side is gone for good
         self._rows: dict[int, RowState] = {}
         self._worker = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._worker.start()
@@ -94,7 +101,7 @@ class ContinuousBatchingEngine:
             self._wakeup.notify()
         deadline = time.monotonic() + grace
         while self.scheduler.running or self.scheduler.waiting:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or not self._worker.is_alive():
                 for request in [*self.scheduler.running, *self.scheduler.waiting]:
                     request.cancel()
                 break
@@ -109,132 +116,105 @@ class ContinuousBatchingEngine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self.scheduler.waiting or self.scheduler.running or self._stopping):
+                while not (self.scheduler.has_work or self._stopping):
                     self._wakeup.wait()
-                if self._stopping and not (self.scheduler.waiting or self.scheduler.running):
+                if self._stopping and not self.scheduler.has_work:
                     return
-                output = self.scheduler.schedule(can_admit=self._prefill is None)
+                output = self.scheduler.schedule()
                 self.metrics.queue_size.set(len(self.scheduler.waiting))
             for request in output.expired:
                 self._finish(request, RequestStatus.FINISHED_CANCELLED)
             try:
-                if output.admitted:
-                    self._start_prefill(output.admitted)
-                self._step()
-            except Exception as error:  # a failed model call fails the requests in it, and only those
-                logger.opt(exception=error).error("engine step failed")
-                for request in [*self._batch_requests, *self._prefill_requests]:
-                    if not request.status.finished:
-                        self._finish(request, RequestStatus.FINISHED_ERROR, error=f"{type(error).__name__}: {error}")
-                self._batch, self._batch_requests = None, []
-                self._prefill, self._prefill_requests = None, []
+                self._step(output)
+            except Exception as error:
+                if not self._recover(error):
+                    return
             self.metrics.active_sequences.set(len(self.scheduler.running))
 
-    def _start_prefill(self, requests: list[Request]) -> None:
-        for request in requests:
-            seed = request.config.seed if request.config.seed is not None else random.getrandbits(63)
-            self._rows[id(request)] = RowState(
-                generator=torch.Generator().manual_seed(seed),
-                detokenizer=IncrementalDetokenizer(self.loaded.tokenizer),
-                stops=StopSequenceMatcher(request.config.stop),
-                seen=list(request.prompt_ids),
-            )
-            self.metrics.queue_time.observe(time.monotonic() - request.arrived)
-            self.metrics.prompt_tokens.observe(len(request.prompt_ids))
-        self._prefill = PrefillJob.of([r.prompt_ids for r in requests], self._pad_id, self.loaded.device)
-        self._prefill_requests = requests
-
     @torch.inference_mode()
-    def _step(self) -> None:
-        model = self.loaded.model
-        self._drop_expired_rows()
-        if self._batch is not None:
-            self.metrics.batch_size.observe(self._batch.rows)
-            logits = self._batch.decode_step(model)
-            tokens, keep = self._sample(self._batch_requests, logits)
-            self._batch.next_tokens = tokens
-            self._batch = self._batch.keep_rows(keep)
-            self._batch_requests = [self._batch_requests[row] for row in keep]
-        if self._prefill is not None:
-            logits = self._prefill.step(model, self.config.max_prefill_tokens)
-            if logits is not None:
-                tokens, keep = self._sample(self._prefill_requests, logits)
-                joining = self._prefill.into_batch(tokens).keep_rows(keep)
-                if joining is not None:
-                    self._batch = merge(self._batch, joining)
-                    self._batch_requests += [self._prefill_requests[row] for row in keep]
-                self._prefill, self._prefill_requests = None, []
-
-    def _drop_expired_rows(self) -> None:
-        """A client that went away (or whose deadline passed) stops costing compute at this step."""
-        now = time.monotonic()
-        for request in self._prefill_requests:
-            if not request.status.finished and request.expired(now):
-                self._finish(request, RequestStatus.FINISHED_CANCELLED)  # its row leaves when prefill ends
-        if self._batch is None:
+    def _step(self, output: SchedulerOutput) -> None:
+        for request in output.prefilling if output.model.prefill and output.model.prefill.prompts else []:
+            self._start(request)
+        if output.decoding:
+            self.metrics.batch_size.observe(len(output.decoding))
+        if output.model.idle and output.model.keep is None:
             return
-        keep = []
-        for row, request in enumerate(self._batch_requests):
-            if request.expired(now):
-                self._finish(request, RequestStatus.FINISHED_CANCELLED)
-            else:
-                keep.append(row)
-        self._batch = self._batch.keep_rows(keep)
-        self._batch_requests = [self._batch_requests[row] for row in keep]
+        logits = self._execute(output.model)
+        sampled = output.sampled
+        if not sampled:
+            return
+        tokens, logprobs = self._sample(sampled, logits)
+        finished = set(map(id, self.scheduler.update_from_output(output, tokens)))
+        for request, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            if not request.status.finished or id(request) in finished:
+                self._stream(request, token, logprob, id(request) in finished)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Chooses each row's next token and streams it; returns the tokens and the rows still running."""
-        logits = logits.float().cpu()
-        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
-        if all(r.config.plain_greedy for r in requests):
-            choices: list[tuple[int, TokenLogprob | None]] = [(t, None) for t in logits.argmax(dim=-1).tolist()]
-        else:
-            choices = [
-                (0, None) if request.status.finished or bad else self._choose(request, row)
-                for request, row, bad in zip(requests, logits, broken, strict=True)
-            ]
-        keep = []
-        for row, (request, (token, logprob)) in enumerate(zip(requests, choices, strict=True)):
-            if request.status.finished:
-                continue  # cancelled while its group was prefilling
-            if broken[row]:  # this request fails alone; its batch-mates go on
-                self._finish(request, RequestStatus.FINISHED_ERROR, error="the model produced NaN or inf logits")
-            elif not self._accept(request, token, logprob):
-                keep.append(row)
-        return torch.tensor([token for token, _ in choices], device=self.loaded.device), keep
+    def _recover(self, error: Exception) -> bool:
+        """A failed model call fails the requests in it, and only those; True if the engine goes on.
+        An error that says the model side is gone (a dead rank) stops the engine and fails everything."""
+        fatal = getattr(error, "fatal", False)
+        logger.opt(exception=error).error("engine step failed{}", "; the model is gone" if fatal else "")
+        message = f"{type(error).__name__}: {error}"
+        with self._wakeup:
+            lost = self.scheduler.drop_all()
+            if fatal:
+                self._accepting = False
+                self.failure = error
+                lost += self.scheduler.drain_waiting()
+        for request in lost:
+            if not request.status.finished:
+                self._finish(request, RequestStatus.FINISHED_ERROR, error=message)
+        self.runner.reset()
+        return not fatal
 
-    def _choose(self, request: Request, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        state = self._rows[id(request)]
-        output = torch.tensor(request.output_ids, dtype=torch.long)
-        return sample_next_token(
-            logits, request.config, torch.tensor(state.seen, dtype=torch.long), output, state.generator
+    def _start(self, request: Request) -> None:
+        seed = request.config.seed if request.config.seed is not None else random.getrandbits(63)
+        self._rows[id(request)] = RowState(
+            sampling=RowSampling(
+                request.config, list(request.prompt_ids), request.output_ids, torch.Generator().manual_seed(seed)
+            ),
+            detokenizer=IncrementalDetokenizer(self.loaded.tokenizer),
+            stops=StopSequenceMatcher(request.config.stop),
         )
+        self.metrics.queue_time.observe(time.monotonic() - request.arrived)
+        self.metrics.prompt_tokens.observe(len(request.prompt_ids))
 
-    def _accept(self, request: Request, token: int, logprob: TokenLogprob | None) -> bool:
-        """Records one token; True when it finished the request."""
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The whole batch at once; a row with NaN or inf logits fails alone, its batch-mates go on."""
+        logits = logits.float().cpu()
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+        if broken.any():
+            logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
+            for request in [r for r, bad in zip(requests, broken.tolist(), strict=True) if bad]:
+                if not request.status.finished:
+                    self._finish(request, RequestStatus.FINISHED_ERROR, error="the model produced NaN or inf logits")
+        if all(r.config.plain_greedy for r in requests):
+            tokens = logits.argmax(dim=-1).tolist()
+            return tokens, [None] * len(tokens)
+        rows = [self._rows[id(r)].sampling if id(r) in self._rows else _finished_row(r) for r in requests]
+        return sample_batch(logits, rows)
+
+    def _stream(self, request: Request, token: int, logprob: TokenLogprob | None, finished: bool) -> None:
+        """Streams one accepted token (``update_from_output`` already recorded it) and finishes the
+        request if the scheduler ended it or a stop sequence did."""
         now = time.monotonic()
         if request.first_token_at is None:
             request.first_token_at = now
-            request.status = RequestStatus.RUNNING
             self.metrics.time_to_first_token.observe(now - request.arrived)
         else:
             self.metrics.inter_token_latency.observe(now - (request.last_token_at or now))
         request.last_token_at = now
-        config, state = request.config, self._rows[id(request)]
-        if token in config.stop_token_ids or (not config.ignore_eos and token in self.loaded.eos_token_ids):
+        state = self._rows[id(request)]
+        if request.status is RequestStatus.FINISHED_EOS:
             self._finish(request, RequestStatus.FINISHED_EOS)
-            return True
-        request.output_ids.append(token)
-        state.seen.append(token)
+            return
+        state.sampling.seen.append(token)
         text, matched = state.stops.push(state.detokenizer.add(token))
         request.emit(TokenChunk([token], text, [logprob] if logprob is not None else []))
         if matched is not None:
             self._finish(request, RequestStatus.FINISHED_STOP_SEQUENCE, stop_sequence=matched)
-            return True
-        if len(request.output_ids) >= config.max_new_tokens:
-            self._finish(request, RequestStatus.FINISHED_LENGTH)
-            return True
-        return False
+        elif finished:
+            self._finish(request, request.status)
 
     def _finish(self, request: Request, status: RequestStatus, stop_sequence: str = "", error: str = "") -> None:
         state = self._rows.pop(id(request), None)
@@ -249,15 +229,18 @@ class ContinuousBatchingEngine:
         request.emit(
             Finished(status, len(request.prompt_ids), len(request.output_ids), stop_sequence, error, queue_ms, ttft_ms)
         )
-        with self._wakeup:
-            self.scheduler.finish(request)
         self.metrics.requests.labels(status.value).inc()
         self.metrics.request_duration.observe(now - request.arrived)
         self.metrics.generated_tokens.observe(len(request.output_ids))
         _log_request(request, queue_ms, ttft_ms)
 
 
-def _pad_token_id(loaded: LoadedModel) -> int:
+def _finished_row(request: Request) -> RowSampling:
+    """A placeholder for a row whose request already ended this step: its token is discarded."""
+    return RowSampling(request.config, [], [], torch.Generator())
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
     # padding is masked out; any valid id will do when the tokenizer names none
     tokenizer = loaded.tokenizer
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(loaded.eos_token_ids)):

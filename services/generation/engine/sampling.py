@@ -1,7 +1,9 @@
-"""Choosing the next token from the logits: one small function per step (gpt-fast style).
+"""Choosing the next tokens from the logits: one small function per step (gpt-fast style), each
+working on the whole batch at once with per-row parameters.
 
-Every transform works on one row of logits, so a request's choice never depends on its batch-mates;
-with a seed, its own ``torch.Generator`` makes sampling reproducible wherever it runs.
+Every transform is row-wise, so a request's choice never depends on its batch-mates. Each sampled row
+draws one uniform number from its own ``torch.Generator`` and picks its token by inverse CDF: with a
+seed, a request samples the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -55,82 +57,134 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (Keskar et al. 2019), as in transformers: shrink the logits of seen tokens."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    scores = logits.gather(-1, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, seen, scores)
+@dataclass
+class RowSampling:
+    """What sampling needs of one row: its parameters, its history and its random stream."""
+
+    config: SamplingConfig
+    seen: list[int]  # prompt + output, for the repetition penalty
+    output: list[int]  # output so far, for frequency and presence penalties
+    generator: torch.Generator
+
+
+def token_mask(rows: list[list[int]], vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """(rows, vocab) bool: which tokens each row holds."""
+    mask = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+    row_index = torch.tensor([r for r, ids in enumerate(rows) for _ in ids], dtype=torch.long, device=device)
+    token_index = torch.tensor([i for ids in rows for i in ids], dtype=torch.long, device=device)
+    mask[row_index, token_index] = True
+    return mask
+
+
+def token_counts(rows: list[list[int]], vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """(rows, vocab) float: how often each row holds each token."""
+    counts = torch.zeros((len(rows), vocab), dtype=torch.float32, device=device)
+    row_index = torch.tensor([r for r, ids in enumerate(rows) for _ in ids], dtype=torch.long, device=device)
+    token_index = torch.tensor([i for ids in rows for i in ids], dtype=torch.long, device=device)
+    counts.index_put_((row_index, token_index), torch.ones(len(token_index), device=device), accumulate=True)
+    return counts
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al. 2019), as in transformers: shrink the logits of seen tokens
+    (``seen`` a bool mask shaped like ``logits``)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def apply_frequency_presence_penalties(
-    logits: torch.Tensor, generated: torch.Tensor, frequency: float, presence: float
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor | float, presence: torch.Tensor | float
 ) -> torch.Tensor:
     """OpenAI-style: subtract ``frequency * count + presence * (count > 0)`` for each generated token."""
-    if (frequency == 0.0 and presence == 0.0) or generated.numel() == 0:
-        return logits
-    counts = torch.bincount(generated, minlength=logits.size(-1)).to(logits.dtype)
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def typical_filter(logits: torch.Tensor, typical_p: float) -> torch.Tensor:
+def _keep_until_mass(logits: torch.Tensor, order: torch.Tensor, mass: torch.Tensor | float) -> torch.Tensor:
+    """Masks every token after the ones (taken in ``order``) that already cover ``mass`` of the
+    probability; the first one always stays. ``mass`` >= 1 keeps everything."""
+    probs = logits.softmax(-1).gather(-1, order)
+    drop = (probs.cumsum(-1) - probs) >= mass
+    drop &= torch.as_tensor(mass, device=logits.device) < 1.0  # float error must not cut a tail at mass 1
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def typical_filter(logits: torch.Tensor, typical_p: torch.Tensor | float) -> torch.Tensor:
     """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprisal is closest to the
     distribution's entropy, until they cover ``typical_p`` of the mass."""
     log_probs = logits.log_softmax(-1)
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).nan_to_num().sum(-1, keepdim=True)
-    distance = (-log_probs - entropy).abs()
-    order = distance.argsort(-1)
-    cumulative = probs.gather(-1, order).cumsum(-1)
-    keep_count = int((cumulative < typical_p).sum()) + 1
-    drop = torch.ones_like(logits, dtype=torch.bool)
-    drop[order[:keep_count]] = False
-    return logits.masked_fill(drop, float("-inf"))
+    entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1, keepdim=True)
+    order = (-log_probs - entropy).abs().argsort(-1)
+    return _keep_until_mass(logits, order, typical_p)
 
 
 def logits_to_probs(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, typical_p: float = 1.0
+    logits: torch.Tensor,
+    temperature: torch.Tensor | float,
+    top_k: torch.Tensor | int,
+    top_p: torch.Tensor | float,
+    typical_p: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
+    """Temperature, then top-k (0: off), top-p and typical-p (1: off); parameters are scalars or one
+    value per row, shaped (rows, 1)."""
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token once the tokens before it already cover top_p; the most likely one always stays
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if typical_p < 1.0:
+    vocab = logits.size(-1)
+    sorted_logits, order = torch.sort(logits, descending=True)
+    k = torch.as_tensor(top_k, device=logits.device)
+    k = torch.where(k > 0, k.clamp(max=vocab), vocab).expand(*logits.shape[:-1], 1)
+    kth = sorted_logits.gather(-1, k - 1)
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = _keep_until_mass(logits, order, top_p)
+    if (torch.as_tensor(typical_p) < 1.0).any():
         logits = typical_filter(logits, typical_p)
     return logits.softmax(-1)
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    config: SamplingConfig,
-    prompt_and_output: torch.Tensor,
-    output: torch.Tensor,
-    generator: torch.Generator | None,
-) -> tuple[int, TokenLogprob | None]:
-    """One row: ``logits`` (vocab,) of the last position; returns the token and, if asked, its logprobs."""
+def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Chooses every row's next token from ``logits`` (rows, vocab) at once; returns the tokens and,
+    for the rows that asked, their logprobs."""
     logits = logits.float()
-    scores = apply_repetition_penalty(logits, prompt_and_output, config.repetition_penalty)
-    scores = apply_frequency_presence_penalties(scores, output, config.frequency_penalty, config.presence_penalty)
-    if config.greedy:
-        token = int(scores.argmax(-1))
-    else:
-        probs = logits_to_probs(scores, config.temperature, config.top_k, config.top_p, config.typical_p)
-        token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, (token_logprob(logits, token, config.top_logprobs) if config.logprobs else None)
+    configs = [row.config for row in rows]
+    vocab, device = logits.size(-1), logits.device
 
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """Log-probabilities under the model's own distribution (before sampling transforms), as vLLM reports."""
-    log_probs = logits.log_softmax(-1)
-    alternatives: list[tuple[int, float]] = []
-    if top > 0:
-        values, ids = torch.topk(log_probs, top)
-        alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(log_probs[token]), alternatives)
+    scores = logits
+    if any(c.repetition_penalty != 1.0 for c in configs):
+        seen = token_mask([row.seen if row.config.repetition_penalty != 1.0 else [] for row in rows], vocab, device)
+        scores = apply_repetition_penalty(scores, seen, column([c.repetition_penalty for c in configs]))
+    if any(c.frequency_penalty or c.presence_penalty for c in configs):
+        counts = token_counts([row.output for row in rows], vocab, device)
+        frequency = column([c.frequency_penalty for c in configs])
+        scores = apply_frequency_presence_penalties(
+            scores, counts, frequency, column([c.presence_penalty for c in configs])
+        )
+    tokens = scores.argmax(-1)
+    sampled = [not c.greedy for c in configs]
+    if any(sampled):
+        probs = logits_to_probs(
+            scores,
+            column([c.temperature if not c.greedy else 1.0 for c in configs]),
+            torch.tensor([c.top_k for c in configs], device=device)[:, None],
+            column([c.top_p for c in configs]),
+            column([c.typical_p for c in configs]),
+        )
+        # one draw per sampled row from its own generator: the choice depends only on the row and its seed
+        uniform = column(
+            [float(torch.rand(1, generator=row.generator)) if s else 0.0 for row, s in zip(rows, sampled, strict=True)]
+        )
+        cdf = probs.cumsum(-1)
+        drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=vocab - 1)
+        tokens = torch.where(torch.tensor(sampled, device=device), drawn, tokens)
+    chosen = tokens.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    wanted = [r for r, c in enumerate(configs) if c.logprobs]
+    if wanted:
+        log_probs = logits[wanted].log_softmax(-1)
+        top = max(configs[r].top_logprobs for r in wanted)
+        values, ids = torch.topk(log_probs, top) if top else (None, None)
+        for i, r in enumerate(wanted):
+            k = configs[r].top_logprobs
+            alternatives = list(zip(ids[i, :k].tolist(), values[i, :k].tolist(), strict=True)) if k else []
+            logprobs[r] = TokenLogprob(chosen[r], float(log_probs[i, chosen[r]]), alternatives)
+    return chosen, logprobs

@@ -1,13 +1,19 @@
-"""Which requests run: admission control and the choice of who joins the batch, each step.
+"""Which requests run: admission control and the whole plan of each step, as plain data.
 
-The scheduler knows nothing of models. ``add`` admits or refuses a request (backpressure), ``schedule``
-decides what happens this step and returns it as plain data, ``finish`` hands a request's slot back.
+The scheduler knows nothing of models. ``add`` queues or refuses a request (backpressure); ``schedule``
+decides everything one step does and returns it (``SchedulerOutput``); ``update_from_output`` applies
+the tokens that step produced. The rows of the running batch, in their KV-cache order, and the group
+being prefilled live here and nowhere else.
+
+The part of a step the model runs (``ModelStep``) is ints and tuples only: with tensor parallelism,
+rank 0 broadcasts it and every rank applies the same cache operations to its shard.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.errors import ResourceExhausted
@@ -22,21 +28,81 @@ class SchedulerConfig:
     max_prefill_tokens: int = 2048  # prompt tokens admitted in one group (and prefilled per step)
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Columns ``start:end`` of a group's left-padded prompts. ``prompts`` is set on the group's first
+    chunk only (the model side builds the group from it); ``last`` means the prompts are then all in: the
+    group's first tokens are sampled and it joins the batch."""
+
+    start: int
+    end: int
+    last: bool
+    prompts: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """What every rank's model does this step, in this order: keep only rows ``keep`` of the running
+    batch (None: all stay), feed each remaining row its token in ``decode_tokens`` (empty: no decode),
+    run ``prefill`` (None: none). Logits come back for the decoding rows, then, if the chunk is the
+    group's last, for the group's rows."""
+
+    step: int
+    keep: tuple[int, ...] | None = None
+    decode_tokens: tuple[int, ...] = ()
+    prefill: PrefillChunk | None = None
+    stop: bool = False  # the service is going away: ranks leave their loop
+
+    @property
+    def idle(self) -> bool:
+        return not self.decode_tokens and self.prefill is None
+
+
 @dataclass
 class SchedulerOutput:
-    admitted: list[Request] = field(default_factory=list)  # start prefilling now, as one group
-    expired: list[Request] = field(default_factory=list)  # cancelled or past their deadline while waiting
+    """One step: ``model`` for the ranks, and for rank 0 the requests behind its rows."""
+
+    model: ModelStep
+    decoding: list[Request] = field(default_factory=list)  # row order of the batch after ``keep``
+    prefilling: list[Request] = field(default_factory=list)  # the group, in row order
+    expired: list[Request] = field(default_factory=list)  # cancelled or past their deadline: finish them
+
+    @property
+    def sampled(self) -> list[Request]:
+        """The requests that get a token this step, in the order of the logits' rows."""
+        done = self.model.prefill is not None and self.model.prefill.last
+        return [*self.decoding, *(self.prefilling if done else [])]
+
+
+@dataclass
+class _Group:
+    requests: list[Request]
+    width: int  # prompt columns after left padding
+    done: int = 0  # columns already prefilled
 
 
 class ContinuousBatchScheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.config = config
+        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # prefilling or decoding: they hold batch slots and tokens
+        self.batch: list[Request] = []  # the running batch's rows, in KV-cache order (finished rows until next step)
+        self.prefilling: _Group | None = None
+        self._steps = 0
+
+    @property
+    def running(self) -> list[Request]:
+        """Requests holding a batch slot (decoding or prefilling), not yet finished."""
+        group = self.prefilling.requests if self.prefilling else []
+        return [r for r in [*self.batch, *group] if not r.status.finished]
 
     @property
     def tokens_in_use(self) -> int:
         return sum(r.budget_tokens for r in self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.batch or self.prefilling)
 
     def add(self, request: Request) -> None:
         """Queues the request, or raises ResourceExhausted naming the limit it would break."""
@@ -56,40 +122,98 @@ class ContinuousBatchScheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def schedule(self, can_admit: bool) -> SchedulerOutput:
-        """Drops expired waiting requests; if ``can_admit`` (no group is prefilling), admits the longest
-        first-come run of waiting requests that fits the batch size, the token budget and the prefill cap."""
-        output = SchedulerOutput()
-        now = time.monotonic()
-        still_waiting: deque[Request] = deque()
-        for request in self.waiting:
-            (output.expired if request.expired(now) else still_waiting).append(request)
-        self.waiting = still_waiting
-        if not can_admit:
-            return output
-        tokens, prefill = self.tokens_in_use, 0
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """Plans one step: finished and expired rows leave, every remaining row decodes, and the group
+        being prefilled runs its next chunk; with no group in flight, the longest first-come run of
+        waiting requests that fits the batch size, the token budget and the prefill cap starts one."""
+        now = time.monotonic() if now is None else now
+        self._steps += 1
+        expired = self._drop_expired_waiting(now)
+        for request in [*self.batch, *(self.prefilling.requests if self.prefilling else [])]:
+            if not request.status.finished and request.expired(now):
+                expired.append(request)  # leaves the batch now; a prefilling row leaves once its group joins
+        leaving = {id(r) for r in expired}
+        kept = [row for row, r in enumerate(self.batch) if not r.status.finished and id(r) not in leaving]
+        keep = None if len(kept) == len(self.batch) else tuple(kept)
+        self.batch = [self.batch[row] for row in kept]
+        decode_tokens = tuple(r.output_ids[-1] for r in self.batch)
+        if self.prefilling is None:
+            self._admit(now)
+        prefill = self._next_chunk()
+        model = ModelStep(self._steps, keep, decode_tokens, prefill)
+        group = self.prefilling.requests if self.prefilling else []
+        return SchedulerOutput(model, list(self.batch), list(group), expired)
+
+    def update_from_output(self, output: SchedulerOutput, tokens: Sequence[int]) -> list[Request]:
+        """Applies the step's sampled tokens (one per ``output.sampled`` row; rows already finished are
+        skipped) and moves a fully prefilled group into the batch. Returns the requests this finished by
+        length or an end-of-sequence token, with their status set; others finish through the engine."""
+        finished = []
+        for request, token in zip(output.sampled, tokens, strict=True):
+            if request.status.finished:
+                continue
+            if token in request.config.stop_token_ids or (
+                not request.config.ignore_eos and token in self.eos_token_ids
+            ):
+                request.status = RequestStatus.FINISHED_EOS
+                finished.append(request)
+                continue
+            request.output_ids.append(token)
+            request.status = RequestStatus.RUNNING
+            if len(request.output_ids) >= request.config.max_new_tokens:
+                request.status = RequestStatus.FINISHED_LENGTH
+                finished.append(request)
+        chunk = output.model.prefill
+        if chunk is not None and chunk.last and self.prefilling is not None:
+            self.batch += self.prefilling.requests
+            self.prefilling = None
+        return finished
+
+    def drop_all(self) -> list[Request]:
+        """Forgets every row (after a failed model call); returns the unfinished requests that held them."""
+        lost = self.running
+        self.batch, self.prefilling = [], None
+        return lost
+
+    def drain_waiting(self) -> list[Request]:
+        waiting, self.waiting = list(self.waiting), deque()
+        return waiting
+
+    def _drop_expired_waiting(self, now: float) -> list[Request]:
+        expired = [r for r in self.waiting if r.expired(now)]
+        if expired:
+            self.waiting = deque(r for r in self.waiting if not r.expired(now))
+        return expired
+
+    def _admit(self, now: float) -> None:
+        config = self.config
+        rows = len([r for r in self.batch if not r.status.finished])
+        tokens, prefill = sum(r.budget_tokens for r in self.batch), 0
+        admitted: list[Request] = []
         while self.waiting:
             request = self.waiting[0]
             fits = (
-                len(self.running) < self.config.max_batch_size
-                and tokens + request.budget_tokens <= self.config.max_batch_total_tokens
-                and (not output.admitted or prefill + len(request.prompt_ids) <= self.config.max_prefill_tokens)
+                rows + len(admitted) < config.max_batch_size
+                and tokens + request.budget_tokens <= config.max_batch_total_tokens
+                and (not admitted or prefill + len(request.prompt_ids) <= config.max_prefill_tokens)
             )
             if not fits:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.PREFILLING
             request.scheduled_at = now
-            self.running.append(request)
-            output.admitted.append(request)
+            admitted.append(request)
             tokens += request.budget_tokens
             prefill += len(request.prompt_ids)
-        return output
+        if admitted:
+            self.prefilling = _Group(admitted, max(len(r.prompt_ids) for r in admitted))
 
-    def finish(self, request: Request) -> None:
-        if request in self.running:
-            self.running.remove(request)
-
-    def drain_waiting(self) -> list[Request]:
-        waiting, self.waiting = list(self.waiting), deque()
-        return waiting
+    def _next_chunk(self) -> PrefillChunk | None:
+        group = self.prefilling
+        if group is None:
+            return None
+        columns = max(1, self.config.max_prefill_tokens // len(group.requests))
+        start, end = group.done, min(group.width, group.done + columns)
+        group.done = end
+        prompts = tuple(tuple(r.prompt_ids) for r in group.requests) if start == 0 else ()
+        return PrefillChunk(start, end, end == group.width, prompts)

@@ -1,0 +1,64 @@
+"""Batched sampling: every row of a batch sampled at once, each with its own parameters and seed."""
+
+from __future__ import annotations
+
+import torch
+
+from services.generation.engine.sampling import RowSampling, SamplingConfig, sample_batch
+
+VOCAB = 50
+
+CONFIGS = [
+    SamplingConfig(max_new_tokens=8),
+    SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=5, seed=1),
+    SamplingConfig(max_new_tokens=8, temperature=1.3, top_p=0.6, seed=2),
+    SamplingConfig(max_new_tokens=8, temperature=1.0, typical_p=0.5, seed=3, logprobs=True, top_logprobs=2),
+    SamplingConfig(max_new_tokens=8, repetition_penalty=1.8, frequency_penalty=1.0, presence_penalty=0.5),
+]
+
+
+def rows(seed_offset: int = 0) -> list[RowSampling]:
+    return [
+        RowSampling(c, [1, 2, 3, 3], [3, 3], torch.Generator().manual_seed((c.seed or 0) + seed_offset))
+        for c in CONFIGS
+    ]
+
+
+def test_each_row_samples_what_it_would_alone_whatever_its_batch_mates():
+    torch.manual_seed(0)
+    logits = torch.randn(len(CONFIGS), VOCAB) * 3
+    together_rows, alone_rows = rows(), rows()
+    for _ in range(20):
+        together, together_logprobs = sample_batch(logits, together_rows)
+        alone = [sample_batch(logits[r : r + 1], [alone_rows[r]]) for r in range(len(CONFIGS))]
+        assert together == [tokens[0] for tokens, _ in alone]
+        assert together_logprobs[3] == alone[3][1][0]
+
+
+def test_filters_apply_per_row():
+    torch.manual_seed(1)
+    logits = torch.randn(len(CONFIGS), VOCAB) * 3
+    top5 = set(logits[1].topk(5).indices.tolist())
+    drawn = [sample_batch(logits, rows(seed))[0] for seed in range(200)]
+    assert {tokens[1] for tokens in drawn} <= top5  # top_k=5
+    assert len({tokens[1] for tokens in drawn}) > 1  # and it samples
+    assert {tokens[0] for tokens in drawn} == {int(logits[0].argmax())}  # greedy stays greedy beside them
+
+
+def test_penalties_push_seen_tokens_down():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3] = 1.0  # the favourite, already generated twice
+    config = SamplingConfig(max_new_tokens=8, repetition_penalty=1.8, frequency_penalty=1.0, presence_penalty=0.5)
+    tokens, _ = sample_batch(logits, [RowSampling(config, [1, 2, 3, 3], [3, 3], torch.Generator())])
+    assert tokens != [3]
+
+
+def test_logprobs_are_the_models_own_and_list_the_top_alternatives():
+    torch.manual_seed(2)
+    logits = torch.randn(len(CONFIGS), VOCAB)
+    tokens, logprobs = sample_batch(logits, rows())
+    row = logprobs[3]
+    assert [lp is None for lp in logprobs] == [True, True, True, False, True]
+    assert row.token_id == tokens[3]
+    assert row.logprob == float(logits[3].log_softmax(-1)[tokens[3]])
+    assert [t for t, _ in row.top] == logits[3].topk(2).indices.tolist()

@@ -1,0 +1,181 @@
+"""The scheduler alone, without a model: each step's plan as plain data (admission, limits, chunked
+prefill, joining and leaving), and how the step's tokens are applied."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from services.common.errors import ResourceExhausted
+from services.generation.engine.request import Request, RequestStatus
+from services.generation.engine.sampling import SamplingConfig
+from services.generation.engine.scheduler import ContinuousBatchScheduler, PrefillChunk, SchedulerConfig
+
+EOS = 0
+
+
+def request(prompt_length: int = 4, new_tokens: int = 3, **config) -> Request:
+    return Request(list(range(1, prompt_length + 1)), SamplingConfig(max_new_tokens=new_tokens, **config))
+
+
+def scheduler(**config) -> ContinuousBatchScheduler:
+    return ContinuousBatchScheduler(SchedulerConfig(**config), eos_token_ids=frozenset({EOS}))
+
+
+def step(s: ContinuousBatchScheduler, token: int = 7):
+    """One step where the model answers every sampled row with ``token``."""
+    output = s.schedule()
+    finished = s.update_from_output(output, [token] * len(output.sampled))
+    return output, finished
+
+
+def test_a_lone_request_prefills_then_decodes_until_its_length():
+    s = scheduler()
+    r = request(prompt_length=5, new_tokens=3)
+    s.add(r)
+    first, _ = step(s, token=11)
+    assert first.model.prefill == PrefillChunk(0, 5, True, (tuple(range(1, 6)),))
+    assert first.model.decode_tokens == () and first.sampled == [r]
+    second, _ = step(s, token=12)
+    assert second.model.prefill is None and second.model.decode_tokens == (11,)
+    third, finished = step(s, token=13)
+    assert third.model.decode_tokens == (12,)
+    assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH and r.output_ids == [11, 12, 13]
+    leaving = s.schedule()
+    assert leaving.model.keep == () and leaving.model.idle and not s.has_work
+
+
+def test_requests_waiting_together_are_admitted_as_one_group_up_to_the_batch_size():
+    s = scheduler(max_batch_size=3)
+    requests = [request() for _ in range(5)]
+    for r in requests:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == requests[:3] and len(output.model.prefill.prompts) == 3
+    assert [r.status for r in requests[3:]] == [RequestStatus.WAITING] * 2
+    output, _ = step(s)
+    assert output.model.prefill is None and len(output.model.decode_tokens) == 3  # the batch is full
+
+
+def test_the_token_budget_holds_back_the_head_of_the_queue_and_nobody_overtakes_it():
+    s = scheduler(max_batch_total_tokens=20)
+    big, small = request(prompt_length=10, new_tokens=6), request(prompt_length=1, new_tokens=1)
+    first = request(prompt_length=2, new_tokens=6)
+    for r in (first, big, small):
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == [first]  # 8 tokens; the big one (16) would make 24 > 20
+    output, _ = step(s)
+    assert output.prefilling == [] and big.status is RequestStatus.WAITING and small.status is RequestStatus.WAITING
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes():
+    s = scheduler(max_prefill_tokens=8)
+    short = request(prompt_length=2, new_tokens=50)
+    s.add(short)
+    step(s)
+    long = request(prompt_length=20, new_tokens=2)
+    s.add(long)
+    chunks = []
+    for _ in range(3):
+        output, _ = step(s)
+        chunks.append(output.model.prefill)
+        assert output.model.decode_tokens == (7,)  # the short request keeps decoding meanwhile
+    assert [(c.start, c.end, c.last) for c in chunks] == [(0, 8, False), (8, 16, False), (16, 20, True)]
+    assert chunks[0].prompts and not chunks[1].prompts  # the prompt travels once
+    output, _ = step(s)
+    assert output.decoding == [short, long] and len(output.model.decode_tokens) == 2
+
+
+def test_a_group_splits_its_chunk_budget_over_its_rows():
+    s = scheduler(max_prefill_tokens=8)
+    for _ in range(2):
+        s.add(request(prompt_length=3))
+    s.add(request(prompt_length=8))  # 3 + 3 + 8 > 8: waits for the next group
+    output, _ = step(s)
+    assert len(output.prefilling) == 2 and output.model.prefill.end == 3
+    output, _ = step(s)
+    assert output.model.prefill == PrefillChunk(0, 8, True, (tuple(range(1, 9)),))
+
+
+def test_finished_rows_leave_at_the_next_step_and_the_rest_keep_their_order():
+    s = scheduler()
+    a, b, c = request(new_tokens=5), request(new_tokens=1), request(new_tokens=5)
+    for r in (a, b, c):
+        s.add(r)
+    _, finished = step(s)
+    assert finished == [b]
+    output, _ = step(s)
+    assert output.model.keep == (0, 2) and output.decoding == [a, c]
+    output, _ = step(s)
+    assert output.model.keep is None  # nobody left: the batch is untouched
+
+
+def test_eos_and_stop_token_ids_finish_a_request_without_adding_the_token():
+    s = scheduler()
+    plain, stopper, ignoring = request(new_tokens=5), request(new_tokens=5, stop_token_ids=frozenset({9})), None
+    ignoring = request(new_tokens=5, ignore_eos=True)
+    for r in (plain, stopper, ignoring):
+        s.add(r)
+    output = s.schedule()
+    finished = s.update_from_output(output, [EOS, 9, EOS])
+    assert finished == [plain, stopper]
+    assert plain.status is RequestStatus.FINISHED_EOS and plain.output_ids == []
+    assert stopper.status is RequestStatus.FINISHED_EOS
+    assert ignoring.output_ids == [EOS] and ignoring.status is RequestStatus.RUNNING
+
+
+def test_a_cancelled_row_leaves_in_the_step_that_notices_it():
+    s = scheduler()
+    keep, drop = request(new_tokens=9), request(new_tokens=9)
+    s.add(keep)
+    s.add(drop)
+    step(s)
+    drop.cancel()
+    output = s.schedule()
+    assert output.expired == [drop] and output.model.keep == (0,) and output.decoding == [keep]
+
+
+def test_cancelled_and_late_waiting_requests_expire_without_a_slot():
+    s = scheduler(max_batch_size=1)
+    running, cancelled, late = request(new_tokens=9), request(), request()
+    late.deadline = 0.0
+    for r in (running, cancelled, late):
+        s.add(r)
+    cancelled.cancel()
+    output = s.schedule()
+    assert output.prefilling == [running] and output.expired == [cancelled, late] and not s.waiting
+
+
+def test_a_row_cancelled_while_its_group_prefills_joins_finished_and_then_leaves():
+    s = scheduler(max_prefill_tokens=6)
+    a, b = request(prompt_length=1), request(prompt_length=5)
+    s.add(a)
+    s.add(b)
+    step(s)  # 2 rows share 6 tokens a step: 3 of the 5 padded columns, then 2
+    b.cancel()
+    output = s.schedule()
+    assert output.expired == [b] and output.model.prefill.last
+    b.status = RequestStatus.FINISHED_CANCELLED  # what the engine does with an expired request
+    s.update_from_output(output, [7, 7])
+    assert b.output_ids == []  # its token is not applied
+    assert s.schedule().model.keep == (0,)
+
+
+def test_limits_refuse_with_the_flag_to_change():
+    s = scheduler(max_concurrent_requests=2, max_batch_total_tokens=10)
+    s.add(request())
+    s.add(request())
+    with pytest.raises(ResourceExhausted, match=r"--max-concurrent-requests\) is 2"):
+        s.add(request())
+    with pytest.raises(ResourceExhausted, match="--max-batch-total-tokens 10"):
+        scheduler(max_batch_total_tokens=10).add(request(prompt_length=8, new_tokens=5))
+
+
+def test_the_model_step_is_plain_data_that_survives_a_round_trip():
+    s = scheduler(max_prefill_tokens=3)
+    s.add(request(prompt_length=5))
+    output = s.schedule()
+    assert pickle.loads(pickle.dumps(output.model)) == output.model
+    assert isinstance(output.model.prefill.prompts[0][0], int)

@@ -1,0 +1,201 @@
+"""Tensor parallelism for real: `serve --num-shard 2` on two CPU processes over gloo, against one rank.
+
+Each 2-rank service is a real subprocess tree (rank 0 serves gRPC and starts rank 1), talked to through
+raw generated stubs, as outsiders use it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from conftest import build_tiny_llama, free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoConfig
+
+from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from services.common.errors import FailedPrecondition
+from services.common.registry import ModelRegistry
+from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.request import Request, TokenChunk
+from services.generation.engine.sampling import SamplingConfig
+from services.generation.loading import load_model
+from services.generation.shards import check_shardable
+
+SHARD_TIMEOUT = 10
+
+# (prompt, new tokens, extra sampling params): mixed lengths, two seeded samplers among greedy rows
+CASES = [
+    ([5, 6, 7, 8], 24, {}),
+    (list(range(30, 70)), 6, {}),
+    ([9], 40, {"temperature": 0.9, "top_k": 40, "seed": 11}),
+    (list(range(100, 117)), 15, {}),
+    ([3, 1, 4, 1, 5, 9, 2, 6], 30, {"temperature": 1.2, "top_p": 0.9, "seed": 5}),
+    ([200, 201, 420], 12, {}),  # ids past half the vocabulary: rank 0 holds only half the embedding rows
+]
+
+
+class ShardedServer:
+    """`python -m services.generation serve --num-shard 2` on a free port, with its log."""
+
+    def __init__(self, model: Path, log: Path, num_shard: int = 2) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log_path = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.generation", "serve", "--model", str(model), "--address", self.address,
+             "--metrics-address", "", "--num-shard", str(num_shard), "--shard-timeout", str(SHARD_TIMEOUT),
+             "--threads", "1", "--grace", "2"],
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+
+    def wait_ready(self) -> ShardedServer:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=180)
+        except grpc.FutureTimeoutError:
+            raise AssertionError(f"the sharded service did not start:\n{self.log()}") from None
+        return self
+
+    def ranks(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.channel.close()
+        children = self.ranks() if self.process.poll() is None else []
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()
+
+
+def generate(stub, prompt: list[int], new_tokens: int, **params):
+    request = generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=prompt),
+        params=common_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **params),
+    )
+    return stub.Generate(request, timeout=120)
+
+
+def one_rank_tokens(folder: Path, registry: Path) -> list[list[int]]:
+    """Each case alone on an ordinary single-process engine."""
+    engine = ContinuousBatchingEngine(load_model(str(folder), ModelRegistry(registry)))
+    try:
+        results = []
+        for prompt, new_tokens, extra in CASES:
+            request = engine.submit(
+                Request(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, **extra))
+            )
+            results.append([i for e in request.events(timeout=60) if isinstance(e, TokenChunk) for i in e.token_ids])
+        return results
+    finally:
+        engine.shutdown(grace=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def model_dir(request, tiny_model_dir, tiny_llama_dir) -> Path:
+    return tiny_model_dir if request.param == "gpt_neox" else tiny_llama_dir
+
+
+def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model_dir, tmp_path):
+    expected = one_rank_tokens(model_dir, tmp_path / "registry")
+    server = ShardedServer(model_dir, tmp_path / "serve.log").wait_ready()
+    try:
+        results: list[list[int] | None] = [None] * len(CASES)
+
+        def client(row: int) -> None:
+            prompt, new_tokens, extra = CASES[row]
+            results[row] = [i for r in generate(server.stub, prompt, new_tokens, **extra) for i in r.token_ids]
+
+        threads = [threading.Thread(target=client, args=(row,)) for row in range(len(CASES))]
+        cancelled = generate(server.stub, [7, 7, 7], 500)
+        next(cancelled)  # decoding before the others arrive
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)  # they arrive while others run: joins at different steps
+        time.sleep(0.2)
+        cancelled.cancel()  # leaves mid-batch; everyone else must be unaffected
+        for thread in threads:
+            thread.join(120)
+        (rank1,) = server.ranks()
+        server.process.terminate()  # SIGTERM: rank 0 drains, tells rank 1 to stop, both exit cleanly
+        assert server.process.wait(60) == 0
+        rank1.wait(30)  # raises if rank 1 outlives rank 0 (psutil cannot read a grandchild's exit code)
+        log = server.log()
+    finally:
+        server.stop()
+    assert results == expected, log
+    assert "rank 1/2 joined the gloo group" in log
+    assert "rank 1 stops after" in log  # it left its loop when told to, not by an error
+
+
+def test_a_killed_rank_ends_the_service_within_its_timeout(tiny_model_dir, tmp_path):
+    server = ShardedServer(tiny_model_dir, tmp_path / "serve.log").wait_ready()
+    try:
+        (rank1,) = server.ranks()
+        stream = generate(server.stub, [1, 2, 3], 900)
+        next(stream)
+        health = health_pb2_grpc.HealthStub(server.channel)
+        killed = time.monotonic()
+        rank1.kill()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shard" in caught.value.details()
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        except grpc.RpcError as error:  # or the server is already gone
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        exit_code = server.process.wait(SHARD_TIMEOUT + 15)
+        assert time.monotonic() - killed < SHARD_TIMEOUT + 15
+        assert exit_code != 0
+    finally:
+        server.stop()
+
+
+def test_an_idle_service_notices_a_dead_rank_and_a_rank_notices_a_dead_rank0(tiny_model_dir, tmp_path):
+    server = ShardedServer(tiny_model_dir, tmp_path / "serve.log").wait_ready()
+    try:
+        (rank1,) = server.ranks()
+        server.process.kill()  # rank 0 vanishes without a word: rank 1 must not wait forever
+        rank1.wait(SHARD_TIMEOUT + 15)  # raises psutil.TimeoutExpired if it hangs on
+    finally:
+        server.stop()
+    assert "rank 1 stops:" in server.log()  # it failed its broadcast (and exits 1), it did not wait forever
+
+
+def test_a_model_the_ranks_cannot_split_is_refused_at_start_naming_it(tiny_model_dir, tmp_path):
+    server = ShardedServer(tiny_model_dir, tmp_path / "serve.log", num_shard=3)  # 4 heads
+    try:
+        assert server.process.wait(60) == 2
+        log = server.log()
+    finally:
+        server.stop()
+    assert "GPTNeoXForCausalLM has num_attention_heads=4, which --num-shard 3 does not divide" in log
+    assert "started rank" not in log  # refused before any rank was started
+
+
+def test_an_architecture_without_a_plan_is_named_in_the_error():
+    config = AutoConfig.for_model("gpt2")
+    config.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(FailedPrecondition, match=r"GPT2LMHeadModel has no tensor-parallel plan.*--num-shard 2"):
+        check_shardable(config, 2)
