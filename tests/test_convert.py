@@ -4,14 +4,17 @@ bad sources publish nothing; the evaluation gate refuses a worse model and accep
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import train_tiny_tokenizer
+from loguru import logger
 from safetensors import safe_open
 from test_training import city_chats, write_jsonl
 
+from services.common.logs import FORMAT
 from services.common.registry import ModelRegistry
 from services.generation.loading import load_model
 from training import convert, finetune
@@ -22,6 +25,15 @@ from training.openchatkit import OpenChatKitError, stage_files
 from training.session import Session
 
 PROMPT = "<human>: Where is Zurich?\n<bot>: Zurich is"
+
+
+@pytest.fixture(autouse=True)
+def loguru_follows_pytest_capture():
+    """convert.main points loguru at the sys.stderr of its test (a capture pytest closes after it): afterwards,
+    log to whatever sys.stderr is at the time of each message, so later tests' logs do not hit a closed stream."""
+    yield
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message), format=FORMAT)
 
 
 def logits_of(model, tokenizer, prompt: str = PROMPT) -> torch.Tensor:

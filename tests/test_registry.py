@@ -85,3 +85,21 @@ def test_bad_names_and_prompt_formats_are_rejected_before_writing(registry, tiny
     with pytest.raises(ValueError, match="prompt_format"):
         registry.publish_version("tiny", tiny_model_dir, "alpaca", source="test")
     assert registry.names() == []
+
+
+def test_the_promotion_history_says_what_to_roll_back_to_after_a_restart(tmp_path: Path):
+    from services.common.registry import Promotion
+
+    registry = ModelRegistry(tmp_path)
+    assert registry.promoted_before("a:1") is None
+    for action, model, previous in [
+        ("promote", "b:1", "a:1"),
+        ("promote", "b:2", "b:1"),
+        ("rollback", "b:1", "b:2"),
+        ("promote", "c:1", "b:1"),
+    ]:
+        registry.record_promotion(Promotion(at=0.0, action=action, model=model, previous=previous))
+    assert registry.promoted_before("c:1") == "b:1"
+    assert registry.promoted_before("b:1") == "a:1"
+    assert registry.promoted_before("b:2") is None  # rolled back: no longer in the line of promotions
+    assert [p.action for p in registry.promotions()] == ["promote", "promote", "rollback", "promote"]

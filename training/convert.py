@@ -427,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     if version is None:
         return 1
     print(f"published {version.metadata.spec} at {version.path}")
-    _record_wandb_artifact(args, version)
+    try:
+        _record_wandb_artifact(args, version)
+    except Exception as error:  # the version is published; a logging backend must not turn that into a failure
+        logger.warning("could not record {} as a W&B artifact: {}", version.metadata.spec, error)
     if args.publish:
         from clients.client import NightcapError
 

@@ -1,14 +1,14 @@
 """Train to serve: what converting and publishing a version costs a running generation service.
 
 One generation service (a subprocess, the embedded SmolLM2-135M) serves CLIENTS concurrent streaming clients
-that keep sending requests. Two windows of the same length, same load:
+that keep sending requests. After a discarded warm-up window, two windows of the same length and load:
   steady   no swap
   swap     ModelAdmin/LoadVersion of a second version (the same weights converted again by training/convert.py:
            same size, so memory and warm-up are a real swap's)
-and the ratios between them: p99 inter-token latency, peak resident memory of the service (sampled every
-20 ms from /proc), failed requests. Also: publish_to_first_new_token_s (LoadVersion call to the first token of
-a request served by the new version) and convert_vs_save_pretrained (training/convert.py on the model's folder
-over a plain save_pretrained of the same model, interleaved, median of REPEATS).
+and the ratios between them: p99 inter-token latency, peak resident memory of the service (sampled every 20 ms),
+failed requests. Also publish_to_first_new_token_s (LoadVersion call to the first token of a request served by
+the new version) and convert_vs_save_pretrained (training/convert.py on the model's folder over a plain
+save_pretrained of the same model, interleaved, median of REPEATS).
 
     python tests/bench/bench_publish.py [--clients 8] [--window 20]
 
@@ -174,6 +174,7 @@ def main() -> None:
         address = f"127.0.0.1:{port}"
     process = start_service(var_dir, address, var_dir / "generation.log")
     try:
+        Load(address, args.clients).run(args.window / 2)  # warm-up, discarded: the first window ran cold before
         steady = Load(address, args.clients)
         with RssSampler(process.pid) as steady_rss:
             steady.run(args.window)
