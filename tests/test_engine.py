@@ -326,7 +326,7 @@ def test_sigterm_lets_a_running_request_finish_then_exits(tiny_model_dir: Path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "services.generation", "serve", "--model", str(tiny_model_dir),
-         "--address", f"127.0.0.1:{port}", "--metrics-address", "", "--grace", "30"],
+         "--address", f"127.0.0.1:{port}", "--metrics-address", "", "--grace", "300"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -336,7 +336,7 @@ def test_sigterm_lets_a_running_request_finish_then_exits(tiny_model_dir: Path):
             first = next(call)
             server.send_signal(signal.SIGTERM)
             rest = list(call)
-        assert server.wait(timeout=60) == 0
+        assert server.wait(timeout=120) == 0
     finally:
         server.kill()
         log = server.stderr.read()

@@ -39,7 +39,7 @@ def test_filters_apply_per_row():
     torch.manual_seed(1)
     logits = torch.randn(len(CONFIGS), VOCAB) * 3
     top5 = set(logits[1].topk(5).indices.tolist())
-    drawn = [sample_batch(logits, rows(seed))[0] for seed in range(200)]
+    drawn = [sample_batch(logits, rows(seed))[0] for seed in range(60)]
     assert {tokens[1] for tokens in drawn} <= top5  # top_k=5
     assert len({tokens[1] for tokens in drawn}) > 1  # and it samples
     assert {tokens[0] for tokens in drawn} == {int(logits[0].argmax())}  # greedy stays greedy beside them

@@ -164,7 +164,7 @@ def load_model(
     if placement.tp_size == 1 and not placement.device_map and not placement.quantize:
         model.to(torch_device)
     model.eval()
-    if placement.device_map:
+    if placement.device_map or placement.quantize:
         torch_device = model.get_input_embeddings().weight.device  # where the inputs must go
     chosen_format = prompt_format or (
         registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)

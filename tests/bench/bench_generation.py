@@ -364,6 +364,7 @@ def redpajama_3b_shape(folder: Path, tokenizer_from: Path) -> Path:
 
 
 def main() -> None:
+    global DEVICE, DTYPE, MIXED_NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="values of N")
     parser.add_argument(
@@ -382,7 +383,6 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
-    global DEVICE, DTYPE, MIXED_NEW_TOKENS
     DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     MIXED_NEW_TOKENS = tuple(args.mixed_new_tokens)
     layout = VarLayout.from_env(args.var_dir)
