@@ -117,6 +117,8 @@ def session(soak: Soak, stub: chat_pb2_grpc.ChatStub, rng: random.Random, max_ne
         except grpc.RpcError as error:
             code, details = error.code().name, error.details() or ""
         soak.record(kind, code, details, soak.now())
+        if code == "UNAVAILABLE":
+            time.sleep(1.0)  # as a client backs off; without it a down orchestrator is hammered in a tight loop
         if code != "OK" or soak.stop.is_set():
             return
         history += [
