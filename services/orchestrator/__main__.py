@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
-import click
 import typer
 from loguru import logger
 
@@ -41,13 +41,14 @@ def serve(
     backend_timeout: float = typer.Option(
         10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
     ),
-    retrieval_query: str = typer.Option(
-        QueryMode.RECENT.value,
-        envvar="NIGHTCAP_RETRIEVAL_QUERY",
-        click_type=click.Choice([mode.value for mode in QueryMode]),
-        help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the model"
-        " rewrites it as a standalone question; costs a generation call) or last (the message alone)",
-    ),
+    retrieval_query: Annotated[
+        QueryMode,
+        typer.Option(
+            envvar="NIGHTCAP_RETRIEVAL_QUERY",
+            help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the"
+            " model rewrites it as a standalone question; costs a generation call) or last (the message alone)",
+        ),
+    ] = QueryMode.RECENT,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -59,12 +60,13 @@ def serve(
             address,
             default_max_new_tokens=max_new_tokens,
             backend_timeout=backend_timeout,
-            query_mode=QueryMode(retrieval_query),
+            query_mode=retrieval_query,
         )
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", retrieval_query)
+    query = retrieval_query.value
+    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", query)
     serve_until_signalled(running, "orchestrator")
 
 
