@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
-import click
 import typer
 from loguru import logger
 
@@ -74,13 +74,14 @@ def serve(
     service_token_file: ServiceTokenFileOption = None,
     max_concurrent_rpcs: MaxConcurrentRpcs = ServerLimits.max_concurrent_rpcs,
     max_input_bytes: MaxInputBytes = ServerLimits.max_input_bytes,
-    retrieval_query: str = typer.Option(
-        QueryMode.RECENT.value,
-        envvar="NIGHTCAP_RETRIEVAL_QUERY",
-        click_type=click.Choice([mode.value for mode in QueryMode]),
-        help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the model"
-        " rewrites it as a standalone question; costs a generation call) or last (the message alone)",
-    ),
+    retrieval_query: Annotated[
+        QueryMode,
+        typer.Option(
+            envvar="NIGHTCAP_RETRIEVAL_QUERY",
+            help="what a follow-up searches for: recent (a weighted mix of the last user turns), condense (the"
+            " model rewrites it as a standalone question; costs a generation call) or last (the message alone)",
+        ),
+    ] = QueryMode.RECENT,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -101,13 +102,14 @@ def serve(
             limits=ServerLimits(max_concurrent_rpcs, max_input_bytes),
             security=security,
             backend_credentials=backends,
-            query_mode=QueryMode(retrieval_query),
+            query_mode=retrieval_query,
         )
     # a taken port; unreadable certificates; a list of generation addresses that is not IPs
     except (OSError, CredentialsError, ValueError) as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None
-    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", retrieval_query)
+    query = retrieval_query.value
+    logger.info("generation at {}, retrieval at {} (query: {})", generation, retrieval or "(none)", query)
     serve_until_signalled(running, "orchestrator")
 
 

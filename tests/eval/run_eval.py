@@ -24,8 +24,10 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ DEFAULT_MODE = QueryMode.RECENT
 @dataclass
 class Outcome:
     rank: int | None  # 1-based rank of the first passage of the source article among the first k, or None
-    correct: bool  # the answer holds an expected word
+    correct: bool | None  # the answer holds an expected word (None: no answer was generated)
     seconds: float
     start_seconds: float
     split: str
@@ -69,16 +71,19 @@ class EvalSet:
         if not chosen:
             return {}
         times = sorted(o.seconds for o in chosen)
-        return {
+        metrics = {
             "questions": len(chosen),
             "source_recall_at_1": _mean(o.rank == 1 for o in chosen),
             "source_recall_at_3": _mean(o.rank is not None and o.rank <= 3 for o in chosen),
             "mrr": _mean(1 / o.rank if o.rank else 0.0 for o in chosen),
-            "answer_word_accuracy": _mean(o.correct for o in chosen),
             "p50_latency_ms": 1000 * statistics.median(times),
             "p95_latency_ms": 1000 * times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
             "p50_time_to_start_ms": 1000 * statistics.median(o.start_seconds for o in chosen),
         }
+        answered = [o.correct for o in chosen if o.correct is not None]
+        if answered:
+            metrics["answer_word_accuracy"] = _mean(answered)
+        return metrics
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -126,8 +131,10 @@ def run(
     max_new_tokens: int = 32,
     limit: int | None = None,
     progress: bool = True,
+    concurrency: int = 1,
 ) -> tuple[dict[str, EvalSet], list[dict[str, Any]]]:
-    """Every question through real Chat orchestrators (one per mode) on the given backends.
+    """Every question through real Chat orchestrators (one per mode) on the given backends; ``concurrency``
+    questions (or conversations) at a time, which the generation service batches.
 
     Returns the sets and, for the condense mode, each rewrite with its latency (measured by preparing the
     turn in this process: the same code path, timed alone)."""
@@ -139,39 +146,101 @@ def run(
     rewrites: list[dict[str, Any]] = []
     default = clients[modes[0]]
     total = len(single) + len(conversations) * (1 + len(modes))
-    try:
-        with tqdm(total=total, desc="eval", unit="turn", disable=not progress) as bar:
-            for item in single:
-                reply, seconds, start = timed_ask(default, item["question"], retrieval=True, k=k, params=params)
-                sets["single"].outcomes.append(_outcome(item["source"], item, reply, seconds, start, k))
-                bar.update()
-            for conversation in conversations:
-                opening, follow_up = conversation["turns"]
-                reply, seconds, start = timed_ask(default, opening["question"], retrieval=True, k=k, params=params)
-                sets["opening"].outcomes.append(
-                    _outcome(
-                        conversation["source"], {**opening, "split": conversation["split"]}, reply, seconds, start, k
-                    )
+    lock = threading.Lock()
+
+    def ask_single(item: dict[str, Any]) -> None:
+        reply, seconds, start = timed_ask(default, item["question"], retrieval=True, k=k, params=params)
+        with lock:
+            sets["single"].outcomes.append(_outcome(item["source"], item, reply, seconds, start, k))
+            bar.update()
+
+    def converse(conversation: dict[str, Any]) -> None:
+        opening, follow_up = conversation["turns"]
+        reply, seconds, start = timed_ask(default, opening["question"], retrieval=True, k=k, params=params)
+        with lock:
+            item = {**opening, "split": conversation["split"]}
+            sets["opening"].outcomes.append(_outcome(conversation["source"], item, reply, seconds, start, k))
+            bar.update()
+        history = reply.as_history(opening["question"])
+        for mode, client in clients.items():
+            answer, seconds, start = timed_ask(
+                client, follow_up["question"], history=history, retrieval=True, k=k, params=params
+            )
+            with lock:
+                item = {**follow_up, "split": conversation["split"]}
+                sets[f"followup/{mode.value}"].outcomes.append(
+                    _outcome(conversation["source"], item, answer, seconds, start, k)
                 )
                 bar.update()
-                history = reply.as_history(opening["question"])
-                for mode, client in clients.items():
-                    answer, seconds, start = timed_ask(
-                        client, follow_up["question"], history=history, retrieval=True, k=k, params=params
-                    )
-                    item = {**follow_up, "split": conversation["split"]}
-                    sets[f"followup/{mode.value}"].outcomes.append(
-                        _outcome(conversation["source"], item, answer, seconds, start, k)
-                    )
-                    bar.update()
-                if QueryMode.CONDENSE in modes:
-                    rewrites.append(_rewrite(generation, retrieval, follow_up["question"], history, k))
+        if QueryMode.CONDENSE in modes:
+            rewrite = _rewrite(generation, retrieval, follow_up["question"], history, k)
+            with lock:
+                rewrites.append(rewrite)
+
+    try:
+        with (
+            tqdm(total=total, desc="eval", unit="turn", disable=not progress) as bar,
+            ThreadPoolExecutor(concurrency) as pool,
+        ):
+            # list() re-raises the first failure
+            list(pool.map(ask_single, single))
+            list(pool.map(converse, conversations))
     finally:
         for client in clients.values():
             client.close()
         for server in servers.values():
             server.stop(grace=1)
     return sets, rewrites
+
+
+NOT_GENERATED = "(no answer: a retrieval-only run generates none)"
+
+
+def run_retrieval_only(
+    questions: dict[str, Any],
+    generation: str,
+    retrieval: str,
+    modes: list[QueryMode],
+    k: int = 3,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, EvalSet]:
+    """The retrieval half of the evaluation, fast: each turn is prepared by a real ChatOrchestrator (query built
+    from the conversation, search, prompt fitted and tokenized by the generation service) but not generated.
+    The opening turn's answer in the history is a placeholder, so `condense`, which reads it, is left out."""
+    modes = [mode for mode in modes if mode is not QueryMode.CONDENSE]
+    single, conversations = questions["single"][:limit], questions["conversations"][:limit]
+    orchestrators = {
+        mode: ChatOrchestrator(GenerationBackend(generation), RetrievalBackend(retrieval), query_mode=mode)
+        for mode in modes
+    }
+    sets = {name: EvalSet(name) for name in ["single", "opening", *(f"followup/{m.value}" for m in modes)]}
+
+    def prepared(mode: QueryMode, question: str, history: list[Turn], source: str, split: str) -> tuple[Outcome, Any]:
+        started = time.perf_counter()
+        turn = orchestrators[mode].prepare(TurnRequest(question, history, retrieval=True, k=k, max_new_tokens=1))
+        seconds = time.perf_counter() - started
+        rank = rank_of(source, turn.retrieved_ids, k)
+        return Outcome(rank, None, seconds, seconds, split, turn.retrieval_query), turn
+
+    try:
+        for item in tqdm(single, desc="single", disable=not progress):
+            sets["single"].outcomes.append(prepared(modes[0], item["question"], [], item["source"], item["split"])[0])
+        for conversation in tqdm(conversations, desc="conversations", disable=not progress):
+            opening, follow_up = conversation["turns"]
+            source, split = conversation["source"], conversation["split"]
+            outcome, turn = prepared(modes[0], opening["question"], [], source, split)
+            sets["opening"].outcomes.append(outcome)
+            context = tuple(ContextPassage(p.title, p.text, p.source) for p in turn.sources)
+            history = [Turn("user", opening["question"], context), Turn("assistant", NOT_GENERATED)]
+            for mode in modes:
+                outcome, _ = prepared(mode, follow_up["question"], history, source, split)
+                sets[f"followup/{mode.value}"].outcomes.append(outcome)
+    finally:
+        for orchestrator in orchestrators.values():
+            orchestrator.generation.close()
+            orchestrator.retrieval.close()
+    return sets
 
 
 def _outcome(source: str, item: dict[str, Any], reply: Reply, seconds: float, start: float, k: int) -> Outcome:
@@ -203,14 +272,19 @@ def _rewrite(generation: str, retrieval: str, question: str, history: list, k: i
 
 
 def report(
-    sets: dict[str, EvalSet], rewrites: list[dict[str, Any]], modes: list[QueryMode], k: int, model: str
+    sets: dict[str, EvalSet],
+    rewrites: list[dict[str, Any]],
+    modes: list[QueryMode],
+    k: int,
+    model: str,
+    concurrency: int = 1,
 ) -> BenchReport:
     bench = BenchReport("eval")
     for name, evaluated in sets.items():
         for split in (None, "dev", "heldout"):
             metrics = evaluated.metrics(split)
             if metrics:
-                params = {"k": k, "split": split or "all"}
+                params = {"k": k, "split": split or "all", "concurrency": concurrency}
                 bench.add(name, system="nightcap", model=model, params=params, metrics=metrics)
     single = sets["single"].metrics()
     if rewrites:
@@ -255,16 +329,38 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=3, help="passages per turn")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each set")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="questions (or conversations) asked at once; 1 for clean latencies"
+    )
     parser.add_argument("--questions", type=Path, default=QUESTIONS, help="the question set")
     parser.add_argument("--samples", type=Path, default=None, help="also write every answer and query here")
+    parser.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="prepare each turn (query, search, prompt) without generating: recall and MRR in seconds, no answers",
+    )
     args = parser.parse_args()
     modes = [QueryMode(m) for m in args.modes.split(",")]
     questions = json.loads(args.questions.read_text(encoding="utf-8"))
     generation = GenerationBackend(args.generation)
     model = generation.model_info(30).name
     generation.close()
-    sets, rewrites = run(questions, args.generation, args.retrieval, modes, args.k, args.max_new_tokens, args.limit)
-    bench = report(sets, rewrites, modes, args.k, model)
+    if args.retrieval_only:
+        sets, rewrites = run_retrieval_only(questions, args.generation, args.retrieval, modes, args.k, args.limit), []
+        modes = [mode for mode in modes if mode is not QueryMode.CONDENSE]
+    else:
+        sets, rewrites = run(
+            questions,
+            args.generation,
+            args.retrieval,
+            modes,
+            args.k,
+            args.max_new_tokens,
+            args.limit,
+            True,
+            args.concurrency,
+        )
+    bench = report(sets, rewrites, modes, args.k, model, 0 if args.retrieval_only else args.concurrency)
     bench.write()
     if args.samples:
         samples = {name: [o.__dict__ for o in s.outcomes] for name, s in sets.items()} | {"rewrites": rewrites}

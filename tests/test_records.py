@@ -1,0 +1,48 @@
+"""Each wire record is defined once, in nightcap.records, and has exactly the fields of its message."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from nightcap import records
+from nightcap.v1 import retrieval_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (records.Document, retrieval_pb2.Document),
+        (records.Passage, retrieval_pb2.Passage),
+        (records.IndexStats, retrieval_pb2.StatsResponse),
+        (records.AddReport, retrieval_pb2.AddDocumentsResponse),
+        (records.DeleteReport, retrieval_pb2.DeleteDocumentsResponse),
+    ],
+)
+def test_a_record_has_its_messages_fields_in_order_and_converts_both_ways(record, message):
+    assert [f.name for f in fields(record)] == [f.name for f in message.DESCRIPTOR.fields]
+    values = {
+        f.name: (7 if f.type in (int, "int") else 0.5 if f.type in (float, "float") else f.name) for f in fields(record)
+    }
+    made = record(**values)
+    assert records.from_message(record, records.to_message(made, message)) == made
+
+
+def test_no_record_is_defined_twice_and_clients_never_import_services():
+    names = {"Document", "Passage", "Source", "IndexStats", "AddReport", "DeleteReport", "IngestReport"}
+    for path in [*ROOT.glob("clients/*.py"), *ROOT.glob("services/**/*.py"), *ROOT.glob("deploy/*.py")]:
+        tree = ast.parse(path.read_text())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)} & names
+        if path.name != "chunker.py":  # the chunker's Passage is the index's own record (with doc_id), not a wire one
+            assert not defined, f"{path} defines {defined} again: import it from nightcap.records"
+        if path.parts[-2] == "clients":
+            imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+            assert not [m for m in imported if m.startswith("services")], f"{path} imports services/"
+    for path in [*ROOT.glob("clients/*.py"), *ROOT.glob("services/**/*.py"), *ROOT.glob("deploy/*.py")]:
+        source = path.read_text()
+        assert "MAX_K = " not in source and "DEFAULT_K = " not in source, f"{path} repeats MAX_K/DEFAULT_K"
