@@ -25,7 +25,7 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
 def test_every_service_in_the_contract_is_importable_with_its_methods():
     expected = {
         "generation": ("Generation", {"Generate", "ModelInfo", "Tokenize"}),
-        "retrieval": ("Retrieval", {"Search", "Stats", "AddDocuments", "DeleteDocuments"}),
+        "retrieval": ("Retrieval", {"Search", "Stats", "AddDocuments", "DeleteDocuments", "Compact"}),
         "chat": ("Chat", {"Chat", "Status"}),
     }
     for module, (service, methods) in expected.items():
