@@ -80,8 +80,9 @@ Factory = Annotated[
     typer.Option(
         "--factory",
         envvar="NIGHTCAP_INDEX_FACTORY",
-        help="faiss index_factory string for a new index: IDMap2,Flat (exact; small corpora), HNSW32, "
-        "IVF4096,Flat or IVF4096,PQ48 (large; trained on a sample of the first commit).",
+        help="faiss index_factory string for a new index: IDMap2,Flat (exact; up to ~100k passages), "
+        "IVF1024,Flat with --search-params nprobe=16 (about 1M passages; trained on a sample of the first commit), "
+        "HNSW32, IVF4096,PQ48, ...",
     ),
 ]
 SearchParams = Annotated[

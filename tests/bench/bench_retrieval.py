@@ -487,7 +487,13 @@ def main() -> None:
                 sizes = [int(s) for s in args.sizes.split(",")]
                 bench_index_speed(report, sizes, args.queries, Path(workdir), Embedder(), args)
     finally:  # what was measured is kept even if a later part fails
-        report.add("machine_load", "os.getloadavg", "after the run", {}, {"load_1_5_15": list(os.getloadavg())})
+        report.add(
+            "machine_load",
+            "os.getloadavg",
+            "after the run",
+            {},
+            dict(zip(("load_1m", "load_5m", "load_15m"), os.getloadavg(), strict=True)),
+        )
         logger.info("benchmark took {:.0f}s", time.perf_counter() - started)
         report.write(args.var_dir)
 
