@@ -279,7 +279,8 @@ def consistency_problems(objects: list[dict[str, Any]]) -> list[str]:
             for backend in ("--generation", "--retrieval"):
                 if backend not in flags:
                     continue
-                host, _, port = flags[backend].rpartition(":")
+                # dns:///name:port (every replica behind a headless Service) names the Service as name:port does
+                host, _, port = flags[backend].removeprefix("dns:///").rpartition(":")
                 service = services.get(host)
                 if service is None:
                     problems.append(f"{where}: {backend} {flags[backend]} names no Service")

@@ -154,7 +154,7 @@ def test_disagreeing_ports_backends_or_worker_counts_are_caught(objects: Objects
     worker["replicas"] = 3
     worker["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu")
     problems = "\n".join(checks.consistency_problems(broken))
-    assert "--generation nightcap-gen:50051 names no Service" in problems
+    assert "--generation dns:///nightcap-gen:50051 names no Service" in problems
     assert "--address 0.0.0.0:50053 but containerPort grpc is 50052" in problems
     assert "--num-workers 2 but the worker groups start 3 workers" in problems
     assert "--use-gpu but ray-worker has no nvidia.com/gpu limit" in problems

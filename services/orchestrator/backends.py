@@ -177,7 +177,7 @@ class GenerationBackend(Backend):
     def tokenize(self, text: str, timeout: float) -> list[int]:
         request = generation_pb2.TokenizeRequest(text=text, return_ids=True)
         try:
-            return list(self._stub.Tokenize(request, timeout=timeout).token_ids)
+            return list(self._stub.Tokenize(request, timeout=timeout, wait_for_ready=True).token_ids)
         except grpc.RpcError as error:
             raise self.error(error) from None
 
