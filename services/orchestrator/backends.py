@@ -95,13 +95,18 @@ class Backend:
 
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        options = [*_RECONNECT_OPTIONS]
+        self._credentials = credentials or Credentials()
+        self._options = [*_RECONNECT_OPTIONS]
         if "," in address or address.startswith("dns:"):
-            options.append(("grpc.service_config", _REPLICA_SERVICE_CONFIG))
-        self.channel = (credentials or Credentials()).channel(channel_target(address), options)
+            self._options.append(("grpc.service_config", _REPLICA_SERVICE_CONFIG))
+        self.channel = self.open_channel()
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._connectivity: grpc.ChannelConnectivity | None = None
         self.channel.subscribe(self._on_connectivity)
+
+    def open_channel(self) -> grpc.Channel:
+        """A channel to this backend's address(es), with its credentials, reconnect and balancing options."""
+        return self._credentials.channel(channel_target(self.address), self._options)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         self._connectivity = state
@@ -160,24 +165,32 @@ class GenerationBackend(Backend):
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         super().__init__(address, credentials)
         self._stub = generation_pb2_grpc.GenerationStub(self.channel)
+        # Round-robin picks a replica per call: with Tokenize and Generate on one channel, a chat's two calls
+        # alternate in step and every Generate lands on the same replica. Lookups get their own channel.
+        self._lookups_channel = self.open_channel()
+        self._lookups = generation_pb2_grpc.GenerationStub(self._lookups_channel)
+
+    def close(self) -> None:
+        self._lookups_channel.close()
+        super().close()
 
     def model_info(self, timeout: float) -> generation_pb2.ModelInfoResponse:
         try:
-            return self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout, wait_for_ready=True)
+            return self._lookups.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None
 
     def count_tokens(self, text: str, timeout: float) -> int:
         try:
             request = generation_pb2.TokenizeRequest(text=text)
-            return self._stub.Tokenize(request, timeout=timeout, wait_for_ready=True).token_count
+            return self._lookups.Tokenize(request, timeout=timeout, wait_for_ready=True).token_count
         except grpc.RpcError as error:
             raise self.error(error) from None
 
     def tokenize(self, text: str, timeout: float) -> list[int]:
         request = generation_pb2.TokenizeRequest(text=text, return_ids=True)
         try:
-            return list(self._stub.Tokenize(request, timeout=timeout, wait_for_ready=True).token_ids)
+            return list(self._lookups.Tokenize(request, timeout=timeout, wait_for_ready=True).token_ids)
         except grpc.RpcError as error:
             raise self.error(error) from None
 
