@@ -1,5 +1,5 @@
 """Training without a Ray cluster: data format, loss mask, mixture sampling, converters, flag checks, and the
-per-worker loop run as plain PyTorch in this process (STYLE.md: the loop runs without Ray too)."""
+per-worker loop run as plain PyTorch in this process (the loop runs without Ray too)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one shape every benchmark writes (DESIGN.md "Benchmark results"): var/bench/<area>.json plus a table.
+"""The one shape every benchmark writes (README "Benchmarks"): var/bench/<area>.json plus a table.
 
 report = BenchReport("generation")
 report.add("generate", system="nightcap", model="pythia-160m-shape",
