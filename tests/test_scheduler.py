@@ -173,6 +173,18 @@ def test_limits_refuse_with_the_flag_to_change():
         scheduler(max_batch_total_tokens=10).add(request(prompt_length=8, new_tokens=5))
 
 
+def test_cancelled_requests_do_not_count_against_the_concurrency_limit():
+    s = scheduler(max_concurrent_requests=2)
+    first, second = request(), request()
+    s.add(first)
+    s.add(second)
+    with pytest.raises(ResourceExhausted):
+        s.add(request())
+    first.cancel()  # its client went away; it leaves at the next step
+    s.add(third := request())
+    assert third.status is RequestStatus.WAITING
+
+
 def test_the_model_step_is_plain_data_that_survives_a_round_trip():
     s = scheduler(max_prefill_tokens=3)
     s.add(request(prompt_length=5))

@@ -107,7 +107,9 @@ class ContinuousBatchScheduler:
     def add(self, request: Request) -> None:
         """Queues the request, or raises ResourceExhausted naming the limit it would break."""
         config = self.config
-        in_flight = len(self.running) + len(self.waiting)
+        # a cancelled request leaves at the next step: its client is gone, so it must not turn new ones away
+        # (a killed orchestrator's streams still counted while its restarted self sent the next 64)
+        in_flight = sum(not r.cancelled for r in (*self.running, *self.waiting))
         if in_flight >= config.max_concurrent_requests:
             raise ResourceExhausted(
                 f"{in_flight} requests are in flight, the limit (--max-concurrent-requests) is"
