@@ -119,18 +119,6 @@ def test_chat_answers_without_context_when_retrieval_is_down(generation_address)
     assert status.index is None and status.model is not None
 
 
-def test_generation_down_is_unavailable_naming_the_address(retrieval_address):
-    dead = f"127.0.0.1:{free_port()}"
-    running = start_orchestrator(dead, retrieval_address)
-    try:
-        with ChatClient(running.address, timeout=30) as client, pytest.raises(NightcapError) as caught:
-            client.ask("Where is Zurich?")
-    finally:
-        running.stop(grace=1)
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert f"generation service at {dead}" in caught.value.message
-
-
 def test_an_orchestrator_that_does_not_answer_is_unavailable_with_its_address():
     dead = f"127.0.0.1:{free_port()}"
     with ChatClient(dead, timeout=10) as client, pytest.raises(NightcapError) as caught:

@@ -44,14 +44,14 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         request_id = request.request_id or uuid.uuid4().hex[:12]
         try:
             yield from self._chat(request, request_id, started, context)
-        except Cancelled:
-            if context.is_active():
-                raise  # the generation service cancelled, not our client
+        except (Cancelled, GeneratorExit) as stop:
+            # Cancelled: seen while we waited for generation; GeneratorExit: grpcio closed the stream while we
+            # waited to send. Only a Cancelled with our client still there is the generation service's doing.
+            if isinstance(stop, Cancelled) and context.is_active():
+                raise
             logger.info("chat {}: CANCELLED by its client after {:.2f}s", request_id, time.monotonic() - started)
-        except GeneratorExit:
-            # grpcio closes the stream instead when the client leaves while we wait to send, not to receive
-            logger.info("chat {}: CANCELLED by its client after {:.2f}s", request_id, time.monotonic() - started)
-            raise
+            if isinstance(stop, GeneratorExit):
+                raise
 
     def _chat(
         self, request: chat_pb2.ChatRequest, request_id: str, started: float, context: grpc.ServicerContext
