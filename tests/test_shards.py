@@ -136,6 +136,8 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
         for thread in threads:
             thread.join(120)
         (rank1,) = server.ranks()
+        # each rank holds its own copy of its shard, not a map of the whole checkpoint file
+        mapped = [m.path for rank in (psutil.Process(server.process.pid), rank1) for m in rank.memory_maps()]
         server.process.terminate()  # SIGTERM: rank 0 drains, tells rank 1 to stop, both exit cleanly
         assert server.process.wait(60) == 0
         rank1.wait(30)  # raises if rank 1 outlives rank 0 (psutil cannot read a grandchild's exit code)
@@ -143,6 +145,7 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
     finally:
         server.stop()
     assert results == expected, log
+    assert not [path for path in mapped if path.endswith(".safetensors")]
     assert "rank 1/2 joined the gloo group" in log
     assert "rank 1 stops after" in log  # it left its loop when told to, not by an error
 

@@ -12,10 +12,12 @@ Mixed traffic (``mixed_n64_vs_static_batch``): 64 requests asking for 16-256 new
 fixed seed) arrive over 3 s; the static batch gets them all at once (a head start) and must run to its
 longest member; tokens/s counts only the tokens each request asked for.
 
-Scaling at N=16 (``tp2_vs_tp1``, ``tp2_rank_rss_vs_tp1``, ``replicas2_vs_1``): one server, the same
-model over 2 tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain
-gRPC channel with round_robin over both addresses; the largest rank's RSS after loading over the
-1-shard server's.
+Scaling at N=16 (``tp2_vs_tp1``, ``replicas2_vs_1``): one server, the same model over 2
+tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain gRPC channel
+with round_robin over both addresses.
+
+Memory (``tp2_rank_rss_vs_tp1``): the largest rank's resident memory over the 1-shard server's, each
+measured after one request, for the pythia-160m shape and the RedPajama-3B shape (bfloat16).
 
 Fairness: every system is warmed alike, systems take turns (interleaved in time, so load drift on a
 shared machine hits all alike), every run is checked to have produced the tokens it asked for, and a
@@ -368,9 +370,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="values of N")
     parser.add_argument(
-        "--models", nargs="+", default=["pythia-160m-shape", "smollm2-135m"], help="which models to measure"
+        "--models", nargs="*", default=["pythia-160m-shape", "smollm2-135m"], help="which models to measure"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "scaling", "chunked"], help="parts to skip")
+    parts = ["mixed", "scaling", "chunked", "memory"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts to skip")
+    parser.add_argument(
+        "--memory-models", nargs="*", default=["pythia-160m-shape", "redpajama-3b-shape"],
+        help="models whose 1-shard and 2-rank resident memory is measured (the 3B shape: bfloat16, ~6 GB, built once)",
+    )  # fmt: skip
     parser.add_argument(
         "--num-shard", type=int, nargs="+", default=[1], help="nightcap's tensor-parallel sizes at each N (GPU runs)"
     )
@@ -393,7 +400,7 @@ def main() -> None:
         "smollm2-135m": (default.path, DEFAULT_MODEL),
         "pythia-160m-shape": (pythia_160m_shape(layout.bench / "models" / "pythia-160m-shape", default.path),) * 2,
     }
-    if "redpajama-3b-shape" in args.models:
+    if "redpajama-3b-shape" in args.models or "redpajama-3b-shape" in args.memory_models:
         folders["redpajama-3b-shape"] = (
             redpajama_3b_shape(layout.bench / "models" / "redpajama-3b-shape", default.path),
         ) * 2
@@ -407,6 +414,10 @@ def main() -> None:
             )
         if "scaling" not in args.skip:
             measure_scaling(report, name, str(serve_as), layout.root)
+    for name in [] if "memory" in args.skip else args.memory_models:
+        print(f"== {name} memory", flush=True)
+        dtype = "bfloat16" if name == "redpajama-3b-shape" else args.dtype
+        measure_memory(report, name, str(folders[name][1]), layout.root, dtype)
     if "pythia-160m-shape" in args.models and "chunked" not in args.skip:
         measure_chunked_prefill(report, folders["pythia-160m-shape"][0], layout.root)
     report.write(layout.root)
@@ -503,10 +514,6 @@ def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path
         systems = {"nightcap-1": (one.address, {}), "replicas-2": (target, {"grpc.lb_policy_name": "round_robin"})}
         if tp2 is not None:
             systems["tp-2"] = (tp2.address, {})
-            rss_one, rss_ranks = one.rss_bytes()[0], tp2.rss_bytes()
-            report.add("memory", "tp-2", name, {"ranks": 2}, {"rss_mb_per_rank_max": max(rss_ranks) / 2**20})
-            report.add("memory", "nightcap-1", name, {}, {"rss_mb": rss_one / 2**20})
-            report.ratio(f"{name}/tp2_rank_rss_vs_tp1", max(rss_ranks) / rss_one)
         for address, options in systems.values():
             run_nightcap(address, prompts(4, 49_152), **options)  # warm-up
         rates: dict[str, list[float]] = {system: [] for system in systems}
@@ -522,6 +529,30 @@ def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path
     if "tp-2" in mean:
         report.ratio(f"{name}/tp2_vs_tp1", mean["tp-2"] / mean["nightcap-1"])
     report.ratio(f"{name}/replicas2_vs_1", mean["replicas-2"] / mean["nightcap-1"])
+
+
+def measure_memory(report: BenchReport, name: str, serve_as: str, var_dir: Path, dtype: str) -> None:
+    """Resident memory of a 1-shard server and of each rank of a 2-shard one, one after the other.
+
+    Measured after one short request, not right after loading: the 1-shard CPU process maps the
+    safetensors file and only pages the weights in when a forward pass first reads them, so just after
+    loading it looks far smaller than it is. Each process also carries ~0.4 GB that is not weights
+    (torch, transformers, gRPC), which is why a small model cannot get near half."""
+    rss: dict[int, list[int]] = {}
+    for num_shard in (1, 2):
+        server = GenerationServer(
+            serve_as, var_dir, 4, 2048, "--num-shard", str(num_shard), "--dtype", dtype, log=f"-mem{num_shard}"
+        )
+        try:
+            stream_requests(server.address, prompts(1, 49_152), [4])
+            rss[num_shard] = server.rss_bytes()
+        finally:
+            server.stop()
+    params = {"dtype": dtype, "measured": "after one request"}
+    report.add("memory", "nightcap-1", name, params, {"rss_mb": rss[1][0] / 2**20})
+    report.add("memory", "tp-2", name, {**params, "ranks": 2}, {"rss_mb_per_rank_max": max(rss[2]) / 2**20})
+    report.ratio(f"{name}/tp2_rank_rss_vs_tp1", max(rss[2]) / rss[1][0])
+    print(f"   memory: 1 shard {rss[1][0] / 2**20:.0f} MB, largest of 2 ranks {max(rss[2]) / 2**20:.0f} MB")
 
 
 def measure_chunked_prefill(report: BenchReport, folder: Path, var_dir: Path, long_prompt_tokens: int = 1536) -> None:
