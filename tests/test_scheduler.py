@@ -10,7 +10,12 @@ import pytest
 from services.common.errors import ResourceExhausted
 from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.engine.scheduler import ContinuousBatchScheduler, PrefillChunk, SchedulerConfig
+from services.generation.engine.scheduler import (
+    DEAD_ROW_TOKEN,
+    ContinuousBatchScheduler,
+    PrefillChunk,
+    SchedulerConfig,
+)
 
 EOS = 0
 
@@ -99,17 +104,35 @@ def test_a_group_splits_its_chunk_budget_over_its_rows():
     assert output.model.prefill == PrefillChunk(0, 8, True, (tuple(range(1, 9)),))
 
 
-def test_finished_rows_leave_at_the_next_step_and_the_rest_keep_their_order():
+def test_finished_rows_stay_dead_until_dropping_them_pays_and_the_rest_keep_their_order():
     s = scheduler()
-    a, b, c = request(new_tokens=5), request(new_tokens=1), request(new_tokens=5)
+    a, b, c = request(new_tokens=9), request(new_tokens=1), request(new_tokens=9)
     for r in (a, b, c):
         s.add(r)
     _, finished = step(s)
     assert finished == [b]
-    output, _ = step(s)
-    assert output.model.keep == (0, 2) and output.decoding == [a, c]
+    for _ in range(2):  # 1, then 2 row-steps spent on the dead row: fewer than the batch's 3 rows
+        output, _ = step(s)
+        assert output.model.keep is None and output.model.decode_tokens == (7, DEAD_ROW_TOKEN, 7)
+        assert output.sampled == [a, c] and output.logit_rows == [0, 2]
+    output, _ = step(s)  # 3 row-steps: as much as copying the cache without it costs
+    assert output.model.keep == (0, 2) and output.decoding == [a, c] and output.model.decode_tokens == (7, 7)
+    assert output.sampled == [a, c] and output.logit_rows == [0, 1]
     output, _ = step(s)
     assert output.model.keep is None  # nobody left: the batch is untouched
+
+
+def test_dead_rows_leave_when_a_group_joins_so_the_batch_stays_within_its_size():
+    s = scheduler(max_batch_size=2)
+    a, b, c = request(new_tokens=9), request(new_tokens=1), request(new_tokens=9)
+    s.add(a)
+    s.add(b)
+    step(s)  # a and b prefill together; b is done at once
+    s.add(c)
+    output, _ = step(s)  # b is dead, a decodes and c's one-chunk prefill joins
+    assert output.model.keep == (0,) and output.model.decode_tokens == (7,) and output.prefilling == [c]
+    assert output.sampled == [a, c] and output.logit_rows == [0, 1]
+    assert s.batch == [a, c]
 
 
 def test_eos_and_stop_token_ids_finish_a_request_without_adding_the_token():
@@ -126,7 +149,7 @@ def test_eos_and_stop_token_ids_finish_a_request_without_adding_the_token():
     assert ignoring.output_ids == [EOS] and ignoring.status is RequestStatus.RUNNING
 
 
-def test_a_cancelled_row_leaves_in_the_step_that_notices_it():
+def test_a_cancelled_row_stops_decoding_in_the_step_that_notices_it():
     s = scheduler()
     keep, drop = request(new_tokens=9), request(new_tokens=9)
     s.add(keep)
@@ -134,7 +157,8 @@ def test_a_cancelled_row_leaves_in_the_step_that_notices_it():
     step(s)
     drop.cancel()
     output = s.schedule()
-    assert output.expired == [drop] and output.model.keep == (0,) and output.decoding == [keep]
+    assert output.expired == [drop] and output.model.decode_tokens == (7, DEAD_ROW_TOKEN)
+    assert output.sampled == [keep] and output.logit_rows == [0]
 
 
 def test_cancelled_and_late_waiting_requests_expire_without_a_slot():
@@ -158,9 +182,11 @@ def test_a_row_cancelled_while_its_group_prefills_joins_finished_and_then_leaves
     output = s.schedule()
     assert output.expired == [b] and output.model.prefill.last
     b.status = RequestStatus.FINISHED_CANCELLED  # what the engine does with an expired request
-    s.update_from_output(output, [7, 7])
-    assert b.output_ids == []  # its token is not applied
-    assert s.schedule().model.keep == (0,)
+    assert output.sampled == [a]  # its token is not sampled
+    s.update_from_output(output, [7])
+    assert b.output_ids == []
+    following = s.schedule()
+    assert following.model.decode_tokens == (7, DEAD_ROW_TOKEN) and following.sampled == [a]
 
 
 def test_limits_refuse_with_the_flag_to_change():

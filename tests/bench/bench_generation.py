@@ -381,6 +381,9 @@ def main() -> None:
     parser.add_argument(
         "--num-shard", type=int, nargs="+", default=[1], help="nightcap's tensor-parallel sizes at each N (GPU runs)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="turns each system takes at each N and on the mixed workload (means)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for the baselines and the servers")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--area", default="generation", help="writes var/bench/<area>.json")
@@ -410,8 +413,9 @@ def main() -> None:
         print(f"== {name}", flush=True)
         for num_shard in args.num_shard:
             measure_model(
-                report, name, folder, str(serve_as), layout.root, args.concurrency, "mixed" not in args.skip, num_shard
-            )
+                report, name, folder, str(serve_as), layout.root, args.concurrency, "mixed" not in args.skip, num_shard,
+                args.rounds,
+            )  # fmt: skip
         if "scaling" not in args.skip:
             measure_scaling(report, name, str(serve_as), layout.root)
     for name in [] if "memory" in args.skip else args.memory_models:
@@ -432,8 +436,10 @@ def measure_model(
     concurrency: list[int],
     mixed: bool,
     num_shard: int = 1,
+    rounds: int = 2,
 ) -> None:
-    """Sequential, static batch and nightcap at each N, taking turns; then the mixed-length workload.
+    """Sequential, static batch and nightcap at each N, taking turns for ``rounds`` rounds (each metric is
+    the rounds' mean); then the mixed-length workload, the same way.
     With ``num_shard`` > 1 nightcap runs tensor-parallel and its keys start with ``tp<num_shard>_``."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
     vocab = model.get_input_embeddings().num_embeddings
@@ -448,14 +454,19 @@ def measure_model(
         run_nightcap(server.address, prompts(2, vocab))
         half = SEQUENTIAL_REQUESTS // 2
         sequential = run_sequential(model, prompts(half, vocab))
-        static, served = {}, {}
-        for n in concurrency:
-            static[n] = static_batch_metrics(model, prompts(n, vocab))
-            served[n] = run_nightcap(server.address, prompts(n, vocab))
-            print(f"   N={n}: static {static[n]['tokens_per_s']:.0f} tok/s, nightcap {served[n]['tokens_per_s']:.0f}")
+        static: dict[int, list[dict[str, float]]] = {n: [] for n in concurrency}
+        served: dict[int, list[dict[str, float]]] = {n: [] for n in concurrency}
+        for _ in range(rounds):
+            for n in concurrency:
+                static[n].append(static_batch_metrics(model, prompts(n, vocab)))
+                served[n].append(run_nightcap(server.address, prompts(n, vocab)))
+                print(
+                    f"   N={n}: static {static[n][-1]['tokens_per_s']:.0f} tok/s,"
+                    f" nightcap {served[n][-1]['tokens_per_s']:.0f}"
+                )
         sequential += run_sequential(model, prompts(SEQUENTIAL_REQUESTS, vocab)[half:])
         if mixed:
-            measure_mixed(report, name, model, server.address, vocab, tp)
+            measure_mixed(report, name, model, server.address, vocab, tp, rounds)
     finally:
         server.stop()
     rate = sequential_rate(sequential)
@@ -464,10 +475,17 @@ def measure_model(
         result = run_transformers_continuous_batching(model, prompts(16, vocab))
         report.add("generate", "transformers-generate_batch", name, {**base, "concurrency": 16}, result)
     for n in concurrency:
-        report.add("generate", "static-batch", name, {**base, "concurrency": n}, static[n])
-        report.add("generate", f"nightcap{'-' + tp[:-1] if tp else ''}", name, {**base, "concurrency": n}, served[n])
-        report.ratio(f"{name}/{tp}n{n}_vs_sequential", served[n]["tokens_per_s"] / rate["tokens_per_s"])
-        report.ratio(f"{name}/{tp}n{n}_vs_static_batch", served[n]["tokens_per_s"] / static[n]["tokens_per_s"])
+        ours, theirs = mean_metrics(served[n]), mean_metrics(static[n])
+        params = {**base, "concurrency": n, "rounds": rounds}
+        report.add("generate", "static-batch", name, params, theirs)
+        report.add("generate", f"nightcap{'-' + tp[:-1] if tp else ''}", name, params, ours)
+        report.ratio(f"{name}/{tp}n{n}_vs_sequential", ours["tokens_per_s"] / rate["tokens_per_s"])
+        report.ratio(f"{name}/{tp}n{n}_vs_static_batch", ours["tokens_per_s"] / theirs["tokens_per_s"])
+
+
+def mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the rounds."""
+    return {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
 
 
 def mixed_workload(vocab: int) -> tuple[list[list[int]], list[int], list[float]]:
@@ -478,18 +496,29 @@ def mixed_workload(vocab: int) -> tuple[list[list[int]], list[int], list[float]]
     return prompts(MIXED_REQUESTS, vocab), lengths, arrivals
 
 
-def measure_mixed(report: BenchReport, name: str, model, address: str, vocab: int, tp: str = "") -> None:
+def measure_mixed(
+    report: BenchReport, name: str, model, address: str, vocab: int, tp: str = "", rounds: int = 1
+) -> None:
     """Requests that want different lengths: a static batch runs to its longest member; nightcap lets
     each leave when done and takes arrivals as they come. Only requested tokens count."""
     batch, lengths, arrivals = mixed_workload(vocab)
-    params = {"requests": MIXED_REQUESTS, "new_tokens": "{}-{}".format(*MIXED_NEW_TOKENS), "arrival_s": MIXED_ARRIVAL_S}
-    started, times = run_static_batch(model, batch, new_tokens=max(lengths))
-    static = {
-        "tokens_per_s": sum(lengths) / (times[-1] - started),
-        "wasted_tokens": len(batch) * len(times) - sum(lengths),
-    }
-    timings = stream_requests(address, batch, lengths, delays=arrivals)
-    served = summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings))
+    params = {
+        "requests": MIXED_REQUESTS, "new_tokens": "{}-{}".format(*MIXED_NEW_TOKENS), "arrival_s": MIXED_ARRIVAL_S,
+        "rounds": rounds,
+    }  # fmt: skip
+    static_runs, served_runs = [], []
+    for _ in range(rounds):
+        started, times = run_static_batch(model, batch, new_tokens=max(lengths))
+        static_runs.append(
+            {
+                "tokens_per_s": sum(lengths) / (times[-1] - started),
+                "wasted_tokens": len(batch) * len(times) - sum(lengths),
+            }
+        )
+        timings = stream_requests(address, batch, lengths, delays=arrivals)
+        served_runs.append(summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings)))
+    static, served = mean_metrics(static_runs), mean_metrics(served_runs)
+    print(f"   mixed: static {static['tokens_per_s']:.0f} tok/s, nightcap {served['tokens_per_s']:.0f}")
     report.add("mixed", "static-batch", name, {**params, "note": "all 64 given at once"}, static)
     report.add("mixed", "nightcap", name, params, served)
     report.ratio(f"{name}/{tp}mixed_n64_vs_static_batch", served["tokens_per_s"] / static["tokens_per_s"])

@@ -29,4 +29,4 @@ for n in $NUM_SHARD; do
 done
 # shellcheck disable=SC2086
 exec "$PY" tests/bench/bench_generation.py --models redpajama-3b-shape --device cuda --dtype bfloat16 \
-    --num-shard $NUM_SHARD --concurrency $CONCURRENCY --skip scaling chunked --area generation-gpu "$@"
+    --num-shard $NUM_SHARD --concurrency $CONCURRENCY --skip scaling chunked memory --area generation-gpu "$@"

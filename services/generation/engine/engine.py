@@ -135,14 +135,17 @@ class ContinuousBatchingEngine:
     def _step(self, output: SchedulerOutput) -> None:
         for request in output.prefilling if output.model.prefill and output.model.prefill.prompts else []:
             self._start(request)
-        if output.decoding:
-            self.metrics.batch_size.observe(len(output.decoding))
+        live = sum(not r.status.finished for r in output.decoding)
+        if live:
+            self.metrics.batch_size.observe(live)
         if output.model.idle and output.model.keep is None:
             return
         logits = self._execute(output.model)
         sampled = output.sampled
         if not sampled:
             return
+        if len(output.logit_rows) < logits.shape[0]:  # dead rows' logits are never read
+            logits = logits[output.logit_rows]
         tokens, logprobs = self._sample(sampled, logits)
         finished = set(map(id, self.scheduler.update_from_output(output, tokens)))
         for request, token, logprob in zip(sampled, tokens, logprobs, strict=True):

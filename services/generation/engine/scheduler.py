@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from services.common.errors import ResourceExhausted
 from services.generation.engine.request import Request, RequestStatus
 
+DEAD_ROW_TOKEN = 0  # what a finished row still in the cache is fed; its logits are never read
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -63,15 +65,11 @@ class SchedulerOutput:
     """One step: ``model`` for the ranks, and for rank 0 the requests behind its rows."""
 
     model: ModelStep
-    decoding: list[Request] = field(default_factory=list)  # row order of the batch after ``keep``
+    decoding: list[Request] = field(default_factory=list)  # every row of the batch after ``keep``, dead ones too
     prefilling: list[Request] = field(default_factory=list)  # the group, in row order
     expired: list[Request] = field(default_factory=list)  # cancelled or past their deadline: finish them
-
-    @property
-    def sampled(self) -> list[Request]:
-        """The requests that get a token this step, in the order of the logits' rows."""
-        done = self.model.prefill is not None and self.model.prefill.last
-        return [*self.decoding, *(self.prefilling if done else [])]
+    sampled: list[Request] = field(default_factory=list)  # the live rows that get a token this step
+    logit_rows: list[int] = field(default_factory=list)  # where each of ``sampled`` is in the step's logits
 
 
 @dataclass
@@ -89,6 +87,7 @@ class ContinuousBatchScheduler:
         self.batch: list[Request] = []  # the running batch's rows, in KV-cache order (finished rows until next step)
         self.prefilling: _Group | None = None
         self._steps = 0
+        self._dead_row_steps = 0  # row-steps spent on finished rows still in the cache
 
     @property
     def running(self) -> list[Request]:
@@ -125,30 +124,50 @@ class ContinuousBatchScheduler:
         self.waiting.append(request)
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
-        """Plans one step: finished and expired rows leave, every remaining row decodes, and the group
-        being prefilled runs its next chunk; with no group in flight, the longest first-come run of
-        waiting requests that fits the batch size, the token budget and the prefill cap starts one."""
+        """Plans one step: every live row decodes, and the group being prefilled runs its next chunk;
+        with no group in flight, the longest first-come run of waiting requests that fits the batch size,
+        the token budget and the prefill cap starts one.
+
+        Finished and expired rows stay in the cache as dead rows (fed a filler token, their logits
+        ignored) until dropping them pays: taking rows out copies the whole KV cache, about one decode
+        step's work, while a dead row costs only its share of each step. So they leave when the dead
+        rows have cost as many row-steps as the batch has rows (a rent-or-buy rule), when no live row is
+        left, or when a group is about to join (the batch is copied then anyway)."""
         now = time.monotonic() if now is None else now
         self._steps += 1
         expired = self._drop_expired_waiting(now)
         for request in [*self.batch, *(self.prefilling.requests if self.prefilling else [])]:
             if not request.status.finished and request.expired(now):
-                expired.append(request)  # leaves the batch now; a prefilling row leaves once its group joins
+                expired.append(request)  # stops decoding now; a prefilling row stops once its group joins
         leaving = {id(r) for r in expired}
-        kept = [row for row, r in enumerate(self.batch) if not r.status.finished and id(r) not in leaving]
-        keep = None if len(kept) == len(self.batch) else tuple(kept)
-        self.batch = [self.batch[row] for row in kept]
-        decode_tokens = tuple(r.output_ids[-1] for r in self.batch)
+        live = [row for row, r in enumerate(self.batch) if not r.status.finished and id(r) not in leaving]
         if self.prefilling is None:
             self._admit(now)
         prefill = self._next_chunk()
+        keep = None
+        if len(live) < len(self.batch):
+            self._dead_row_steps += len(self.batch) - len(live)
+            joining = prefill is not None and prefill.last
+            if not live or joining or self._dead_row_steps >= len(self.batch):
+                keep, self._dead_row_steps = tuple(live), 0
+                self.batch = [self.batch[row] for row in live]
+        alive = set(live) if keep is None else set(range(len(self.batch)))
+        decode_tokens = tuple(
+            r.output_ids[-1] if row in alive and r.output_ids else DEAD_ROW_TOKEN for row, r in enumerate(self.batch)
+        )
         model = ModelStep(self._steps, keep, decode_tokens, prefill)
         group = self.prefilling.requests if self.prefilling else []
-        return SchedulerOutput(model, list(self.batch), list(group), expired)
+        # logits come back for every decoding row, then for the group's rows when its last chunk runs
+        rows = [*self.batch, *(group if prefill is not None and prefill.last else [])]
+        logit_rows = [
+            row for row, r in enumerate(rows)
+            if (row >= len(self.batch) or row in alive) and not r.status.finished and id(r) not in leaving
+        ]  # fmt: skip
+        return SchedulerOutput(model, list(self.batch), list(group), expired, [rows[i] for i in logit_rows], logit_rows)
 
     def update_from_output(self, output: SchedulerOutput, tokens: Sequence[int]) -> list[Request]:
-        """Applies the step's sampled tokens (one per ``output.sampled`` row; rows already finished are
-        skipped) and moves a fully prefilled group into the batch. Returns the requests this finished by
+        """Applies the step's sampled tokens (one per ``output.sampled`` row; rows that finished since
+        are skipped) and moves a fully prefilled group into the batch. Returns the requests this finished by
         length or an end-of-sequence token, with their status set; others finish through the engine."""
         finished = []
         for request, token in zip(output.sampled, tokens, strict=True):
@@ -174,7 +193,7 @@ class ContinuousBatchScheduler:
     def drop_all(self) -> list[Request]:
         """Forgets every row (after a failed model call); returns the unfinished requests that held them."""
         lost = self.running
-        self.batch, self.prefilling = [], None
+        self.batch, self.prefilling, self._dead_row_steps = [], None, 0
         return lost
 
     def drain_waiting(self) -> list[Request]:
