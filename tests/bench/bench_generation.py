@@ -20,8 +20,10 @@ Memory (``tp2_rank_rss_vs_tp1``): the largest rank's resident memory over the 1-
 measured after one request, for the pythia-160m shape and the RedPajama-3B shape (bfloat16).
 
 Fairness: every system is warmed alike, systems take turns (interleaved in time, so load drift on a
-shared machine hits all alike), every run is checked to have produced the tokens it asked for, and a
-streamed message carrying several tokens counts as one inter-token gap, not several zero ones.
+shared machine hits all alike) for ``--rounds`` rounds, and a ratio is the median of the rounds' ratios
+(back-to-back runs on this VM differ by up to 25%); every run is checked to have produced the tokens it
+asked for, and a streamed message carrying several tokens counts as one inter-token gap, not several
+zero ones.
 
     python tests/bench/bench_generation.py [--concurrency 1 4 16 64] [--models pythia-160m-shape smollm2-135m]
 
@@ -382,7 +384,10 @@ def main() -> None:
         "--num-shard", type=int, nargs="+", default=[1], help="nightcap's tensor-parallel sizes at each N (GPU runs)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="turns each system takes at each N and on the mixed workload (means)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns each system takes at each N and on the mixed workload (metrics: means; ratios: median of rounds)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for the baselines and the servers")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -436,10 +441,11 @@ def measure_model(
     concurrency: list[int],
     mixed: bool,
     num_shard: int = 1,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> None:
     """Sequential, static batch and nightcap at each N, taking turns for ``rounds`` rounds (each metric is
-    the rounds' mean); then the mixed-length workload, the same way.
+    the rounds' mean, each ratio the median of the rounds' ratios); then the mixed-length workload, the
+    same way.
     With ``num_shard`` > 1 nightcap runs tensor-parallel and its keys start with ``tp<num_shard>_``."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
     vocab = model.get_input_embeddings().num_embeddings
@@ -480,12 +486,18 @@ def measure_model(
         report.add("generate", "static-batch", name, params, theirs)
         report.add("generate", f"nightcap{'-' + tp[:-1] if tp else ''}", name, params, ours)
         report.ratio(f"{name}/{tp}n{n}_vs_sequential", ours["tokens_per_s"] / rate["tokens_per_s"])
-        report.ratio(f"{name}/{tp}n{n}_vs_static_batch", ours["tokens_per_s"] / theirs["tokens_per_s"])
+        report.ratio(f"{name}/{tp}n{n}_vs_static_batch", paired_ratio(served[n], static[n]))
 
 
 def mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's mean over the rounds."""
     return {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
+
+
+def paired_ratio(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> float:
+    """The median over rounds of our tokens/s over theirs in the same round: the two ran back to back,
+    so a round that a noisy neighbour slowed counts once instead of skewing a mean."""
+    return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs, strict=True))
 
 
 def mixed_workload(vocab: int) -> tuple[list[list[int]], list[int], list[float]]:
@@ -521,7 +533,7 @@ def measure_mixed(
     print(f"   mixed: static {static['tokens_per_s']:.0f} tok/s, nightcap {served['tokens_per_s']:.0f}")
     report.add("mixed", "static-batch", name, {**params, "note": "all 64 given at once"}, static)
     report.add("mixed", "nightcap", name, params, served)
-    report.ratio(f"{name}/{tp}mixed_n64_vs_static_batch", served["tokens_per_s"] / static["tokens_per_s"])
+    report.ratio(f"{name}/{tp}mixed_n64_vs_static_batch", paired_ratio(served_runs, static_runs))
 
 
 def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int = 2) -> None:
