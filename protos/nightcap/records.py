@@ -8,6 +8,7 @@ has exactly its message's fields.
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -105,8 +106,12 @@ MessageType = TypeVar("MessageType", bound=Message)
 
 
 def from_message(record_type: type[Record], message: Message) -> Record:
-    """The record of the message's fields (unset fields read as their defaults)."""
-    return record_type(**{field.name: getattr(message, field.name) for field in fields(record_type)})  # type: ignore[arg-type]
+    """The record of the message's fields (unset fields read as their defaults, repeated fields as tuples)."""
+    return record_type(**{field.name: _value(getattr(message, field.name)) for field in fields(record_type)})  # type: ignore[arg-type]
+
+
+def _value(value: Any) -> Any:
+    return tuple(value) if isinstance(value, MutableSequence) else value  # a repeated field's container
 
 
 def to_message(record: Any, message_type: type[MessageType]) -> MessageType:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from nightcap.records import DEFAULT_K, MAX_K, Passage
+from nightcap.records import DEFAULT_K, MAX_K, Passage, from_message
 from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.prompts import ContextPassage, PromptFormat, PromptPieces, Turn, prompt_format_for
@@ -225,16 +225,7 @@ class ChatOrchestrator:
             if self._model is not None:
                 return self._model
         response = self.generation.model_info(self.backend_timeout)
-        info = ModelInfo(
-            name=response.name,
-            version=response.version,
-            context_length=response.context_length,
-            prompt_format=response.prompt_format,
-            chat_template=response.chat_template,
-            bos_token=response.bos_token,
-            eos_token=response.eos_token,
-            stop=tuple(response.stop),
-        )
+        info = from_message(ModelInfo, response)
         with self._model_lock:
             self.model_info_calls += 1
             self._model = info
