@@ -175,7 +175,7 @@ def test_chat_template_renders_exactly_as_transformers_does(tiny_loaded):
         add_generation_prompt=True,
         tokenize=False,
     )
-    assert ChatTemplatePrompt(CHATML).render(turns, []) == expected
+    assert ChatTemplatePrompt(CHATML).render(turns) == expected
 
 
 def test_a_passage_without_a_title_is_given_as_its_text_alone():
@@ -188,12 +188,12 @@ def test_a_passage_without_a_title_is_given_as_its_text_alone():
 
 def test_context_follows_the_question_or_comes_as_a_human_turn():
     passages = [ContextPassage("Zurich", "Zurich is in Switzerland.", "wiki")]
-    chatml = ChatTemplatePrompt(CHATML).render([Turn("user", "Where is Zurich?")], passages)
+    chatml = ChatTemplatePrompt(CHATML).render([Turn("user", "Where is Zurich?", tuple(passages))])
     assert chatml == (
         "<|im_start|>user\nWhere is Zurich?\n\nRelevant information:\nZurich: Zurich is in Switzerland.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    openchatkit = OpenChatKitPrompt().render([Turn("user", "Where is Zurich?")], passages)
+    openchatkit = OpenChatKitPrompt().render([Turn("user", "Where is Zurich?", tuple(passages))])
     assert openchatkit == (
         "<human>: Answer the question using the context below when it is relevant.\n"
         "Zurich: Zurich is in Switzerland.\n<human>: Where is Zurich?\n<bot>:"

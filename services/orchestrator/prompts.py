@@ -76,12 +76,11 @@ class ChatTemplatePrompt:
         self._bos, self._eos = bos_token, eos_token
         self.stop: list[str] = []
 
-    def render(self, turns: list[Turn], context: list[ContextPassage] = ()) -> str:
-        return self._render(_with_context(turns, context), add_generation_prompt=True)
+    def render(self, turns: list[Turn]) -> str:
+        return self._render(turns, add_generation_prompt=True)
 
-    def pieces(self, turns: list[Turn], context: list[ContextPassage] = ()) -> PromptPieces | None:
+    def pieces(self, turns: list[Turn]) -> PromptPieces | None:
         """The prompt cut into per-turn pieces, or None for a template whose turns do not render alone."""
-        turns = _with_context(turns, context)
         whole = self.render(turns)
         anchor = [Turn("system", "-")]
         before = self._render(anchor, add_generation_prompt=False)
@@ -119,12 +118,12 @@ class OpenChatKitPrompt:
     def __init__(self) -> None:
         self.stop = [f"{self.HUMAN}:"]
 
-    def render(self, turns: list[Turn], context: list[ContextPassage] = ()) -> str:
-        pieces = self.pieces(turns, context)
+    def render(self, turns: list[Turn]) -> str:
+        pieces = self.pieces(turns)
         return pieces.head + "".join(pieces.turns) + pieces.tail
 
-    def pieces(self, turns: list[Turn], context: list[ContextPassage] = ()) -> PromptPieces:
-        return PromptPieces("", [f"{self._lines(turn)}\n" for turn in _with_context(turns, context)], f"{self.BOT}:")
+    def pieces(self, turns: list[Turn]) -> PromptPieces:
+        return PromptPieces("", [f"{self._lines(turn)}\n" for turn in turns], f"{self.BOT}:")
 
     def _lines(self, turn: Turn) -> str:
         if turn.role == "system":
@@ -145,14 +144,6 @@ def prompt_format_for(name: str, chat_template: str, bos_token: str, eos_token: 
     if name == "openchatkit":
         return OpenChatKitPrompt()
     raise FailedPrecondition(f"the generation service reports prompt format {name!r}, which the orchestrator lacks")
-
-
-def _with_context(turns: list[Turn], context: list[ContextPassage]) -> list[Turn]:
-    """The turns, the last one given ``context`` when there is any."""
-    if not context:
-        return list(turns)
-    last = turns[-1]
-    return [*turns[:-1], Turn(last.role, last.content, tuple(context))]
 
 
 def _content(turn: Turn) -> str:
