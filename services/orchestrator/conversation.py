@@ -166,7 +166,7 @@ def fit_prompt(
         estimate = _sum_of_pieces(pieces, count) if pieces is not None else None
         token_ids: list[int] | None = None
         if estimate is None or estimate <= budget:
-            prompt = prompt_format.render(turns)
+            prompt = pieces.text if pieces is not None else prompt_format.render(turns)  # the same text
             token_ids = tokenize(prompt)
             if len(token_ids) <= budget:
                 dropped = len(history) - len(system) - len(rest)

@@ -45,6 +45,10 @@ class PromptPieces:
     turns: list[str]
     tail: str
 
+    @property
+    def text(self) -> str:
+        return self.head + "".join(self.turns) + self.tail
+
 
 def context_block(passages: list[ContextPassage]) -> str:
     # One plain line per passage, led by its title (default-corpus passages already start with it).
@@ -119,8 +123,7 @@ class OpenChatKitPrompt:
         self.stop = [f"{self.HUMAN}:"]
 
     def render(self, turns: list[Turn]) -> str:
-        pieces = self.pieces(turns)
-        return pieces.head + "".join(pieces.turns) + pieces.tail
+        return self.pieces(turns).text
 
     def pieces(self, turns: list[Turn]) -> PromptPieces:
         return PromptPieces("", [f"{self._lines(turn)}\n" for turn in turns], f"{self.BOT}:")
