@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loguru import logger
 
@@ -368,14 +368,10 @@ class ChatOrchestrator:
                 for passage_id in scores:
                     scores[passage_id] += weight * by_id.get(passage_id, floor)
             order = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
-            ranked = [_rescored(passages[i], scores[i] / sum(w for _, w in searches)) for i in order]
+            ranked = [replace(passages[i], score=scores[i] / sum(w for _, w in searches)) for i in order]
         if not ranked:
             return [], "retrieval found no passages; answered without context"
         return ranked, ""
-
-
-def _rescored(passage: Passage, score: float) -> Passage:
-    return Passage(passage.id, passage.text, passage.title, passage.source, score)
 
 
 def validate_turn(request: TurnRequest) -> None:
