@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (records.IndexStats, retrieval_pb2.StatsResponse),
         (records.AddReport, retrieval_pb2.AddDocumentsResponse),
         (records.DeleteReport, retrieval_pb2.DeleteDocumentsResponse),
+        (records.CompactReport, retrieval_pb2.CompactResponse),
     ],
 )
 def test_a_record_has_its_messages_fields_in_order_and_converts_both_ways(record, message):
