@@ -47,3 +47,12 @@ def test_no_record_is_defined_twice_and_clients_never_import_services():
     for path in [*ROOT.glob("clients/*.py"), *ROOT.glob("services/**/*.py"), *ROOT.glob("deploy/*.py")]:
         source = path.read_text()
         assert "MAX_K = " not in source and "DEFAULT_K = " not in source, f"{path} repeats MAX_K/DEFAULT_K"
+
+
+def test_a_repeated_field_is_read_as_a_tuple_so_the_record_stays_frozen_and_hashable():
+    from nightcap.v1 import generation_pb2
+    from services.orchestrator.conversation import ModelInfo
+
+    info = records.from_message(ModelInfo, generation_pb2.ModelInfoResponse(name="m", stop=["</s>", "\n"]))
+    assert info.stop == ("</s>", "\n")
+    assert hash(info) == hash(ModelInfo("m", "", 0, "", stop=("</s>", "\n")))
