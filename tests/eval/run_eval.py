@@ -77,7 +77,7 @@ class EvalSet:
             "source_recall_at_3": _mean(o.rank is not None and o.rank <= 3 for o in chosen),
             "mrr": _mean(1 / o.rank if o.rank else 0.0 for o in chosen),
             "p50_latency_ms": 1000 * statistics.median(times),
-            "p95_latency_ms": 1000 * times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+            "p95_latency_ms": 1000 * _p95(times),
             "p50_time_to_start_ms": 1000 * statistics.median(o.start_seconds for o in chosen),
         }
         answered = [o.correct for o in chosen if o.correct is not None]
@@ -89,6 +89,11 @@ class EvalSet:
 def _mean(values: Iterable[float]) -> float:
     values = [float(v) for v in values]
     return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _p95(ascending: list[float]) -> float:
+    """The nearest-rank 95th percentile of sorted values."""
+    return ascending[min(len(ascending) - 1, round(0.95 * (len(ascending) - 1)))]
 
 
 def article_of(passage_id: str) -> str:
@@ -296,7 +301,7 @@ def report(
             params={"max_new_tokens": 40},
             metrics={
                 "p50_ms": statistics.median(times),
-                "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+                "p95_ms": _p95(times),
             },
         )
     if single and single["source_recall_at_3"]:
