@@ -79,28 +79,32 @@ def name(article: Article) -> str:
     return article.title.split(" (")[0]
 
 
+# Per kind: the single-turn question, a conversation's opening, its follow-up (formatted with the article's fields).
+_TEMPLATES = {
+    "city": ("How many people live in {name}?", "Where is {name}?", "How many people live there?"),
+    "person": ("What nationality {verb} {name}?", "Who {verb} {name}?", "What nationality {verb} {pronoun}?"),
+    "thing": ("When was {name} {verb}?", "What is {name}?", "When was it {verb}?"),
+}
+
+
+def _ask(article: Article, which: int) -> str:
+    return _TEMPLATES[article.kind][which].format(name=name(article), verb=article.verb, pronoun=article.pronoun)
+
+
 def standalone(article: Article) -> str:
-    if article.kind == "city":
-        return f"How many people live in {name(article)}?"
-    if article.kind == "person":
-        return f"What nationality {article.verb} {name(article)}?"
-    return f"When was {name(article)} {article.verb}?"
+    return _ask(article, 0)
 
 
 def opening(article: Article) -> str:
-    if article.kind == "city":
-        return f"Where is {name(article)}?"
-    if article.kind == "person":
-        return f"Who {article.verb} {name(article)}?"
-    return f"What is {name(article)}?"
+    return _ask(article, 1)
 
 
 def follow_up(article: Article) -> str:
-    if article.kind == "city":
-        return "How many people live there?"
-    if article.kind == "person":
-        return f"What nationality {article.verb} {article.pronoun}?"
-    return f"When was it {article.verb}?"
+    return _ask(article, 2)
+
+
+def _split(number: int) -> str:
+    return "heldout" if number % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "dev"
 
 
 def _order(article: Article) -> str:
@@ -119,7 +123,7 @@ def build() -> dict:
                 {
                     "id": f"single-{kind}-{number}",
                     "kind": kind,
-                    "split": "heldout" if number % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "dev",
+                    "split": _split(number),
                     "question": standalone(article),
                     "source": article.title,
                     "answer_words": [article.second_answer],
@@ -130,7 +134,7 @@ def build() -> dict:
                 {
                     "id": f"conversation-{kind}-{number}",
                     "kind": kind,
-                    "split": "heldout" if number % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "dev",
+                    "split": _split(number),
                     "source": article.title,
                     "turns": [
                         {"question": opening(article), "answer_words": [article.first_answer]},
