@@ -152,6 +152,11 @@ def run(
     default = clients[modes[0]]
     total = len(single) + len(conversations) * (1 + len(modes))
     lock = threading.Lock()
+    condense = (
+        ChatOrchestrator(GenerationBackend(generation), RetrievalBackend(retrieval), query_mode=QueryMode.CONDENSE)
+        if QueryMode.CONDENSE in modes
+        else None
+    )
 
     def ask_single(item: dict[str, Any]) -> None:
         reply, seconds, start = timed_ask(default, item["question"], retrieval=True, k=k, params=params)
@@ -177,8 +182,8 @@ def run(
                     _outcome(conversation["source"], item, answer, seconds, start, k)
                 )
                 bar.update()
-        if QueryMode.CONDENSE in modes:
-            rewrite = _rewrite(generation, retrieval, follow_up["question"], history, k)
+        if condense is not None:
+            rewrite = _rewrite(condense, follow_up["question"], history, k)
             with lock:
                 rewrites.append(rewrite)
 
@@ -195,6 +200,9 @@ def run(
             client.close()
         for server in servers.values():
             server.stop(grace=1)
+        if condense is not None:
+            condense.generation.close()
+            condense.retrieval.close()
     return sets, rewrites
 
 
@@ -260,19 +268,11 @@ def _outcome(source: str, item: dict[str, Any], reply: Reply, seconds: float, st
     )
 
 
-def _rewrite(generation: str, retrieval: str, question: str, history: list, k: int) -> dict[str, Any]:
-    orchestrator = ChatOrchestrator(
-        GenerationBackend(generation), RetrievalBackend(retrieval), query_mode=QueryMode.CONDENSE
-    )
-    try:
-        turns = [
-            Turn(m.role, m.content, tuple(ContextPassage(s.title, s.text, s.source) for s in m.sources))
-            for m in history
-        ]
-        prepared = orchestrator.prepare(TurnRequest(question, history=turns, retrieval=True, k=k, max_new_tokens=1))
-    finally:
-        orchestrator.generation.close()
-        orchestrator.retrieval.close()
+def _rewrite(condense: ChatOrchestrator, question: str, history: list, k: int) -> dict[str, Any]:
+    turns = [
+        Turn(m.role, m.content, tuple(ContextPassage(s.title, s.text, s.source) for s in m.sources)) for m in history
+    ]
+    prepared = condense.prepare(TurnRequest(question, history=turns, retrieval=True, k=k, max_new_tokens=1))
     return {"question": question, "rewritten": prepared.retrieval_query, "ms": round(prepared.query_ms, 1)}
 
 
