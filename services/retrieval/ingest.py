@@ -37,9 +37,6 @@ class Chunking:
             )
 
 
-IngestReport = AddReport  # what one Ingestor.add committed
-
-
 def validate_documents(documents: Iterable[Document]) -> list[Document]:
     """All of them, or an InvalidArgument naming the first bad one (so nothing is half-added)."""
     checked: list[Document] = []
@@ -78,7 +75,7 @@ class Ingestor:
         self.batch_size = batch_size
         self.progress = progress
 
-    def add(self, documents: Iterable[Document]) -> IngestReport:
+    def add(self, documents: Iterable[Document]) -> AddReport:
         """Chunks, embeds and commits the documents as one transaction; an existing id is replaced."""
         if self.index.read_only:
             raise FailedPrecondition(f"the index at {self.index.folder} is read-only; documents cannot be added")
@@ -91,7 +88,7 @@ class Ingestor:
         ]
         vectors = self.embed(passages)
         commit = self.index.commit(Change(passages=passages, vectors=vectors))
-        report = IngestReport(
+        report = AddReport(
             documents_added=len(checked) - commit.documents_removed,
             documents_replaced=commit.documents_removed,
             passages_added=commit.passages_added,
