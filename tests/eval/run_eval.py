@@ -86,6 +86,10 @@ class EvalSet:
         return metrics
 
 
+def empty_sets(modes: list[QueryMode]) -> dict[str, EvalSet]:
+    return {name: EvalSet(name) for name in ["single", "opening", *(f"followup/{m.value}" for m in modes)]}
+
+
 def _mean(values: Iterable[float]) -> float:
     values = [float(v) for v in values]
     return round(sum(values) / len(values), 4) if values else 0.0
@@ -147,7 +151,7 @@ def run(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     servers = {mode: start_chat_server(generation, retrieval, "127.0.0.1:0", query_mode=mode) for mode in modes}
     clients = {mode: ChatClient(server.address, timeout=300) for mode, server in servers.items()}
-    sets = {name: EvalSet(name) for name in ["single", "opening", *(f"followup/{m.value}" for m in modes)]}
+    sets = empty_sets(modes)
     rewrites: list[dict[str, Any]] = []
     default = clients[modes[0]]
     total = len(single) + len(conversations) * (1 + len(modes))
@@ -227,7 +231,7 @@ def run_retrieval_only(
         mode: ChatOrchestrator(GenerationBackend(generation), RetrievalBackend(retrieval), query_mode=mode)
         for mode in modes
     }
-    sets = {name: EvalSet(name) for name in ["single", "opening", *(f"followup/{m.value}" for m in modes)]}
+    sets = empty_sets(modes)
 
     def prepared(mode: QueryMode, question: str, history: list[Turn], source: str, split: str) -> tuple[Outcome, Any]:
         started = time.perf_counter()
