@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,13 +162,6 @@ def orchestrator_address(generation_address: str, retrieval_address: str) -> Ite
     running = start_orchestrator(generation_address, retrieval_address)
     yield running.address
     running.stop(grace=1.0)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (for 'the service is down' cases)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Iterator
 
 import typer
-from conftest import free_port
+
+from services.common.server import free_port
 
 
 def chatctl(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -15,11 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import build_tiny_llama, free_port
+from conftest import build_tiny_llama
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import ResourceExhausted, Unavailable
 from services.common.registry import ModelRegistry
+from services.common.server import free_port
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import SamplingConfig, typical_filter

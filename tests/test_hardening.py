@@ -8,13 +8,13 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port, start_orchestrator, wait_for
+from conftest import start_orchestrator, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import ChatClient, NightcapError, SamplingParams
 from clients.client import check_health
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, generation_pb2, retrieval_pb2
-from services.common.server import ServerLimits
+from services.common.server import ServerLimits, free_port
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 # A lone UTF-16 surrogate as a JavaScript protobuf encoder writes it: three bytes that are not UTF-8.

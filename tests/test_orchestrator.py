@@ -7,10 +7,11 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port, start_orchestrator
+from conftest import start_orchestrator
 
 from clients import ChatClient, ChatFinished, ChatStarted, Message, NightcapError, SamplingParams, TextDelta
 from nightcap.v1 import generation_pb2, generation_pb2_grpc
+from services.common.server import free_port
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator, TurnRequest
 from services.orchestrator.prompts import ChatTemplatePrompt, ContextPassage, OpenChatKitPrompt, Turn, context_block

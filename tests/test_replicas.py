@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import free_port, wait_for
+from conftest import wait_for
 
 from clients.client import NightcapError, check_health
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
+from services.common.server import free_port
 from services.orchestrator.backends import channel_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -327,9 +327,7 @@ def list_services(channel: grpc.Channel) -> list[str]:
 
 
 def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(certs: Certs) -> None:
-    from conftest import free_port
-
-    from services.common.server import start_server
+    from services.common.server import free_port, start_server
 
     probe_address = f"127.0.0.1:{free_port()}"
     running = start_server([], "127.0.0.1:0", security=server_security(certs, health_address=probe_address))
@@ -547,7 +545,7 @@ def test_the_orchestrator_command_serves_tls_and_tokens_from_its_flags(certs: Ce
     """The flags as a user types them: TLS and tokens on, a chat token answered, no token refused, health open."""
     import time
 
-    from conftest import free_port
+    from services.common.server import free_port
 
     port, health_port = free_port(), free_port()
     command = [

@@ -15,13 +15,14 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from conftest import build_tiny_llama, free_port
+from conftest import build_tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoConfig
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import FailedPrecondition
 from services.common.registry import ModelRegistry
+from services.common.server import free_port
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from test_training import city_chats, write_jsonl
 
+from services.common.server import free_port
 from training import finetune
 
 REPO = Path(__file__).resolve().parents[1]

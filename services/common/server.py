@@ -26,6 +26,15 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SPARE_THREADS = 8
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now: for a child process to bind (a rank group's rendezvous, a
+    service a test or benchmark starts). Another process could take it first; callers that start a
+    server on it find out when it fails to bind."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """What one server accepts: calls running at once (beyond: RESOURCE_EXHAUSTED) and request size."""

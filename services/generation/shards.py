@@ -29,6 +29,7 @@ import torch.distributed as dist
 from loguru import logger
 
 from services.common.errors import FailedPrecondition, Unavailable
+from services.common.server import free_port
 from services.generation.engine.batch import ModelRunner
 from services.generation.engine.scheduler import ModelStep
 
@@ -215,8 +216,7 @@ class ShardGroup:
     @classmethod
     def launch(cls, world_size: int, timeout: float, device: torch.device, rank_args: list[str]) -> ShardGroup:
         """Starts ranks 1..N-1 and joins them as rank 0 (blocks until all have joined, or ``timeout``)."""
-        with _free_port() as port:
-            pass
+        port = free_port()
         children = launch_ranks(world_size, port, [*rank_args, "--shard-timeout", str(timeout)])
         group = cls(world_size, timeout, children)
         try:
@@ -249,15 +249,3 @@ class ShardGroup:
     def _failed(self, error: BaseException) -> None:
         self.failure = error
         self.on_failure(error)
-
-
-class _free_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        return self._socket.getsockname()[1]
-
-    def __exit__(self, *_: object) -> None:
-        self._socket.close()

@@ -54,6 +54,7 @@ from clients.client import check_health
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
+from services.common.server import free_port
 from services.generation.loading import DEFAULT_MODEL, prepare_default
 
 PROMPT_TOKENS = 32
@@ -281,8 +282,7 @@ class GenerationServer:
     def __init__(
         self, model: str, var_dir: Path, max_batch_size: int, max_prefill_tokens: int = 2048, *extra: str, log: str = ""
     ) -> None:
-        with socket_port() as port:
-            self.address = f"127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.log = (var_dir / "bench" / f"generation-server{log}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.generation", "serve", "--model", model, "--address", self.address,
@@ -313,18 +313,6 @@ class GenerationServer:
         self.process.terminate()
         self.process.wait(60)
         self.log.close()
-
-
-class socket_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        return self.socket.getsockname()[1]
-
-    def __exit__(self, *_: object) -> None:
-        self.socket.close()
 
 
 def pythia_160m_shape(folder: Path, tokenizer_from: Path) -> Path:

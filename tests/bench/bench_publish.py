@@ -35,6 +35,7 @@ from clients.client import check_health
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
+from services.common.server import free_port
 from services.generation.loading import DEFAULT_MODEL, prepare_default
 from training import convert
 
@@ -170,8 +171,7 @@ def main() -> None:
     converted_s, saved_s = convert_vs_save_pretrained(var_dir, default.path)
     candidate = f"{CANDIDATE}:{registry.versions(CANDIDATE)[-1]}"
 
-    with socket_port() as port:
-        address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{free_port()}"
     process = start_service(var_dir, address, var_dir / "generation.log")
     try:
         Load(address, args.clients).run(args.window / 2)  # warm-up, discarded: the first window ran cold before
@@ -230,18 +230,6 @@ def main() -> None:
     report.write()
     if swap.failures:
         print("failures during the swap:", *sorted(set(swap.failures)), sep="\n  ")
-
-
-class socket_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        return self.socket.getsockname()[1]
-
-    def __exit__(self, *_exc: object) -> None:
-        self.socket.close()
 
 
 if __name__ == "__main__":
