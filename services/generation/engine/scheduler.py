@@ -140,7 +140,11 @@ class ContinuousBatchScheduler:
             if not request.status.finished and request.expired(now):
                 expired.append(request)  # stops decoding now; a prefilling row stops once its group joins
         leaving = {id(r) for r in expired}
-        live = [row for row, r in enumerate(self.batch) if not r.status.finished and id(r) not in leaving]
+
+        def stopped(request: Request) -> bool:
+            return request.status.finished or id(request) in leaving
+
+        live = [row for row, r in enumerate(self.batch) if not stopped(r)]
         if self.prefilling is None:
             self._admit(now)
         prefill = self._next_chunk()
@@ -151,18 +155,12 @@ class ContinuousBatchScheduler:
             if not live or joining or self._dead_row_steps >= len(self.batch):
                 keep, self._dead_row_steps = tuple(live), 0
                 self.batch = [self.batch[row] for row in live]
-        alive = set(live) if keep is None else set(range(len(self.batch)))
-        decode_tokens = tuple(
-            r.output_ids[-1] if row in alive and r.output_ids else DEAD_ROW_TOKEN for row, r in enumerate(self.batch)
-        )
+        decode_tokens = tuple(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1] for r in self.batch)
         model = ModelStep(self._steps, keep, decode_tokens, prefill)
         group = self.prefilling.requests if self.prefilling else []
         # logits come back for every decoding row, then for the group's rows when its last chunk runs
         rows = [*self.batch, *(group if prefill is not None and prefill.last else [])]
-        logit_rows = [
-            row for row, r in enumerate(rows)
-            if (row >= len(self.batch) or row in alive) and not r.status.finished and id(r) not in leaving
-        ]  # fmt: skip
+        logit_rows = [row for row, r in enumerate(rows) if not stopped(r)]
         return SchedulerOutput(model, list(self.batch), list(group), expired, [rows[i] for i in logit_rows], logit_rows)
 
     def update_from_output(self, output: SchedulerOutput, tokens: Sequence[int]) -> list[Request]:
