@@ -56,53 +56,64 @@ def _document_id(path: Path) -> str:
 
 def _read_file(path: Path, doc_id: str) -> Iterator[Document]:
     kind = _kind(path)
-    if kind in ("text", "markdown"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise DocumentReadError(f"{path}: cannot read it as UTF-8 text ({error})") from error
-        title = path.stem
-        if kind == "markdown":
-            text = _FRONT_MATTER.sub("", text)
-            heading = _HEADING.search(text)
-            title = heading.group(1) if heading else title
-        if not text.strip():
-            raise DocumentReadError(f"{path}: the file is empty; there is nothing to index")
-        yield Document(id=doc_id, text=text.strip(), title=title, source=str(path.resolve()))
-    elif kind == "jsonl":
-        yield from _read_jsonl(path, doc_id)
-    else:
+    if kind == "parquet":
         yield from _read_parquet(path, doc_id)
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DocumentReadError(f"{path}: cannot read it as UTF-8 text ({error})") from error
+    yield from documents_from_text(doc_id, text, str(path.resolve()))
 
 
-def _record(path: Path, doc_id: str, where: str, record: object) -> Document:
+def documents_from_text(name: str, text: str, source: str | None = None) -> list[Document]:
+    """The documents of one text, Markdown or JSONL file's content, named ``name`` (its id, and the suffix
+    says the type); ``source`` defaults to the name. What the HTTP gateway does with an uploaded file."""
+    path = Path(name)
+    kind = _kind(path)
+    source = source or name
+    if kind is None or kind == "parquet":
+        readable = ", ".join(s for s in sorted({*TEXT_SUFFIXES, *RECORD_SUFFIXES}) if s != ".parquet")
+        raise DocumentReadError(f"{name}: unknown file type {path.suffix or '(none)'!r}; send {readable}")
+    if kind == "jsonl":
+        return list(_read_jsonl_lines(name, text.splitlines(), source))
+    title = path.stem
+    if kind == "markdown":
+        text = _FRONT_MATTER.sub("", text)
+        heading = _HEADING.search(text)
+        title = heading.group(1) if heading else title
+    if not text.strip():
+        raise DocumentReadError(f"{name}: the file is empty; there is nothing to index")
+    return [Document(id=name, text=text.strip(), title=title, source=source)]
+
+
+def _record(name: str, doc_id: str, where: str, record: object, source: str) -> Document:
     if not isinstance(record, dict):
-        raise DocumentReadError(f"{path} {where}: expected an object with a 'text' field")
+        raise DocumentReadError(f"{name} {where}: expected an object with a 'text' field")
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise DocumentReadError(f"{path} {where}: the 'text' field is missing or empty")
+        raise DocumentReadError(f"{name} {where}: the 'text' field is missing or empty")
     return Document(
         id=str(record.get("id") or f"{doc_id}:{where.split()[-1]}"),
         text=text.strip(),
         title=str(record.get("title") or ""),
-        source=str(record.get("source") or path.resolve()),
+        source=str(record.get("source") or source),
     )
 
 
-def _read_jsonl(path: Path, doc_id: str) -> Iterator[Document]:
+def _read_jsonl_lines(doc_id: str, lines: Iterable[str], source: str) -> Iterator[Document]:
     found = False
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise DocumentReadError(f"{path} line {number}: not JSON ({error})") from error
-            found = True
-            yield _record(path, doc_id, f"line {number}", record)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise DocumentReadError(f"{doc_id} line {number}: not JSON ({error})") from error
+        found = True
+        yield _record(doc_id, doc_id, f"line {number}", record, source)
     if not found:
-        raise DocumentReadError(f"{path}: the file is empty; there is nothing to index")
+        raise DocumentReadError(f"{doc_id}: the file is empty; there is nothing to index")
 
 
 def _read_parquet(path: Path, doc_id: str) -> Iterator[Document]:
@@ -120,6 +131,6 @@ def _read_parquet(path: Path, doc_id: str) -> Iterator[Document]:
     for batch in table.iter_batches(columns=columns):
         for record in batch.to_pylist():
             row += 1
-            yield _record(path, doc_id, f"row {row}", record)
+            yield _record(str(path), doc_id, f"row {row}", record, str(path.resolve()))
     if row == 0:
         raise DocumentReadError(f"{path}: the file has no rows; there is nothing to index")

@@ -185,3 +185,25 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def start_gateway(orchestrator: str, generation: str, retrieval: str | None, **settings):
+    """The HTTP gateway on 127.0.0.1 (any free port) in front of the given services: a RunningGateway
+    (``.url``, ``.stop()``). ``settings`` are GatewaySettings fields (tokens_file: a Path, read as
+    ``--tokens-file`` is)."""
+    from services.common.security import TokenTable
+    from services.gateway.app import GatewaySettings
+    from services.gateway.server import start_gateway as start
+
+    tokens_file = settings.pop("tokens_file", None)
+    if tokens_file is not None:
+        settings["tokens"] = TokenTable(tokens_file)
+    return start(GatewaySettings(orchestrator, generation, retrieval, **settings))
+
+
+@pytest.fixture(scope="session")
+def gateway_url(orchestrator_address: str, generation_address: str, retrieval_address: str) -> Iterator[str]:
+    """The HTTP gateway in front of the tiny stack: its base URL (http://127.0.0.1:PORT)."""
+    running = start_gateway(orchestrator_address, generation_address, retrieval_address)
+    yield running.url
+    running.stop()

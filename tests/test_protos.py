@@ -25,7 +25,10 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
 def test_every_service_in_the_contract_is_importable_with_its_methods():
     expected = {
         "generation": ("Generation", {"Generate", "ModelInfo", "Tokenize"}),
-        "retrieval": ("Retrieval", {"Search", "Stats", "AddDocuments", "DeleteDocuments", "Compact"}),
+        "retrieval": (
+            "Retrieval",
+            {"Search", "Stats", "AddDocuments", "DeleteDocuments", "Compact", "ListDocuments", "Embed"},
+        ),
         "admin": ("ModelAdmin", {"ListVersions", "LoadVersion", "Rollback", "ActiveVersion"}),
         "chat": ("Chat", {"Chat", "Status"}),
     }

@@ -16,8 +16,8 @@ from conftest import wait_for
 
 from clients.client import NightcapError, check_health
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
+from services.common.channels import channel_target
 from services.common.server import free_port
-from services.orchestrator.backends import channel_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -116,6 +116,25 @@ class Credentials:
             return channel
         return grpc.intercept_channel(channel, _TokenInterceptor(token_source))
 
+    def aio_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """An asyncio channel with the same TLS; its caller adds the token to each call (``token_source``)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise CredentialsError("a client certificate needs its key, and a key its certificate (mutual TLS)")
+        if not self.tls:
+            return grpc.aio.insecure_channel(address, options=list(options))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read_file(self.tls_ca, "CA certificate") if self.tls_ca else None,
+            private_key=read_file(self.tls_key, "client key") if self.tls_key else None,
+            certificate_chain=read_file(self.tls_cert, "client certificate") if self.tls_cert else None,
+        )
+        return grpc.aio.secure_channel(address, credentials, options=list(options))
+
+    def token_source(self) -> Callable[[], str] | None:
+        """The current token on each call (a token file is reread when it changes); None without one."""
+        if self.token and self.token_file:
+            raise CredentialsError("give a token or a token file, not both")
+        return self._token_source()
+
     def _token_source(self) -> Callable[[], str] | None:
         if self.token_file:
             return TokenFile(self.token_file).current

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 ORCHESTRATOR_ADDRESS = "127.0.0.1:50050"
 GENERATION_ADDRESS = "127.0.0.1:50051"
 RETRIEVAL_ADDRESS = "127.0.0.1:50052"
+GATEWAY_ADDRESS = "127.0.0.1:8080"  # HTTP: the OpenAI-compatible API and the web page
 
 DEFAULT_K = 3  # passages per search when the caller leaves k unset
 MAX_K = 100  # the most passages one search returns: enough context for any prompt, small enough to stay fast

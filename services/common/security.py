@@ -44,11 +44,25 @@ METHOD_ROLES: dict[str, str] = {
     "/nightcap.v1.Generation/Tokenize": CHAT,
     "/nightcap.v1.Retrieval/Search": CHAT,
     "/nightcap.v1.Retrieval/Stats": CHAT,
+    "/nightcap.v1.Retrieval/Embed": CHAT,
+    "/nightcap.v1.Retrieval/ListDocuments": CHAT,
     "/nightcap.v1.Retrieval/AddDocuments": ADMIN,
     "/nightcap.v1.Retrieval/DeleteDocuments": ADMIN,
     "/nightcap.v1.Retrieval/Compact": ADMIN,
     "nightcap.v1.ModelAdmin": ADMIN,  # load, switch and roll back model versions
 }
+# The HTTP gateway's routes on the same roles: a path or a folder of paths ("/v1/documents" covers
+# "/v1/documents/ID"). Any other /v1 path needs admin (fail closed); everything else (the web page, /health,
+# /metrics, /v1/nightcap/config) is open, like gRPC health.
+HTTP_ROUTE_ROLES: dict[str, str] = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": CHAT,
+    "/v1/models": CHAT,
+    "/v1/embeddings": CHAT,
+    "/v1/index": CHAT,
+    "/v1/documents": ADMIN,  # the page's "your documents": list, add, delete
+}
+OPEN_HTTP_ROUTES = ("/v1/nightcap/config",)
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
@@ -64,6 +78,16 @@ def required_role(method: str) -> str | None:
     if service == HEALTH_SERVICE or service in REFLECTION_SERVICES:
         return None
     return METHOD_ROLES.get(method) or METHOD_ROLES.get(service) or ADMIN
+
+
+def required_http_role(path: str) -> str | None:
+    """The role an HTTP ``path`` needs, or None when it is open to anyone."""
+    if not path.startswith("/v1/") or path in OPEN_HTTP_ROUTES:
+        return None
+    for route, role in HTTP_ROUTE_ROLES.items():
+        if path == route or path.startswith(route + "/"):
+            return role
+    return ADMIN
 
 
 # --- tokens ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+from transformers import PreTrainedTokenizerBase
 
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -57,7 +58,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield generation_pb2.GenerateResponse(
                     token_ids=[i for c in chunks for i in c.token_ids],
                     text="".join(c.text for c in chunks),
-                    logprobs=[_logprob(lp) for c in chunks for lp in c.logprobs],
+                    logprobs=[_logprob(lp, served.loaded.tokenizer) for c in chunks for lp in c.logprobs],
                     model=model,
                 )
                 model = ""
@@ -174,9 +175,17 @@ def _deadline(remaining: float | None) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _logprob(logprob: TokenLogprob) -> generation_pb2.TokenLogprob:
+def _logprob(logprob: TokenLogprob, tokenizer: PreTrainedTokenizerBase) -> generation_pb2.TokenLogprob:
     return generation_pb2.TokenLogprob(
         token_id=logprob.token_id,
         logprob=logprob.logprob,
-        top=[generation_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+        top=[
+            generation_pb2.TopLogprob(token_id=t, logprob=lp, token=_token_bytes(tokenizer, t)) for t, lp in logprob.top
+        ],
+        token=_token_bytes(tokenizer, logprob.token_id),
     )
+
+
+def _token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The token decoded alone; a token that holds part of a UTF-8 character decodes to U+FFFD."""
+    return tokenizer.decode([token_id]).encode("utf-8")

@@ -3,8 +3,6 @@ ServiceErrors that name the backend and its address."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nightcap.credentials import Credentials
 from nightcap.records import Passage, from_message
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from services.common.channels import channel_options, channel_target
 from services.common.errors import (
     SERVER_KEY,
     BackendFailed,
@@ -40,41 +39,6 @@ _PASSED_THROUGH: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
 }
 
-# gRPC's default reconnect backoff grows to 120 s: a backend restarted after a minute down stayed
-# unreachable long after it reported SERVING. Capped at 1 s, a restarted backend is used within a second,
-# and calls made while it reconnects wait for it (wait_for_ready) up to their timeout.
-_RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-# Replicas: gRPC's own round_robin over every address the target resolves to, each subchannel watched
-# through grpc.health.v1 so a replica that is NOT_SERVING (draining, loading) or gone stops getting calls.
-_REPLICA_SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
-)
-
-
-def channel_target(address: str) -> str:
-    """The gRPC target for one address, a comma-separated list of IP:port (replicas), or a DNS name that
-    resolves to several (``dns:///generation.default.svc:50051``, a headless Service)."""
-    addresses = [a.strip() for a in address.split(",") if a.strip()]
-    if not addresses:
-        raise ValueError("no address given")
-    if len(addresses) == 1:
-        return addresses[0]
-    hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
-    try:
-        families = {ipaddress.ip_address(host).version for host in hosts}
-    except ValueError:
-        raise ValueError(
-            f"a list of addresses must be IP:port each, got {address!r}: for names, give one DNS name that"
-            " resolves to every replica (e.g. a Kubernetes headless Service)"
-        ) from None
-    if len(families) > 1:
-        raise ValueError(f"a list of addresses must be all IPv4 or all IPv6, got {address!r}")
-    return f"ipv{families.pop()}:" + ",".join(addresses)
-
 
 def backend_error(name: str, address: str, error: grpc.RpcError, peer: str | None = None) -> ServiceError:
     """Client mistakes pass through as they are; everything else says which backend failed (``peer``:
@@ -96,9 +60,7 @@ class Backend:
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
         self._credentials = credentials or Credentials()
-        self._options = [*_RECONNECT_OPTIONS]
-        if "," in address or address.startswith("dns:"):
-            self._options.append(("grpc.service_config", _REPLICA_SERVICE_CONFIG))
+        self._options = channel_options(address)
         self.channel = self.open_channel()
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._connectivity: grpc.ChannelConnectivity | None = None

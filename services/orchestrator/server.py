@@ -88,9 +88,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         )
         first_delta_at = None
         for response in itertools.chain([first], responses):
-            if response.text:
+            if response.text or response.logprobs:
                 first_delta_at = first_delta_at or time.monotonic()
-                yield chat_pb2.ChatResponse(delta=response.text)
+                yield chat_pb2.ChatResponse(delta=response.text, logprobs=response.logprobs)
             if response.HasField("finish"):
                 finish = response.finish
                 yield chat_pb2.ChatResponse(

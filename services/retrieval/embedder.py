@@ -79,6 +79,13 @@ class Embedder:
             )
         return np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens of ``texts`` as the embedder's tokenizer counts them, special tokens included, cut at its
+        maximum sequence length as encode() cuts them."""
+        with self._lock:
+            ids = self._model.tokenizer(list(texts), truncation=True, max_length=self._model.max_seq_length)
+        return sum(len(row) for row in ids["input_ids"])
+
 
 def _pooling_mode(model: SentenceTransformer) -> str:
     for module in model:

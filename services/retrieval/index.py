@@ -501,6 +501,10 @@ class PassageIndex:
         if self._writer is None:
             raise FailedPrecondition(f"the index at {self.folder} was opened read-only; {consequence}")
 
+    def list_documents(self, limit: int, after: str = "") -> list[tuple[str, str, str, int]]:
+        """(id, title, source, passages) of the committed documents after ``after``, in id order."""
+        return self._store.list_documents(limit, after)
+
     def documents_present(self, doc_ids: Sequence[str]) -> set[str]:
         return set(self._store.rows_of_documents(doc_ids))
 

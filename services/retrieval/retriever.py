@@ -22,6 +22,7 @@ class Searchable(Protocol):
     """What the servicer searches: a nightcap PassageIndex with its embedder, or an OpenChatKit index."""
 
     read_only: bool
+    embedder: Embedder
 
     def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]: ...
 

@@ -12,7 +12,7 @@ from loguru import logger
 
 from nightcap.records import DEFAULT_K, Document, Passage, from_message, to_message
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.retrieval.ingest import Chunking, Ingestor
@@ -20,6 +20,9 @@ from services.retrieval.retriever import QueryBatcher, Retriever, Searchable
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 REQUEST_ID_KEY = "x-request-id"
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
+# OpenAI's own bound on inputs per embeddings request.
+MAX_EMBED_TEXTS = 2048
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
@@ -98,6 +101,51 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             bytes_after=report.bytes_after,
             seconds=report.seconds,
             generation=report.manifest.generation,
+        )
+
+    def ListDocuments(
+        self, request: retrieval_pb2.ListDocumentsRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.ListDocumentsResponse:
+        limit = request.limit if request.HasField("limit") else DEFAULT_LIST_LIMIT
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidArgument(f"limit must be between 1 and {MAX_LIST_LIMIT} (or unset for 100); got {limit}")
+        index = getattr(self._searchable, "index", None)
+        if index is None:
+            raise FailedPrecondition("this index (OpenChatKit's) keeps no documents, only snippets: nothing to list")
+        rows = index.list_documents(limit + 1, request.after)
+        return retrieval_pb2.ListDocumentsResponse(
+            documents=[
+                retrieval_pb2.DocumentInfo(id=i, title=title, source=source, passages=count)
+                for i, title, source, count in rows[:limit]
+            ],
+            documents_total=self._searchable.stats().documents,
+            more=len(rows) > limit,
+        )
+
+    def Embed(self, request: retrieval_pb2.EmbedRequest, context: grpc.ServicerContext) -> retrieval_pb2.EmbedResponse:
+        texts = list(request.texts)
+        if not 1 <= len(texts) <= MAX_EMBED_TEXTS:
+            raise InvalidArgument(f"texts must hold 1 to {MAX_EMBED_TEXTS} texts; got {len(texts)}")
+        empty = [i for i, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise InvalidArgument(f"texts[{empty[0]}] is empty: every text to embed needs some words")
+        embedder = self._searchable.embedder
+        started = time.perf_counter()
+        vectors = embedder.encode(texts)
+        tokens = embedder.count_tokens(texts)
+        logger.info(
+            "embed id={} texts={} tokens={} ms={:.1f}",
+            _request_id(context),
+            len(texts),
+            tokens,
+            (time.perf_counter() - started) * 1000,
+        )
+        return retrieval_pb2.EmbedResponse(
+            embeddings=[retrieval_pb2.Embedding(values=row) for row in vectors.tolist()],
+            dimension=embedder.dimension,
+            embedder=embedder.name,
+            tokens=tokens,
+            normalized=embedder.normalize,
         )
 
     def _writable(self) -> Ingestor:

@@ -125,6 +125,15 @@ class PassageStore:
             raise KeyError(f"passages {missing} are in the faiss index but not in the passage store")
         return [by_row[row] for row in rows]
 
+    def list_documents(self, limit: int, after: str = "") -> list[tuple[str, str, str, int]]:
+        """(id, title, source, passages) of up to ``limit`` documents whose id sorts after ``after``."""
+        with self._lock:
+            return self._connection.execute(
+                "SELECT doc_id, MIN(title), MIN(source), COUNT(*) FROM passages WHERE doc_id > ?"
+                " GROUP BY doc_id ORDER BY doc_id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+
     def count_passages(self) -> int:
         with self._lock:
             return self._connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]

@@ -1,0 +1,50 @@
+"""Client channels to nightcap services: one address, a list of replicas or a DNS name; fast reconnects."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+# gRPC's default reconnect backoff grows to 120 s: a backend restarted after a minute down stayed
+# unreachable long after it reported SERVING. Capped at 1 s, a restarted backend is used within a second,
+# and calls made while it reconnects wait for it (wait_for_ready) up to their timeout.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Replicas: gRPC's own round_robin over every address the target resolves to, each subchannel watched
+# through grpc.health.v1 so a replica that is NOT_SERVING (draining, loading) or gone stops getting calls.
+REPLICA_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+
+
+def channel_target(address: str) -> str:
+    """The gRPC target for one address, a comma-separated list of IP:port (replicas), or a DNS name that
+    resolves to several (``dns:///generation.default.svc:50051``, a headless Service)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("no address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
+    try:
+        families = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(
+            f"a list of addresses must be IP:port each, got {address!r}: for names, give one DNS name that"
+            " resolves to every replica (e.g. a Kubernetes headless Service)"
+        ) from None
+    if len(families) > 1:
+        raise ValueError(f"a list of addresses must be all IPv4 or all IPv6, got {address!r}")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
+def channel_options(address: str) -> list[tuple[str, Any]]:
+    """Reconnect options, plus round_robin with health checks when ``address`` names several replicas."""
+    options: list[tuple[str, Any]] = [*RECONNECT_OPTIONS]
+    if "," in address or address.startswith("dns:"):
+        options.append(("grpc.service_config", REPLICA_SERVICE_CONFIG))
+    return options

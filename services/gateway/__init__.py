@@ -1,0 +1,1 @@
+"""The HTTP gateway: an OpenAI-compatible API and the web chat page in front of the nightcap gRPC services."""

@@ -1,0 +1,342 @@
+"""The HTTP gateway's contract, spoken in raw HTTP (httpx): shapes, streaming, errors, auth, CORS, limits and
+disconnects, against real gRPC services on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import start_gateway, wait_for
+
+from services.common.server import free_port
+
+ZURICH = {"messages": [{"role": "user", "content": "Where is Zurich?"}], "max_tokens": 8, "temperature": 0}
+CHAT_TOKEN, ADMIN_TOKEN = "chat-token-0123456789abcdef", "admin-token-0123456789abcdef"
+
+
+def events(response: httpx.Response) -> list:
+    """The SSE stream as a list: parsed JSON for each data line, "[DONE]", and "ping" for comment lines."""
+    found = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            found.append(data if data == "[DONE]" else json.loads(data))
+        elif line.startswith(":"):
+            found.append("ping")
+    return found
+
+
+@pytest.fixture(scope="module")
+def http(gateway_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens"
+    path.write_text(f"chat {CHAT_TOKEN} page\nadmin {ADMIN_TOKEN} operator\n")
+    return path
+
+
+# --- answers --------------------------------------------------------------------------------------------------
+
+
+def test_a_chat_completion_has_openai_shape_usage_and_the_sources_it_was_grounded_in(http):
+    reply = http.post("/v1/chat/completions", json=ZURICH)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert (
+        usage["completion_tokens"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
+    titles = [source["title"] for source in body["nightcap"]["sources"]]
+    assert "Zurich" in titles, titles
+    first = body["nightcap"]["sources"][0]
+    assert (
+        first["index"] == 1 and first["url"].startswith("https://") and first["text"].startswith(first["snippet"][:50])
+    )
+    assert body["model"] == http.get("/v1/models").json()["data"][0]["id"]
+
+
+def test_a_stream_starts_with_the_role_ends_with_usage_then_done_and_only_says_stop_or_length(http):
+    request = {**ZURICH, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        found = [e for e in events(response) if e != "ping"]
+    assert found[-1] == "[DONE]"
+    chunks = found[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert any(s["title"] == "Zurich" for s in chunks[0]["nightcap"]["sources"])
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] >= 1
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]]
+    assert reasons in (["stop"], ["length"])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert text and usage_chunk["usage"]["completion_tokens"] <= 8
+
+
+def test_greedy_chat_is_the_same_streamed_or_not_and_max_completion_tokens_is_honoured(http):
+    request = {**ZURICH, "max_tokens": None, "max_completion_tokens": 5, "retrieval": False}
+    whole = http.post("/v1/chat/completions", json=request).json()
+    assert whole["usage"]["completion_tokens"] == 5 and whole["choices"][0]["finish_reason"] == "length"
+    with http.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as response:
+        chunks = [e for e in events(response) if isinstance(e, dict)]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert whole["nightcap"]["sources"] == [] and whole["nightcap"]["context_used"] is False
+
+
+def test_chat_logprobs_name_each_token_with_its_alternatives(http):
+    reply = http.post("/v1/chat/completions", json={**ZURICH, "logprobs": True, "top_logprobs": 2}).json()
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert len(content) == reply["usage"]["completion_tokens"]
+    assert all(entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2 for entry in content)
+    assert all(bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"] for entry in content)
+
+
+def test_a_raw_completion_goes_straight_to_the_model(http):
+    reply = http.post("/v1/completions", json={"prompt": "Zurich is", "max_tokens": 4, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 4
+    with http.stream(
+        "POST", "/v1/completions", json={"prompt": "Zurich is", "max_tokens": 4, "stream": True, "temperature": 0}
+    ) as response:
+        chunks = [e for e in events(response) if isinstance(e, dict)]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
+
+
+def test_models_list_the_served_model_and_the_embedder(http):
+    data = http.get("/v1/models").json()["data"]
+    kinds = {card["nightcap"]["kind"]: card for card in data}
+    assert kinds["chat"]["owned_by"] == "nightcap" and kinds["chat"]["created"] > 0
+    assert kinds["embedding"]["nightcap"]["dimension"] == 384
+    assert http.get(f"/v1/models/{kinds['chat']['id']}").json()["id"] == kinds["chat"]["id"]
+
+
+def test_embeddings_come_as_floats_or_base64_of_the_same_vector(http):
+    floats = http.post("/v1/embeddings", json={"input": ["Where is Zurich?", "Paris"]}).json()
+    assert [d["index"] for d in floats["data"]] == [0, 1] and floats["usage"]["prompt_tokens"] > 2
+    vector = np.asarray(floats["data"][0]["embedding"], dtype=np.float32)
+    assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
+    packed = http.post("/v1/embeddings", json={"input": "Where is Zurich?", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, vector, atol=1e-6)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages[0].content"),
+        (json.dumps({**ZURICH, "n": 2}).encode(), 400, "n"),
+        (json.dumps({**ZURICH, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools"),
+        (json.dumps({**ZURICH, "response_format": {"type": "json_object"}}).encode(), 400, "response_format"),
+        (json.dumps({**ZURICH, "logit_bias": {"42": 3}}).encode(), 400, "logit_bias"),
+        (json.dumps({**ZURICH, "frobnicate": True}).encode(), 400, "frobnicate"),
+        (json.dumps({"messages": []}).encode(), 400, "messages"),
+        (json.dumps({**ZURICH, "temperature": -1}).encode(), 400, "temperature"),
+        (json.dumps({**ZURICH, "model": "gpt-4o"}).encode(), 404, "model"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "messages[0].role"),
+    ],
+    ids=[
+        "not-json",
+        "lone-surrogate",
+        "n=2",
+        "tools",
+        "json-mode",
+        "logit-bias",
+        "unknown-field",
+        "no-messages",
+        "negative-temperature",
+        "unknown-model",
+        "assistant-last",
+    ],
+)
+def test_bad_chat_input_gets_its_4xx_in_openai_shape_and_the_gateway_keeps_serving(http, body, status, param):
+    reply = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert reply.headers["x-should-retry"] == "false"
+    assert http.post("/v1/chat/completions", json=ZURICH).status_code == 200
+
+
+def test_a_ten_megabyte_body_is_413_and_an_unknown_route_404(http):
+    reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 10_000_000}]})
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+    missing = http.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"
+    assert http.post("/v1/chat/completions", json=ZURICH).status_code == 200
+
+
+def test_a_prompt_beyond_the_context_window_is_400_from_the_engine(http):
+    reply = http.post("/v1/completions", json={"prompt": "Zurich " * 3000, "max_tokens": 4})
+    assert reply.status_code == 400, reply.text
+    assert "context" in reply.json()["error"]["message"]
+
+
+# --- auth and CORS --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(orchestrator_address, generation_address, retrieval_address, tokens_file) -> Iterator[str]:
+    running = start_gateway(
+        orchestrator_address,
+        generation_address,
+        retrieval_address,
+        tokens_file=tokens_file,
+        cors_origins=("http://app.example",),
+    )
+    yield running.url
+    running.stop()
+
+
+def test_tokens_are_checked_by_role_and_health_stays_open(guarded):
+    with httpx.Client(base_url=guarded, timeout=60) as client:
+        missing = client.post("/v1/chat/completions", json=ZURICH)
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        wrong = client.post("/v1/chat/completions", json=ZURICH, headers={"Authorization": "Bearer x" * 3})
+        assert wrong.status_code == 401
+        chat = {"Authorization": f"Bearer {CHAT_TOKEN}"}
+        assert client.post("/v1/chat/completions", json=ZURICH, headers=chat).status_code == 200
+        denied = client.get("/v1/documents", headers=chat)
+        assert denied.status_code == 403 and "admin" in denied.json()["error"]["message"]
+        assert client.get("/v1/documents", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code != 403
+        assert client.get("/health").status_code == 200
+        assert client.get("/v1/nightcap/config").json()["auth_required"] is True
+
+
+def test_a_cors_preflight_is_answered_before_any_token_is_asked_for(guarded):
+    headers = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    reply = httpx.options(f"{guarded}/v1/chat/completions", headers=headers)
+    assert reply.status_code == 200
+    assert reply.headers["access-control-allow-origin"] == "http://app.example"
+    assert "authorization" in reply.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{guarded}/v1/chat/completions", headers={**headers, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+# --- load, failures and going away ----------------------------------------------------------------------------
+
+
+def cancelled_requests(engine) -> float:
+    return engine.metrics.requests.labels("cancelled")._value.get()
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_engine(gateway_url, generation_server):
+    _, engine = generation_server
+    before = cancelled_requests(engine)
+    request = {**ZURICH, "max_tokens": 900, "stream": True, "retrieval": False}
+    with (
+        httpx.Client(base_url=gateway_url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=request) as response,
+    ):
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        next(lines)
+        assert engine.active_sequences >= 1
+    # the sequence left the batch because its client went, not because it ran out of tokens
+    assert wait_for(lambda: cancelled_requests(engine) == before + 1, timeout=5)
+    assert wait_for(lambda: engine.active_sequences == 0, timeout=5)
+
+
+def test_a_client_that_hangs_up_on_a_whole_response_frees_the_engine(gateway_url, generation_server):
+    _, engine = generation_server
+    before = cancelled_requests(engine)
+    request = json.dumps({**ZURICH, "max_tokens": 900, "retrieval": False}).encode()
+    port = int(gateway_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(request)}\r\n\r\n".encode()
+            + request
+        )
+        assert wait_for(lambda: engine.active_sequences >= 1, timeout=10)
+    assert wait_for(lambda: cancelled_requests(engine) == before + 1, timeout=5)
+    assert wait_for(lambda: engine.active_sequences == 0, timeout=5)
+
+
+def test_beyond_the_concurrency_limit_requests_get_429_with_retry_after(
+    orchestrator_address, generation_address, retrieval_address
+):
+    running = start_gateway(orchestrator_address, generation_address, retrieval_address, max_concurrent_requests=1)
+    try:
+        started = threading.Event()
+
+        def hold() -> None:
+            request = {**ZURICH, "max_tokens": 300, "stream": True, "retrieval": False}
+            with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=request, timeout=60) as response:
+                for _ in response.iter_lines():
+                    started.set()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert started.wait(30)
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json=ZURICH, timeout=60)
+        holder.join()
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.post(f"{running.url}/v1/chat/completions", json=ZURICH, timeout=60).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_a_backend_that_is_down_is_named_in_503_and_in_health(generation_address, retrieval_address):
+    dead = f"127.0.0.1:{free_port()}"
+    running = start_gateway(dead, generation_address, retrieval_address, request_timeout=3)
+    try:
+        reply = httpx.post(f"{running.url}/v1/chat/completions", json=ZURICH, timeout=30)
+        assert reply.status_code == 503 and dead in reply.json()["error"]["message"]
+        assert "orchestrator" in reply.json()["error"]["message"]
+        health = httpx.get(f"{running.url}/health", timeout=30)
+        assert health.status_code == 503
+        assert health.json()["backends"]["orchestrator"] != "SERVING"
+        assert health.json()["backends"]["generation"] == "SERVING"
+    finally:
+        running.stop()
+
+
+def test_a_request_past_its_deadline_is_504(orchestrator_address, generation_address, retrieval_address):
+    running = start_gateway(orchestrator_address, generation_address, retrieval_address, request_timeout=0.05)
+    try:
+        request = {**ZURICH, "max_tokens": 900, "retrieval": False}
+        reply = httpx.post(f"{running.url}/v1/chat/completions", json=request, timeout=30)
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["error"]["type"] == "timeout"
+    finally:
+        running.stop()
+
+
+def test_metrics_count_requests_by_route_and_status(http):
+    http.post("/v1/chat/completions", json={**ZURICH, "n": 3})
+    text = http.get("/metrics").text
+    assert 'nightcap_gateway_requests_total{route="/v1/chat/completions",status="400"}' in text
+    assert "nightcap_gateway_time_to_first_byte_seconds_bucket" in text
+    assert "nightcap_gateway_open_streams" in text
+
+
+def test_every_response_forbids_inline_script_and_other_origins(http):
+    policy = http.get("/health").headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'self'" in policy
