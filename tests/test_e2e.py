@@ -92,3 +92,30 @@ def test_a_follow_up_with_a_pronoun_retrieves_the_article_of_the_earlier_questio
         running.stop(grace=1)
     assert follow_up.started.retrieved_ids[0].startswith("Zurich#")
     assert "Where is Zurich?" in follow_up.started.retrieval_query
+
+
+def test_the_openai_sdk_asks_the_default_stack_where_zurich_is_and_gets_its_source(
+    default_generation_address, retrieval_address
+):
+    import openai
+    from conftest import start_gateway
+
+    orchestrator = start_orchestrator(default_generation_address, retrieval_address, max_new_tokens=48)
+    gateway = start_gateway(orchestrator.address, default_generation_address, retrieval_address)
+    try:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model=f"{DEFAULT_MODEL}:1",
+            messages=[{"role": "user", "content": "Where is Zurich?"}],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    finally:
+        gateway.stop()
+        orchestrator.stop(grace=1)
+    answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Switzerland" in answer
+    assert chunks[0].model_extra["nightcap"]["sources"][0]["title"] == "Zurich"
+    assert chunks[-1].usage.completion_tokens > 5 and chunks[0].model == f"{DEFAULT_MODEL}:1"

@@ -340,3 +340,60 @@ def test_metrics_count_requests_by_route_and_status(http):
 def test_every_response_forbids_inline_script_and_other_origins(http):
     policy = http.get("/health").headers["content-security-policy"]
     assert "script-src 'self'" in policy and "default-src 'self'" in policy
+
+
+# --- your documents -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def writable_gateway(embedder, generation_address, tmp_path) -> Iterator[str]:
+    """A stack whose retrieval service serves an empty index of its own, opened for writing."""
+    from conftest import start_orchestrator
+
+    from services.retrieval.index import create_index, load_index
+    from services.retrieval.retriever import Retriever
+    from services.retrieval.server import start_retrieval_server
+
+    folder = create_index(tmp_path / "indexes" / "mine", embedder.name, embedder.dimension)
+    index = load_index(folder, writable=True)
+    retrieval = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    orchestrator = start_orchestrator(generation_address, retrieval.address)
+    running = start_gateway(orchestrator.address, generation_address, retrieval.address)
+    yield running.url
+    running.stop()
+    orchestrator.stop(grace=1)
+    retrieval.stop(grace=1)
+    index.close()
+
+
+def test_documents_are_added_as_files_listed_searched_and_deleted(writable_gateway):
+    with httpx.Client(base_url=writable_gateway, timeout=60) as client:
+        files = [
+            {
+                "name": "notes/otter.md",
+                "content": "---\ntags: x\n---\n# Otters\nSea otters hold hands while they sleep.",
+            },
+            {"name": "facts.jsonl", "content": '{"id": "f1", "title": "Moon", "text": "The Moon orbits the Earth."}\n'},
+        ]
+        added = client.post("/v1/documents", json={"files": files})
+        assert added.status_code == 200, added.text
+        assert added.json()["documents_added"] == 2 and sorted(added.json()["ids"]) == ["f1", "notes/otter.md"]
+        listed = client.get("/v1/documents").json()
+        assert {d["id"]: d["title"] for d in listed["data"]} == {"f1": "Moon", "notes/otter.md": "Otters"}
+        assert listed["stats"]["documents"] == 2
+        question = {"messages": [{"role": "user", "content": "Do sea otters hold hands?"}], "max_tokens": 4}
+        sources = client.post("/v1/chat/completions", json=question).json()["nightcap"]["sources"]
+        assert sources[0]["title"] == "Otters" and sources[0]["id"].startswith("notes/otter.md")
+        page = client.get("/v1/documents", params={"limit": 1}).json()
+        assert page["has_more"] is True and len(page["data"]) == 1
+        assert (
+            client.get("/v1/documents", params={"limit": 1, "after": page["data"][0]["id"]}).json()["has_more"] is False
+        )
+        empty = client.post("/v1/documents", json={"files": [{"name": "empty.txt", "content": "  "}]})
+        assert empty.status_code == 400 and "empty.txt" in empty.json()["error"]["message"]
+        odd = client.post("/v1/documents", json={"files": [{"name": "image.png", "content": "x"}]})
+        assert odd.status_code == 400 and odd.json()["error"]["param"] == "files[0]"
+        deleted = client.delete("/v1/documents/notes/otter.md")
+        assert deleted.status_code == 200 and deleted.json()["documents_deleted"] == 1
+        assert client.delete("/v1/documents/notes/otter.md").status_code == 404
+        assert [d["id"] for d in client.get("/v1/documents").json()["data"]] == ["f1"]

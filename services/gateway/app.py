@@ -46,8 +46,6 @@ CSP = (
 )
 JSON_HEADERS = {"Cache-Control": "no-store"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
-# Validation and admission errors come back within milliseconds; a stream waits this long for them.
-FIRST_WAIT_S = 1.0
 _PING = object()
 _END = object()
 
@@ -377,14 +375,24 @@ class Relay:
             raise item
         return item
 
-    async def first(self) -> Any:
-        """The first message, waiting FIRST_WAIT_S at most: an error by then (bad input, a full engine) gets
-        its own HTTP status; a longer prefill starts the stream, with pings, and errors go in the stream."""
+    async def first(self, request: Request, wait: float) -> Any:
+        """The first message, waiting ``wait`` seconds at most, so that an error by then (bad input, a full
+        engine) gets its own HTTP status; after that the stream starts with pings, and errors go in it.
+        None when the client hung up first (the call is cancelled)."""
+        task = asyncio.ensure_future(self.next(wait))
+        watcher = asyncio.ensure_future(until_disconnected(request))
         try:
-            return await self.next(FIRST_WAIT_S)
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            self.close()
+            return None
         except BaseException:
             self.close()
             raise
+        finally:
+            watcher.cancel()
 
     def close(self) -> None:
         self.call.cancel()
@@ -497,7 +505,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not body.stream:
             result = await unless_disconnected(request, collect_chat(relay, completion_id, created, model), relay)
             return result if isinstance(result, Response) else JSONResponse(result, headers=JSON_HEADERS)
-        first = await relay.first()
+        first = await relay.first(request, settings.ping_interval)
+        if first is None:
+            return Response(status_code=499)  # the client went away before the answer started
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = chat_events(relay, first, completion_id, created, model, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -630,7 +640,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             work = collect_completion(relay, completion_id, created, model)
             result = await unless_disconnected(request, work, relay)
             return result if isinstance(result, Response) else JSONResponse(result, headers=JSON_HEADERS)
-        first = await relay.first()
+        first = await relay.first(request, settings.ping_interval)
+        if first is None:
+            return Response(status_code=499)  # the client went away before the answer started
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = completion_events(relay, first, completion_id, created, model, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
