@@ -159,8 +159,12 @@ def policy_problems(objects: list[dict[str, Any]]) -> list[str]:
 def _service_problems(where: str, pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
     problems = []
     flags = _flags(container["command"])
-    health_port = int(flags.get("--health-address", ":0").rpartition(":")[2])
-    for probe in ("readinessProbe", "livenessProbe"):
+    if _program(container["command"]) == "services.gateway serve":
+        problems += _gateway_probe_problems(where, container)
+        health_port = None
+    else:
+        health_port = int(flags.get("--health-address", ":0").rpartition(":")[2])
+    for probe in ("readinessProbe", "livenessProbe") if health_port is not None else ():
         port = container.get(probe, {}).get("grpc", {}).get("port")
         if port is None:
             problems.append(f"{where}: no gRPC {probe}")
@@ -179,6 +183,19 @@ def _service_problems(where: str, pod: dict[str, Any], container: dict[str, Any]
             problems.append(f"{where}: no {flag}")
         elif not any(value.startswith(path.rstrip("/") + "/") for path in secret_mounts):
             problems.append(f"{where}: {flag} {value} is not in a mounted Secret")
+    return problems
+
+
+def _gateway_probe_problems(where: str, container: dict[str, Any]) -> list[str]:
+    """The HTTP gateway is probed over HTTP: readiness on GET /health (200 only when every backend serves)."""
+    readiness = container.get("readinessProbe", {}).get("httpGet")
+    if readiness is None or readiness.get("path") != "/health":
+        return [f"{where}: the gateway's readinessProbe must be httpGet /health"]
+    problems = []
+    if "--tls-cert" in _flags(container["command"]) and readiness.get("scheme") != "HTTPS":
+        problems.append(f"{where}: the gateway serves TLS, so its readinessProbe needs scheme HTTPS")
+    if "livenessProbe" not in container:
+        problems.append(f"{where}: no livenessProbe")
     return problems
 
 
@@ -272,11 +289,12 @@ def consistency_problems(objects: list[dict[str, Any]]) -> list[str]:
             where = f"Deployment/{name}/{container['name']}"
             flags = _flags(container["command"])
             ports = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
-            if "--address" in flags and int(flags["--address"].rpartition(":")[2]) != ports.get("grpc"):
+            kind = "http" if _program(container["command"]) == "services.gateway serve" else "grpc"
+            if "--address" in flags and int(flags["--address"].rpartition(":")[2]) != ports.get(kind):
                 problems.append(
-                    f"{where}: --address {flags['--address']} but containerPort grpc is {ports.get('grpc')}"
+                    f"{where}: --address {flags['--address']} but containerPort {kind} is {ports.get(kind)}"
                 )
-            for backend in ("--generation", "--retrieval"):
+            for backend in ("--generation", "--retrieval", "--orchestrator"):
                 if backend not in flags:
                     continue
                 # dns:///name:port (every replica behind a headless Service) names the Service as name:port does

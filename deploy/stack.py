@@ -37,7 +37,7 @@ from deploy.supervisor import (
     health,
     wait_until_serving,
 )
-from nightcap.records import GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
+from nightcap.records import GATEWAY_ADDRESS, GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
 from services.common.paths import VAR_ENV, VarLayout
 from services.common.registry import DEFAULT_MODEL, ModelRegistry
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
@@ -51,6 +51,8 @@ from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 # The services' own defaults, repeated: importing them would load torch and slow every `status` and `down`.
 DEFAULT_QUESTION = "Where is Zurich?"
+# Started once the backends are SERVING: they call the backends, nothing calls them.
+FRONTS = ("orchestrator", "gateway")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -68,6 +70,13 @@ GenerationAddress = Annotated[
 ]
 RetrievalAddress = Annotated[
     str, typer.Option(envvar="NIGHTCAP_RETRIEVAL_ADDRESS", help="host:port the retrieval service serves on.")
+]
+GatewayAddress = Annotated[
+    str,
+    typer.Option(
+        envvar="NIGHTCAP_GATEWAY_ADDRESS",
+        help="host:port the HTTP gateway (OpenAI-compatible API and web chat page) serves on.",
+    ),
 ]
 Grace = Annotated[
     float,
@@ -110,6 +119,7 @@ def up(
     orchestrator_address: OrchestratorAddress = ORCHESTRATOR_ADDRESS,
     generation_address: GenerationAddress = GENERATION_ADDRESS,
     retrieval_address: RetrievalAddress = RETRIEVAL_ADDRESS,
+    gateway_address: GatewayAddress = GATEWAY_ADDRESS,
     generation_replicas: Replicas = 1,
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
@@ -133,7 +143,9 @@ def up(
     """Prepare the model and index, start the services under supervisord, wait until SERVING, ask."""
     layout = VarLayout.from_env(var_dir)
     run = RunFolder(layout)
-    addresses = _addresses(orchestrator_address, generation_address, retrieval_address, generation_replicas)
+    addresses = _addresses(
+        orchestrator_address, generation_address, retrieval_address, gateway_address, generation_replicas
+    )
     if len(set(addresses.values())) < len(addresses):
         _fail(f"the services need different addresses, got {addresses}")
     specs = _service_specs(layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level)
@@ -148,6 +160,7 @@ def up(
             if len(running) == len(specs) and all(health(spec.address) == "SERVING" for spec in specs.values()):
                 typer.echo(f"nightcap is already up (var dir {layout.root}):")
                 _print_service_table(supervisord, specs)
+                _print_urls(gateway_address)
                 if ask:
                     _ask(orchestrator_address, question, max_new_tokens)
                 return
@@ -177,8 +190,9 @@ def up(
             if supervisord.process() is None:
                 supervisord.start(list(specs.values()), grace, child_environment())
                 started_supervisord = True
-            backends = [name for name in specs if name != "orchestrator"]
-            for phase in (backends, ["orchestrator"]):
+            backends = [name for name in specs if name not in FRONTS]
+            # the gateway's /health is 200 only once the orchestrator (and every backend) is SERVING
+            for phase in (backends, list(FRONTS)):
                 phase_specs = [spec for spec in to_start if spec.name in phase]
                 for spec in phase_specs:
                     supervisord.start_service(spec.name)
@@ -202,6 +216,7 @@ def up(
 
     typer.echo(f"nightcap is up in {time.monotonic() - begin:.1f} s ({'; '.join(timings)}):")
     _print_service_table(supervisord, specs)
+    _print_urls(gateway_address)
     if ask:
         _ask(orchestrator_address, question, max_new_tokens)
 
@@ -233,6 +248,7 @@ def status(
     orchestrator_address: OrchestratorAddress = ORCHESTRATOR_ADDRESS,
     generation_address: GenerationAddress = GENERATION_ADDRESS,
     retrieval_address: RetrievalAddress = RETRIEVAL_ADDRESS,
+    gateway_address: GatewayAddress = GATEWAY_ADDRESS,
 ) -> None:
     """State, pid, address, health, restarts and last exit of each service; the model and the index.
 
@@ -241,8 +257,8 @@ def status(
     supervisord = Supervisord(run)
     specs = {spec.name: spec for spec in supervisord.specs()} if supervisord.process() else {}
     if not specs:
-        addresses = _addresses(orchestrator_address, generation_address, retrieval_address, 1)
-        specs = {name: ServiceSpec(name, address, []) for name, address in addresses.items()}
+        addresses = _addresses(orchestrator_address, generation_address, retrieval_address, gateway_address, 1)
+        specs = {name: ServiceSpec(name, _health_address(name, address), []) for name, address in addresses.items()}
     healths = _print_service_table(supervisord, specs)
     orchestrator = specs["orchestrator"].address
     try:
@@ -257,13 +273,22 @@ def status(
         raise typer.Exit(1)
 
 
-def _addresses(orchestrator: str, generation: str, retrieval: str, replicas: int) -> dict[str, str]:
+def _addresses(orchestrator: str, generation: str, retrieval: str, gateway: str, replicas: int) -> dict[str, str]:
     """Service name -> address; replica i > 0 of generation is ``generation-<i+1>`` on the port + 10 i."""
     host, _, port = generation.rpartition(":")
     replica_addresses = {
         "generation" if i == 0 else f"generation-{i + 1}": f"{host}:{int(port) + 10 * i}" for i in range(replicas)
     }
-    return {**replica_addresses, "retrieval": retrieval, "orchestrator": orchestrator}
+    return {**replica_addresses, "retrieval": retrieval, "orchestrator": orchestrator, "gateway": gateway}
+
+
+def _health_address(name: str, address: str) -> str:
+    """Where a service's health is asked: gRPC health at host:port, the gateway's GET /health at its URL."""
+    return f"http://{address}" if name == "gateway" else address
+
+
+def _print_urls(gateway: str) -> None:
+    typer.echo(f"web chat: http://{gateway}   OpenAI-compatible API: base_url http://{gateway}/v1")
 
 
 def _service_specs(
@@ -271,14 +296,16 @@ def _service_specs(
 ) -> dict[str, ServiceSpec]:
     var_dir = str(layout.root)
     generations = [name for name in addresses if name.startswith("generation")]
+    backends = [
+        "--generation",
+        ",".join(addresses[name] for name in generations),
+        "--retrieval",
+        addresses["retrieval"],
+    ]
     arguments = {
         "retrieval": ["--index", index, "--var-dir", var_dir],
-        "orchestrator": [
-            "--generation",
-            ",".join(addresses[name] for name in generations),
-            "--retrieval",
-            addresses["retrieval"],
-        ],
+        "gateway": ["--orchestrator", addresses["orchestrator"], *backends],
+        "orchestrator": backends,
     }
     metrics_host, _, metrics_port = os.environ.get("NIGHTCAP_METRICS_ADDRESS", "127.0.0.1:9400").rpartition(":")
     for n, name in enumerate(generations):
@@ -291,7 +318,9 @@ def _service_specs(
         module = "generation" if name.startswith("generation") else name
         serve = [sys.executable, "-m", f"services.{module}", "serve", "--address", addresses[name]]
         command = [*serve, *arguments[name], "--log-level", log_level]
-        specs[name] = ServiceSpec(name, addresses[name], command, ALLOCATOR_ENV if module == "generation" else {})
+        specs[name] = ServiceSpec(
+            name, _health_address(name, addresses[name]), command, ALLOCATOR_ENV if module == "generation" else {}
+        )
     return specs
 
 

@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -286,11 +288,25 @@ def _wait_for_exit(processes: list[psutil.Process], timeout: float) -> list[psut
 
 
 def health(address: str, timeout: float = 2.0) -> str:
-    """SERVING / NOT_SERVING per grpc.health.v1, or the gRPC status of the failed check (UNAVAILABLE, ...)."""
+    """SERVING / NOT_SERVING per grpc.health.v1, or the gRPC status of the failed check (UNAVAILABLE, ...).
+
+    An ``http://`` address (the gateway) is asked ``GET /health``: 200 is SERVING, 503 NOT_SERVING."""
+    if address.startswith(("http://", "https://")):
+        return _http_health(address, timeout)
     try:
         return check_health(address, timeout=timeout)
     except NightcapError as error:
         return error.code.name
+
+
+def _http_health(url: str, timeout: float) -> str:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as reply:
+            return "SERVING" if reply.status == 200 else "NOT_SERVING"
+    except urllib.error.HTTPError as error:
+        return "NOT_SERVING" if error.code == 503 else f"HTTP_{error.code}"
+    except (urllib.error.URLError, OSError):
+        return "UNAVAILABLE"
 
 
 def log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
@@ -305,8 +321,8 @@ def log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def address_taken_by(address: str) -> str | None:
-    """None when ``address`` can be bound now; otherwise who holds it, as well as can be told."""
-    host, _, port_text = address.rpartition(":")
+    """None when ``address`` (host:port, or an http:// URL) can be bound now; otherwise who holds it."""
+    host, _, port_text = address.split("://", 1)[-1].rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     port = int(port_text)

@@ -35,9 +35,9 @@ def test_the_tools_come_from_the_dev_requirements() -> None:
         assert Path(checks.tool(name)).exists()
 
 
-def test_kubectl_kustomize_renders_the_three_services_and_the_volume(objects: Objects) -> None:
+def test_kubectl_kustomize_renders_the_four_services_and_the_volume(objects: Objects) -> None:
     rendered = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
-    for name in ("nightcap-generation", "nightcap-retrieval", "nightcap-orchestrator"):
+    for name in ("nightcap-generation", "nightcap-retrieval", "nightcap-orchestrator", "nightcap-gateway"):
         assert ("Deployment", name) in rendered and ("Service", name) in rendered
     assert ("PersistentVolumeClaim", "nightcap-var") in rendered
     assert all(obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "nightcap" for obj in objects[:-1])
@@ -158,3 +158,14 @@ def test_disagreeing_ports_backends_or_worker_counts_are_caught(objects: Objects
     assert "--address 0.0.0.0:50053 but containerPort grpc is 50052" in problems
     assert "--num-workers 2 but the worker groups start 3 workers" in problems
     assert "--use-gpu but ray-worker has no nvidia.com/gpu limit" in problems
+
+
+def test_the_gateway_is_probed_over_https_and_names_real_backends(objects: Objects) -> None:
+    broken = copy.deepcopy(objects)
+    gateway = container(broken, "nightcap-gateway")
+    gateway["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+    gateway["command"] = [w.replace("nightcap-orchestrator:", "nightcap-orch:") for w in gateway["command"]]
+    problems = "\n".join(checks.policy_problems(broken) + checks.consistency_problems(broken))
+    assert "nightcap-gateway/gateway: the gateway serves TLS, so its readinessProbe needs scheme HTTPS" in problems
+    assert "--orchestrator nightcap-orch:50050 names no Service" in problems
+    assert checks.flag_problems(objects) == []

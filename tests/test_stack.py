@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -22,7 +23,7 @@ from deploy.supervisor import RunFolder, Supervisord
 from services.common.paths import VarLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("generation", "retrieval", "orchestrator")
+SERVICES = ("generation", "retrieval", "orchestrator", "gateway")
 STACK_TIMEOUT_S = 300
 
 
@@ -119,10 +120,16 @@ def test_up_serves_all_three_answers_and_down_leaves_no_process_behind(
     status = stack.run("status")
     assert status.returncode == 0, _output(status)
     for name, address in stack.addresses.items():
-        line = rf"{name}\s+(RUNNING|STARTING)\s+{pids[name]}\s+{re.escape(address)}\s+SERVING\s+0\s+-"
+        line = rf"{name}\s+(RUNNING|STARTING)\s+{pids[name]}\s+(http://)?{re.escape(address)}\s+SERVING\s+0\s+-"
         assert re.search(line, status.stdout), status.stdout
     assert "model: name " in status.stdout
     assert "index: passages " in status.stdout
+    gateway = f"http://{stack.addresses['gateway']}"
+    assert f"web chat: {gateway}" in up.stdout
+    answer = httpx.post(
+        f"{gateway}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=60
+    )
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
     again = stack.run("up", *up_options)
     assert again.returncode == 0, _output(again)

@@ -1,0 +1,257 @@
+"""What the HTTP gateway costs: streaming chats through it with the async openai SDK, against the same chats
+sent straight to the orchestrator over gRPC (grpc.aio), on one stack.
+
+The stack runs as subprocesses, as `make up` runs it: generation (the embedded SmolLM2-135M), the orchestrator
+(no retrieval, so both sides do the same work) and the gateway. For CONCURRENCY in 16 and 64, each round runs
+both systems for WINDOW seconds each, the order alternating between rounds, after a discarded warm-up of each.
+Every caller sends greedy chats of NEW_TOKENS tokens back to back; a window's tokens/s counts the completion
+tokens that ended inside it, and its TTFT is request to first text. Both sides must generate the same tokens
+for the same question (greedy), and every request must finish: the script fails otherwise.
+
+    python tests/bench/bench_gateway.py [--window 15] [--rounds 2]
+
+Writes var/bench/gateway.json: <N>/gateway_vs_grpc_tokens_per_s and <N>/gateway_added_ttft_p50_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+from report import BenchReport
+
+from clients.client import check_health
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+from services.common.registry import ModelRegistry
+from services.common.server import free_port
+from services.generation.loading import DEFAULT_MODEL, prepare_default
+
+ROOT = Path(__file__).resolve().parents[2]
+NEW_TOKENS = 24
+QUESTIONS = ["Where is Zurich?", "What is the capital of France?", "Name a river in Germany.", "What is a cat?"]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *command], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_healthy(check, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{what} did not become healthy in {timeout:.0f} s")
+
+
+class Window:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.tokens = 0
+        self.ttfts: list[float] = []
+        self.failures: list[str] = []
+        self.outputs: dict[str, set[int]] = {}
+
+    def record(self, question: str, tokens: int, ttft: float) -> None:
+        if time.monotonic() <= self.end:
+            self.tokens += tokens
+            self.ttfts.append(ttft)
+        self.outputs.setdefault(question, set()).add(tokens)
+
+
+async def gateway_caller(client: openai.AsyncOpenAI, number: int, window: Window) -> None:
+    while time.monotonic() < window.end:
+        question = QUESTIONS[number % len(QUESTIONS)]
+        began, first = time.monotonic(), None
+        try:
+            stream = await client.chat.completions.create(
+                model="",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=NEW_TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"retrieval": False},
+            )
+            usage = None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content and first is None:
+                    first = time.monotonic()
+                usage = chunk.usage or usage
+            if usage is None:
+                raise RuntimeError("no usage chunk")
+            window.record(question, usage.completion_tokens, (first or time.monotonic()) - began)
+        except Exception as error:
+            window.failures.append(f"gateway: {type(error).__name__}: {error}")
+
+
+async def grpc_caller(stub: chat_pb2_grpc.ChatStub, number: int, window: Window) -> None:
+    while time.monotonic() < window.end:
+        question = QUESTIONS[number % len(QUESTIONS)]
+        began, first, tokens = time.monotonic(), None, None
+        request = chat_pb2.ChatRequest(
+            message=question,
+            params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, top_k=40, top_p=1.0),
+        )
+        try:
+            async for message in stub.Chat(request):
+                if message.HasField("delta") and message.delta and first is None:
+                    first = time.monotonic()
+                if message.HasField("end"):
+                    tokens = message.end.completion_tokens
+            if tokens is None:
+                raise RuntimeError("no end message")
+            window.record(question, tokens, (first or time.monotonic()) - began)
+        except grpc.aio.AioRpcError as error:
+            window.failures.append(f"grpc: {error.code().name}: {error.details()}")
+
+
+async def run_window(system: str, concurrency: int, seconds: float, gateway: str, orchestrator: str) -> Window:
+    window = Window(seconds)
+    if system == "gateway":
+        client = openai.AsyncOpenAI(
+            base_url=f"{gateway}/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=120,
+            http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=concurrency + 8)),
+        )
+        try:
+            await asyncio.gather(*(gateway_caller(client, n, window) for n in range(concurrency)))
+        finally:
+            await client.close()
+    else:
+        async with grpc.aio.insecure_channel(orchestrator) as channel:
+            stub = chat_pb2_grpc.ChatStub(channel)
+            await asyncio.gather(*(grpc_caller(stub, n, window) for n in range(concurrency)))
+    return window
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=float, default=15.0, help="seconds each system runs per round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="streaming callers")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    registry = ModelRegistry(work / "models")
+    prepare_default(registry)
+    addresses = {name: f"127.0.0.1:{free_port()}" for name in ("generation", "orchestrator", "gateway")}
+    processes = [
+        start(
+            [
+                "services.generation",
+                "serve",
+                "--model",
+                DEFAULT_MODEL,
+                "--var-dir",
+                str(work),
+                "--address",
+                addresses["generation"],
+                "--metrics-address",
+                "127.0.0.1:0",
+            ],
+            work / "generation.log",
+        ),
+        start(
+            [
+                "services.orchestrator",
+                "serve",
+                "--address",
+                addresses["orchestrator"],
+                "--generation",
+                addresses["generation"],
+                "--retrieval",
+                "",
+            ],
+            work / "orchestrator.log",
+        ),
+        start(
+            [
+                "services.gateway",
+                "serve",
+                "--address",
+                addresses["gateway"],
+                "--orchestrator",
+                addresses["orchestrator"],
+                "--generation",
+                addresses["generation"],
+                "--retrieval",
+                "",
+                "--log-level",
+                "WARNING",
+            ],
+            work / "gateway.log",
+        ),
+    ]
+    gateway = f"http://{addresses['gateway']}"
+    report = BenchReport("gateway")
+    try:
+        wait_healthy(lambda: check_health(addresses["generation"]) == "SERVING", "generation")
+        wait_healthy(lambda: httpx.get(f"{gateway}/health", timeout=2).status_code == 200, "the gateway")
+        for concurrency in args.concurrency:
+            for system in ("gateway", "grpc"):  # warm both the same way, discarded
+                asyncio.run(run_window(system, concurrency, 5, gateway, addresses["orchestrator"]))
+            paired_rate, paired_ttft = [], []
+            measured: dict[str, list[Window]] = {"gateway": [], "grpc": []}
+            for round_number in range(args.rounds):
+                order = ("gateway", "grpc") if round_number % 2 == 0 else ("grpc", "gateway")
+                windows = {}
+                for system in order:
+                    windows[system] = asyncio.run(
+                        run_window(system, concurrency, args.window, gateway, addresses["orchestrator"])
+                    )
+                    failures = windows[system].failures
+                    if failures:
+                        raise SystemExit(f"{system} at {concurrency}: {len(failures)} failures, e.g. {failures[0]}")
+                    measured[system].append(windows[system])
+                rates = {s: w.tokens / args.window for s, w in windows.items()}
+                paired_rate.append(rates["gateway"] / rates["grpc"])
+                ttft = {s: statistics.median(w.ttfts) * 1000 for s, w in windows.items()}
+                paired_ttft.append(ttft["gateway"] - ttft["grpc"])
+            for question in QUESTIONS:  # greedy: the same tokens whichever way the chat came in
+                lengths = {n for s in measured.values() for w in s for n in w.outputs.get(question, set())}
+                if len(lengths) > 1:
+                    raise SystemExit(f"{question!r}: token counts differ between the systems: {sorted(lengths)}")
+            for system, windows_of in measured.items():
+                report.add(
+                    "stream-chat",
+                    system="nightcap-gateway" if system == "gateway" else "nightcap-grpc",
+                    model=DEFAULT_MODEL,
+                    params={"concurrency": concurrency, "new_tokens": NEW_TOKENS, "window_s": args.window},
+                    metrics={
+                        "tokens_per_s": round(statistics.median(w.tokens / args.window for w in windows_of), 1),
+                        "ttft_p50_ms": round(
+                            statistics.median(statistics.median(w.ttfts) for w in windows_of) * 1000, 1
+                        ),
+                        "requests": sum(len(w.ttfts) for w in windows_of),
+                    },
+                )
+            report.ratio(f"n{concurrency}/gateway_vs_grpc_tokens_per_s", statistics.median(paired_rate))
+            report.ratio(f"n{concurrency}/gateway_added_ttft_p50_ms", statistics.median(paired_ttft))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    report.write()
+
+
+if __name__ == "__main__":
+    main()
