@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import start_gateway, wait_for
 
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from services.common.server import free_port
 
 ZURICH = {"messages": [{"role": "user", "content": "Where is Zurich?"}], "max_tokens": 8, "temperature": 0}
@@ -397,3 +402,85 @@ def test_documents_are_added_as_files_listed_searched_and_deleted(writable_gatew
         assert deleted.status_code == 200 and deleted.json()["documents_deleted"] == 1
         assert client.delete("/v1/documents/notes/otter.md").status_code == 404
         assert [d["id"] for d in client.get("/v1/documents").json()["data"]] == ["f1"]
+
+
+# --- faults injected on purpose -------------------------------------------------------------------------------
+
+
+class _SlowChat(chat_pb2_grpc.ChatServicer):
+    """A fake orchestrator that takes ``delay`` seconds before its answer starts: a long prefill."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def Chat(self, request, context):
+        time.sleep(self.delay)
+        yield chat_pb2.ChatResponse(start=chat_pb2.ChatStart(model="slow:1"))
+        yield chat_pb2.ChatResponse(delta="late")
+        yield chat_pb2.ChatResponse(
+            end=chat_pb2.ChatEnd(finish_reason=common_pb2.FINISH_REASON_EOS, completion_tokens=1)
+        )
+
+
+def test_a_long_prefill_streams_pings_until_the_answer_starts(generation_address):
+    from services.common.server import ServiceBinding, start_server
+
+    binding = ServiceBinding("nightcap.v1.Chat", chat_pb2_grpc.add_ChatServicer_to_server, _SlowChat(1.5))
+    slow = start_server([binding], "127.0.0.1:0")
+    running = start_gateway(slow.address, generation_address, None, ping_interval=0.2)
+    request = {**ZURICH, "stream": True}
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=request, timeout=30) as response:
+            assert response.status_code == 200, response.read()
+            found = events(response)
+    finally:
+        running.stop()
+        slow.stop(grace=0)
+    assert any(isinstance(e, dict) for e in found), found
+    pings = found.index(next(e for e in found if isinstance(e, dict)))
+    assert pings >= 3 and all(e == "ping" for e in found[:pings])
+    assert found[-1] == "[DONE]" and any(
+        isinstance(e, dict) and e["choices"][0]["delta"].get("content") == "late" for e in found
+    )
+
+
+def test_an_orchestrator_killed_mid_stream_ends_the_stream_with_an_error_and_the_gateway_goes_on(
+    generation_address, retrieval_address, tmp_path
+):
+    address = f"127.0.0.1:{free_port()}"
+    orchestrator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.orchestrator",
+            "serve",
+            "--address",
+            address,
+            "--generation",
+            generation_address,
+            "--retrieval",
+            retrieval_address,
+        ],
+        stdout=(tmp_path / "orchestrator.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    running = start_gateway(address, generation_address, retrieval_address)
+    try:
+        assert wait_for(lambda: httpx.get(f"{running.url}/health").status_code == 200, timeout=60)
+        request = {**ZURICH, "max_tokens": 900, "stream": True, "retrieval": False}
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=request, timeout=30) as response:
+            found = []
+            for line in response.iter_lines():
+                found.append(line)
+                if len(found) == 6:
+                    orchestrator.send_signal(signal.SIGKILL)
+        found = [line for line in found if line]
+        data = [json.loads(line[6:]) for line in found if line.startswith("data: {")]
+        assert "error" in data[-1] and found[-1] == "data: [DONE]"
+        assert data[-1]["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{running.url}/health").status_code == 503
+        assert httpx.get(f"{running.url}/v1/models").status_code == 200  # generation is still there
+    finally:
+        running.stop()
+        orchestrator.kill()
+        orchestrator.wait()
