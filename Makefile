@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat test bench soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup protos up down status chat chromium test bench soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -51,7 +51,14 @@ format: setup ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup lint ## lint, then the whole test suite
+chromium: ## Debian's Chromium for tests/test_web.py when it is missing and apt-get can install it (else they skip)
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		command -v apt-get >/dev/null 2>&1 && \
+		{ $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }; } \
+		|| echo "chromium could not be installed: tests/test_web.py will be skipped"; }
+
+test: setup lint chromium ## lint, then the whole test suite
 	$(PY) -m pytest
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table

@@ -207,3 +207,29 @@ def gateway_url(orchestrator_address: str, generation_address: str, retrieval_ad
     running = start_gateway(orchestrator_address, generation_address, retrieval_address)
     yield running.url
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def default_registry(tmp_path_factory: pytest.TempPathFactory):
+    """A registry holding the embedded default (SmolLM2-135M-Instruct converted from its GGUF)."""
+    from services.common.registry import ModelRegistry
+    from services.generation.loading import prepare_default
+
+    registry = ModelRegistry(tmp_path_factory.mktemp("var") / "models")
+    prepare_default(registry)
+    return registry
+
+
+@pytest.fixture(scope="session")
+def default_generation_address(default_registry) -> Iterator[str]:
+    """A real Generation server serving the embedded default."""
+    from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.loading import DEFAULT_MODEL, load_model
+    from services.generation.server import start_generation_server
+
+    loaded = load_model(DEFAULT_MODEL, default_registry)
+    engine = ContinuousBatchingEngine(loaded)
+    running = start_generation_server(loaded, engine, "127.0.0.1:0")
+    yield running.address
+    engine.shutdown(grace=1)
+    running.stop(grace=1)

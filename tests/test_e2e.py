@@ -7,29 +7,9 @@ import pytest
 from conftest import start_orchestrator
 
 from clients import ChatClient, Message, SamplingParams
-from services.common.registry import ModelRegistry
-from services.generation.engine.engine import ContinuousBatchingEngine
-from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default
-from services.generation.server import start_generation_server
+from services.generation.loading import DEFAULT_MODEL, prepare_default
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def default_registry(tmp_path_factory) -> ModelRegistry:
-    registry = ModelRegistry(tmp_path_factory.mktemp("var") / "models")
-    prepare_default(registry)
-    return registry
-
-
-@pytest.fixture(scope="module")
-def default_generation_address(default_registry):
-    loaded = load_model(DEFAULT_MODEL, default_registry)
-    engine = ContinuousBatchingEngine(loaded)
-    running = start_generation_server(loaded, engine, "127.0.0.1:0")
-    yield running.address
-    engine.shutdown(grace=1)
-    running.stop(grace=1)
 
 
 def test_preparing_the_default_twice_reuses_the_first_version(default_registry):

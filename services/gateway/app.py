@@ -502,15 +502,30 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         call = backends().chat.Chat(message, timeout=settings.request_timeout, metadata=metadata)
         relay = Relay(call, "orchestrator", settings.orchestrator)
         completion_id, created = f"chatcmpl-{request_id}", int(time.time())
+        return await respond(
+            request,
+            relay,
+            body,
+            lambda: collect_chat(relay, completion_id, created, model),
+            lambda first, usage: chat_events(relay, first, completion_id, created, model, usage),
+        )
+
+    async def respond(
+        request: Request,
+        relay: Relay,
+        body: wire._Sampling,
+        whole: Callable[[], Awaitable[dict[str, Any]]],
+        events: Callable[[Any, bool], AsyncIterator[str]],
+    ) -> Response:
+        """One JSON body (the client hanging up cancels it), or a stream that starts with the first message."""
         if not body.stream:
-            result = await unless_disconnected(request, collect_chat(relay, completion_id, created, model), relay)
+            result = await unless_disconnected(request, whole(), relay)
             return result if isinstance(result, Response) else JSONResponse(result, headers=JSON_HEADERS)
         first = await relay.first(request, settings.ping_interval)
         if first is None:
             return Response(status_code=499)  # the client went away before the answer started
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = chat_events(relay, first, completion_id, created, model, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(events(first, include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def chat_events(
         relay: Relay, first: Any, completion_id: str, created: int, model: str, include_usage: bool
@@ -558,9 +573,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     count_tokens(end.prompt_tokens, end.completion_tokens)
                     if include_usage:
                         tail = wire.chat_chunk(completion_id, created, model, {})
-                        tail["choices"] = []
-                        tail["usage"] = wire.usage(end.prompt_tokens, end.completion_tokens)
-                        yield sse(tail)
+                        yield sse(wire.usage_chunk(tail, end.prompt_tokens, end.completion_tokens))
                     yield "data: [DONE]\n\n"
                     return
                 item = await relay.next(settings.ping_interval)
@@ -636,16 +649,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         call = backends().generation.Generate(message, timeout=settings.request_timeout, metadata=metadata)
         relay = Relay(call, "generation", settings.generation)
         completion_id, created = f"cmpl-{request_id}", int(time.time())
-        if not body.stream:
-            work = collect_completion(relay, completion_id, created, model)
-            result = await unless_disconnected(request, work, relay)
-            return result if isinstance(result, Response) else JSONResponse(result, headers=JSON_HEADERS)
-        first = await relay.first(request, settings.ping_interval)
-        if first is None:
-            return Response(status_code=499)  # the client went away before the answer started
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = completion_events(relay, first, completion_id, created, model, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await respond(
+            request,
+            relay,
+            body,
+            lambda: collect_completion(relay, completion_id, created, model),
+            lambda first, usage: completion_events(relay, first, completion_id, created, model, usage),
+        )
 
     async def completion_events(
         relay: Relay, item: Any, completion_id: str, created: int, model: str, include_usage: bool
@@ -671,9 +681,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         count_tokens(finish.prompt_tokens, finish.generated_tokens)
                         if include_usage:
                             tail = wire.completion_chunk(completion_id, created, model, "")
-                            tail["choices"] = []
-                            tail["usage"] = wire.usage(finish.prompt_tokens, finish.generated_tokens)
-                            yield sse(tail)
+                            yield sse(wire.usage_chunk(tail, finish.prompt_tokens, finish.generated_tokens))
                         yield "data: [DONE]\n\n"
                         return
                 item = await relay.next(settings.ping_interval)

@@ -279,6 +279,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     return body
 
 
+def usage_chunk(chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The stream's last chunk with ``include_usage``: no choices, only the usage (not glued to content)."""
+    return {**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
 def chat_completion(
     completion_id: str,
     created: int,

@@ -3,12 +3,12 @@ sent straight to the orchestrator over gRPC (grpc.aio), on one stack.
 
 The stack runs as subprocesses, as `make up` runs it: generation (the embedded SmolLM2-135M), the orchestrator
 (no retrieval, so both sides do the same work) and the gateway. For CONCURRENCY in 16 and 64, each round runs
-both systems for WINDOW seconds each, the order alternating between rounds, after a discarded warm-up of each.
-Every caller sends greedy chats of NEW_TOKENS tokens back to back; a window's tokens/s counts the completion
-tokens that ended inside it, and its TTFT is request to first text. Both sides must generate the same tokens
-for the same question (greedy), and every request must finish: the script fails otherwise.
+the same work on both systems, the order alternating between rounds, after a discarded warm-up of each: every
+caller sends REQUESTS greedy chats of NEW_TOKENS tokens back to back. tokens/s is the completion tokens over
+the wall time of the whole batch; TTFT is request to first text. Both sides must generate the same tokens for
+the same question (greedy), and every request must finish: the script fails otherwise.
 
-    python tests/bench/bench_gateway.py [--window 15] [--rounds 2]
+    python tests/bench/bench_gateway.py [--rounds 2] [--requests 2]
 
 Writes var/bench/gateway.json: <N>/gateway_vs_grpc_tokens_per_s and <N>/gateway_added_ttft_p50_ms.
 """
@@ -56,23 +56,29 @@ def wait_healthy(check, what: str, timeout: float = 300) -> None:
     raise SystemExit(f"{what} did not become healthy in {timeout:.0f} s")
 
 
-class Window:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+class Batch:
+    """What one system did with one round's work: tokens, time to first text, failures, output lengths."""
+
+    def __init__(self, requests_per_caller: int) -> None:
+        self.requests_per_caller = requests_per_caller
         self.tokens = 0
+        self.seconds = 0.0
         self.ttfts: list[float] = []
         self.failures: list[str] = []
         self.outputs: dict[str, set[int]] = {}
 
     def record(self, question: str, tokens: int, ttft: float) -> None:
-        if time.monotonic() <= self.end:
-            self.tokens += tokens
-            self.ttfts.append(ttft)
+        self.tokens += tokens
+        self.ttfts.append(ttft)
         self.outputs.setdefault(question, set()).add(tokens)
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
-async def gateway_caller(client: openai.AsyncOpenAI, number: int, window: Window) -> None:
-    while time.monotonic() < window.end:
+
+async def gateway_caller(client: openai.AsyncOpenAI, number: int, batch: Batch) -> None:
+    for _ in range(batch.requests_per_caller):
         question = QUESTIONS[number % len(QUESTIONS)]
         began, first = time.monotonic(), None
         try:
@@ -92,13 +98,13 @@ async def gateway_caller(client: openai.AsyncOpenAI, number: int, window: Window
                 usage = chunk.usage or usage
             if usage is None:
                 raise RuntimeError("no usage chunk")
-            window.record(question, usage.completion_tokens, (first or time.monotonic()) - began)
+            batch.record(question, usage.completion_tokens, (first or time.monotonic()) - began)
         except Exception as error:
-            window.failures.append(f"gateway: {type(error).__name__}: {error}")
+            batch.failures.append(f"gateway: {type(error).__name__}: {error}")
 
 
-async def grpc_caller(stub: chat_pb2_grpc.ChatStub, number: int, window: Window) -> None:
-    while time.monotonic() < window.end:
+async def grpc_caller(stub: chat_pb2_grpc.ChatStub, number: int, batch: Batch) -> None:
+    for _ in range(batch.requests_per_caller):
         question = QUESTIONS[number % len(QUESTIONS)]
         began, first, tokens = time.monotonic(), None, None
         request = chat_pb2.ChatRequest(
@@ -113,13 +119,14 @@ async def grpc_caller(stub: chat_pb2_grpc.ChatStub, number: int, window: Window)
                     tokens = message.end.completion_tokens
             if tokens is None:
                 raise RuntimeError("no end message")
-            window.record(question, tokens, (first or time.monotonic()) - began)
+            batch.record(question, tokens, (first or time.monotonic()) - began)
         except grpc.aio.AioRpcError as error:
-            window.failures.append(f"grpc: {error.code().name}: {error.details()}")
+            batch.failures.append(f"grpc: {error.code().name}: {error.details()}")
 
 
-async def run_window(system: str, concurrency: int, seconds: float, gateway: str, orchestrator: str) -> Window:
-    window = Window(seconds)
+async def run_batch(system: str, concurrency: int, requests: int, gateway: str, orchestrator: str) -> Batch:
+    batch = Batch(requests)
+    began = time.monotonic()
     if system == "gateway":
         client = openai.AsyncOpenAI(
             base_url=f"{gateway}/v1",
@@ -129,19 +136,25 @@ async def run_window(system: str, concurrency: int, seconds: float, gateway: str
             http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=concurrency + 8)),
         )
         try:
-            await asyncio.gather(*(gateway_caller(client, n, window) for n in range(concurrency)))
+            await asyncio.gather(*(gateway_caller(client, n, batch) for n in range(concurrency)))
         finally:
             await client.close()
     else:
         async with grpc.aio.insecure_channel(orchestrator) as channel:
             stub = chat_pb2_grpc.ChatStub(channel)
-            await asyncio.gather(*(grpc_caller(stub, n, window) for n in range(concurrency)))
-    return window
+            await asyncio.gather(*(grpc_caller(stub, n, batch) for n in range(concurrency)))
+    batch.seconds = time.monotonic() - began
+    print(
+        f"  {system:<8} n={concurrency:<3} {len(batch.ttfts)} chats, {batch.tokens} tokens in {batch.seconds:.1f} s"
+        f" ({batch.tokens / batch.seconds:.1f} tokens/s, {len(batch.failures)} failures)",
+        flush=True,
+    )
+    return batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=float, default=15.0, help="seconds each system runs per round")
+    parser.add_argument("--requests", type=int, default=2, help="chats each caller sends per round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="streaming callers")
     args = parser.parse_args()
@@ -203,41 +216,42 @@ def main() -> None:
         wait_healthy(lambda: check_health(addresses["generation"]) == "SERVING", "generation")
         wait_healthy(lambda: httpx.get(f"{gateway}/health", timeout=2).status_code == 200, "the gateway")
         for concurrency in args.concurrency:
+            print(f"concurrency {concurrency}: warm-up of both, then {args.rounds} interleaved rounds", flush=True)
             for system in ("gateway", "grpc"):  # warm both the same way, discarded
-                asyncio.run(run_window(system, concurrency, 5, gateway, addresses["orchestrator"]))
+                asyncio.run(run_batch(system, concurrency, 1, gateway, addresses["orchestrator"]))
             paired_rate, paired_ttft = [], []
-            measured: dict[str, list[Window]] = {"gateway": [], "grpc": []}
+            measured: dict[str, list[Batch]] = {"gateway": [], "grpc": []}
             for round_number in range(args.rounds):
                 order = ("gateway", "grpc") if round_number % 2 == 0 else ("grpc", "gateway")
-                windows = {}
+                batches = {}
                 for system in order:
-                    windows[system] = asyncio.run(
-                        run_window(system, concurrency, args.window, gateway, addresses["orchestrator"])
+                    batches[system] = asyncio.run(
+                        run_batch(system, concurrency, args.requests, gateway, addresses["orchestrator"])
                     )
-                    failures = windows[system].failures
+                    failures = batches[system].failures
                     if failures:
                         raise SystemExit(f"{system} at {concurrency}: {len(failures)} failures, e.g. {failures[0]}")
-                    measured[system].append(windows[system])
-                rates = {s: w.tokens / args.window for s, w in windows.items()}
+                    measured[system].append(batches[system])
+                rates = {s: w.tokens_per_s for s, w in batches.items()}
                 paired_rate.append(rates["gateway"] / rates["grpc"])
-                ttft = {s: statistics.median(w.ttfts) * 1000 for s, w in windows.items()}
+                ttft = {s: statistics.median(w.ttfts) * 1000 for s, w in batches.items()}
                 paired_ttft.append(ttft["gateway"] - ttft["grpc"])
             for question in QUESTIONS:  # greedy: the same tokens whichever way the chat came in
                 lengths = {n for s in measured.values() for w in s for n in w.outputs.get(question, set())}
                 if len(lengths) > 1:
                     raise SystemExit(f"{question!r}: token counts differ between the systems: {sorted(lengths)}")
-            for system, windows_of in measured.items():
+            for system, batches_of in measured.items():
                 report.add(
                     "stream-chat",
                     system="nightcap-gateway" if system == "gateway" else "nightcap-grpc",
                     model=DEFAULT_MODEL,
-                    params={"concurrency": concurrency, "new_tokens": NEW_TOKENS, "window_s": args.window},
+                    params={"concurrency": concurrency, "new_tokens": NEW_TOKENS, "chats_per_caller": args.requests},
                     metrics={
-                        "tokens_per_s": round(statistics.median(w.tokens / args.window for w in windows_of), 1),
+                        "tokens_per_s": round(statistics.median(w.tokens_per_s for w in batches_of), 1),
                         "ttft_p50_ms": round(
-                            statistics.median(statistics.median(w.ttfts) for w in windows_of) * 1000, 1
+                            statistics.median(statistics.median(w.ttfts) for w in batches_of) * 1000, 1
                         ),
-                        "requests": sum(len(w.ttfts) for w in windows_of),
+                        "requests": sum(len(w.ttfts) for w in batches_of),
                     },
                 )
             report.ratio(f"n{concurrency}/gateway_vs_grpc_tokens_per_s", statistics.median(paired_rate))
