@@ -484,3 +484,40 @@ def test_an_orchestrator_killed_mid_stream_ends_the_stream_with_an_error_and_the
         running.stop()
         orchestrator.kill()
         orchestrator.wait()
+
+
+def test_beyond_loopback_the_gateway_refuses_to_start_without_tls_and_tokens():
+    done = subprocess.run(
+        [sys.executable, "-m", "services.gateway", "serve", "--address", f"0.0.0.0:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "without TLS and tokens" in done.stderr and "--insecure" in done.stderr
+
+
+def test_over_tls_with_tokens_a_client_that_trusts_the_ca_is_answered(
+    orchestrator_address, generation_address, retrieval_address, tmp_path
+):
+    from deploy.certs import DEFAULT_HOSTS, make_certs
+    from services.common.security import TokenTable
+    from services.gateway.app import GatewaySettings
+    from services.gateway.server import start_gateway as start_tls
+
+    make_certs(tmp_path, DEFAULT_HOSTS)
+    chat_token = (tmp_path / "chat.token").read_text().strip()
+    settings = GatewaySettings(
+        orchestrator_address, generation_address, retrieval_address, tokens=TokenTable(tmp_path / "tokens")
+    )
+    running = start_tls(settings, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")
+    try:
+        url = running.url.replace("127.0.0.1", "localhost")
+        with httpx.Client(base_url=url, verify=str(tmp_path / "ca.pem"), timeout=60) as client:
+            reply = client.post("/v1/chat/completions", json=ZURICH, headers={"Authorization": f"Bearer {chat_token}"})
+            assert reply.status_code == 200, reply.text
+            assert client.post("/v1/chat/completions", json=ZURICH).status_code == 401
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=10)  # the system's CAs do not know ours
+    finally:
+        running.stop()
