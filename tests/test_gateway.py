@@ -521,3 +521,18 @@ def test_over_tls_with_tokens_a_client_that_trusts_the_ca_is_answered(
             httpx.get(f"{url}/health", timeout=10)  # the system's CAs do not know ours
     finally:
         running.stop()
+
+
+def test_every_api_route_has_a_role_and_only_documents_need_admin():
+    from services.common.security import ADMIN, CHAT, required_http_role
+    from services.gateway.app import GatewaySettings, create_app
+
+    app = create_app(GatewaySettings("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"))
+    paths = {route.path.split("{")[0].rstrip("/") for route in app.routes if route.path.startswith("/v1/")}
+    roles = {path: required_http_role(path) for path in paths}
+    assert roles.pop("/v1/nightcap/config") is None
+    assert roles.pop("/v1/documents") == ADMIN
+    assert set(roles.values()) == {CHAT}, roles
+    assert required_http_role("/v1/documents/notes/a.md") == ADMIN
+    assert required_http_role("/v1/anything-new") == ADMIN  # fail closed
+    assert required_http_role("/health") is None and required_http_role("/") is None

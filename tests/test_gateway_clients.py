@@ -78,6 +78,9 @@ def test_each_error_status_arrives_as_the_sdks_own_exception(
         sdk.chat.completions.create(
             model="", messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}]
         )
+    with pytest.raises(openai.APIStatusError) as too_large:
+        sdk.chat.completions.create(model="", messages=[{"role": "user", "content": "x" * 5_000_000}])
+    assert too_large.value.status_code == 413
 
     tokens = tmp_path / "tokens"
     tokens.write_text(f"chat {CHAT_TOKEN}\n")
