@@ -48,6 +48,9 @@ CSP = (
 )
 ADMIN_TOKEN = "admin-token-for-the-page-0001"
 CHAT_TOKEN = "chat-token-for-the-page-00001"
+# The tiny model samples: without a seed about one answer in ten is empty. With seed 1 its answer to "Where is
+# Zurich?" runs to max tokens; with seed 3 it is empty (the model's first token is its end).
+LONG_SEED, EMPTY_SEED = "1", "3"
 HOSTILE_MARKUP = '<img src=x onerror="window.__pwned=1;alert(1)">'
 HOSTILE_SCRIPT = "<script>window.__pwned=2;alert(2)</script>"
 
@@ -157,7 +160,10 @@ def test_an_answer_streams_in_with_the_zurich_source_which_opens_on_click(page: 
     open_page(page, gateway_url)
     expect(page.locator("#model-name")).to_have_text(get_json(f"{gateway_url}/v1/nightcap/config")["model"])
     expect(page.locator("#message-input")).to_be_focused()
-    set_setting(page, "max_tokens", "200")
+    # With one passage and seed 6 the tiny model's answer runs the whole 700 tokens: a second or two of streaming.
+    set_setting(page, "retrieval_k", "1")
+    set_setting(page, "seed", "6")
+    set_setting(page, "max_tokens", "700")
     # Every length the answer's text had, as the browser drew it.
     page.evaluate(
         """() => { window.__lengths = []; new MutationObserver(() => {
@@ -171,14 +177,14 @@ def test_an_answer_streams_in_with_the_zurich_source_which_opens_on_click(page: 
     expect(page.locator("#send-button")).to_have_text("Stop")
     expect(answer.locator(".message-body")).not_to_have_text(re.compile(r"^(Waiting for the first token…)?$"))
     screenshot(page, "web-streaming-with-sources.png")
+    source = answer.locator("details.source").first
+    expect(source.locator(".source-passage")).to_be_hidden()
+    source.locator("summary").click()  # while the answer streams: it stays open as text keeps arriving
     wait_until_answered(page)
 
     lengths = sorted(set(page.evaluate("window.__lengths")) - {0, len("Waiting for the first token…")})
     assert len(lengths) >= 3, f"the answer appeared in {len(lengths)} steps, not streamed: {lengths}"
     assert answer.get_attribute("data-state") in ("done", "length")
-    source = answer.locator("details.source").first
-    expect(source.locator(".source-passage")).to_be_hidden()
-    source.locator("summary").click()
     expect(source.locator(".source-passage")).to_be_visible()
     expect(source.locator(".source-passage")).to_contain_text("Switzerland")
     expect(source.locator("a.source-link")).to_have_attribute("href", "https://en.wikipedia.org/wiki/Zurich")
@@ -206,6 +212,7 @@ def test_shift_enter_is_a_new_line_and_enter_sends(page: Page, gateway_url: str)
 def test_the_stop_button_cancels_the_generation_on_the_server(page: Page, gateway_url: str, generation_server):
     _, engine = generation_server
     open_page(page, gateway_url)
+    set_setting(page, "temperature", "0")  # greedy: the same long answer every run, never an early end
     set_setting(page, "max_tokens", "700")
     set_setting(page, "retrieval", False)
     ask(page, "Tell me a very long story.")
@@ -287,6 +294,7 @@ def test_regenerate_asks_again_and_edit_replaces_the_last_question(page: Page, g
 
 def test_a_follow_up_carries_the_earlier_answers_sources_beside_their_question(page: Page, gateway_url: str):
     open_page(page, gateway_url)
+    set_setting(page, "seed", LONG_SEED)
     ask(page, "Where is Zurich?")
     wait_until_answered(page)
     ask(page, "How many people live there?")
@@ -298,6 +306,25 @@ def test_a_follow_up_carries_the_earlier_answers_sources_beside_their_question(p
     assert {"id", "title", "text", "url"} == set(question["sources"][0])
     assert "Zurich" in [source["title"] for source in question["sources"]]
     assert "sources" not in first["messages"][0]
+
+
+def test_a_gateway_that_appends_sources_to_the_text_shows_them_once(
+    page: Page, orchestrator_address: str, generation_address: str, retrieval_address: str
+):
+    gateway = start_gateway(orchestrator_address, generation_address, retrieval_address, citations="markdown")
+    try:
+        open_page(page, gateway.url)
+        set_setting(page, "seed", LONG_SEED)
+        ask(page, "Where is Zurich?")
+        wait_until_answered(page)
+        expect(last_answer(page).locator(".source-title").first).to_have_text("Zurich")
+        expect(last_answer(page).locator(".message-body")).not_to_be_empty()
+        expect(last_answer(page).locator(".message-body")).not_to_contain_text("Sources:")
+        ask(page, "How many people live there?")
+        wait_until_answered(page)
+        assert "Sources:" not in page.watched.chat_bodies[-1]["messages"][1]["content"]
+    finally:
+        gateway.stop()
 
 
 def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
@@ -319,7 +346,7 @@ def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
         wait_until_answered(page)
         sent = page.watched.chat_bodies[-1]
         assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"]) == (0.35, 0.95, 20, 48)
-        assert sent["retrieval"] is True and sent["stream"] is True
+        assert sent["retrieval"] is True and sent["stream"] is True and "seed" not in sent
 
         set_setting(page, "temperature", "0.2")
         set_setting(page, "top_p", "0.9")
@@ -327,11 +354,12 @@ def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
         set_setting(page, "retrieval", False)
         set_setting(page, "retrieval_k", "2")
         set_setting(page, "system_prompt", "You are terse.")
+        set_setting(page, "seed", "7")
         ask(page, "And Geneva?")
         wait_until_answered(page)
         sent = page.watched.chat_bodies[-1]
         assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["retrieval_k"]) == (0.2, 0.9, 12, 2)
-        assert sent["retrieval"] is False
+        assert sent["retrieval"] is False and sent["seed"] == 7
         assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
         expect(last_answer(page).locator(".source")).to_have_count(0)
 
@@ -342,6 +370,24 @@ def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
         page.get_by_role("button", name="Reset to server defaults").click()
         expect(page.locator("#setting-temperature")).to_have_value("0.35")
         expect(page.locator("#setting-retrieval")).to_be_checked()
+    finally:
+        gateway.stop()
+
+
+def test_without_a_retrieval_service_retrieval_cannot_be_turned_on(
+    page: Page, orchestrator_address: str, generation_address: str
+):
+    gateway = start_gateway(orchestrator_address, generation_address, None)
+    try:
+        open_page(page, gateway.url)
+        page.locator("#settings-toggle").click()
+        expect(page.locator("#setting-retrieval")).to_be_disabled()
+        expect(page.locator("#setting-retrieval")).not_to_be_checked()
+        expect(page.locator("#setting-retrieval-hint")).to_have_text("This gateway has no retrieval service behind it.")
+        ask(page, "Where is Zurich?")
+        wait_until_answered(page)
+        assert page.watched.chat_bodies[-1]["retrieval"] is False
+        expect(last_answer(page).locator(".source")).to_have_count(0)
     finally:
         gateway.stop()
 
@@ -378,10 +424,6 @@ MOCKED = {
         {"status": 503, "json": error_body("generation at 127.0.0.1:1 is unavailable", "service_unavailable")},
         "A backend is down: generation at 127.0.0.1:1 is unavailable",
     ),
-    "empty answer": (
-        {"body": sse(chunk({"role": "assistant"}), chunk({}, "stop"), "[DONE]")},
-        "The model returned an empty answer",
-    ),
     "error mid-stream": (
         {
             "body": sse(
@@ -415,6 +457,21 @@ def test_each_failure_says_what_happened_and_the_page_stays_usable(page: Page, g
     expect(page.get_by_role("button", name="Regenerate the last answer")).to_be_visible()
 
 
+def test_an_empty_answer_says_so_and_can_be_regenerated(page: Page, gateway_url: str):
+    open_page(page, gateway_url)
+    set_setting(page, "seed", EMPTY_SEED)
+    ask(page, "Where is Zurich?")
+    wait_until_answered(page)
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "empty")
+    expect(answer.locator(".message-state")).to_have_text(re.compile("^The model returned an empty answer"))
+    expect(answer.locator(".source-title").first).to_have_text("Zurich")
+    set_setting(page, "seed", LONG_SEED)
+    page.get_by_role("button", name="Regenerate the last answer").click()
+    wait_until_answered(page)
+    expect(last_answer(page)).to_have_attribute("data-state", "length")
+
+
 def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Page, tiny_loaded, retrieval_address: str):
     from services.common.server import free_port
     from services.generation.engine.engine import ContinuousBatchingEngine
@@ -427,7 +484,9 @@ def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Pag
     try:
         open_page(page, gateway.url)
         banner = page.locator("#health-banner")
+        set_setting(page, "seed", LONG_SEED)
         expect(banner).to_contain_text("The generation backend is down")
+        expect(page.locator("#model-name")).to_have_text("model unknown: generation does not answer")
         ask(page, "Where is Zurich?")
         wait_until_answered(page)
         expect(last_answer(page).locator(".message-state.error")).to_contain_text("generation")
@@ -436,6 +495,8 @@ def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Pag
         engine = ContinuousBatchingEngine(tiny_loaded)
         running = start_generation_server(tiny_loaded, engine, generation, default_max_new_tokens=16)
         expect(banner).to_be_hidden(timeout=30_000)
+        served = f"{tiny_loaded.name}:{tiny_loaded.version}" if tiny_loaded.version else tiny_loaded.name
+        expect(page.locator("#model-name")).to_have_text(served)
         page.get_by_role("button", name="Regenerate the last answer").click()
         wait_until_answered(page)
         expect(last_answer(page)).to_have_attribute("data-state", re.compile("done|length"))
@@ -450,14 +511,8 @@ def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Pag
 # --- your documents, tokens and roles ----------------------------------------------------------------------------
 
 
-@dataclass
-class DocumentsStack:
-    url: str
-    tokens_file: Path
-
-
 @pytest.fixture(scope="module")
-def documents_stack(embedder, generation_address: str, tmp_path_factory) -> Iterator[DocumentsStack]:
+def documents_url(embedder, generation_address: str, tmp_path_factory) -> Iterator[str]:
     """A gateway that asks for tokens, over an index of its own that starts empty and that the tests write."""
     from services.retrieval.index import create_index, load_index
     from services.retrieval.retriever import Retriever
@@ -471,7 +526,7 @@ def documents_stack(embedder, generation_address: str, tmp_path_factory) -> Iter
     retrieval = start_retrieval_server(retriever, "127.0.0.1:0")
     orchestrator = start_orchestrator(generation_address, retrieval.address)
     gateway = start_gateway(orchestrator.address, generation_address, retrieval.address, tokens_file=tokens_file)
-    yield DocumentsStack(gateway.url, tokens_file)
+    yield gateway.url
     gateway.stop()
     orchestrator.stop(grace=1.0)
     retrieval.stop(grace=None)
@@ -486,6 +541,23 @@ def upload(page: Page, *files: tuple[str, str]) -> None:
     )
 
 
+def drop(page: Page, name: str, text: str) -> None:
+    """Drops one file on the drop zone, as a drag from the desktop does."""
+    if page.locator("#documents-panel").is_hidden():
+        page.locator("#documents-toggle").click()
+    page.evaluate(
+        """([name, text]) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([text], name, {type: 'text/markdown'}));
+            const zone = document.querySelector('#drop-zone');
+            for (const type of ['dragenter', 'dragover', 'drop']) {
+                zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+            }
+        }""",
+        [name, text],
+    )
+
+
 LIGHTHOUSE = (
     "quillon.md",
     "# The Quillon lighthouse\n\nThe Quillon lighthouse stands on a basalt reef. "
@@ -494,10 +566,8 @@ LIGHTHOUSE = (
 BAKERY = ("bakery.txt", "The bakery on Mill Street sells rye bread. It opens at six in the morning.")
 
 
-def test_without_a_token_the_page_asks_for_one_and_says_why_a_question_failed(
-    page: Page, documents_stack: DocumentsStack
-):
-    open_page(page, documents_stack.url)
+def test_without_a_token_the_page_asks_for_one_and_says_why_a_question_failed(page: Page, documents_url: str):
+    open_page(page, documents_url)
     expect(page.locator("#token-form")).to_be_visible()
     expect(page.locator("#token-status")).to_have_text("This gateway needs a token (chat or admin).")
     page.locator("#message-input").click()
@@ -513,21 +583,19 @@ def test_without_a_token_the_page_asks_for_one_and_says_why_a_question_failed(
     assert page.evaluate("localStorage.getItem('nightcap.token')") is None, "the token outlived the session"
 
 
-def test_a_chat_token_is_refused_on_documents_with_a_visible_message(page: Page, documents_stack: DocumentsStack):
-    open_page(page, documents_stack.url)
+def test_a_chat_token_is_refused_on_documents_with_a_visible_message(page: Page, documents_url: str):
+    open_page(page, documents_url)
     use_token(page, CHAT_TOKEN)
     page.locator("#documents-toggle").click()
     expect(page.locator("#documents-message")).to_contain_text("This token's role may not do that")
     upload(page, BAKERY)
     expect(page.locator("#upload-text")).to_have_text("0 of 1 indexed, 1 not.")
-    expect(page.locator("#upload-errors")).to_contain_text("This token's role may not do that")
+    expect(page.locator("#documents-message")).to_contain_text("needs the admin role")
     screenshot(page, "web-documents-refused.png")
 
 
-def test_a_document_added_from_the_page_is_listed_then_cited_and_then_deleted(
-    page: Page, documents_stack: DocumentsStack
-):
-    open_page(page, documents_stack.url)
+def test_a_document_added_from_the_page_is_listed_then_cited_and_then_deleted(page: Page, documents_url: str):
+    open_page(page, documents_url)
     use_token(page, ADMIN_TOKEN)
     upload(page, LIGHTHOUSE, BAKERY, ("empty.md", ""), ("slides.pdf", "%PDF"))
     expect(page.locator("#upload-text")).to_have_text("2 of 4 indexed, 2 not.", timeout=60_000)
@@ -559,18 +627,42 @@ def test_a_document_added_from_the_page_is_listed_then_cited_and_then_deleted(
     expect(page.locator("#documents-stats")).to_contain_text("0 documents")
 
 
+def test_a_long_document_list_comes_a_page_at_a_time(page: Page, documents_url: str):
+    lines = [
+        json.dumps({"id": f"bulk/{n:03}", "title": f"Note {n}", "text": f"Note {n} is short."}) for n in range(105)
+    ]
+    open_page(page, documents_url)
+    use_token(page, ADMIN_TOKEN)
+    try:
+        upload(page, ("bulk.jsonl", "\n".join(lines)))
+        expect(page.locator("#upload-text")).to_have_text("1 of 1 indexed.", timeout=90_000)
+        expect(page.locator("#document-list li")).to_have_count(100)
+        more = page.get_by_role("button", name="Show more (100 of 105 shown)")
+        more.click()
+        expect(page.locator("#document-list li")).to_have_count(105)
+        expect(more).to_be_hidden()
+    finally:
+        for n in range(105):
+            request = urllib.request.Request(
+                f"{documents_url}/v1/documents/bulk%2F{n:03}",
+                method="DELETE",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+            urllib.request.urlopen(request, timeout=30).close()
+
+
 # --- safety: untrusted text stays text ---------------------------------------------------------------------------
 
 
-def test_a_hostile_document_shows_as_text_and_nothing_in_it_runs(page: Page, documents_stack: DocumentsStack):
+def test_a_hostile_document_shows_as_text_and_nothing_in_it_runs(page: Page, documents_url: str):
     hostile = (
         "zorblax.md",
         f"# Zorblax {HOSTILE_MARKUP}\n\nThe Zorblax festival {HOSTILE_SCRIPT} is held every spring. "
         f"Visitors of the Zorblax festival eat blue soup {HOSTILE_MARKUP} and [win](javascript:alert(3)).",
     )
-    open_page(page, documents_stack.url)
+    open_page(page, documents_url)
     use_token(page, ADMIN_TOKEN)
-    upload(page, hostile)
+    drop(page, *hostile)
     expect(page.locator("#upload-text")).to_have_text("1 of 1 indexed.", timeout=60_000)
     expect(page.locator("#document-list")).to_contain_text(f"Zorblax {HOSTILE_MARKUP}")
     ask(page, "When is the Zorblax festival held?")
@@ -626,6 +718,55 @@ def test_an_answer_that_repeats_markup_renders_as_text_with_only_safe_links(page
     assert page.watched.dialogs == []
 
 
+OPENS = 'rel="noopener noreferrer" target="_blank"'  # what every link gets
+CITE = '<button class="cite">[%d]</button>'
+MARKDOWN = {
+    "**bold**, *italic*, _also_ and `code`": (
+        "<p><strong>bold</strong>, <em>italic</em>, <em>also</em> and <code>code</code></p>"
+    ),
+    "snake_case_name and 2 * 3 * 4": "<p>snake_case_name and 2 * 3 * 4</p>",
+    "\\*not italic\\*": "<p>*not italic*</p>",
+    "line one\nline two\n\nnext paragraph": "<p>line one<br>line two</p><p>next paragraph</p>",
+    "## A heading": "<h4>A heading</h4>",
+    "- one\n- two\n  1. nested\n- three": "<ul><li>one</li><li>two<ol><li>nested</li></ol></li><li>three</li></ul>",
+    "3. three\n4. four": '<ol start="3"><li>three</li><li>four</li></ol>',
+    "```python\nprint('<b>')\n```": "<pre><code data-language=\"python\">print('&lt;b&gt;')</code></pre>",
+    "```\nstill streaming": "<pre><code>still streaming</code></pre>",
+    "> quoted **text**": "<blockquote><p>quoted <strong>text</strong></p></blockquote>",
+    "---": "<hr>",
+    "[docs](https://example.org/a?b=1)": f'<p><a href="https://example.org/a?b=1" {OPENS}>docs</a></p>',
+    "see https://example.org/x.": f'<p>see <a href="https://example.org/x" {OPENS}>https://example.org/x</a>.</p>',
+    "[x](javascript:alert(1)) [y](/relative) [z](data:text/html,hi)": (
+        "<p>[x](javascript:alert(1)) [y](/relative) [z](data:text/html,hi)</p>"
+    ),
+    "Zurich [1], lakes [1, 2]; not [7]": f"<p>Zurich {CITE % 1}, lakes {CITE % 1}{CITE % 2}; not [7]</p>",
+    "<img src=x onerror=alert(1)>": "<p>&lt;img src=x onerror=alert(1)&gt;</p>",
+}
+
+
+def test_the_markdown_subset_becomes_these_elements(page: Page, gateway_url: str):
+    open_page(page, gateway_url)
+    rendered = page.evaluate(
+        """async (cases) => {
+            const { renderMarkdown } = await import('/web/markdown.js');
+            const citation = (n) => {
+                if (n > 2) return null;
+                const button = document.createElement('button');
+                button.className = 'cite';
+                button.textContent = `[${n}]`;
+                return button;
+            };
+            return cases.map((text) => {
+                const holder = document.createElement('div');
+                holder.append(renderMarkdown(text, { citation }));
+                return holder.innerHTML;
+            });
+        }""",
+        list(MARKDOWN),
+    )
+    assert dict(zip(MARKDOWN, rendered, strict=True)) == MARKDOWN
+
+
 def test_the_content_security_policy_is_sent_and_blocks_inline_script(page: Page, gateway_url: str):
     response = page.goto(gateway_url)
     assert response.headers["content-security-policy"] == CSP
@@ -646,12 +787,15 @@ def test_the_content_security_policy_is_sent_and_blocks_inline_script(page: Page
     assert {"script-src-elem", "img-src"} <= set(violations)
 
 
+# The browser APIs that parse a string as HTML or run it as code: none may appear in the page's modules.
+STRING_TO_MARKUP_OR_CODE = re.compile(r"\b(innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function)")
+
+
 def test_no_module_of_the_page_builds_markup_from_strings():
     scripts = {path.name: path.read_text() for path in WEB_DIR.glob("*.js")}
     assert {"app.js", "api.js", "store.js", "markdown.js"} <= set(scripts)
     for name, text in scripts.items():
-        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
-            assert sink not in text, f"{name} uses {sink}"
+        assert not STRING_TO_MARKUP_OR_CODE.findall(text), f"{name} parses a string as markup or code"
     html = (WEB_DIR / "index.html").read_text()
     assert re.findall(r"<script(?![^>]*\bsrc=)", html) == [], "inline <script> in index.html"
     assert " style=" not in html and not re.search(r"\son[a-z]+=", html)
@@ -688,6 +832,7 @@ def test_the_page_adds_little_to_the_time_to_first_token(page: Page, gateway_url
     open_page(page, gateway_url)
     set_setting(page, "max_tokens", "4")
     set_setting(page, "retrieval", False)
+    set_setting(page, "seed", LONG_SEED)  # never an empty answer, whose first token would never come
     bare, shown = [], []
     for _ in range(5):
         bare.append(
@@ -697,7 +842,7 @@ def test_the_page_adds_little_to_the_time_to_first_token(page: Page, gateway_url
                     const response = await fetch('/v1/chat/completions', {method: 'POST',
                         headers: {'Content-Type': 'application/json'},
                         body: JSON.stringify({messages: [{role: 'user', content: 'Hi'}], stream: true,
-                                              max_tokens: 4, retrieval: false})});
+                                              max_tokens: 4, retrieval: false, seed: 1})});
                     const reader = response.body.getReader();
                     const decoder = new TextDecoder();
                     let text = '';
@@ -725,6 +870,7 @@ def test_the_page_adds_little_to_the_time_to_first_token(page: Page, gateway_url
                         }
                     });
                     observer.observe(log, {subtree: true, childList: true, characterData: true});
+                    setTimeout(() => resolve(null), 20000);
                     started = performance.now();
                     document.querySelector('#message-input').dispatchEvent(
                         new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}));
@@ -732,8 +878,39 @@ def test_the_page_adds_little_to_the_time_to_first_token(page: Page, gateway_url
             )
         )
         wait_until_answered(page)
+    assert None not in bare and None not in shown, f"an answer had no first token: {bare}, {shown}"
     added = statistics.median(shown) - statistics.median(bare)
     report = {"bare_fetch_first_token_ms": bare, "page_first_token_ms": shown, "page_added_ms_median": added}
     (ROOT / "var" / "bench").mkdir(parents=True, exist_ok=True)
     (ROOT / "var" / "bench" / "web.json").write_text(json.dumps(report, indent=2))
     assert added <= 50, f"the page added {added:.0f} ms to the time to first token: {report}"
+
+
+# --- the embedded default, end to end ----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_embedded_default_answers_where_is_zurich_on_the_page(
+    page: Page, default_generation_address: str, retrieval_address: str
+):
+    orchestrator = start_orchestrator(default_generation_address, retrieval_address, max_new_tokens=48)
+    gateway = start_gateway(orchestrator.address, default_generation_address, retrieval_address)
+    try:
+        open_page(page, gateway.url)
+        expect(page.locator("#model-name")).to_have_text("smollm2-135m-instruct:1")
+        set_setting(page, "temperature", "0")
+        set_setting(page, "max_tokens", "48")
+        page.locator("#settings-toggle").click()
+        ask(page, "Where is Zurich?")
+        answer = last_answer(page)
+        expect(answer.locator(".source-title").first).to_have_text("Zurich")
+        expect(answer.locator(".message-body")).to_have_text(re.compile(r"^Zurich.{40}"))  # a sentence in
+        screenshot(page, "web-default-model-streaming.png")
+        wait_until_answered(page, timeout=120_000)
+        expect(answer.locator(".message-body")).to_contain_text("Switzerland")
+        answer.locator("details.source summary").first.click()
+        expect(answer.locator(".source-passage").first).to_contain_text("largest city in Switzerland")
+        screenshot(page, "web-default-model-answer.png")
+    finally:
+        gateway.stop()
+        orchestrator.stop(grace=1.0)
