@@ -81,7 +81,10 @@ def documents_from_text(name: str, text: str, source: str | None = None) -> list
     if kind == "markdown":
         text = _FRONT_MATTER.sub("", text)
         heading = _HEADING.search(text)
-        title = heading.group(1) if heading else title
+        if heading:
+            # the title is prefixed to every passage; kept in the text too, it would read "Title: # Title"
+            title = heading.group(1)
+            text = text[: heading.start()] + text[heading.end() :]
     if not text.strip():
         raise DocumentReadError(f"{name}: the file is empty; there is nothing to index")
     return [Document(id=name, text=text.strip(), title=title, source=source)]

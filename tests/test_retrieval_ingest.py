@@ -91,6 +91,7 @@ def test_every_file_type_becomes_documents_with_stable_ids(tmp_path: Path, monke
     assert set(documents) == {"notes/zurich.txt", "notes/geneva.md", "paris", "cities.jsonl:2", "more.parquet:1"}
     assert documents["notes/geneva.md"].title == "Geneva"  # the first heading; front matter dropped
     assert "author" not in documents["notes/geneva.md"].text
+    assert not documents["notes/geneva.md"].text.startswith("#")  # the heading became the title
     assert documents["notes/zurich.txt"].title == "zurich"
     assert documents["paris"].title == "Paris"
     assert documents["more.parquet:1"].title == "Vienna"
