@@ -83,7 +83,9 @@ RAY_DASHBOARD_PORT ?= 8265
 DEMO_STEPS ?= 8
 
 ray-up: setup ## a local Ray head; jobs API and dashboard on 127.0.0.1:8265 (RAY_DASHBOARD_PORT)
-	PATH=$(abspath $(VENV))/bin:$$PATH NIGHTCAP_VAR=$(abspath var) $(VENV)/bin/ray start --head \
+	@# token mode needs a token: made once in ~/.ray/auth_token (kept if there), then the head checks it
+	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate > /dev/null
+	PATH=$(abspath $(VENV))/bin:$$PATH NIGHTCAP_VAR=$(abspath var) RAY_AUTH_MODE=token $(VENV)/bin/ray start --head \
 		--dashboard-host 127.0.0.1 --dashboard-port $(RAY_DASHBOARD_PORT) --disable-usage-stats
 	@echo "submit jobs with (Ray 2.60 heads use token auth; the CLI sends the token in token mode):"
 	@echo "  RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir . -- python training/finetune.py --help"

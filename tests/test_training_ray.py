@@ -43,7 +43,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     One head serves this module; it is stopped with its whole `ray start --block` process group."""
     port, dashboard = free_port(), free_port()
     var = tmp_path_factory.mktemp("head-var")
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NIGHTCAP_VAR": str(var)}
+    # A head turns token authentication on only in token mode, with a token to check: on a machine that never
+    # had one, a head started plainly ran open while the token-mode job CLI refused to run without a token.
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NIGHTCAP_VAR": str(var), "RAY_AUTH_MODE": "token"}
+    assert ray_cli("get-auth-token", "--generate").returncode == 0
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
