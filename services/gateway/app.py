@@ -367,10 +367,13 @@ class Relay:
 
     async def next(self, wait: float) -> Any:
         """The next message, _END after the last, or _PING when nothing came for ``wait`` seconds."""
-        try:
-            item = await asyncio.wait_for(self._queue.get(), wait)
-        except asyncio.TimeoutError:
-            return _PING
+        if not self._queue.empty():  # a lagging writer skips the timer (wait_for makes a task per call)
+            item = self._queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), wait)
+            except asyncio.TimeoutError:
+                return _PING
         if isinstance(item, GatewayError):
             raise item
         return item

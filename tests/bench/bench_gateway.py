@@ -10,7 +10,9 @@ the same question (greedy), and every request must finish: the script fails othe
 
     python tests/bench/bench_gateway.py [--rounds 2] [--requests 2]
 
-Writes var/bench/gateway.json: <N>/gateway_vs_grpc_tokens_per_s and <N>/gateway_added_ttft_p50_ms.
+Writes var/bench/gateway.json: n<N>/gateway_vs_grpc_tokens_per_s and n<N>/gateway_added_ttft_p50_ms (N = 1, 16,
+64), and each process's CPU seconds per 1000 tokens (client, generation, orchestrator, gateway): on 2 shared cores
+the model takes all the CPU there is, so whatever the gateway and the SDK spend comes out of its tokens/s.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import grpc
 import httpx
 import openai
+import psutil
 from report import BenchReport
 
 from clients.client import check_health
@@ -66,6 +69,7 @@ class Batch:
         self.ttfts: list[float] = []
         self.failures: list[str] = []
         self.outputs: dict[str, set[int]] = {}
+        self.cpu_s: dict[str, float] = {}  # CPU seconds each process spent on this batch
 
     def record(self, question: str, tokens: int, ttft: float) -> None:
         self.tokens += tokens
@@ -124,8 +128,15 @@ async def grpc_caller(stub: chat_pb2_grpc.ChatStub, number: int, batch: Batch) -
             batch.failures.append(f"grpc: {error.code().name}: {error.details()}")
 
 
-async def run_batch(system: str, concurrency: int, requests: int, gateway: str, orchestrator: str) -> Batch:
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
+
+
+async def run_batch(
+    system: str, concurrency: int, requests: int, gateway: str, orchestrator: str, processes: dict[str, psutil.Process]
+) -> Batch:
     batch = Batch(requests)
+    cpu_before = cpu_seconds(processes)
     began = time.monotonic()
     if system == "gateway":
         client = openai.AsyncOpenAI(
@@ -144,9 +155,11 @@ async def run_batch(system: str, concurrency: int, requests: int, gateway: str, 
             stub = chat_pb2_grpc.ChatStub(channel)
             await asyncio.gather(*(grpc_caller(stub, n, batch) for n in range(concurrency)))
     batch.seconds = time.monotonic() - began
+    batch.cpu_s = {name: after - cpu_before[name] for name, after in cpu_seconds(processes).items()}
+    cpu = " ".join(f"{name} {seconds:.1f}" for name, seconds in batch.cpu_s.items())
     print(
         f"  {system:<8} n={concurrency:<3} {len(batch.ttfts)} chats, {batch.tokens} tokens in {batch.seconds:.1f} s"
-        f" ({batch.tokens / batch.seconds:.1f} tokens/s, {len(batch.failures)} failures)",
+        f" ({batch.tokens / batch.seconds:.1f} tokens/s, {len(batch.failures)} failures; CPU s: {cpu})",
         flush=True,
     )
     return batch
@@ -156,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2, help="chats each caller sends per round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="streaming callers")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="streaming callers")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -211,6 +224,13 @@ def main() -> None:
         ),
     ]
     gateway = f"http://{addresses['gateway']}"
+    watched = {
+        "client": psutil.Process(),
+        **{
+            name: psutil.Process(p.pid)
+            for name, p in zip(("generation", "orchestrator", "gateway"), processes, strict=True)
+        },
+    }
     report = BenchReport("gateway")
     try:
         wait_healthy(lambda: check_health(addresses["generation"]) == "SERVING", "generation")
@@ -218,15 +238,17 @@ def main() -> None:
         for concurrency in args.concurrency:
             print(f"concurrency {concurrency}: warm-up of both, then {args.rounds} interleaved rounds", flush=True)
             for system in ("gateway", "grpc"):  # warm both the same way, discarded
-                asyncio.run(run_batch(system, concurrency, 1, gateway, addresses["orchestrator"]))
+                asyncio.run(run_batch(system, concurrency, 1, gateway, addresses["orchestrator"], watched))
             paired_rate, paired_ttft = [], []
             measured: dict[str, list[Batch]] = {"gateway": [], "grpc": []}
             for round_number in range(args.rounds):
                 order = ("gateway", "grpc") if round_number % 2 == 0 else ("grpc", "gateway")
                 batches = {}
                 for system in order:
+                    # one caller alone gets 8 chats, so its TTFT (no queueing: the gateway's own latency) is a median
+                    chats = max(args.requests, 8 // concurrency)
                     batches[system] = asyncio.run(
-                        run_batch(system, concurrency, args.requests, gateway, addresses["orchestrator"])
+                        run_batch(system, concurrency, chats, gateway, addresses["orchestrator"], watched)
                     )
                     failures = batches[system].failures
                     if failures:
@@ -245,13 +267,23 @@ def main() -> None:
                     "stream-chat",
                     system="nightcap-gateway" if system == "gateway" else "nightcap-grpc",
                     model=DEFAULT_MODEL,
-                    params={"concurrency": concurrency, "new_tokens": NEW_TOKENS, "chats_per_caller": args.requests},
+                    params={
+                        "concurrency": concurrency,
+                        "new_tokens": NEW_TOKENS,
+                        "chats_per_caller": max(args.requests, 8 // concurrency),
+                    },
                     metrics={
                         "tokens_per_s": round(statistics.median(w.tokens_per_s for w in batches_of), 1),
                         "ttft_p50_ms": round(
                             statistics.median(statistics.median(w.ttfts) for w in batches_of) * 1000, 1
                         ),
                         "requests": sum(len(w.ttfts) for w in batches_of),
+                        **{
+                            f"cpu_s_per_1k_tokens_{name}": round(
+                                statistics.median(w.cpu_s[name] / w.tokens * 1000 for w in batches_of), 2
+                            )
+                            for name in watched
+                        },
                     },
                 )
             report.ratio(f"n{concurrency}/gateway_vs_grpc_tokens_per_s", statistics.median(paired_rate))
