@@ -80,14 +80,17 @@ def required_role(method: str) -> str | None:
     return METHOD_ROLES.get(method) or METHOD_ROLES.get(service) or ADMIN
 
 
+def matching_route(path: str, routes: Iterable[str]) -> str | None:
+    """The route ``path`` is or lies under ("/v1/documents/a.md" is under "/v1/documents"), if any."""
+    return next((route for route in routes if path == route or path.startswith(route + "/")), None)
+
+
 def required_http_role(path: str) -> str | None:
     """The role an HTTP ``path`` needs, or None when it is open to anyone."""
     if not path.startswith("/v1/") or path in OPEN_HTTP_ROUTES:
         return None
-    for route, role in HTTP_ROUTE_ROLES.items():
-        if path == route or path.startswith(route + "/"):
-            return role
-    return ADMIN
+    route = matching_route(path, HTTP_ROUTE_ROLES)
+    return HTTP_ROUTE_ROLES[route] if route is not None else ADMIN
 
 
 # --- tokens ----------------------------------------------------------------------------------------------------

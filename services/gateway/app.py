@@ -34,7 +34,14 @@ from starlette.middleware.cors import CORSMiddleware
 from clients.documents import DocumentReadError, documents_from_text
 from nightcap.credentials import TOKEN_SCHEME, Credentials
 from nightcap.v1 import admin_pb2, chat_pb2, retrieval_pb2
-from services.common.security import GRANTS, TokenTable, required_http_role
+from services.common.security import (
+    GRANTS,
+    HTTP_ROUTE_ROLES,
+    OPEN_HTTP_ROUTES,
+    TokenTable,
+    matching_route,
+    required_http_role,
+)
 from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import Backends, GatewayError, bad_request, http_error
@@ -93,23 +100,14 @@ class GatewayMetrics:
         self.open_streams = Gauge("nightcap_gateway_open_streams", "streaming responses open", registry=self.registry)
 
 
-_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/v1/embeddings",
-    "/v1/documents",
-    "/v1/index",
-    "/v1/nightcap/config",
-    "/health",
-    "/metrics",
-)
+# Metric labels: the API routes of the role table, the open ones, and "/" for the page.
+_ROUTES = (*HTTP_ROUTE_ROLES, *OPEN_HTTP_ROUTES, "/health", "/metrics")
 
 
 def route_label(path: str) -> str:
-    for route in _ROUTES:
-        if path == route or path.startswith(route + "/"):
-            return route
+    route = matching_route(path, _ROUTES)
+    if route is not None:
+        return route
     return "/" if path == "/" or path.startswith("/web/") else "other"
 
 
@@ -362,8 +360,7 @@ class Relay:
                 await self._queue.put(message)
             await self._queue.put(_END)
         except grpc.aio.AioRpcError as error:
-            trailing = error.trailing_metadata()
-            await self._queue.put(http_error(self.name, self.address, error, trailing))
+            await self._queue.put(http_error(self.name, self.address, error))
 
     async def next(self, wait: float) -> Any:
         """The next message, _END after the last, or _PING when nothing came for ``wait`` seconds."""
@@ -382,20 +379,14 @@ class Relay:
         """The first message, waiting ``wait`` seconds at most, so that an error by then (bad input, a full
         engine) gets its own HTTP status; after that the stream starts with pings, and errors go in it.
         None when the client hung up first (the call is cancelled)."""
-        task = asyncio.ensure_future(self.next(wait))
-        watcher = asyncio.ensure_future(until_disconnected(request))
         try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            task.cancel()
-            self.close()
-            return None
+            answered, item = await before_disconnect(request, self.next(wait))
         except BaseException:
             self.close()
             raise
-        finally:
-            watcher.cancel()
+        if not answered:
+            self.close()
+        return item
 
     def close(self) -> None:
         self.call.cancel()
@@ -408,21 +399,30 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[Any], relay: Relay) -> Any:
-    """``work``'s result; if the client goes away first, the gRPC call is cancelled and nothing is sent."""
+async def before_disconnect(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """(True, ``work``'s result), or (False, None) when the client hangs up first; ``work`` is then cancelled."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(until_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            relay.close()
-            task.cancel()
-            logger.info("{} {}: the client went away; its generation was cancelled", request.method, request.url.path)
-            return Response(status_code=499)
-        return task.result()
     finally:
         watcher.cancel()
+        answered = task.done()
+        if not answered:
+            task.cancel()
+    return (True, task.result()) if answered else (False, None)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any], relay: Relay) -> Any:
+    """``work``'s result; if the client goes away first, the gRPC call is cancelled and nothing is sent."""
+    try:
+        answered, result = await before_disconnect(request, work)
+    finally:
         relay.close()
+    if not answered:
+        logger.info("{} {}: the client went away; its generation was cancelled", request.method, request.url.path)
+        return Response(status_code=499)
+    return result
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -548,11 +548,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     model = start.model or model
                     found = translate.sources(start)
                     role = wire.chat_chunk(completion_id, created, model, {"role": "assistant", "content": ""})
-                    role["nightcap"] = {
-                        "sources": found,
-                        "retrieval_query": start.retrieval_query,
-                        "history_messages_dropped": start.history_messages_dropped,
-                    }
+                    role["nightcap"] = translate.start_extras(start, found)
                     yield sse(role)
                 elif item.HasField("delta"):
                     answer.append(item.delta)
@@ -567,11 +563,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         answer.append(extra)
                         yield sse(wire.chat_chunk(completion_id, created, model, {"content": extra}))
                     last = wire.chat_chunk(completion_id, created, model, {}, finish_reason(end.finish_reason))
-                    last["nightcap"] = {
-                        "context_used": end.context_used,
-                        "notice": end.notice,
-                        "cited": translate.cited("".join(answer), len(found)),
-                    }
+                    last["nightcap"] = translate.end_extras(end, "".join(answer), found)
                     yield sse(last)
                     count_tokens(end.prompt_tokens, end.completion_tokens)
                     if include_usage:
@@ -606,11 +598,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         end = item.end
         found = translate.sources(start)
         content = "".join(answer)
-        cited = translate.cited(content, len(found))
+        extras = {**translate.start_extras(start, found), **translate.end_extras(end, content, found)}
         if settings.citations == "markdown":
             content += translate.sources_markdown(found)
         count_tokens(end.prompt_tokens, end.completion_tokens)
-        wants_logprobs = bool(logprobs) or None
         return wire.chat_completion(
             completion_id,
             created,
@@ -618,15 +609,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             content,
             finish_reason(end.finish_reason),
             wire.usage(end.prompt_tokens, end.completion_tokens),
-            translate.chat_logprobs(logprobs) if wants_logprobs else None,
-            {
-                "sources": found,
-                "retrieval_query": start.retrieval_query,
-                "history_messages_dropped": start.history_messages_dropped,
-                "context_used": end.context_used,
-                "notice": end.notice,
-                "cited": cited,
-            },
+            translate.chat_logprobs(logprobs) if logprobs else None,
+            extras,
         )
 
     def finish_reason(reason: int) -> str:

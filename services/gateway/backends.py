@@ -63,13 +63,13 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str, str]] = {
 }
 
 
-def http_error(name: str, address: str, error: grpc.aio.AioRpcError, trailing: Sequence | None = None) -> GatewayError:
+def http_error(name: str, address: str, error: grpc.aio.AioRpcError) -> GatewayError:
     """The HTTP error for a failed call to backend ``name``. A backend of the orchestrator that failed is
     named by the orchestrator's trailing metadata; a backend we cannot reach at all is named by us."""
     code = error.code()
     status, type_, short = _HTTP.get(code, (500, "server_error", "internal"))
     details = error.details() or code.name
-    failed = dict(trailing or error.trailing_metadata() or ()).get(FAILED_SERVICE_KEY)
+    failed = dict(error.trailing_metadata() or ()).get(FAILED_SERVICE_KEY)
     if code is grpc.StatusCode.UNAVAILABLE:
         where = failed or f"{name} {address}"
         message = details if failed else f"the {name} service at {address} is unavailable: {details}"

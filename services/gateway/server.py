@@ -36,7 +36,6 @@ def bind(address: str) -> socket.socket:
             f"could not bind {address}: {error.strerror or error}; is another process listening there?"
         ) from None
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 

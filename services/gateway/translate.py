@@ -138,6 +138,20 @@ def cited(answer: str, source_count: int) -> list[int]:
     return seen
 
 
+def start_extras(start: chat_pb2.ChatStart, found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``nightcap`` fields known when the answer starts (the first stream chunk)."""
+    return {
+        "sources": found,
+        "retrieval_query": start.retrieval_query,
+        "history_messages_dropped": start.history_messages_dropped,
+    }
+
+
+def end_extras(end: chat_pb2.ChatEnd, answer: str, found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``nightcap`` fields known when it ends (the chunk with the finish_reason)."""
+    return {"context_used": end.context_used, "notice": end.notice, "cited": cited(answer, len(found))}
+
+
 def sources_markdown(found: list[dict[str, Any]]) -> str:
     """``--citations markdown``: the sources as a short list after the answer, for clients that drop extra fields."""
     if not found:
