@@ -235,13 +235,21 @@ def wait_until_serving(
     begin = time.monotonic()
     next_notice = begin + 15.0
     offsets = {spec.name: _size(supervisord.run.log_file(spec.name)) for spec in specs}
+    exits_before = {name: len(found) for name, found in supervisord.exits().items()}
     pending = list(specs)
     while pending:
         states = supervisord.states()
+        # a service that takes longer than START_SECONDS to fail (imports on a loaded machine) is restarted at
+        # once and never shows BACKOFF: its exit in supervisord's log counts as a failed start too
+        exits = supervisord.exits()
         for spec in list(pending):
             state = states[spec.name]
-            if state.state in ("BACKOFF", "EXITED", "FATAL"):
-                raise _failure(supervisord, spec, f"exited with code {state.exit_status} during start-up", offsets)
+            new_exits = exits.get(spec.name, [])[exits_before.get(spec.name, 0) :]
+            if state.state in ("BACKOFF", "EXITED", "FATAL") or new_exits:
+                how = new_exits[-1].how if new_exits else f"exit status {state.exit_status}"
+                code = how.removeprefix("exit status ")
+                reason = f"exited with code {code}" if code != how else f"exited ({how})"
+                raise _failure(supervisord, spec, f"{reason} during start-up", offsets)
             if health(spec.address) == "SERVING":
                 pending.remove(spec)
                 on_serving(spec, time.monotonic() - begin)
