@@ -111,6 +111,7 @@ class ChatFinished:
     completion_tokens: int
     context_used: bool
     notice: str
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the generation service's prefix cache supplied
 
 
 ChatEvent = ChatStarted | TextDelta | ChatFinished
@@ -340,6 +341,7 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
         completion_tokens=end.completion_tokens,
         context_used=end.context_used,
         notice=end.notice,
+        cached_prompt_tokens=end.cached_prompt_tokens,
     )
 
 

@@ -86,6 +86,9 @@ def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return load_model(str(tiny_model_dir), ModelRegistry(tmp_path_factory.mktemp("registry")))
 
 
+PREFIX_CACHE = 256 << 20  # bytes of prefix cache for the shared generation servers, as `serve` has by default
+
+
 @pytest.fixture(scope="session")
 def generation_server(tiny_loaded):
     """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX: (address, engine)."""
@@ -93,7 +96,9 @@ def generation_server(tiny_loaded):
     from services.generation.engine.scheduler import SchedulerConfig
     from services.generation.server import start_generation_server
 
-    engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_concurrent_requests=32))
+    engine = ContinuousBatchingEngine(
+        tiny_loaded, SchedulerConfig(max_concurrent_requests=32, prefix_cache_bytes=PREFIX_CACHE)
+    )
     running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
     yield running.address, engine
     engine.shutdown(grace=1.0)
@@ -224,11 +229,12 @@ def default_registry(tmp_path_factory: pytest.TempPathFactory):
 def default_generation_address(default_registry) -> Iterator[str]:
     """A real Generation server serving the embedded default."""
     from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.engine.scheduler import SchedulerConfig
     from services.generation.loading import DEFAULT_MODEL, load_model
     from services.generation.server import start_generation_server
 
     loaded = load_model(DEFAULT_MODEL, default_registry)
-    engine = ContinuousBatchingEngine(loaded)
+    engine = ContinuousBatchingEngine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
     running = start_generation_server(loaded, engine, "127.0.0.1:0")
     yield running.address
     engine.shutdown(grace=1)

@@ -72,6 +72,10 @@ def test_a_follow_up_with_a_pronoun_retrieves_the_article_of_the_earlier_questio
         running.stop(grace=1)
     assert follow_up.started.retrieved_ids[0].startswith("Zurich#")
     assert "Where is Zurich?" in follow_up.started.retrieval_query
+    # the follow-up's prompt starts with the first turn's prompt and answer, token for token: the
+    # generation service prefills only the new turn
+    assert follow_up.started.prompt.startswith(first.started.prompt + first.text.strip())
+    assert follow_up.finished.cached_prompt_tokens >= first.finished.prompt_tokens
 
 
 def test_the_openai_sdk_asks_the_default_stack_where_zurich_is_and_gets_its_source(

@@ -217,3 +217,42 @@ def test_the_model_step_is_plain_data_that_survives_a_round_trip():
     output = s.schedule()
     assert pickle.loads(pickle.dumps(output.model)) == output.model
     assert isinstance(output.model.prefill.prompts[0][0], int)
+
+
+def test_the_prefix_cache_travels_in_the_step_and_a_later_prompt_prefills_only_what_is_new():
+    from services.generation.engine.prefix_cache import Reuse, StoreKV
+
+    s = scheduler(prefix_cache_bytes=1000)  # bytes per token 1 here: 1000 tokens
+    first = request(prompt_length=5, new_tokens=3)
+    s.add(first)
+    step(s, token=11)  # the group joins
+    joined, _ = step(s, token=12)
+    assert [op for op in joined.model.cache_ops if isinstance(op, StoreKV)] == [StoreKV(1, 0, 0, 5)]  # its prompt
+    step(s, token=13)  # finished by length: 13 was sampled, never fed
+    leaving = s.schedule()
+    (answer,) = leaving.model.cache_ops
+    assert answer == StoreKV(answer.node, 0, 5, 7)  # prompt + 11, 12: what the KV holds
+    assert pickle.loads(pickle.dumps(leaving.model)) == leaving.model  # ranks receive it as it is
+    s.update_from_output(leaving, [])
+
+    later = Request([1, 2, 3, 4, 5, 11, 12, 40, 41], SamplingConfig(max_new_tokens=2))
+    s.add(later)
+    output = s.schedule()
+    chunk = output.model.prefill
+    assert later.cached_tokens == 7
+    assert (chunk.start, chunk.end, chunk.last) == (7, 9, True)
+    assert chunk.reuse == (Reuse(7, ((1, 5), (answer.node, 2))),)
+
+
+def test_a_full_prefix_cache_evicts_through_the_step():
+    from services.generation.engine.prefix_cache import EvictKV
+
+    s = scheduler(prefix_cache_bytes=8)
+    evicted = []
+    for prompt_start in (1, 100):
+        r = Request(list(range(prompt_start, prompt_start + 6)), SamplingConfig(max_new_tokens=1))
+        s.add(r)
+        while s.has_work:
+            output, _ = step(s)
+            evicted += [op for op in output.model.cache_ops if isinstance(op, EvictKV)]
+    assert evicted and s.prefix.held <= 8

@@ -136,6 +136,12 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
         cancelled.cancel()  # leaves mid-batch; everyone else must be unaffected
         for thread in threads:
             thread.join(120)
+        # again, one by one: every prompt is now in the prefix cache, which both ranks hold alike
+        again, cached = [], []
+        for prompt, new_tokens, extra in CASES:
+            messages = list(generate(server.stub, prompt, new_tokens, **extra))
+            again.append([i for m in messages for i in m.token_ids])
+            cached.append(messages[0].cached_prompt_tokens)
         (rank1,) = server.ranks()
         # each rank holds its own copy of its shard, not a map of the whole checkpoint file
         mapped = [m.path for rank in (psutil.Process(server.process.pid), rank1) for m in rank.memory_maps()]
@@ -146,6 +152,8 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
     finally:
         server.stop()
     assert results == expected, log
+    assert again == expected, log
+    assert cached == [len(prompt) - 1 for prompt, _, _ in CASES]
     assert not [path for path in mapped if path.endswith(".safetensors")]
     assert "rank 1/2 joined the gloo group" in log
     assert "rank 1 stops after" in log  # it left its loop when told to, not by an error

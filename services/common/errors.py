@@ -6,8 +6,10 @@ exception is a bug: it is logged with its traceback and reported as INTERNAL, an
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,15 +71,29 @@ class BackendFailed(ServiceError):
         self.service = service
 
 
-def _abort_with(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
+def _failure(method: str, error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, message and trailing metadata ``error`` becomes, logged: the one mapping both servers use."""
+    trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(error, BackendFailed):
         # a negative pushback tells gRPC clients not to retry: this server already waited for its backend
-        context.set_trailing_metadata(((FAILED_SERVICE_KEY, error.service), ("grpc-retry-pushback-ms", "-1")))
+        trailing = ((FAILED_SERVICE_KEY, error.service), ("grpc-retry-pushback-ms", "-1"))
     if isinstance(error, ServiceError):
         logger.info("{} -> {}: {}", method, error.code.name, error)
-        context.abort(error.code, str(error))
+        return error.code, str(error), trailing
     logger.opt(exception=error).error("{} failed with an unexpected error", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}", trailing
+
+
+def _abort_with(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
+    code, message, trailing = _failure(method, error)
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    context.abort(code, message)
+
+
+async def _abort_with_async(context: grpc.aio.ServicerContext, method: str, error: BaseException) -> None:
+    code, message, trailing = _failure(method, error)
+    await context.abort(code, message, trailing)
 
 
 @dataclass(frozen=True)
@@ -154,11 +170,22 @@ def _checked(requests: Iterable[Any]) -> Iterator[Any]:
         yield request
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by any handler (unary or streaming) to gRPC statuses, in one place; refuses
-    oversized and unparsable requests; bounds the calls running at once (health checks always pass).
+async def _checked_async(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Refused):
+            raise request.error
+        yield request
 
-    ``server_name`` (host:port) goes out as initial metadata of every server-streaming call."""
+
+def _unrefused(request: Any) -> Any:
+    if isinstance(request, _Refused):
+        raise request.error
+    return request
+
+
+class _CallGuard:
+    """What the threaded and the asyncio interceptor share: the bound on calls running at once (health
+    checks always pass), the size and parse check of requests, and the server's name."""
 
     def __init__(
         self, max_concurrent_rpcs: int = 1 << 30, max_input_bytes: int = 1 << 30, server_name: str = ""
@@ -185,19 +212,40 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             with self._lock:
                 self._running -= 1
 
+    def _rewrapped(
+        self, handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable
+    ) -> grpc.RpcMethodHandler:
+        """``handler`` with its behaviour wrapped by shape and its deserializer guarded."""
+        deserialize = guarded_deserializer(handler.request_deserializer, self.max_input_bytes)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), deserialize, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), deserialize, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), deserialize, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(handler.stream_stream), deserialize, handler.response_serializer
+        )
+
+
+class ErrorInterceptor(_CallGuard, grpc.ServerInterceptor):
+    """Maps exceptions raised by any handler (unary or streaming) to gRPC statuses, in one place; refuses
+    oversized and unparsable requests; bounds the calls running at once (health checks always pass).
+
+    ``server_name`` (host:port) goes out as initial metadata of every server-streaming call."""
+
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        streaming_requests = handler.request_streaming
-
-        def checked(request_or_iterator: Any) -> Any:
-            if streaming_requests:
-                return _checked(request_or_iterator)
-            if isinstance(request_or_iterator, _Refused):
-                raise request_or_iterator.error
-            return request_or_iterator
+        checked = _checked if handler.request_streaming else _unrefused
 
         def wrap_unary(behavior: Callable) -> Callable:
             def call(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
@@ -235,22 +283,65 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        deserialize = guarded_deserializer(handler.request_deserializer, self.max_input_bytes)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), deserialize, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), deserialize, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), deserialize, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), deserialize, handler.response_serializer
-        )
+        return self._rewrapped(handler, wrap_unary, wrap_stream)
+
+
+class AsyncErrorInterceptor(_CallGuard, grpc.aio.ServerInterceptor):
+    """ErrorInterceptor for a ``grpc.aio`` server, whose handlers are coroutines and async generators.
+
+    A call that ends because its client cancelled, hung up or ran out of time raises
+    ``asyncio.CancelledError`` in its handler; that passes through untouched (it is no error of ours)."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        checked = _checked_async if handler.request_streaming else _unrefused
+
+        def wrap_unary(behavior: Callable) -> Callable:
+            async def call(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    self._enter(method)
+                except ServiceError as error:
+                    await _abort_with_async(context, method, error)
+                try:
+                    return await behavior(checked(request_or_iterator), context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await _abort_with_async(context, method, error)
+                finally:
+                    self._leave(method)
+
+            return call
+
+        def wrap_stream(behavior: Callable) -> Callable:
+            async def call(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    self._enter(method)
+                except ServiceError as error:
+                    await _abort_with_async(context, method, error)
+                try:
+                    if self.server_name:
+                        await context.send_initial_metadata(((SERVER_KEY, self.server_name),))
+                    responses = behavior(checked(request_or_iterator), context)
+                    if not inspect.isasyncgen(responses):
+                        await responses  # a handler that writes with context.write (health's Watch)
+                        return
+                    async with contextlib.aclosing(responses):  # its finally runs when the client leaves
+                        async for response in responses:
+                            yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await _abort_with_async(context, method, error)
+                finally:
+                    self._leave(method)
+
+            return call
+
+        return self._rewrapped(handler, wrap_unary, wrap_stream)
 
 
 def _sent_server_name(context: grpc.ServicerContext, server_name: str) -> bool:

@@ -196,28 +196,23 @@ def presented_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks the caller's token against the role the method needs, before the request is even parsed.
-
-    No token or an unknown one: UNAUTHENTICATED. A token whose role does not grant the method: PERMISSION_DENIED.
-    """
+class _TokenGuard:
+    """The check both auth interceptors make: None when the call may go on, else the status refusing it."""
 
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
 
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    def refusal(self, handler_call_details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
         method = handler_call_details.method
         needed = required_role(method)
-        if handler is None or needed is None:
-            return handler
+        if needed is None:
+            return None
         presented = presented_token(handler_call_details.invocation_metadata)
         token = self.tokens.find(presented) if presented else None
         if token is None:
             why = "no token was sent" if not presented else "the token is not valid"
             logger.warning("{} refused: {}", method, why)
-            return _refusal(
-                handler,
+            return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method} needs a {needed} token and {why}: send 'authorization: Bearer TOKEN' "
                 "(chatctl --token / --token-file, or NIGHTCAP_TOKEN)",
@@ -226,20 +221,48 @@ class AuthInterceptor(grpc.ServerInterceptor):
             logger.warning(
                 "{} refused: token {} has role {}, the method needs {}", method, token.name, token.role, needed
             )
-            return _refusal(
-                handler,
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} needs the {needed} role; this token has the {token.role} role",
             )
-        return handler
+        return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that aborts at once. No deserializer: the request is never parsed."""
+class AuthInterceptor(_TokenGuard, grpc.ServerInterceptor):
+    """Checks the caller's token against the role the method needs, before the request is even parsed.
 
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+    No token or an unknown one: UNAUTHENTICATED. A token whose role does not grant the method: PERMISSION_DENIED.
+    """
 
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        refused = self.refusal(handler_call_details) if handler is not None else None
+        if refused is None:
+            return handler
+
+        def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(*refused)
+
+        return _refusal(handler, refuse)
+
+
+class AsyncAuthInterceptor(_TokenGuard, grpc.aio.ServerInterceptor):
+    """AuthInterceptor for a ``grpc.aio`` server."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        refused = self.refusal(handler_call_details) if handler is not None else None
+        if refused is None:
+            return handler
+
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(*refused)
+
+        return _refusal(handler, refuse)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, refuse: Callable) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that runs ``refuse``. No deserializer: the request is never parsed."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(refuse)
     if handler.unary_stream:
@@ -308,7 +331,10 @@ class ServerSecurity:
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         return [AuthInterceptor(self.tokens)] if self.tokens else []
 
-    def add_port(self, server: grpc.Server, address: str) -> int:
+    def aio_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [AsyncAuthInterceptor(self.tokens)] if self.tokens else []
+
+    def add_port(self, server: grpc.Server | grpc.aio.Server, address: str) -> int:
         if not self.tls:
             return server.add_insecure_port(address)
         assert self.tls_cert is not None and self.tls_key is not None
@@ -329,6 +355,18 @@ class ServerSecurity:
         if server.add_insecure_port(self.health_address) == 0:
             raise OSError(f"could not bind the health port {self.health_address}: is another process listening there?")
         server.start()
+        return server
+
+    async def start_aio_health_port(self, health_servicer: Any) -> grpc.aio.Server | None:
+        """``start_health_port`` for a ``grpc.aio`` server: the same, on its event loop, with its asyncio
+        health servicer."""
+        if not self.health_address:
+            return None
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if server.add_insecure_port(self.health_address) == 0:
+            raise OSError(f"could not bind the health port {self.health_address}: is another process listening there?")
+        await server.start()
         return server
 
     def describe(self) -> str:

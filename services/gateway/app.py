@@ -568,7 +568,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     count_tokens(end.prompt_tokens, end.completion_tokens)
                     if include_usage:
                         tail = wire.chat_chunk(completion_id, created, model, {})
-                        yield sse(wire.usage_chunk(tail, end.prompt_tokens, end.completion_tokens))
+                        yield sse(
+                            wire.usage_chunk(tail, end.prompt_tokens, end.completion_tokens, end.cached_prompt_tokens)
+                        )
                     yield "data: [DONE]\n\n"
                     return
                 item = await relay.next(settings.ping_interval)
@@ -608,7 +610,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             start.model or model,
             content,
             finish_reason(end.finish_reason),
-            wire.usage(end.prompt_tokens, end.completion_tokens),
+            wire.usage(end.prompt_tokens, end.completion_tokens, end.cached_prompt_tokens),
             translate.chat_logprobs(logprobs) if logprobs else None,
             extras,
         )
@@ -668,7 +670,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         count_tokens(finish.prompt_tokens, finish.generated_tokens)
                         if include_usage:
                             tail = wire.completion_chunk(completion_id, created, model, "")
-                            yield sse(wire.usage_chunk(tail, finish.prompt_tokens, finish.generated_tokens))
+                            yield sse(
+                                wire.usage_chunk(
+                                    tail, finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens
+                                )
+                            )
                         yield "data: [DONE]\n\n"
                         return
                 item = await relay.next(settings.ping_interval)
@@ -702,7 +708,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             finish_reason(finish.reason),
             translate.completion_logprobs(logprobs, 0) if logprobs else None,
         )
-        body["usage"] = wire.usage(finish.prompt_tokens, finish.generated_tokens)
+        body["usage"] = wire.usage(finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens)
         return body
 
     # --- models, embeddings -------------------------------------------------------------------------------------

@@ -268,20 +268,21 @@ def chat_chunk(
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """``cached_tokens``: prompt tokens the generation service's prefix cache supplied (OpenAI's field)."""
+    return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
-    if cached_tokens is not None:
-        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return body
 
 
-def usage_chunk(chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(
+    chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict[str, Any]:
     """The stream's last chunk with ``include_usage``: no choices, only the usage (not glued to content)."""
-    return {**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    return {**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_completion(

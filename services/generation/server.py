@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 
 import grpc
 from transformers import PreTrainedTokenizerBase
@@ -10,12 +13,12 @@ from transformers import PreTrainedTokenizerBase
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.security import ServerSecurity
-from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
+from services.common.server import AsyncRunningServer, ServerLimits, ServiceBinding, start_aio_server
 from services.generation.engine import params
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import TokenLogprob
-from services.generation.host import ModelHost
+from services.generation.host import ModelHost, ServedModel
 from services.generation.loading import LoadedModel
 
 _FINISH_REASONS = {
@@ -27,13 +30,17 @@ _FINISH_REASONS = {
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    """Every call reads the model from the host; a stream stays on the model it started on."""
+    """Every call reads the model from the host; a stream stays on the model it started on.
+
+    The methods run on the server's event loop and hold no thread while they wait: what blocks (the host may
+    wait out an in-place swap; prompts are tokenized) runs on the loop's few worker threads, and a stream's
+    events come from the engine's thread through ``call_soon_threadsafe``."""
 
     def __init__(self, host: ModelHost, default_max_new_tokens: int = 256) -> None:
         self.host = host
         self.default_max_new_tokens = default_max_new_tokens
 
-    def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext):
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
 
         def build(loaded: LoadedModel) -> Request:
@@ -47,27 +54,52 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 job.request_id = request.request_id
             return job
 
-        served, job = self.host.submit(build, wait=remaining)
-        context.add_callback(job.cancel)  # runs when the client cancels, its deadline passes, or we finish
-        model = served.label  # sent once, on the stream's first message
-        for event in job.events():
-            # a client that reads slower than we generate gets everything pending in one message
-            events = [event, *job.drain()] if isinstance(event, TokenChunk) else [event]
-            chunks = [e for e in events if isinstance(e, TokenChunk)]
-            if chunks:
-                yield generation_pb2.GenerateResponse(
-                    token_ids=[i for c in chunks for i in c.token_ids],
-                    text="".join(c.text for c in chunks),
-                    logprobs=[_logprob(lp, served.loaded.tokenizer) for c in chunks for lp in c.logprobs],
-                    model=model,
-                )
-                model = ""
-            finished = next((e for e in events if isinstance(e, Finished)), None)
-            if finished is not None:
-                message = self._finish_message(job, finished, served.engine)
-                message.model = model
-                yield message
-                return
+        served, job = await self._submit(build, remaining)
+        wakeup = _Wakeup(asyncio.get_running_loop())
+        job.attach(wakeup.notify)
+        try:
+            started = False  # the model and the cached prompt tokens go out once, on the first message
+            while True:
+                # a client that reads slower than we generate gets everything pending in one message
+                events = job.drain()
+                if not events:
+                    await wakeup.wait()
+                    continue
+                # read now, not at submit: the engine sets cached_tokens when it admits the request
+                model, cached_tokens = ("", 0) if started else (served.label, job.cached_tokens)
+                chunks = [e for e in events if isinstance(e, TokenChunk)]
+                if chunks:
+                    yield generation_pb2.GenerateResponse(
+                        token_ids=[i for c in chunks for i in c.token_ids],
+                        text="".join(c.text for c in chunks),
+                        logprobs=[_logprob(lp, served.loaded.tokenizer) for c in chunks for lp in c.logprobs],
+                        model=model,
+                        cached_prompt_tokens=cached_tokens,
+                    )
+                    started, model, cached_tokens = True, "", 0
+                finished = next((e for e in events if isinstance(e, Finished)), None)
+                if finished is not None:
+                    message = self._finish_message(job, finished, served.engine)
+                    message.model = model
+                    message.cached_prompt_tokens = cached_tokens
+                    yield message
+                    return
+        finally:
+            # the client cancelled, hung up or ran out of time (CancelledError), or the stream ended (a no-op):
+            # the engine drops the row before its next step
+            job.cancel()
+
+    async def _submit(
+        self, build: Callable[[LoadedModel], Request], remaining: float | None
+    ) -> tuple[ServedModel, Request]:
+        """``host.submit`` on a worker thread. A call cancelled while it waits there cancels its request once
+        it is submitted, so a request nobody reads never runs."""
+        submitting = asyncio.ensure_future(asyncio.to_thread(self.host.submit, build, remaining))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(_cancel_submitted)
+            raise
 
     def _finish_message(
         self, job: Request, event: Finished, engine: ContinuousBatchingEngine
@@ -86,11 +118,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 stop_sequence=event.stop_sequence,
                 queue_ms=event.queue_ms,
                 time_to_first_token_ms=event.time_to_first_token_ms,
+                cached_prompt_tokens=job.cached_tokens,
             )
         )
 
-    def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.ServicerContext):
-        loaded = self.host.current(context.time_remaining()).loaded
+    async def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext):
+        loaded = (await asyncio.to_thread(self.host.current, context.time_remaining())).loaded
         tokenizer = loaded.tokenizer
         return generation_pb2.ModelInfoResponse(
             name=loaded.name,
@@ -106,8 +139,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             stop=loaded.stop_sequences,
         )
 
-    def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.ServicerContext):
-        ids = _encode(self.host.current(context.time_remaining()).loaded, request.text, request.add_special_tokens)
+    async def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+
+        def count() -> list[int]:
+            return _encode(self.host.current(remaining).loaded, request.text, request.add_special_tokens)
+
+        ids = await asyncio.to_thread(count)
         return generation_pb2.TokenizeResponse(token_count=len(ids), token_ids=ids if request.return_ids else [])
 
     def _prompt_ids(self, request: generation_pb2.GenerateRequest, loaded: LoadedModel) -> list[int]:
@@ -131,7 +169,7 @@ def start_generation_server(
     default_max_new_tokens: int = 256,
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
-) -> RunningServer:
+) -> AsyncRunningServer:
     """nightcap.v1.Generation (and a ModelAdmin without a registry: it cannot swap) for one fixed model."""
     return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens, limits, security)
 
@@ -142,7 +180,7 @@ def serve_model_host(
     default_max_new_tokens: int = 256,
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
-) -> RunningServer:
+) -> AsyncRunningServer:
     """nightcap.v1.Generation and nightcap.v1.ModelAdmin, with health and reflection, on ``address``
     (port 0: any free)."""
     from services.generation.admin import ModelAdminServicer
@@ -159,7 +197,39 @@ def serve_model_host(
             ModelAdminServicer(host),
         ),
     ]
-    return start_server(bindings, address, limits, security)
+    return start_aio_server(bindings, address, limits, security)
+
+
+class _Wakeup:
+    """Wakes one stream's coroutine from the engine's thread, with at most one ``call_soon_threadsafe`` in
+    flight: when the loop falls behind, the events that arrive meanwhile cost it no further wake-ups."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready = asyncio.Event()
+        self._pending = False
+
+    def notify(self) -> None:
+        """Called on the engine's thread after the request queued an event. The loop drains only after
+        ``_wake`` cleared the flag, so an event whose notify found it set is still drained."""
+        if self._pending:
+            return
+        self._pending = True
+        with contextlib.suppress(RuntimeError):  # the server stopped and closed its loop: nobody is reading
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._pending = False
+        self._ready.set()
+
+    async def wait(self) -> None:
+        await self._ready.wait()
+        self._ready.clear()
+
+
+def _cancel_submitted(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result()[1].cancel()
 
 
 def _vocab(loaded: LoadedModel) -> int:

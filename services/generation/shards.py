@@ -227,9 +227,7 @@ class ShardGroup:
         return group
 
     def executor(self, loaded) -> ShardedExecutor:
-        from services.generation.engine.engine import pad_token_id
-
-        runner = ModelRunner(loaded.model, pad_token_id(loaded), loaded.device)
+        runner = ModelRunner(loaded.model, loaded.pad_token_id, loaded.device)
         self._executor = ShardedExecutor(runner, self.timeout, self._failed)
         return self._executor
 

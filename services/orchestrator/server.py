@@ -100,16 +100,18 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                         completion_tokens=finish.generated_tokens,
                         context_used=turn.context_used,
                         notice=turn.notice,
+                        cached_prompt_tokens=finish.cached_prompt_tokens,
                     )
                 )
                 logger.info(
-                    "chat {}: history={} dropped={} sources={} prompt={} completion={} query_ms={:.0f}"
+                    "chat {}: history={} dropped={} sources={} prompt={} (cached {}) completion={} query_ms={:.0f}"
                     " ttft={:.0f}ms total={:.2f}s replica {}",
                     request_id,
                     len(request.history),
                     turn.history_messages_dropped,
                     len(turn.sources),
                     finish.prompt_tokens,
+                    finish.cached_prompt_tokens,
                     finish.generated_tokens,
                     turn.query_ms,
                     ((first_delta_at or time.monotonic()) - started) * 1000,

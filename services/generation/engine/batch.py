@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from services.generation.engine.prefix_cache import KVStore, Layers, Reuse
 from services.generation.engine.scheduler import ModelStep
 
 
@@ -69,6 +70,11 @@ class KVBatch:
         logits, self.cache = forward(model, self.next_tokens[:, None], self.mask, positions, self.cache)
         return logits
 
+    def row_kv(self, row: int, start: int, end: int) -> Layers:
+        """Row ``row``'s real tokens ``start:end`` (padding skipped), one (keys, values) per layer."""
+        columns = self.mask[row].nonzero().squeeze(1)[start:end]
+        return [(layer.keys[row][:, columns], layer.values[row][:, columns]) for layer in self.cache.layers]
+
     def keep_rows(self, rows: list[int]) -> KVBatch | None:
         """The batch without the other rows (None when no row is left), trimmed of all-padding columns."""
         if not rows:
@@ -110,14 +116,33 @@ class PrefillJob:
     cache: DynamicCache | None = None
 
     @classmethod
-    def of(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PrefillJob:
-        width = max(len(p) for p in prompts)
+    def of(
+        cls,
+        prompts: list[list[int]],
+        pad_id: int,
+        device: torch.device,
+        reuse: tuple[Reuse, ...] = (),
+        store: KVStore | None = None,
+    ) -> PrefillJob:
+        """The group's columns: first each row's cached prefix (``reuse``, read from ``store``) right-aligned
+        in as many columns as the longest one, then each row's remaining tokens, left-padded. A row's
+        positions come from its mask, so the gap between its prefix and the rest changes nothing."""
+        cached = [r.tokens for r in reuse] if reuse else [0] * len(prompts)
+        prefix = max(cached)
+        width = prefix + max(len(p) - c for p, c in zip(prompts, cached, strict=True))
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
-        return cls(ids.to(device), mask.to(device))
+        for row, (prompt, skip) in enumerate(zip(prompts, cached, strict=True)):
+            rest = prompt[skip:]
+            ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[row, width - len(rest) :] = 1
+            mask[row, prefix - skip : prefix] = 1
+        job = cls(ids.to(device), mask.to(device), done=prefix)
+        if prefix:
+            assert store is not None, "a reused prefix needs the prefix cache's store"
+            prefixes = [store.read(r.segments) if r.tokens else None for r in reuse]
+            job.cache = _cache_from(_stack_prefixes(prefixes, prefix))
+        return job
 
     @property
     def finished(self) -> bool:
@@ -139,6 +164,24 @@ class PrefillJob:
 
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=layers)
+
+
+def _stack_prefixes(rows: list[Layers | None], width: int) -> Layers:
+    """Per layer (rows, heads, width, head_dim): each row's prefix right-aligned, zeros before it (and for
+    a row that reuses nothing)."""
+    sample = next(r for r in rows if r is not None)
+    layers = []
+    for layer, (keys, values) in enumerate(sample):
+        heads, _, dim = keys.shape
+        stacked_keys = keys.new_zeros((len(rows), heads, width, dim))
+        stacked_values = values.new_zeros((len(rows), heads, width, values.shape[-1]))
+        for row, prefix in enumerate(rows):
+            if prefix is not None:
+                k, v = prefix[layer]
+                stacked_keys[row, :, width - k.shape[1] :] = k
+                stacked_values[row, :, width - v.shape[1] :] = v
+        layers.append((stacked_keys, stacked_values))
+    return layers
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -165,10 +208,13 @@ class ModelRunner:
         self.device = device
         self.batch: KVBatch | None = None
         self.prefill: PrefillJob | None = None
+        self.prefixes = KVStore()
 
     @torch.inference_mode()
     def execute(self, step: ModelStep) -> torch.Tensor | None:
         """Applies ``step``; returns logits (decoding rows, then a completed group's rows) or None."""
+        for op in step.cache_ops:
+            self.prefixes.apply(op, self._row_kv)
         if step.keep is not None and self.batch is not None:
             self.batch = self.batch.keep_rows(list(step.keep))
         outputs = []
@@ -179,7 +225,8 @@ class ModelRunner:
         chunk = step.prefill
         if chunk is not None:
             if chunk.prompts:
-                self.prefill = PrefillJob.of([list(p) for p in chunk.prompts], self.pad_id, self.device)
+                prompts = [list(p) for p in chunk.prompts]
+                self.prefill = PrefillJob.of(prompts, self.pad_id, self.device, chunk.reuse, self.prefixes)
             assert self.prefill is not None and self.prefill.done == chunk.start, "prefill out of step"
             logits = self.prefill.run_columns(self.model, chunk.end)
             if chunk.last:
@@ -190,5 +237,10 @@ class ModelRunner:
         return torch.cat(outputs) if outputs else None
 
     def reset(self) -> None:
-        """Forgets every row (after a failed step)."""
+        """Forgets every row and the prefix cache (after a failed step; the scheduler forgets its index)."""
         self.batch, self.prefill = None, None
+        self.prefixes.clear()
+
+    def _row_kv(self, row: int, start: int, end: int) -> Layers:
+        assert self.batch is not None, "a prefix-cache store from an empty batch"
+        return self.batch.row_kv(row, start, end)

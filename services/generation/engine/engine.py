@@ -21,6 +21,7 @@ from loguru import logger
 
 from services.common.errors import Unavailable
 from services.generation.engine.batch import ModelRunner
+from services.generation.engine.prefix_cache import PrefixStats, kv_bytes_per_token
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
 from services.generation.engine.scheduler import ContinuousBatchScheduler, ModelStep, SchedulerConfig, SchedulerOutput
@@ -52,10 +53,13 @@ class ContinuousBatchingEngine:
         ``loaded.model`` in this process (tensor parallelism passes one that drives every rank)."""
         self.loaded = loaded
         self.config = config or SchedulerConfig()
-        self.scheduler = ContinuousBatchScheduler(self.config, loaded.eos_token_ids)
+        self._kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.model.dtype)
+        self.scheduler = ContinuousBatchScheduler(self.config, loaded.eos_token_ids, self._kv_bytes_per_token)
         self.metrics = metrics or GenerationMetrics()
-        self.runner = ModelRunner(loaded.model, pad_token_id(loaded), loaded.device)
+        self.runner = ModelRunner(loaded.model, loaded.pad_token_id, loaded.device)
         self._execute = execute or self.runner.execute
+        self._published = PrefixStats()
+        self.metrics.prefix_cache_capacity_bytes.set(self.scheduler.prefix.capacity * self._kv_bytes_per_token)
         self._wakeup = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -122,6 +126,7 @@ class ContinuousBatchingEngine:
                     return
                 output = self.scheduler.schedule()
                 self.metrics.queue_size.set(len(self.scheduler.waiting))
+                self._publish_prefix_stats()
             for request in output.expired:
                 self._finish(request, RequestStatus.FINISHED_CANCELLED)
             try:
@@ -151,6 +156,18 @@ class ContinuousBatchingEngine:
         for request, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             if not request.status.finished or id(request) in finished:
                 self._stream(request, token, logprob, id(request) in finished)
+
+    def _publish_prefix_stats(self) -> None:
+        index, metrics, old = self.scheduler.prefix, self.metrics, self._published
+        if not index.enabled:
+            return
+        now = index.stats
+        metrics.prefix_cache_lookups.inc(now.lookups - old.lookups)
+        metrics.prefix_cache_hits.inc(now.hits - old.hits)
+        metrics.prefix_cache_reused_tokens.inc(now.reused_tokens - old.reused_tokens)
+        metrics.prefix_cache_evictions.inc(now.evictions - old.evictions)
+        metrics.prefix_cache_bytes.set(index.held * self._kv_bytes_per_token)
+        self._published = PrefixStats(now.lookups, now.hits, now.reused_tokens, now.evictions)
 
     def _recover(self, error: Exception) -> bool:
         """A failed model call fails the requests in it, and only those; True if the engine goes on.
@@ -241,15 +258,6 @@ class ContinuousBatchingEngine:
 def _finished_row(request: Request) -> RowSampling:
     """A placeholder for a row whose request already ended this step: its token is discarded."""
     return RowSampling(request.config, [], [], torch.Generator())
-
-
-def pad_token_id(loaded: LoadedModel) -> int:
-    # padding is masked out; any valid id will do when the tokenizer names none
-    tokenizer = loaded.tokenizer
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(loaded.eos_token_ids)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _log_request(request: Request, queue_ms: float, ttft_ms: float) -> None:

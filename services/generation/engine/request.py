@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from services.generation.engine.sampling import SamplingConfig, TokenLogprob
@@ -57,6 +57,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (set at admission)
     arrived: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -64,6 +65,7 @@ class Request:
     finished_at: float | None = None
     _events: queue.Queue[StreamEvent] = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _listener: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def budget_tokens(self) -> int:
@@ -81,8 +83,17 @@ class Request:
     def expired(self, now: float) -> bool:
         return self.cancelled or (self.deadline is not None and now >= self.deadline)
 
+    def attach(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called (on the engine's thread) after each event is queued, so that a consumer
+        that cannot block on ``events()`` (an asyncio stream) knows when to ``drain()``. It runs inside the
+        engine's step, so it must be quick and must not raise."""
+        self._listener = listener
+
     def emit(self, event: StreamEvent) -> None:
         self._events.put(event)
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
         """Blocks for each event; ends after the ``Finished`` event."""

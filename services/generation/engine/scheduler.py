@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.errors import ResourceExhausted
+from services.generation.engine.prefix_cache import CacheOp, PrefixIndex, Reuse
 from services.generation.engine.request import Request, RequestStatus
 
 DEAD_ROW_TOKEN = 0  # what a finished row still in the cache is fed; its logits are never read
@@ -28,36 +29,42 @@ class SchedulerConfig:
     max_batch_total_tokens: int = 32768  # KV-cache slots (prompt + max_new_tokens) of all running sequences
     max_concurrent_requests: int = 128  # running + waiting; beyond it requests are refused
     max_prefill_tokens: int = 2048  # prompt tokens admitted in one group (and prefilled per step)
+    prefix_cache_bytes: int = 0  # KV the prefix cache may keep, all ranks together (0: no prefix caching)
 
 
 @dataclass(frozen=True)
 class PrefillChunk:
     """Columns ``start:end`` of a group's left-padded prompts. ``prompts`` is set on the group's first
-    chunk only (the model side builds the group from it); ``last`` means the prompts are then all in: the
-    group's first tokens are sampled and it joins the batch."""
+    chunk only (the model side builds the group from it), with ``reuse``: per row, the cached prefix it
+    starts from (the group's first ``start`` columns hold those, each row's right-aligned, and its own
+    tokens follow, left-padded). ``last`` means the prompts are then all in: the group's first tokens are
+    sampled and it joins the batch."""
 
     start: int
     end: int
     last: bool
     prompts: tuple[tuple[int, ...], ...] = ()
+    reuse: tuple[Reuse, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelStep:
-    """What every rank's model does this step, in this order: keep only rows ``keep`` of the running
-    batch (None: all stay), feed each remaining row its token in ``decode_tokens`` (empty: no decode),
-    run ``prefill`` (None: none). Logits come back for the decoding rows, then, if the chunk is the
-    group's last, for the group's rows."""
+    """What every rank's model does this step, in this order: apply ``cache_ops`` to the prefix cache
+    (they read rows of the batch as the last step left it), keep only rows ``keep`` of the running batch
+    (None: all stay), feed each remaining row its token in ``decode_tokens`` (empty: no decode), run
+    ``prefill`` (None: none). Logits come back for the decoding rows, then, if the chunk is the group's
+    last, for the group's rows."""
 
     step: int
     keep: tuple[int, ...] | None = None
     decode_tokens: tuple[int, ...] = ()
     prefill: PrefillChunk | None = None
     stop: bool = False  # the service is going away: ranks leave their loop
+    cache_ops: tuple[CacheOp, ...] = ()
 
     @property
     def idle(self) -> bool:
-        return not self.decode_tokens and self.prefill is None
+        return not self.decode_tokens and self.prefill is None and not self.cache_ops
 
 
 @dataclass
@@ -75,19 +82,27 @@ class SchedulerOutput:
 @dataclass
 class _Group:
     requests: list[Request]
-    width: int  # prompt columns after left padding
-    done: int = 0  # columns already prefilled
+    width: int  # prompt columns after left padding (cached prefixes, then the rest)
+    done: int = 0  # columns already prefilled (or taken from the prefix cache)
+    reuse: tuple[Reuse, ...] = ()
+    prefix: int = 0  # columns taken from the prefix cache (the longest reused prefix)
 
 
 class ContinuousBatchScheduler:
-    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset(), kv_bytes_per_token: int = 1
+    ) -> None:
+        """``kv_bytes_per_token`` turns ``config.prefix_cache_bytes`` into the tokens the cache may hold."""
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # the running batch's rows, in KV-cache order (finished rows until next step)
         self.prefilling: _Group | None = None
+        self.prefix = PrefixIndex(config.prefix_cache_bytes // kv_bytes_per_token)
         self._steps = 0
         self._dead_row_steps = 0  # row-steps spent on finished rows still in the cache
+        self._kv_tokens: dict[int, int] = {}  # id(request) -> its tokens in the batch's KV (prompt + fed outputs)
+        self._kept: dict[int, int] = {}  # id(request) -> how many of those the prefix cache holds
 
     @property
     def running(self) -> list[Request]:
@@ -145,6 +160,8 @@ class ContinuousBatchScheduler:
             return request.status.finished or id(request) in leaving
 
         live = [row for row, r in enumerate(self.batch) if not stopped(r)]
+        # before admission, so that what the new group reuses is not evicted by this step's stores
+        cache_ops = self._keep_prefixes(stopped) if self.prefix.enabled else ()
         if self.prefilling is None:
             self._admit(now)
         prefill = self._next_chunk()
@@ -154,9 +171,16 @@ class ContinuousBatchScheduler:
             joining = prefill is not None and prefill.last
             if not live or joining or self._dead_row_steps >= len(self.batch):
                 keep, self._dead_row_steps = tuple(live), 0
+                for request in self.batch:
+                    if stopped(request):
+                        self._kv_tokens.pop(id(request), None)
+                        self._kept.pop(id(request), None)
                 self.batch = [self.batch[row] for row in live]
         decode_tokens = tuple(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1] for r in self.batch)
-        model = ModelStep(self._steps, keep, decode_tokens, prefill)
+        for request in self.batch:
+            if not stopped(request):
+                self._kv_tokens[id(request)] = self._kv_tokens.get(id(request), 0) + 1
+        model = ModelStep(self._steps, keep, decode_tokens, prefill, cache_ops=cache_ops)
         group = self.prefilling.requests if self.prefilling else []
         # logits come back for every decoding row, then for the group's rows when its last chunk runs
         rows = [*self.batch, *(group if prefill is not None and prefill.last else [])]
@@ -184,14 +208,20 @@ class ContinuousBatchScheduler:
                 finished.append(request)
         chunk = output.model.prefill
         if chunk is not None and chunk.last and self.prefilling is not None:
+            for request in self.prefilling.requests:
+                self._kv_tokens[id(request)] = len(request.prompt_ids)
             self.batch += self.prefilling.requests
             self.prefilling = None
         return finished
 
     def drop_all(self) -> list[Request]:
-        """Forgets every row (after a failed model call); returns the unfinished requests that held them."""
+        """Forgets every row (after a failed model call) and the prefix cache with them (the model side
+        resets its own); returns the unfinished requests that held rows."""
         lost = self.running
         self.batch, self.prefilling, self._dead_row_steps = [], None, 0
+        self._kv_tokens.clear()
+        self._kept.clear()
+        self.prefix.clear()
         return lost
 
     def drain_waiting(self) -> list[Request]:
@@ -204,28 +234,48 @@ class ContinuousBatchScheduler:
             self.waiting = deque(r for r in self.waiting if not r.expired(now))
         return expired
 
+    def _keep_prefixes(self, stopped) -> tuple[CacheOp, ...]:
+        """The prefix cache keeps each row's prompt once it has joined, and its prompt and answer once
+        it stops (finished, cancelled or expired); the tree stores only what it does not hold yet."""
+        ops: list[CacheOp] = []
+        for row, request in enumerate(self.batch):
+            held = self._kv_tokens.get(id(request), 0)
+            kept = self._kept.get(id(request), 0)
+            if held > kept and (kept == 0 or stopped(request)):
+                self._kept[id(request)] = held
+                ops += self.prefix.insert([*request.prompt_ids, *request.output_ids][:held], row)
+        return tuple(ops)
+
     def _admit(self, now: float) -> None:
         config = self.config
         rows = len([r for r in self.batch if not r.status.finished])
         tokens, prefill = sum(r.budget_tokens for r in self.batch), 0
         admitted: list[Request] = []
+        reuse: list[Reuse] = []
         while self.waiting:
             request = self.waiting[0]
+            # at least the prompt's last token is prefilled: its logits give the first token
+            cached = self.prefix.match(request.prompt_ids[:-1]) if self.prefix.enabled else Reuse()
+            fresh = len(request.prompt_ids) - cached.tokens
             fits = (
                 rows + len(admitted) < config.max_batch_size
                 and tokens + request.budget_tokens <= config.max_batch_total_tokens
-                and (not admitted or prefill + len(request.prompt_ids) <= config.max_prefill_tokens)
+                and (not admitted or prefill + fresh <= config.max_prefill_tokens)
             )
             if not fits:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.PREFILLING
             request.scheduled_at = now
+            request.cached_tokens = cached.tokens
             admitted.append(request)
+            reuse.append(cached)
             tokens += request.budget_tokens
-            prefill += len(request.prompt_ids)
+            prefill += fresh
         if admitted:
-            self.prefilling = _Group(admitted, max(len(r.prompt_ids) for r in admitted))
+            prefix = max(r.tokens for r in reuse)
+            rest = max(len(r.prompt_ids) - c.tokens for r, c in zip(admitted, reuse, strict=True))
+            self.prefilling = _Group(admitted, prefix + rest, prefix, tuple(reuse), prefix)
 
     def _next_chunk(self) -> PrefillChunk | None:
         group = self.prefilling
@@ -233,6 +283,8 @@ class ContinuousBatchScheduler:
             return None
         columns = max(1, self.config.max_prefill_tokens // len(group.requests))
         start, end = group.done, min(group.width, group.done + columns)
+        first = start == group.prefix
         group.done = end
-        prompts = tuple(tuple(r.prompt_ids) for r in group.requests) if start == 0 else ()
-        return PrefillChunk(start, end, end == group.width, prompts)
+        prompts = tuple(tuple(r.prompt_ids) for r in group.requests) if first else ()
+        reuse = group.reuse if first and group.prefix else ()  # nothing reused: nothing to send
+        return PrefillChunk(start, end, end == group.width, prompts, reuse)

@@ -1,0 +1,251 @@
+"""Prefix caching: a prompt that starts with tokens the engine has already run reuses their KV instead of
+prefilling them again (a chat's next turn, the same system prompt or the same passages).
+
+Two halves, so that tensor-parallel ranks agree by construction:
+
+- ``PrefixIndex`` (rank 0, beside the scheduler) is a radix tree over token ids. It decides which cached
+  tokens a new request reuses, which new KV is kept and what is evicted (least recently used leaves first,
+  bounded by a number of tokens), and writes each decision down as plain data (``CacheOp``s) that travel
+  in the step.
+- ``KVStore`` (every rank, in its ``ModelRunner``) holds the tensors of each tree node and applies those
+  operations to its own shard; it decides nothing.
+
+Why a radix tree and not vLLM's hashed blocks: our KV lives in one contiguous left-padded cache rather than
+in fixed blocks, so block granularity buys nothing here, and a tree matches to the token. A chat turn's
+prompt is the previous prompt, the answer and a few new tokens, and the answer's re-tokenization can differ
+from the generated tokens in its last token or two: a tree reuses everything up to that token, blocks only
+up to the last whole block. A tree also keeps a shared system prompt once, however many requests carry it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Segment = tuple[int, int]  # (node id, tokens of that node used from its start)
+
+
+@dataclass(frozen=True)
+class StoreKV:
+    """Row ``row`` of the running batch (before this step's ``keep``): its real tokens ``start:end``
+    become node ``node``'s KV."""
+
+    node: int
+    row: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SplitKV:
+    """Node ``node`` keeps its first ``at`` tokens; node ``new`` gets the rest (a longer path now branches
+    in the middle of it)."""
+
+    node: int
+    at: int
+    new: int
+
+
+@dataclass(frozen=True)
+class EvictKV:
+    node: int
+
+
+CacheOp = StoreKV | SplitKV | EvictKV
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """What one prompt takes from the cache: ``tokens`` tokens, read from ``segments`` in order."""
+
+    tokens: int = 0
+    segments: tuple[Segment, ...] = ()
+
+
+@dataclass(eq=False)
+class _Node:
+    id: int
+    tokens: tuple[int, ...]  # the tokens on the edge from the parent
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)  # first token -> child
+    last_used: int = 0
+
+
+@dataclass
+class PrefixStats:
+    """Running totals for metrics; the engine publishes the change after each step."""
+
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+    evictions: int = 0
+
+
+class PrefixIndex:
+    """Which token sequences have KV in the store, as a radix tree bounded by ``capacity`` tokens."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.root = _Node(0, (), None)
+        self.held = 0  # tokens whose KV the store holds
+        self.stats = PrefixStats()
+        self._next_id = 1
+        self._clock = 0
+        self._nodes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    @property
+    def nodes(self) -> int:
+        return self._nodes
+
+    def match(self, tokens: Sequence[int]) -> Reuse:
+        """The longest cached prefix of ``tokens``; marks the nodes on it as just used."""
+        if not self.enabled:
+            return Reuse()
+        self.stats.lookups += 1
+        tick = self._tick()
+        node, at, segments = self.root, 0, []
+        while at < len(tokens):
+            child = node.children.get(tokens[at])
+            if child is None:
+                break
+            same = _common(child.tokens, tokens, at)
+            child.last_used = tick
+            segments.append((child.id, same))
+            at += same
+            if same < len(child.tokens):
+                break
+            node = child
+        if at:
+            self.stats.hits += 1
+            self.stats.reused_tokens += at
+        return Reuse(at, tuple(segments))
+
+    def insert(self, tokens: Sequence[int], row: int) -> list[CacheOp]:
+        """Keeps the KV of ``tokens`` (row ``row``'s first real tokens); returns the store's operations:
+        at most one split, one store of the part not cached yet, and the evictions that make room."""
+        if not self.enabled or not tokens:
+            return []
+        tick = self._tick()
+        ops: list[CacheOp] = []
+        node, at = self.root, 0
+        while at < len(tokens):
+            child = node.children.get(tokens[at])
+            if child is None:
+                break
+            same = _common(child.tokens, tokens, at)
+            child.last_used = tick
+            if same < len(child.tokens):
+                ops.append(self._split(child, same))
+            node, at = child, at + same
+        new = len(tokens) - at
+        if new == 0 or new > self.capacity:
+            return ops  # already held, or more than the whole cache may hold
+        leaf = _Node(self._take_id(), tuple(tokens[at:]), node, last_used=tick)
+        node.children[leaf.tokens[0]] = leaf
+        self.held += new
+        self._nodes += 1
+        ops.append(StoreKV(leaf.id, row, at, len(tokens)))
+        ops.extend(self._evict(keep=leaf))
+        return ops
+
+    def clear(self) -> None:
+        """Forgets everything (the store is reset alongside, after a failed step)."""
+        self.root, self.held, self._nodes = _Node(0, (), None), 0, 0
+
+    def _split(self, child: _Node, at: int) -> SplitKV:
+        tail = _Node(self._take_id(), child.tokens[at:], child, child.children, child.last_used)
+        for grandchild in tail.children.values():
+            grandchild.parent = tail
+        child.tokens, child.children = child.tokens[:at], {tail.tokens[0]: tail}
+        self._nodes += 1
+        return SplitKV(child.id, at, tail.id)
+
+    def _evict(self, keep: _Node) -> list[CacheOp]:
+        ops: list[CacheOp] = []
+        while self.held > self.capacity:
+            # least recently used leaf; a linear scan is fine for the few thousand nodes a cache holds
+            victim = min((n for n in self._leaves() if n is not keep), key=lambda n: n.last_used, default=None)
+            if victim is None:
+                break
+            assert victim.parent is not None
+            del victim.parent.children[victim.tokens[0]]
+            self.held -= len(victim.tokens)
+            self._nodes -= 1
+            self.stats.evictions += 1
+            ops.append(EvictKV(victim.id))
+        return ops
+
+    def _leaves(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            else:
+                yield node
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _take_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+
+def _common(edge: tuple[int, ...], tokens: Sequence[int], at: int) -> int:
+    """How many of ``edge``'s tokens ``tokens[at:]`` starts with."""
+    same = 0
+    for ours, theirs in zip(edge, tokens[at : at + len(edge)], strict=False):
+        if ours != theirs:
+            break
+        same += 1
+    return same
+
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (heads, tokens, head_dim)
+
+
+class KVStore:
+    """The tensors behind a ``PrefixIndex``: each node's KV, on the model's device."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, Layers] = {}
+
+    def apply(self, op: CacheOp, row_kv) -> None:
+        """``row_kv(row, start, end)`` reads a running row's real tokens from the batch (for ``StoreKV``)."""
+        if isinstance(op, StoreKV):
+            self.nodes[op.node] = row_kv(op.row, op.start, op.end)
+        elif isinstance(op, SplitKV):
+            layers = self.nodes[op.node]
+            self.nodes[op.node] = [(k[:, : op.at].clone(), v[:, : op.at].clone()) for k, v in layers]
+            self.nodes[op.new] = [(k[:, op.at :].clone(), v[:, op.at :].clone()) for k, v in layers]
+        else:
+            del self.nodes[op.node]
+
+    def read(self, segments: Sequence[Segment]) -> Layers:
+        """The KV of a cached prefix, one (keys, values) per layer, its segments joined in order."""
+        parts = [[(k[:, :used], v[:, :used]) for k, v in self.nodes[node]] for node, used in segments]
+        return [
+            (torch.cat([p[layer][0] for p in parts], dim=1), torch.cat([p[layer][1] for p in parts], dim=1))
+            for layer in range(len(parts[0]))
+        ]
+
+    def clear(self) -> None:
+        self.nodes.clear()
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token holds across the whole model (all ranks together)."""
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
