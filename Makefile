@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat chromium test bench soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ test: setup lint chromium ## lint, then the whole test suite
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
 	@for script in tests/bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+peers: setup ## nightcap against llama.cpp's llama-server (built once into var/peers) on the same GGUF: var/bench/peers.json (PEERS_ARGS)
+	$(PY) tests/bench/bench_peers.py $(PEERS_ARGS)
 
 SOAK_DURATION ?= 600
 

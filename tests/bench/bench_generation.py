@@ -12,6 +12,15 @@ Mixed traffic (``mixed_n64_vs_static_batch``): 64 requests asking for 16-256 new
 fixed seed) arrive over 3 s; the static batch gets them all at once (a head start) and must run to its
 longest member; tokens/s counts only the tokens each request asked for.
 
+Prefix cache (``turn10_ttft_cache_vs_off``, ``shared_prefix_tokens_per_s_vs_off``): the same server with
+its prefix cache (on by default) and with ``--prefix-cache-bytes 0``, in turns: the 10th turn's time to
+first token in a 10-turn conversation (each turn re-sends the whole conversation plus three passages and
+a question, as the orchestrator does), and 64 requests sharing one 1024-token system prompt. The other
+workloads draw new prompts each round, so the cache never hits there and they measure its cost.
+
+Faster decode step (``decode_step_vs_eager_n1``, ``_n16``, CPU only): the float32 eager step against
+``--quantize int8`` (int8 weights, bfloat16 activations), one stream's decode rate and 16 streams' rate.
+
 Scaling at N=16 (``tp2_vs_tp1``, ``replicas2_vs_1``): one server, the same model over 2
 tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain gRPC channel
 with round_robin over both addresses.
@@ -64,6 +73,12 @@ MIXED_REQUESTS = 64
 MIXED_NEW_TOKENS = (16, 256)
 MIXED_ARRIVAL_S = 3.0
 SCALING_CONCURRENCY = 16
+CONVERSATION_TURNS = 10
+CONVERSATION_SYSTEM_TOKENS = 32
+CONVERSATION_TURN_TOKENS = 3 * 60 + 16  # three passages and a question
+CONVERSATION_ANSWER_TOKENS = 16
+SHARED_PREFIX_REQUESTS = 64
+SHARED_PREFIX_TOKENS = 1024
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cpu")  # --device; the in-process baselines run there, the servers get the same flags
 DTYPE = torch.float32
@@ -129,9 +144,11 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, int(q) - 1))]
 
 
-def prompts(count: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(100, min(vocab, 20_000)) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
+def prompts(count: int, vocab: int, seed: int = 0, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """Random prompts; each round draws new ones (``seed``), so nightcap's prefix cache (on by default)
+    never holds them: these workloads measure the engine without hits, and the cache's own cost."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, min(vocab, 20_000)) for _ in range(length)] for _ in range(count)]
 
 
 @torch.inference_mode()
@@ -362,7 +379,7 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="*", default=["pythia-160m-shape", "smollm2-135m"], help="which models to measure"
     )
-    parts = ["mixed", "scaling", "chunked", "memory"]
+    parts = ["mixed", "scaling", "chunked", "memory", "prefix", "step"]
     parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts to skip")
     parser.add_argument(
         "--memory-models", nargs="*", default=["pythia-160m-shape", "redpajama-3b-shape"],
@@ -409,6 +426,10 @@ def main() -> None:
                 report, name, folder, str(serve_as), layout.root, args.concurrency, "mixed" not in args.skip, num_shard,
                 args.rounds,
             )  # fmt: skip
+        if "prefix" not in args.skip:
+            measure_prefix_cache(report, name, str(serve_as), layout.root, args.rounds)
+        if "step" not in args.skip and DEVICE.type == "cpu":  # on CUDA the default is bfloat16 already
+            measure_faster_step(report, name, str(serve_as), layout.root, args.rounds)
         if "scaling" not in args.skip:
             measure_scaling(report, name, str(serve_as), layout.root)
     for name in [] if "memory" in args.skip else args.memory_models:
@@ -450,10 +471,11 @@ def measure_model(
         sequential = run_sequential(model, prompts(half, vocab))
         static: dict[int, list[dict[str, float]]] = {n: [] for n in concurrency}
         served: dict[int, list[dict[str, float]]] = {n: [] for n in concurrency}
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for n in concurrency:
-                static[n].append(static_batch_metrics(model, prompts(n, vocab)))
-                served[n].append(run_nightcap(server.address, prompts(n, vocab)))
+                batch = prompts(n, vocab, seed=1 + 100 * round_ + n)
+                static[n].append(static_batch_metrics(model, batch))
+                served[n].append(run_nightcap(server.address, batch))
                 print(
                     f"   N={n}: static {static[n][-1]['tokens_per_s']:.0f} tok/s,"
                     f" nightcap {served[n][-1]['tokens_per_s']:.0f}"
@@ -488,12 +510,13 @@ def paired_ratio(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -
     return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs, strict=True))
 
 
-def mixed_workload(vocab: int) -> tuple[list[list[int]], list[int], list[float]]:
-    """64 prompts, their requested lengths (16-256) and arrival offsets over 3 s, from a fixed seed."""
+def mixed_workload(vocab: int, round_: int = 0) -> tuple[list[list[int]], list[int], list[float]]:
+    """64 prompts (new ones each round), their requested lengths (16-256) and arrival offsets over 3 s,
+    from a fixed seed."""
     rng = random.Random(64)
     lengths = [rng.randint(*MIXED_NEW_TOKENS) for _ in range(MIXED_REQUESTS)]
     arrivals = sorted(rng.uniform(0, MIXED_ARRIVAL_S) for _ in range(MIXED_REQUESTS))
-    return prompts(MIXED_REQUESTS, vocab), lengths, arrivals
+    return prompts(MIXED_REQUESTS, vocab, seed=640 + round_), lengths, arrivals
 
 
 def measure_mixed(
@@ -501,13 +524,14 @@ def measure_mixed(
 ) -> None:
     """Requests that want different lengths: a static batch runs to its longest member; nightcap lets
     each leave when done and takes arrivals as they come. Only requested tokens count."""
-    batch, lengths, arrivals = mixed_workload(vocab)
+    lengths = mixed_workload(vocab)[1]
     params = {
         "requests": MIXED_REQUESTS, "new_tokens": "{}-{}".format(*MIXED_NEW_TOKENS), "arrival_s": MIXED_ARRIVAL_S,
         "rounds": rounds,
     }  # fmt: skip
     static_runs, served_runs = [], []
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        batch, lengths, arrivals = mixed_workload(vocab, round_)
         started, times = run_static_batch(model, batch, new_tokens=max(lengths))
         static_runs.append(
             {
@@ -526,7 +550,7 @@ def measure_mixed(
 
 def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int = 2) -> None:
     """Aggregate tokens/s at N=16: 1 server, 2 tensor-parallel ranks, 2 replicas round-robin; in turns."""
-    n, batch = SCALING_CONCURRENCY, prompts(SCALING_CONCURRENCY, 49_152)
+    n = SCALING_CONCURRENCY
     params = {"concurrency": n, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     one = GenerationServer(serve_as, var_dir, n, 2048, log="-tp1")
     servers = [one]
@@ -546,7 +570,8 @@ def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path
         for address, options in systems.values():
             run_nightcap(address, prompts(4, 49_152), **options)  # warm-up
         rates: dict[str, list[float]] = {system: [] for system in systems}
-        for _ in range(rounds):
+        for round_ in range(rounds):
+            batch = prompts(n, 49_152, seed=1600 + round_)
             for system, (address, options) in systems.items():
                 rates[system].append(run_nightcap(address, batch, **options)["tokens_per_s"])
     finally:
@@ -558,6 +583,128 @@ def measure_scaling(report: BenchReport, name: str, serve_as: str, var_dir: Path
     if "tp-2" in mean:
         report.ratio(f"{name}/tp2_vs_tp1", mean["tp-2"] / mean["nightcap-1"])
     report.ratio(f"{name}/replicas2_vs_1", mean["replicas-2"] / mean["nightcap-1"])
+
+
+def generate_ids(stub, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """One greedy stream: its tokens and its time to first token (s)."""
+    request = generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=prompt),
+        params=common_pb2.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+    )
+    sent, first, ids = time.perf_counter(), None, []
+    for response in stub.Generate(request, timeout=1200):
+        if response.token_ids and first is None:
+            first = time.perf_counter()
+        ids += response.token_ids
+    assert len(ids) == new_tokens and first is not None, f"asked for {new_tokens} tokens, got {len(ids)}"
+    return ids, first - sent
+
+
+def conversation_ttfts(address: str, seed: int, vocab: int) -> list[float]:
+    """A 10-turn conversation as the orchestrator sends it: every turn's prompt is the whole conversation
+    so far (each earlier prompt and answer, token for token) plus a new user turn holding three passages
+    and a question. Returns each turn's time to first token."""
+    rng = random.Random(seed)
+    history = [rng.randrange(100, min(vocab, 20_000)) for _ in range(CONVERSATION_SYSTEM_TOKENS)]
+    ttfts = []
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for _ in range(CONVERSATION_TURNS):
+            history += [rng.randrange(100, min(vocab, 20_000)) for _ in range(CONVERSATION_TURN_TOKENS)]
+            answer, ttft = generate_ids(stub, history, CONVERSATION_ANSWER_TOKENS)
+            history += answer
+            ttfts.append(ttft)
+    return ttfts
+
+
+def measure_prefix_cache(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int) -> None:
+    """The prefix cache on (serve's default) against off (--prefix-cache-bytes 0), in turns:
+    - turn10_ttft: a 10-turn conversation with three passages a turn; the 10th turn's time to first token;
+    - shared_prefix: 64 requests at once, each one long system prompt plus its own question."""
+    vocab = 49_152
+    cached = GenerationServer(serve_as, var_dir, SHARED_PREFIX_REQUESTS, 2048, log="-cache")
+    servers = {"cache": cached}
+    try:
+        servers["off"] = GenerationServer(
+            serve_as, var_dir, SHARED_PREFIX_REQUESTS, 2048, "--prefix-cache-bytes", "0", log="-nocache"
+        )
+        for server in servers.values():
+            run_nightcap(server.address, prompts(2, vocab, seed=-1))  # warm-up
+        turn10: dict[str, list[float]] = {system: [] for system in servers}
+        shared: dict[str, list[dict[str, float]]] = {system: [] for system in servers}
+        for round_ in range(rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for system in order:
+                ttfts = conversation_ttfts(servers[system].address, 7000 + round_, vocab)
+                turn10[system].append(ttfts[-1])
+            system_prompt = prompts(1, vocab, seed=8000 + round_, length=SHARED_PREFIX_TOKENS)[0]
+            batch = [system_prompt + q for q in prompts(SHARED_PREFIX_REQUESTS, vocab, seed=9000 + round_, length=16)]
+            for system in order:
+                timings = stream_requests(servers[system].address, batch, [NEW_TOKENS] * len(batch))
+                started, finished = min(t.sent for t in timings), max(t.tokens[-1] for t in timings)
+                shared[system].append(summarise(timings, started, finished))
+            print(
+                f"   prefix cache: turn-10 ttft {1000 * turn10['cache'][-1]:.0f} ms vs"
+                f" {1000 * turn10['off'][-1]:.0f} off; shared prefix {shared['cache'][-1]['tokens_per_s']:.0f}"
+                f" tok/s vs {shared['off'][-1]['tokens_per_s']:.0f}"
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+    params = {
+        "turns": CONVERSATION_TURNS, "turn_tokens": CONVERSATION_TURN_TOKENS,
+        "answer_tokens": CONVERSATION_ANSWER_TOKENS, "rounds": rounds,
+    }  # fmt: skip
+    for system in servers:
+        label = "nightcap" if system == "cache" else "nightcap-no-prefix-cache"
+        report.add("turn10_ttft", label, name, params, {"ttft_ms": 1000 * statistics.mean(turn10[system])})
+        shared_params = {"requests": SHARED_PREFIX_REQUESTS, "system_prompt_tokens": SHARED_PREFIX_TOKENS,
+                         "question_tokens": 16, "new_tokens": NEW_TOKENS, "rounds": rounds}  # fmt: skip
+        report.add("shared_prefix", label, name, shared_params, mean_metrics(shared[system]))
+    report.ratio(
+        f"{name}/turn10_ttft_cache_vs_off",
+        statistics.median(a / b for a, b in zip(turn10["cache"], turn10["off"], strict=True)),
+    )
+    report.ratio(f"{name}/shared_prefix_tokens_per_s_vs_off", paired_ratio(shared["cache"], shared["off"]))
+
+
+def measure_faster_step(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int) -> None:
+    """Today's eager float32 decode step against the faster one this CPU takes (``--quantize int8``: int8
+    weights, bfloat16 activations), one server each, in turns: decode tokens/s of one stream after its
+    first token, and tokens/s of 16 streams."""
+    vocab = 49_152
+    servers = {"eager": GenerationServer(serve_as, var_dir, 16, 2048, log="-eager")}
+    try:
+        servers["int8"] = GenerationServer(serve_as, var_dir, 16, 2048, "--quantize", "int8", log="-int8")
+        for server in servers.values():
+            run_nightcap(server.address, prompts(2, vocab, seed=-2))  # warm-up
+        runs: dict[tuple[str, int], list[dict[str, float]]] = {(s, n): [] for s in servers for n in (1, 16)}
+        for round_ in range(rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for n in (1, 16):
+                batch = prompts(n, vocab, seed=5000 + 100 * round_ + n)
+                for system in order:
+                    timings = stream_requests(servers[system].address, batch, [NEW_TOKENS] * n)
+                    metrics = summarise(timings, min(t.sent for t in timings), max(t.tokens[-1] for t in timings))
+                    decode_s = statistics.mean(t.tokens[-1] - t.tokens[0] for t in timings)
+                    metrics["decode_tokens_per_s"] = n * (NEW_TOKENS - 1) / decode_s
+                    runs[(system, n)].append(metrics)
+            print(
+                "   faster step: N=1 {:.1f} vs {:.1f} decode tok/s, N=16 {:.0f} vs {:.0f} tok/s (int8 vs eager)".format(
+                    runs[("int8", 1)][-1]["decode_tokens_per_s"], runs[("eager", 1)][-1]["decode_tokens_per_s"],
+                    runs[("int8", 16)][-1]["tokens_per_s"], runs[("eager", 16)][-1]["tokens_per_s"],
+                )
+            )  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    for (system, n), values in runs.items():
+        label = "nightcap" if system == "eager" else "nightcap --quantize int8"
+        params = {"concurrency": n, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds}
+        report.add("decode_step", label, name, params, mean_metrics(values))
+    for n, key in ((1, "decode_tokens_per_s"), (16, "tokens_per_s")):
+        ratio = statistics.median(a[key] / b[key] for a, b in zip(runs[("int8", n)], runs[("eager", n)], strict=True))
+        report.ratio(f"{name}/decode_step_vs_eager_n{n}", ratio)
 
 
 def measure_memory(report: BenchReport, name: str, serve_as: str, var_dir: Path, dtype: str) -> None:
