@@ -124,6 +124,21 @@ def test_a_raw_completion_goes_straight_to_the_model(http):
     assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(http):
+    """The generation service's prefix cache, as an OpenAI client sees it."""
+    prompt = "Zurich is the largest city of Switzerland and the capital of the canton of Zurich. It is"
+    request = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+    first = http.post("/v1/completions", json=request).json()["usage"]
+    second = http.post("/v1/completions", json=request).json()["usage"]
+    assert second["prompt_tokens"] == first["prompt_tokens"] > 10
+    assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] - 1  # all but the last
+    chat = {**ZURICH, "stream": True, "stream_options": {"include_usage": True}}
+    for _ in range(2):
+        with http.stream("POST", "/v1/chat/completions", json=chat) as response:
+            usage = [e for e in events(response) if isinstance(e, dict)][-1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 1
+
+
 def test_models_list_the_served_model_and_the_embedder(http):
     data = http.get("/v1/models").json()["data"]
     kinds = {card["nightcap"]["kind"]: card for card in data}
