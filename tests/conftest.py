@@ -86,6 +86,22 @@ def tiny_loaded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return load_model(str(tiny_model_dir), ModelRegistry(tmp_path_factory.mktemp("registry")))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Llama, loaded: the second architecture beside ``tiny_loaded``'s GPT-NeoX."""
+    from services.common.registry import ModelRegistry
+    from services.generation.loading import load_model
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return load_model(str(folder), ModelRegistry(tmp_path_factory.mktemp("registry")))
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def model(request, tiny_loaded, tiny_llama):
+    """Each engine test once per architecture."""
+    return tiny_loaded if request.param == "gpt_neox" else tiny_llama
+
+
 PREFIX_CACHE = 256 << 20  # bytes of prefix cache for the shared generation servers, as `serve` has by default
 
 

@@ -15,29 +15,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import build_tiny_llama
 
 from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import ResourceExhausted, Unavailable
-from services.common.registry import ModelRegistry
 from services.common.server import free_port
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import SamplingConfig, typical_filter
 from services.generation.engine.scheduler import SchedulerConfig
-from services.generation.loading import load_model
 from services.generation.server import start_generation_server
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-    return load_model(str(folder), ModelRegistry(tmp_path_factory.mktemp("registry")))
-
-
-@pytest.fixture(params=["gpt_neox", "llama"])
-def model(request, tiny_loaded, tiny_llama):
-    return tiny_loaded if request.param == "gpt_neox" else tiny_llama
 
 
 def tokens_of(request: Request) -> list[int]:

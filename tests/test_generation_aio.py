@@ -75,28 +75,25 @@ def test_64_raw_stub_streams_without_a_deadline_all_finish(served):
     assert wait_for(lambda: engine.active_sequences == 0)
 
 
-def test_a_cancelled_stream_frees_its_row_at_the_next_step(served, log_lines):
+@pytest.mark.parametrize("leave", ["cancel", "hang_up"])
+def test_a_stream_the_client_leaves_frees_its_row_at_the_next_step(served, log_lines, leave):
+    """Cancelling the call, or closing the channel mid-stream."""
     running, engine = served
-    with grpc.insecure_channel(running.address) as channel:
-        call = generation_pb2_grpc.GenerationStub(channel).Generate(request(LONG, "cancelled-stream"))
+    request_id = f"{leave}-stream"
+    channel = grpc.insecure_channel(running.address)
+    try:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(request(LONG, request_id))
         next(call)
         assert engine.active_sequences == 1
-        call.cancel()
+        if leave == "cancel":
+            call.cancel()
+        else:
+            channel.close()
         assert wait_for(lambda: engine.active_sequences == 0)
-    assert wait_for(lambda: generated_when_cancelled(log_lines, "cancelled-stream") is not None)
-    assert generated_when_cancelled(log_lines, "cancelled-stream") < LONG
-
-
-def test_a_client_that_hangs_up_mid_stream_frees_its_row(served, log_lines):
-    running, engine = served
-    channel = grpc.insecure_channel(running.address)
-    call = generation_pb2_grpc.GenerationStub(channel).Generate(request(LONG, "hung-up-stream"))
-    next(call)
-    assert engine.active_sequences == 1
-    channel.close()
-    assert wait_for(lambda: engine.active_sequences == 0)
-    assert wait_for(lambda: generated_when_cancelled(log_lines, "hung-up-stream") is not None)
-    assert generated_when_cancelled(log_lines, "hung-up-stream") < LONG
+    finally:
+        channel.close()
+    assert wait_for(lambda: generated_when_cancelled(log_lines, request_id) is not None)
+    assert generated_when_cancelled(log_lines, request_id) < LONG
 
 
 def test_open_streams_hold_no_thread_each(tiny_loaded, served):

@@ -7,28 +7,14 @@ import random
 import threading
 
 import pytest
-from conftest import build_tiny_llama
 
-from services.common.registry import ModelRegistry
 from services.generation.engine.engine import ContinuousBatchingEngine
-from services.generation.engine.prefix_cache import EvictKV, KVStore, PrefixIndex, SplitKV, StoreKV
+from services.generation.engine.prefix_cache import EvictKV, KVStore, PrefixIndex, SplitKV, StoreKV, kv_bytes_per_token
 from services.generation.engine.request import Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
-from services.generation.loading import load_model
 
 CACHE = 1 << 26  # bytes: far more than these tests fill
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-    return load_model(str(folder), ModelRegistry(tmp_path_factory.mktemp("registry")))
-
-
-@pytest.fixture(params=["gpt_neox", "llama"])
-def model(request, tiny_loaded, tiny_llama):
-    return tiny_loaded if request.param == "gpt_neox" else tiny_llama
 
 
 def engine_with(model, cache_bytes: int = CACHE, **config) -> ContinuousBatchingEngine:
@@ -184,7 +170,7 @@ def test_a_cancelled_request_leaves_its_prefix_behind_and_the_output_stays_right
 
 
 def test_a_small_cache_evicts_and_stays_within_its_bytes(tiny_loaded):
-    per_token = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig())._kv_bytes_per_token
+    per_token = kv_bytes_per_token(tiny_loaded.model.config, tiny_loaded.model.dtype)
     rng = random.Random(5)
     cases = [(random_tokens(rng, 40), 8) for _ in range(12)]
     warm, cold = engine_with(tiny_loaded, cache_bytes=100 * per_token), ContinuousBatchingEngine(tiny_loaded)

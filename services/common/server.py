@@ -133,18 +133,11 @@ def start_server(
         options=SERVER_OPTIONS,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [binding.full_name for binding in bindings]
-    for binding in bindings:
-        binding.add(binding.servicer, server)
-    if security.reflection:
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = security.add_port(server, address)
-    if port == 0:
-        raise OSError(f"could not bind {address}: is another process listening there?")
+    port = _attach(server, health_servicer, bindings, address, security)
     health_port = security.start_health_port(health_servicer)
     interceptor.server_name = _server_name(address, port)
     server.start()
+    names = [binding.full_name for binding in bindings]
     running = RunningServer(server, port, health_servicer, names, health_port)
     running.set_serving(True)
     return running
@@ -227,15 +220,7 @@ async def _start_aio(
         options=SERVER_OPTIONS,
     )
     health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [binding.full_name for binding in bindings]
-    for binding in bindings:
-        binding.add(binding.servicer, server)
-    if security.reflection:
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = security.add_port(server, address)
-    if port == 0:
-        raise OSError(f"could not bind {address}: is another process listening there?")
+    port = _attach(server, health_servicer, bindings, address, security)
     health_port = await security.start_aio_health_port(health_servicer)
     interceptor.server_name = _server_name(address, port)
     await server.start()
@@ -262,6 +247,22 @@ async def _set_health(servicer: health_aio.HealthServicer, names: list[str], ser
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:
         await servicer.set(name, status)
+
+
+def _attach(
+    server: Any, health_servicer: Any, bindings: list[ServiceBinding], address: str, security: ServerSecurity
+) -> int:
+    """Health, the services and reflection onto either kind of server, bound to ``address``; returns the port."""
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [binding.full_name for binding in bindings]
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    if security.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = security.add_port(server, address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is another process listening there?")
+    return port
 
 
 def _server_name(address: str, port: int) -> str:

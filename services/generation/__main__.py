@@ -141,9 +141,9 @@ def serve(
         "",
         "--quantize",
         envvar="NIGHTCAP_QUANTIZE",
-        help="int8: int8 weights, bfloat16 activations, through torch's own kernel (CPU; 2.4x float32's decode"
-        " rate for one stream on an AVX512-BF16 CPU); 8bit: LLM.int8() through bitsandbytes (CUDA only; pip install"
-        " bitsandbytes); empty: none",
+        help="int8: int8 weights, bfloat16 activations, through torch's own kernel (CPU only; a one-row decode"
+        " step 2.3x faster than float32's on an AVX512-BF16 CPU); 8bit: LLM.int8() through bitsandbytes (CUDA only;"
+        " pip install bitsandbytes); empty: none",
     ),
     swap_drain_seconds: float = typer.Option(
         DEFAULT_DRAIN_SECONDS,

@@ -5,10 +5,10 @@ with one scale per output channel, the weights are a quarter of float32's bytes,
 (``torch._weight_int8pack_mm``, the one gpt-fast and torchao's int8 path call) multiplies bfloat16
 activations by them without widening the weights first.
 
-Measured on the 2-core AVX512-BF16 CPU this project is built on, SmolLM2-135M, one decode step of the
-eager model (2 threads): float32 71 ms, bfloat16 56 ms, int8 weights with bfloat16 activations 30 ms
-(2.4x float32) at one row; at 16 rows 118 / 94 / 96 ms (1.23x). Greedy answers to fixed chat prompts
-stayed the same but for a spelling. Why written here rather than taken from torchao: torchao's
+Measured by tests/bench/bench_decode_step.py on the 2-core AVX512-BF16 CPU this project is built on
+(SmolLM2-135M, one eager decode step, 2 threads): float32 76 ms, bfloat16 54 ms, int8 weights with
+bfloat16 activations 34 ms (2.3x float32) at one row; at 16 rows 134 / 80 / 100 ms. Greedy answers to
+fixed chat prompts stayed the same but for a spelling. Why written here rather than taken from torchao: torchao's
 ``Int8WeightOnlyConfig`` without torch.compile ran the same model at 104 ms a step (slower than float32),
 and dynamic int8 activations (``torch.ao.quantization.quantize_dynamic``, faster still) changed the 135M
 model's answers beyond use. With float32 activations the same kernel is ~10x slower, so activations are

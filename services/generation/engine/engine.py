@@ -10,6 +10,7 @@ batch is sampled at once (``sample_batch``), and the scheduler applies the token
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -167,7 +168,7 @@ class ContinuousBatchingEngine:
         metrics.prefix_cache_reused_tokens.inc(now.reused_tokens - old.reused_tokens)
         metrics.prefix_cache_evictions.inc(now.evictions - old.evictions)
         metrics.prefix_cache_bytes.set(index.held * self._kv_bytes_per_token)
-        self._published = PrefixStats(now.lookups, now.hits, now.reused_tokens, now.evictions)
+        self._published = dataclasses.replace(now)
 
     def _recover(self, error: Exception) -> bool:
         """A failed model call fails the requests in it, and only those; True if the engine goes on.

@@ -19,7 +19,7 @@ up to the last whole block. A tree also keeps a shared system prompt once, howev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,6 @@ class PrefixIndex:
         self.stats = PrefixStats()
         self._next_id = 1
         self._clock = 0
-        self._nodes = 0
 
     @property
     def enabled(self) -> bool:
@@ -101,94 +100,88 @@ class PrefixIndex:
 
     @property
     def nodes(self) -> int:
-        return self._nodes
+        return sum(1 for _ in self._below(self.root))
 
     def match(self, tokens: Sequence[int]) -> Reuse:
         """The longest cached prefix of ``tokens``; marks the nodes on it as just used."""
         if not self.enabled:
             return Reuse()
+        path = self._descend(tokens)
+        at = sum(used for _, used in path)
         self.stats.lookups += 1
-        tick = self._tick()
-        node, at, segments = self.root, 0, []
-        while at < len(tokens):
-            child = node.children.get(tokens[at])
-            if child is None:
-                break
-            same = _common(child.tokens, tokens, at)
-            child.last_used = tick
-            segments.append((child.id, same))
-            at += same
-            if same < len(child.tokens):
-                break
-            node = child
         if at:
             self.stats.hits += 1
             self.stats.reused_tokens += at
-        return Reuse(at, tuple(segments))
+        return Reuse(at, tuple((node.id, used) for node, used in path))
 
     def insert(self, tokens: Sequence[int], row: int) -> list[CacheOp]:
         """Keeps the KV of ``tokens`` (row ``row``'s first real tokens); returns the store's operations:
         at most one split, one store of the part not cached yet, and the evictions that make room."""
         if not self.enabled or not tokens:
             return []
-        tick = self._tick()
+        path = self._descend(tokens)
         ops: list[CacheOp] = []
-        node, at = self.root, 0
-        while at < len(tokens):
-            child = node.children.get(tokens[at])
-            if child is None:
-                break
-            same = _common(child.tokens, tokens, at)
-            child.last_used = tick
-            if same < len(child.tokens):
-                ops.append(self._split(child, same))
-            node, at = child, at + same
+        if path and path[-1][1] < len(path[-1][0].tokens):  # the tokens leave the tree mid-node
+            ops.append(self._split(*path[-1]))
+        node = path[-1][0] if path else self.root
+        at = sum(used for _, used in path)
         new = len(tokens) - at
         if new == 0 or new > self.capacity:
             return ops  # already held, or more than the whole cache may hold
-        leaf = _Node(self._take_id(), tuple(tokens[at:]), node, last_used=tick)
+        leaf = _Node(self._take_id(), tuple(tokens[at:]), node, last_used=self._clock)
         node.children[leaf.tokens[0]] = leaf
         self.held += new
-        self._nodes += 1
         ops.append(StoreKV(leaf.id, row, at, len(tokens)))
         ops.extend(self._evict(keep=leaf))
         return ops
 
     def clear(self) -> None:
         """Forgets everything (the store is reset alongside, after a failed step)."""
-        self.root, self.held, self._nodes = _Node(0, (), None), 0, 0
+        self.root, self.held = _Node(0, (), None), 0
+
+    def _descend(self, tokens: Sequence[int]) -> list[tuple[_Node, int]]:
+        """The nodes ``tokens`` runs through from the root, each with how many of its tokens match (only
+        the last may match in part), all marked as just used."""
+        tick, node, at = self._tick(), self.root, 0
+        path: list[tuple[_Node, int]] = []
+        while at < len(tokens) and (child := node.children.get(tokens[at])) is not None:
+            same = _common(child.tokens, tokens, at)
+            child.last_used = tick
+            path.append((child, same))
+            at += same
+            if same < len(child.tokens):
+                break
+            node = child
+        return path
 
     def _split(self, child: _Node, at: int) -> SplitKV:
         tail = _Node(self._take_id(), child.tokens[at:], child, child.children, child.last_used)
         for grandchild in tail.children.values():
             grandchild.parent = tail
         child.tokens, child.children = child.tokens[:at], {tail.tokens[0]: tail}
-        self._nodes += 1
         return SplitKV(child.id, at, tail.id)
 
     def _evict(self, keep: _Node) -> list[CacheOp]:
         ops: list[CacheOp] = []
         while self.held > self.capacity:
             # least recently used leaf; a linear scan is fine for the few thousand nodes a cache holds
-            victim = min((n for n in self._leaves() if n is not keep), key=lambda n: n.last_used, default=None)
+            leaves = (n for n in self._below(self.root) if not n.children and n is not keep)
+            victim = min(leaves, key=lambda n: n.last_used, default=None)
             if victim is None:
                 break
             assert victim.parent is not None
             del victim.parent.children[victim.tokens[0]]
             self.held -= len(victim.tokens)
-            self._nodes -= 1
             self.stats.evictions += 1
             ops.append(EvictKV(victim.id))
         return ops
 
-    def _leaves(self):
-        stack = list(self.root.children.values())
+    def _below(self, top: _Node) -> Iterator[_Node]:
+        stack = list(top.children.values())
         while stack:
             node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            else:
-                yield node
+            stack.extend(node.children.values())
+            yield node
 
     def _tick(self) -> int:
         self._clock += 1

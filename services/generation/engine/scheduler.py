@@ -101,8 +101,7 @@ class ContinuousBatchScheduler:
         self.prefix = PrefixIndex(config.prefix_cache_bytes // kv_bytes_per_token)
         self._steps = 0
         self._dead_row_steps = 0  # row-steps spent on finished rows still in the cache
-        self._kv_tokens: dict[int, int] = {}  # id(request) -> its tokens in the batch's KV (prompt + fed outputs)
-        self._kept: dict[int, int] = {}  # id(request) -> how many of those the prefix cache holds
+        self._kept: dict[int, int] = {}  # id(request) -> how many of its KV tokens the prefix cache holds
 
     @property
     def running(self) -> list[Request]:
@@ -173,13 +172,9 @@ class ContinuousBatchScheduler:
                 keep, self._dead_row_steps = tuple(live), 0
                 for request in self.batch:
                     if stopped(request):
-                        self._kv_tokens.pop(id(request), None)
                         self._kept.pop(id(request), None)
                 self.batch = [self.batch[row] for row in live]
         decode_tokens = tuple(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1] for r in self.batch)
-        for request in self.batch:
-            if not stopped(request):
-                self._kv_tokens[id(request)] = self._kv_tokens.get(id(request), 0) + 1
         model = ModelStep(self._steps, keep, decode_tokens, prefill, cache_ops=cache_ops)
         group = self.prefilling.requests if self.prefilling else []
         # logits come back for every decoding row, then for the group's rows when its last chunk runs
@@ -208,8 +203,6 @@ class ContinuousBatchScheduler:
                 finished.append(request)
         chunk = output.model.prefill
         if chunk is not None and chunk.last and self.prefilling is not None:
-            for request in self.prefilling.requests:
-                self._kv_tokens[id(request)] = len(request.prompt_ids)
             self.batch += self.prefilling.requests
             self.prefilling = None
         return finished
@@ -219,7 +212,6 @@ class ContinuousBatchScheduler:
         resets its own); returns the unfinished requests that held rows."""
         lost = self.running
         self.batch, self.prefilling, self._dead_row_steps = [], None, 0
-        self._kv_tokens.clear()
         self._kept.clear()
         self.prefix.clear()
         return lost
@@ -239,7 +231,7 @@ class ContinuousBatchScheduler:
         it stops (finished, cancelled or expired); the tree stores only what it does not hold yet."""
         ops: list[CacheOp] = []
         for row, request in enumerate(self.batch):
-            held = self._kv_tokens.get(id(request), 0)
+            held = _kv_tokens(request)
             kept = self._kept.get(id(request), 0)
             if held > kept and (kept == 0 or stopped(request)):
                 self._kept[id(request)] = held
@@ -255,7 +247,7 @@ class ContinuousBatchScheduler:
         while self.waiting:
             request = self.waiting[0]
             # at least the prompt's last token is prefilled: its logits give the first token
-            cached = self.prefix.match(request.prompt_ids[:-1]) if self.prefix.enabled else Reuse()
+            cached = self.prefix.match(request.prompt_ids[:-1])
             fresh = len(request.prompt_ids) - cached.tokens
             fits = (
                 rows + len(admitted) < config.max_batch_size
@@ -288,3 +280,12 @@ class ContinuousBatchScheduler:
         prompts = tuple(tuple(r.prompt_ids) for r in group.requests) if first else ()
         reuse = group.reuse if first and group.prefix else ()  # nothing reused: nothing to send
         return PrefillChunk(start, end, end == group.width, prompts, reuse)
+
+
+def _kv_tokens(request: Request) -> int:
+    """Tokens of a batch row's prompt and answer that its KV holds at the start of a step: all but the last
+    token sampled, which is fed this step (or never, once the row has stopped). An end-of-sequence token
+    is never appended, so a row that stopped on one holds every token of its answer; a row that stopped
+    before its first token holds its prompt."""
+    fed = len(request.output_ids) - (request.status is not RequestStatus.FINISHED_EOS)
+    return len(request.prompt_ids) + max(0, fed)
