@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: help setup protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,8 +27,11 @@ setup: $(STAMP) $(STUBS) ## create .venv, install pinned requirements and the em
 
 protos: $(STUBS) ## regenerate the gRPC stubs from protos/
 
-up: setup ## prepare the default model and index, start the stack under supervisord, ask it "Where is Zurich?" (GENERATION_REPLICAS=N)
-	$(PY) -m deploy.stack up $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS))
+llamacpp: setup ## build llama-cpp-python (llama.cpp) into .venv with native CPU flags, once; unpack its GGUF converter (LLAMACPP_CUDA=1: CUDA too)
+	$(PY) -m deploy.llamacpp $(if $(LLAMACPP_CUDA),--cuda)
+
+up: setup $(if $(filter llamacpp,$(RUNNER)),llamacpp) ## prepare the default model and index, start the stack under supervisord, ask it "Where is Zurich?" (GENERATION_REPLICAS=N, RUNNER=llamacpp)
+	$(PY) -m deploy.stack up $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS)) $(if $(RUNNER),--runner $(RUNNER))
 
 down: ## stop every process `make up` started
 	@if [ -x $(PY) ]; then $(PY) -m deploy.stack down; else echo "nothing to stop (no $(VENV))"; fi
@@ -58,7 +61,7 @@ chromium: ## Debian's Chromium for tests/test_web.py when it is missing and apt-
 		{ $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }; } \
 		|| echo "chromium could not be installed: tests/test_web.py will be skipped"; }
 
-test: setup lint chromium ## lint, then the whole test suite
+test: setup lint chromium llamacpp ## lint, then the whole test suite
 	$(PY) -m pytest
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
@@ -109,10 +112,10 @@ finetune-demo: setup ## fine-tune SmolLM2-135M for a few minutes on 2 CPU worker
 GENERATION_ADDRESS ?= 127.0.0.1:50051
 PUBLISH_NAME ?= wiki-chat
 
-publish-demo: setup ## convert the last finetune-demo run, gate it, publish it to the running `make up` stack
+publish-demo: setup ## convert the last finetune-demo run, gate it, publish it to the running `make up` stack (PUBLISH_GGUF=q4_1: with a GGUF for RUNNER=llamacpp)
 	@final=$$(ls -t var/ray/storage/finetune-demo-*/final.json 2>/dev/null | head -1); \
 	if [ -z "$$final" ]; then echo "no finished finetune-demo run under var/ray/storage: run make finetune-demo"; exit 2; fi; \
 	run=$$(basename $$(dirname $$final)); echo "publishing run $$run as $(PUBLISH_NAME)"; \
-	$(PY) training/convert.py --run $$run --name $(PUBLISH_NAME) --var-dir var --publish $(GENERATION_ADDRESS)
+	$(PY) training/convert.py --run $$run --name $(PUBLISH_NAME) --var-dir var --publish $(GENERATION_ADDRESS) $(if $(PUBLISH_GGUF),--to-gguf $(PUBLISH_GGUF))
 	$(VENV)/bin/chatctl status
 	$(VENV)/bin/chatctl model list $(PUBLISH_NAME) --address $(GENERATION_ADDRESS)

@@ -121,6 +121,13 @@ def up(
     retrieval_address: RetrievalAddress = RETRIEVAL_ADDRESS,
     gateway_address: GatewayAddress = GATEWAY_ADDRESS,
     generation_replicas: Replicas = 1,
+    runner: Annotated[
+        str,
+        typer.Option(
+            envvar="NIGHTCAP_RUNNER",
+            help="What runs the model: transformers, or llamacpp (the GGUF in llama.cpp; `make llamacpp` installs it).",
+        ),
+    ] = "transformers",
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
     ] = True,
@@ -148,7 +155,7 @@ def up(
     )
     if len(set(addresses.values())) < len(addresses):
         _fail(f"the services need different addresses, got {addresses}")
-    specs = _service_specs(layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level)
+    specs = _service_specs(layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level, runner)
     supervisord = Supervisord(run)
 
     with run.lock(on_wait=lambda: typer.echo("waiting for another deploy.stack command on this var dir ...")):
@@ -292,7 +299,7 @@ def _print_urls(gateway: str) -> None:
 
 
 def _service_specs(
-    layout: VarLayout, addresses: dict[str, str], model: str, index: str, log_level: str
+    layout: VarLayout, addresses: dict[str, str], model: str, index: str, log_level: str, runner: str = "transformers"
 ) -> dict[str, ServiceSpec]:
     var_dir = str(layout.root)
     generations = [name for name in addresses if name.startswith("generation")]
@@ -309,7 +316,13 @@ def _service_specs(
     }
     metrics_host, _, metrics_port = os.environ.get("NIGHTCAP_METRICS_ADDRESS", "127.0.0.1:9400").rpartition(":")
     for n, name in enumerate(generations):
-        arguments[name] = ["--model", model, "--var-dir", var_dir]
+        arguments[name] = [
+            "--model",
+            model,
+            "--var-dir",
+            var_dir,
+            *(["--runner", runner] if runner != "transformers" else []),
+        ]
         if n > 0:  # each replica its own metrics port (port 0 stays "any free port")
             port = int(metrics_port) + n if int(metrics_port) else 0
             arguments[name] += ["--metrics-address", f"{metrics_host}:{port}"]

@@ -122,6 +122,26 @@ def test_finished_rows_stay_dead_until_dropping_them_pays_and_the_rest_keep_thei
     assert output.model.keep is None  # nobody left: the batch is untouched
 
 
+def test_with_free_row_drops_a_finished_row_leaves_at_the_next_step():
+    s = ContinuousBatchScheduler(SchedulerConfig(), frozenset({EOS}), free_row_drops=True)
+    a, b, c = request(new_tokens=9), request(new_tokens=1), request(new_tokens=9)
+    for r in (a, b, c):
+        s.add(r)
+    _, finished = step(s)
+    assert finished == [b]
+    output, _ = step(s)  # llama.cpp's seq_rm copies nothing: no dead row is ever fed
+    assert output.model.keep == (0, 2) and output.model.decode_tokens == (7, 7) and output.logit_rows == [0, 1]
+
+
+def test_a_prefix_tree_bounded_in_nodes_evicts_to_stay_within_them():
+    s = ContinuousBatchScheduler(SchedulerConfig(prefix_cache_bytes=10_000), frozenset({EOS}), max_prefix_nodes=3)
+    for first in range(6):  # six prompts that share nothing: six leaves wanted, three allowed
+        s.add(Request([100 + first, 1, 2], SamplingConfig(max_new_tokens=1)))
+        while s.has_work:
+            step(s)
+    assert s.prefix.nodes == 3 and s.prefix.stats.evictions >= 3
+
+
 def test_dead_rows_leave_when_a_group_joins_so_the_batch_stays_within_its_size():
     s = scheduler(max_batch_size=2)
     a, b, c = request(new_tokens=9), request(new_tokens=1), request(new_tokens=9)

@@ -4,6 +4,7 @@ small index, and a var dir of the test's own."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -196,3 +197,14 @@ def test_a_killed_service_is_restarted_counted_and_usable_at_once(
     down = stack.run("down")
     assert down.returncode == 0, _output(down)
     assert stack.processes_serving_its_addresses() == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing: make llamacpp")
+def test_up_with_the_llama_cpp_runner_answers_zurich_with_its_source_from_the_default_gguf(
+    stack: LocalStack, small_index_folder: Path
+) -> None:
+    up = stack.run("up", "--runner", "llamacpp", "--index", str(small_index_folder), "--max-new-tokens", "24")
+    assert up.returncode == 0, _output(up)
+    assert "> Where is Zurich?" in up.stdout and "Source: Zurich" in up.stdout
+    log = (stack.var_dir / "logs" / "generation.log").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf into llama.cpp" in log and "llama.cpp context for" in log

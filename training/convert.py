@@ -3,6 +3,8 @@
     python training/convert.py --run <run-name> --name wiki-chat [--dtype bf16] [--publish 127.0.0.1:50051]
     python training/convert.py --checkpoint <storage>/<run>/checkpoint_000004 --name wiki-chat
     python training/convert.py --hf path/to/folder | --gguf model.gguf --name my-model
+    python training/convert.py --gguf model.gguf --name my-model --dequantize   (safetensors, not the GGUF file)
+    python training/convert.py --run <run-name> --name wiki-chat --to-gguf q4_1   (also a GGUF for --runner llamacpp)
     python training/convert.py --openchatkit path/to/checkpoint_100 --config <HF folder|hub id> --name ock-3b
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python training/convert.py --run <run> ...
 
@@ -16,6 +18,15 @@ and equal the source's within the dtype's tolerance, and that a short generation
 next immutable version, with the source, step, eval loss, parent, gate numbers and every file's sha256 in its
 metadata; with ``--publish``, load it into a running generation service (ModelAdmin/LoadVersion).
 
+A GGUF source (``--gguf``) is kept as it is: copied byte for byte as ``model.gguf`` (its sha256 in the metadata
+like every file's, its GGUF type as the version's dtype, e.g. ``gguf:q4_1``) beside the tokenizer and config
+transformers reads from it, so the folder describes itself; llama.cpp must load it with finite logits (when
+llama-cpp-python is installed) and the serving loader must load it as a .gguf path (de-quantized) with the
+source's logits, or nothing is published. ``--dequantize`` stores de-quantized safetensors instead, as before.
+``--to-gguf TYPE`` adds to any other source's version a ``model.gguf`` made from the written safetensors by
+llama.cpp's converter and quantizer (training/gguf.py; ``--gguf-pre-tokenizer`` for a BPE tokenizer the converter
+does not recognise), checked the same way in llama.cpp, so one version serves on both runners.
+
 Any failure before the rename (a bad source, a mismatch, a full disk, a refusing gate) publishes nothing and
 removes the scratch folder. Exit codes: 0 published, 1 refused by the gate or by the service, 2 bad input.
 """
@@ -23,6 +34,7 @@ removes the scratch folder. Exit codes: 0 published, 1 refused by the gate or by
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -47,6 +59,7 @@ from services.common.registry import METADATA_FILE, ModelRegistry, RegistryVersi
 from services.generation.loading import LoadedModel, guess_prompt_format, load_model
 from training.checkpoints import HF_FOLDER, CheckpointNotFound, read_final, read_training_state
 from training.gate import GateError, GateResult, decide, evaluate_model, read_questions
+from training.gguf import GGUF_TYPES, GGUFError, check_loads, gguf_metadata, hf_to_gguf
 from training.openchatkit import OpenChatKitError, load_openchatkit
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,6 +69,7 @@ LOADER_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 CHECK_PROMPTS = ["<human>: Where is Zurich?\n<bot>:", "The quick brown fox jumps over the lazy dog."]
 CHECK_NEW_TOKENS = 4
+GGUF_FILE = "model.gguf"  # a version's GGUF, for the llama.cpp runner (RegistryVersion.gguf_path finds it)
 
 
 class ConversionError(ValueError):
@@ -72,6 +86,7 @@ class Source:
     training: dict[str, Any] = field(default_factory=dict)  # run, checkpoint, step, eval_loss
     parent: str = ""
     eval_data: str = ""
+    gguf: Path | None = None  # a GGUF source kept as it is
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run", help="a finished finetune run by name (reads <storage>/<run>/final.json)")
     g.add_argument("--checkpoint", help="a checkpoint_* folder of a run (its hf/ export or train_state.pt)")
     g.add_argument("--hf", help="a Hugging Face model folder, or a PEFT adapter folder (merged into its base)")
-    g.add_argument("--gguf", help="a .gguf file (de-quantized on load)")
+    g.add_argument(
+        "--gguf",
+        help="a .gguf file: kept byte for byte as model.gguf (checked to load in llama.cpp) with the tokenizer and "
+        "config transformers reads from it; see --dequantize",
+    )
     g.add_argument("--openchatkit", help="an OpenChatKit checkpoint_<step> folder of prank_<stage>_checkpoint.pt")
     p.add_argument(
         "--config",
@@ -96,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", required=True, help="registry model name (lower-case letters, digits, . _ -)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored weights")
     g.add_argument("--max-shard-size", default="2GB", help="safetensors files are split above this size")
+    g.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="with --gguf: store de-quantized safetensors in --dtype instead of the GGUF file",
+    )
+    g.add_argument(
+        "--to-gguf",
+        default="",
+        choices=["", *GGUF_TYPES],
+        metavar="TYPE",
+        help=f"also write model.gguf of this type ({', '.join(GGUF_TYPES)}) beside the safetensors, made by "
+        "llama.cpp's converter and quantizer (needs `make llamacpp`), so the version serves on --runner llamacpp "
+        "too; not for a kept --gguf file",
+    )
+    g.add_argument(
+        "--gguf-pre-tokenizer",
+        default="",
+        metavar="NAME",
+        help="with --to-gguf: the llama.cpp pre-tokenizer for a BPE tokenizer whose hash its converter does not "
+        "know (gpt-2 for a byte-level BPE with GPT-2's split rule); a known tokenizer keeps its own",
+    )
     g.add_argument(
         "--prompt-format",
         choices=["", "chat_template", "openchatkit"],
@@ -153,7 +193,7 @@ def read_source(args: argparse.Namespace, var: VarLayout) -> Source:
         model, tokenizer = _from_hf(folder)
         return Source(model, tokenizer, f"hf:{folder.resolve()}", parent=_parent_of(str(folder)))
     if args.gguf:
-        return _read_gguf(Path(args.gguf))
+        return _read_gguf(Path(args.gguf), keep=not args.dequantize)
     if not args.config:
         raise ConversionError("--openchatkit needs --config: the HF folder or hub id of the model's shape")
     from transformers import AutoTokenizer
@@ -243,11 +283,13 @@ def _merge_adapter(folder: Path) -> tuple[Any, Any, str]:
     return model.merge_and_unload().eval(), AutoTokenizer.from_pretrained(tokenizer_source), base
 
 
-def _read_gguf(path: Path) -> Source:
+def _read_gguf(path: Path, keep: bool = True) -> Source:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file() or path.suffix != ".gguf":
         raise CheckpointNotFound(f"--gguf {path} is not a .gguf file")
+    if keep:  # before transformers reads it: the file is served by llama.cpp as it is
+        check_llama_cpp_loads(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # transformers refuses to save a model loaded from GGUF ("quantized with gguf and is not serializable");
@@ -255,7 +297,23 @@ def _read_gguf(path: Path) -> Source:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return Source(model.eval(), tokenizer, f"gguf:{path.resolve()}")
+    return Source(model.eval(), tokenizer, f"gguf:{path.resolve()}", gguf=path if keep else None)
+
+
+def check_llama_cpp_loads(path: Path, tokenizer: Any = None) -> None:
+    """Guarantees that llama.cpp loads every tensor of ``path`` and, given the tokenizer, that its logits after
+    the first check prompt are finite; skipped with a warning when llama-cpp-python is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        logger.warning("llama-cpp-python is not installed (make llamacpp): {} is not checked in llama.cpp", path)
+        return
+    ids = tokenizer(CHECK_PROMPTS[0])["input_ids"] if tokenizer is not None else None
+    try:
+        found = check_loads(path, ids)
+    except GGUFError as error:
+        raise ConversionError(str(error)) from None
+    if ids and not found["finite"]:
+        raise ConversionError(f"llama.cpp's logits for {path.name} are not finite on {CHECK_PROMPTS[0]!r}")
+    logger.info("llama.cpp loads {}: {}", path.name, found["description"])
 
 
 def _parent_of(model_source: str) -> str:
@@ -282,15 +340,43 @@ def _ids(tokenizer: Any, prompt: str) -> torch.Tensor:
 
 
 def write_candidate(source: Source, folder: Path, dtype: str, max_shard_size: str) -> None:
+    """``folder`` holds the weights (safetensors in ``dtype``, or a kept GGUF file byte for byte as it came),
+    the tokenizer and the config: a folder transformers and the serving loader read as they are."""
+    if source.gguf is not None:
+        shutil.copyfile(source.gguf, folder / GGUF_FILE)
+        source.model.config.save_pretrained(folder)  # the config transformers read from the GGUF
+        source.tokenizer.save_pretrained(folder)
+        return
     source.model.to(DTYPES[dtype])
     source.model.save_pretrained(folder, max_shard_size=max_shard_size)
     source.tokenizer.save_pretrained(folder)
 
 
+def write_gguf(folder: Path, gguf_type: str, pre_tokenizer: str, tokenizer: Any) -> None:
+    """``model.gguf`` beside the safetensors in ``folder``, made by llama.cpp's converter and quantizer, and
+    checked to load in llama.cpp with finite logits."""
+    try:
+        hf_to_gguf(folder, folder / GGUF_FILE, gguf_type, pre_tokenizer)
+    except GGUFError as error:
+        raise ConversionError(str(error)) from None
+    check_llama_cpp_loads(folder / GGUF_FILE, tokenizer)
+
+
+def stored_dtype(source: Source, folder: Path, dtype: str) -> str:
+    """The metadata's dtype: the safetensors' torch dtype, or ``gguf:<type>`` for a kept GGUF file."""
+    if source.gguf is None:
+        return LOADER_DTYPES[dtype]
+    file_type = gguf_metadata(folder / GGUF_FILE)["file_type"]
+    return "gguf:" + file_type.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
 @torch.no_grad()
 def validate(folder: Path, reference: list[torch.Tensor], dtype: str, registry: ModelRegistry, prompt_format: str):
-    """Loads ``folder`` with the serving loader; its logits must be finite and match the source's."""
-    loaded = load_model(str(folder), registry, "cpu", LOADER_DTYPES[dtype], prompt_format)
+    """Loads ``folder`` with the serving loader (a kept GGUF as a .gguf path: de-quantized by transformers);
+    its logits must be finite and match the source's."""
+    kept = folder / GGUF_FILE
+    served = kept if kept.is_file() and not any(folder.glob("*.safetensors")) else folder
+    loaded = load_model(str(served), registry, "cpu", LOADER_DTYPES[dtype], prompt_format)
     worst = 0.0
     for prompt, expected in zip(CHECK_PROMPTS, reference, strict=True):
         logits = loaded.model(input_ids=_ids(loaded.tokenizer, prompt)).logits[0].float()
@@ -372,6 +458,12 @@ def convert(args: argparse.Namespace) -> tuple[RegistryVersion | None, GateResul
     scratch = Path(tempfile.mkdtemp(prefix=f".converting-{args.name}-", dir=registry.root))
     try:
         write_candidate(source, scratch, args.dtype, args.max_shard_size)
+        if source.gguf is not None:
+            if args.to_gguf:
+                logger.warning("--to-gguf is ignored: the --gguf file is kept as it is (--dequantize converts it)")
+            check_llama_cpp_loads(scratch / GGUF_FILE, source.tokenizer)
+        elif args.to_gguf:
+            write_gguf(scratch, args.to_gguf, args.gguf_pre_tokenizer, source.tokenizer)
         steps.update()
         prompt_format = args.prompt_format or guess_prompt_format(source.tokenizer)
         del source.model  # the candidate is loaded back below; one copy is enough
@@ -392,7 +484,7 @@ def convert(args: argparse.Namespace) -> tuple[RegistryVersion | None, GateResul
             metrics={k: v for k, v in source.training.items() if isinstance(v, int | float)},
             notes=args.notes,
             move=True,
-            dtype=LOADER_DTYPES[args.dtype],
+            dtype=stored_dtype(source, scratch, args.dtype),
             parent=source.parent,
             training=source.training,
             gate=gate.as_metadata() if gate else {"decision": "skipped"},

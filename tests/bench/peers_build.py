@@ -25,14 +25,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+from deploy.llamacpp import LLAMA_CPP_PYTHON_VERSION, BuildError, unpacked_source
+
 TARGETS = ("llama-server", "llama-quantize")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -49,10 +49,6 @@ CMAKE_FLAGS = (
 )
 PROGRESS_EVERY_S = 30.0
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class BuildError(RuntimeError):
-    """llama.cpp could not be downloaded, configured or built; the message says which and where the log is."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ def ensure_built(
     peers = peers_dir(var_dir)
     peers.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    source = _unpacked_source(peers, version)
+    source = unpacked_source(peers, version)
     build = peers / f"build-{version}"
     log_path = peers / f"build-{version}.log"
     generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "Makefile").exists() else []
@@ -123,28 +119,6 @@ def ensure_built(
     (bin_dir / "stamp.json").write_text(json.dumps(stamp, indent=2) + "\n")
     logger.info("built {} in {:.0f} s: {}", ", ".join(TARGETS), seconds, bin_dir)
     return PeerBinaries(bin_dir / "llama-server", bin_dir / "llama-quantize", version, seconds)
-
-
-def _unpacked_source(peers: Path, version: str) -> Path:
-    """var/peers/src/llama_cpp_python-<version>/vendor/llama.cpp, downloading and unpacking the sdist if needed."""
-    source = peers / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if (source / "CMakeLists.txt").is_file():
-        return source
-    archive = peers / f"llama_cpp_python-{version}.tar.gz"
-    if not archive.is_file():
-        logger.info("downloading the llama-cpp-python {} source distribution from PyPI into {}", version, peers)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        command += [f"llama-cpp-python=={version}", "-d", str(peers)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0 or not archive.is_file():
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
-            raise BuildError(f"pip download of llama-cpp-python=={version} failed:\n{tail}")
-    logger.info("unpacking {}", archive.name)
-    with tarfile.open(archive) as tar:
-        tar.extractall(peers / "src", filter="data")
-    if not (source / "CMakeLists.txt").is_file():
-        raise BuildError(f"{archive.name} has no vendor/llama.cpp (expected {source})")
-    return source
 
 
 def _run(command: list[str], log, log_path: Path, step: str, started: float | None = None) -> None:

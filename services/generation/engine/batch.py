@@ -202,6 +202,10 @@ class ModelRunner:
     rows are. Rank 0 samples from the logits it returns; other ranks discard them.
     """
 
+    frees_rows_at_no_cost = False  # dropping rows copies the batch's cache: the scheduler batches the drops
+    max_nodes = None  # the prefix cache's tree may have any number of nodes ...
+    max_cached_tokens = None  # ... and hold as many tokens as --prefix-cache-bytes allows
+
     def __init__(self, model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
         self.model = model
         self.pad_id = pad_id

@@ -21,8 +21,7 @@ import torch
 from loguru import logger
 
 from services.common.errors import Unavailable
-from services.generation.engine.batch import ModelRunner
-from services.generation.engine.prefix_cache import PrefixStats, kv_bytes_per_token
+from services.generation.engine.prefix_cache import PrefixStats
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
 from services.generation.engine.scheduler import ContinuousBatchScheduler, ModelStep, SchedulerConfig, SchedulerOutput
@@ -50,14 +49,22 @@ class ContinuousBatchingEngine:
         metrics: GenerationMetrics | None = None,
         execute: StepExecutor | None = None,
     ) -> None:
-        """``execute`` runs one ``ModelStep`` and returns its logits; by default a ``ModelRunner`` on
-        ``loaded.model`` in this process (tensor parallelism passes one that drives every rank)."""
+        """``execute`` runs one ``ModelStep`` and returns its logits; by default the loaded model's runner in
+        this process (``ModelRunner``, or ``LlamaCppRunner`` for a GGUF in llama.cpp; tensor parallelism
+        passes one that drives every rank)."""
         self.loaded = loaded
         self.config = config or SchedulerConfig()
-        self._kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.model.dtype)
-        self.scheduler = ContinuousBatchScheduler(self.config, loaded.eos_token_ids, self._kv_bytes_per_token)
+        self._kv_bytes_per_token = loaded.kv_bytes_per_token
+        self.runner = loaded.make_runner(self.config)
+        self.scheduler = ContinuousBatchScheduler(
+            self.config,
+            loaded.eos_token_ids,
+            self._kv_bytes_per_token,
+            free_row_drops=self.runner.frees_rows_at_no_cost,
+            max_prefix_nodes=self.runner.max_nodes,
+            max_prefix_tokens=self.runner.max_cached_tokens,
+        )
         self.metrics = metrics or GenerationMetrics()
-        self.runner = ModelRunner(loaded.model, loaded.pad_token_id, loaded.device)
         self._execute = execute or self.runner.execute
         self._published = PrefixStats()
         self.metrics.prefix_cache_capacity_bytes.set(self.scheduler.prefix.capacity * self._kv_bytes_per_token)

@@ -84,10 +84,12 @@ class PrefixStats:
 
 
 class PrefixIndex:
-    """Which token sequences have KV in the store, as a radix tree bounded by ``capacity`` tokens."""
+    """Which token sequences have KV in the store, as a radix tree bounded by ``capacity`` tokens (and by
+    ``max_nodes`` nodes when the store has a fixed number of slots, as llama.cpp's sequence ids are)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_nodes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_nodes = max_nodes
         self.root = _Node(0, (), None)
         self.held = 0  # tokens whose KV the store holds
         self.stats = PrefixStats()
@@ -127,7 +129,7 @@ class PrefixIndex:
         at = sum(used for _, used in path)
         new = len(tokens) - at
         if new == 0 or new > self.capacity:
-            return ops  # already held, or more than the whole cache may hold
+            return ops + self._evict(keep=None)  # already held, or more than the whole cache may hold
         leaf = _Node(self._take_id(), tuple(tokens[at:]), node, last_used=self._clock)
         node.children[leaf.tokens[0]] = leaf
         self.held += new
@@ -161,9 +163,9 @@ class PrefixIndex:
         child.tokens, child.children = child.tokens[:at], {tail.tokens[0]: tail}
         return SplitKV(child.id, at, tail.id)
 
-    def _evict(self, keep: _Node) -> list[CacheOp]:
+    def _evict(self, keep: _Node | None) -> list[CacheOp]:
         ops: list[CacheOp] = []
-        while self.held > self.capacity:
+        while self.held > self.capacity or (self.max_nodes is not None and self.nodes > self.max_nodes):
             # least recently used leaf; a linear scan is fine for the few thousand nodes a cache holds
             leaves = (n for n in self._below(self.root) if not n.children and n is not keep)
             victim = min(leaves, key=lambda n: n.last_used, default=None)

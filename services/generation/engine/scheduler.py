@@ -90,15 +90,28 @@ class _Group:
 
 class ContinuousBatchScheduler:
     def __init__(
-        self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset(), kv_bytes_per_token: int = 1
+        self,
+        config: SchedulerConfig,
+        eos_token_ids: frozenset[int] = frozenset(),
+        kv_bytes_per_token: int = 1,
+        free_row_drops: bool = False,
+        max_prefix_nodes: int | None = None,
+        max_prefix_tokens: int | None = None,
     ) -> None:
-        """``kv_bytes_per_token`` turns ``config.prefix_cache_bytes`` into the tokens the cache may hold."""
+        """``kv_bytes_per_token`` turns ``config.prefix_cache_bytes`` into the tokens the cache may hold.
+        ``free_row_drops``: the runner drops a row without copying the rest (llama.cpp's per-sequence KV),
+        so finished rows leave at once; ``max_prefix_nodes`` and ``max_prefix_tokens`` bound the prefix tree
+        below what the bytes allow, for a runner with fixed slots."""
         self.config = config
         self.eos_token_ids = eos_token_ids
+        self.free_row_drops = free_row_drops
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # the running batch's rows, in KV-cache order (finished rows until next step)
         self.prefilling: _Group | None = None
-        self.prefix = PrefixIndex(config.prefix_cache_bytes // kv_bytes_per_token)
+        capacity = config.prefix_cache_bytes // kv_bytes_per_token
+        if max_prefix_tokens is not None:
+            capacity = min(capacity, max_prefix_tokens)
+        self.prefix = PrefixIndex(capacity, max_prefix_nodes)
         self._steps = 0
         self._dead_row_steps = 0  # row-steps spent on finished rows still in the cache
         self._kept: dict[int, int] = {}  # id(request) -> how many of its KV tokens the prefix cache holds
@@ -146,7 +159,8 @@ class ContinuousBatchScheduler:
         ignored) until dropping them pays: taking rows out copies the whole KV cache, about one decode
         step's work, while a dead row costs only its share of each step. So they leave when the dead
         rows have cost as many row-steps as the batch has rows (a rent-or-buy rule), when no live row is
-        left, or when a group is about to join (the batch is copied then anyway)."""
+        left, or when a group is about to join (the batch is copied then anyway). With a runner whose row
+        drops are free (``free_row_drops``), they leave at once."""
         now = time.monotonic() if now is None else now
         self._steps += 1
         expired = self._drop_expired_waiting(now)
@@ -168,7 +182,7 @@ class ContinuousBatchScheduler:
         if len(live) < len(self.batch):
             self._dead_row_steps += len(self.batch) - len(live)
             joining = prefill is not None and prefill.last
-            if not live or joining or self._dead_row_steps >= len(self.batch):
+            if self.free_row_drops or not live or joining or self._dead_row_steps >= len(self.batch):
                 keep, self._dead_row_steps = tuple(live), 0
                 for request in self.batch:
                     if stopped(request):

@@ -1,0 +1,345 @@
+"""The llama.cpp runner: the same ``ModelStep`` as ``ModelRunner`` runs, executed by llama.cpp on a GGUF file.
+
+Our scheduler still decides everything (who joins, chunked prefills, who leaves, what the prefix cache
+keeps) and sampling, stop sequences and streaming stay ours; only the model call moves into llama.cpp,
+through llama-cpp-python's low-level bindings (``llama_batch``, ``llama_decode``, the memory's ``seq_*``):
+
+- every batch row is a llama.cpp sequence id; a step is one ``llama_batch`` holding each decoding row's
+  token and the prefill chunk's tokens, each tagged with its row's sequence, and logits are asked only for
+  the tokens whose next token is sampled;
+- llama.cpp keeps each sequence's KV in one unified cache, so nothing is padded: a row leaving is
+  ``seq_rm`` and costs nothing (the scheduler drops finished rows at once for this runner);
+- the prefix cache's decisions (``StoreKV``/``SplitKV``/``EvictKV``) become sequence ids of their own: a
+  stored node is a sequence holding the node's positions, copied from its row with ``seq_cp``, which in a
+  unified cache only tags the same cells with one more sequence (no copy); a reused prefix is ``seq_cp``
+  from each node into the new row.
+
+Threads: llama.cpp's own (OpenMP) threads do the math; the engine thread only fills the batch and reads
+the logits. On a 2-core machine one llama.cpp thread per core is fastest when the process has the cores to
+itself (see docs/generation-scaling.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+
+from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.generation.engine.prefix_cache import EvictKV, SplitKV, StoreKV
+from services.generation.engine.scheduler import ModelStep, SchedulerConfig
+
+LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time cap on sequence ids (LLAMA_MAX_SEQ in llama-cparams.h)
+# Every cell in use costs every step: llama.cpp's attention walks the pool's used range for each token,
+# masked cells (other sequences', cached prefixes') included. One stream of SmolLM2-135M Q4_1 decoded at 86
+# tokens/s beside an empty cache, 64 beside 4.6k cached tokens, 57 beside 9.2k, 40 beside 34k (2-core VM,
+# in process), so the prefix cache keeps at most this many tokens here, whatever --prefix-cache-bytes allows:
+# enough for a chat's conversation, small enough to cost little.
+MAX_CACHED_TOKENS = 4096
+_WARN, _ERROR, _CONTINUED = 3, 4, 5  # ggml_log_level (1 debug, 2 info)
+
+_lock = threading.Lock()
+_initialised = False
+_log_tail: list[str] = []  # llama.cpp's last warnings and errors, for the message of a failed load
+_log_callback = None  # the ctypes callback must outlive every llama.cpp call: keep it referenced
+
+
+def bindings():
+    """llama-cpp-python's module, its backend started once, its log routed into ours (warnings and errors
+    only: llama.cpp prints every tensor it loads at info level)."""
+    global _initialised, _log_callback
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise FailedPrecondition(
+            f"--runner llamacpp needs llama-cpp-python, which is not installed ({error}): run `make llamacpp`"
+        ) from None
+    with _lock:
+        if not _initialised:
+            last_level = [0]
+
+            def forward(level: int, text: bytes, _user_data) -> None:
+                level = last_level[0] if level == _CONTINUED else level
+                last_level[0] = level
+                if level in (_WARN, _ERROR) and text:
+                    line = text.decode("utf-8", "replace").rstrip()
+                    if line:
+                        _log_tail.append(line)
+                        del _log_tail[:-8]
+                        logger.log("WARNING" if level == _WARN else "ERROR", "llama.cpp: {}", line)
+
+            _log_callback = llama_cpp.llama_log_callback(forward)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _initialised = True
+    return llama_cpp
+
+
+def default_threads() -> int:
+    """One llama.cpp thread per core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LlamaCppModel:
+    """A GGUF file loaded by llama.cpp: the weights only (each engine makes its own context and KV cache)."""
+
+    def __init__(self, path: Path, gpu_layers: int = 0) -> None:
+        llama = bindings()
+        self.path = path
+        if not path.is_file():
+            raise FailedPrecondition(f"{path} is not a file")
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        # llama.cpp's "extra buffer types" repack weights for AMX (and other CPU kernels); on this build's
+        # AVX512/AMX CPU its AMX matmul segfaulted in the first llama_decode (ggml_backend_amx_mul_mat),
+        # so the plain CPU kernels run; llama-server is measured the same way (--no-repack) in bench_peers
+        params.use_extra_bufts = False
+        _log_tail.clear()
+        self._llama = llama
+        self.pointer = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not self.pointer:
+            said = "; ".join(_log_tail[-3:]) or "no reason given"
+            raise FailedPrecondition(f"llama.cpp could not load {path}: {said}")
+        self.vocab = llama.llama_model_get_vocab(self.pointer)
+        self.vocab_size = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.context_length = int(llama.llama_model_n_ctx_train(self.pointer))
+        self.architecture = self.metadata("general.architecture") or "unknown"
+        self.description = self._description()
+        layers, kv_heads = llama.llama_model_n_layer(self.pointer), llama.llama_model_n_head_kv(self.pointer)
+        head_dim = llama.llama_model_n_embd(self.pointer) // max(1, llama.llama_model_n_head(self.pointer))
+        self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values in float16
+        eos = {llama.llama_vocab_eos(self.vocab), llama.llama_vocab_eot(self.vocab)}
+        self.eos_token_ids = frozenset(int(t) for t in eos if t >= 0)
+
+    def metadata(self, key: str) -> str:
+        buffer = ctypes.create_string_buffer(256)
+        size = self._llama.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace") if size >= 0 else ""
+
+    def _description(self) -> str:
+        buffer = ctypes.create_string_buffer(128)
+        self._llama.llama_model_desc(self.pointer, buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace")
+
+    @property
+    def quantization(self) -> str:
+        """The file type as llama.cpp names it, e.g. Q4_1 (the last word of its description)."""
+        return self.description.rsplit(" ", 1)[-1] if self.description else "gguf"
+
+    def __del__(self) -> None:
+        if getattr(self, "pointer", None):
+            self._llama.llama_model_free(self.pointer)
+            self.pointer = None
+
+
+@dataclass
+class _Span:
+    """A cached prefix node's KV: positions ``start:end`` of sequence ``seq``."""
+
+    seq: int
+    start: int
+    end: int
+
+
+@dataclass
+class _Joining:
+    """A row of the group being prefilled: its sequence, its own tokens and the column they start at."""
+
+    seq: int
+    tokens: list[int]
+    first_column: int
+    cached: int  # positions already in the sequence (a reused prefix)
+
+
+@dataclass
+class _Slots:
+    """Sequence ids not in use."""
+
+    free: list[int] = field(default_factory=lambda: list(range(LLAMA_MAX_SEQ - 1, -1, -1)))
+
+    def take(self) -> int:
+        if not self.free:
+            raise ResourceExhausted(f"llama.cpp has no free sequence id (it has {LLAMA_MAX_SEQ})")
+        return self.free.pop()
+
+    def give(self, seq: int) -> None:
+        self.free.append(seq)
+
+
+class LlamaCppRunner:
+    """Runs one ``ModelStep`` in llama.cpp; the interface and the guarantees of ``ModelRunner``."""
+
+    frees_rows_at_no_cost = True  # the scheduler drops a finished row at once: seq_rm copies nothing
+    # sequence ids left for prefix-cache nodes once every batch row has one (and a split's new node)
+    reserved_sequences = 2
+
+    def __init__(self, model: LlamaCppModel, config: SchedulerConfig, cache_tokens: int, threads: int = 0) -> None:
+        llama = self._llama = model._llama
+        self.model = model
+        self.max_nodes = max(0, LLAMA_MAX_SEQ - config.max_batch_size - self.reserved_sequences)
+        self.max_cached_tokens = cache_tokens = min(cache_tokens, MAX_CACHED_TOKENS)
+        # tokens one step may feed; llama.cpp aborts (no error return) on a context whose batch is smaller
+        # than its sequence count, so never below LLAMA_MAX_SEQ
+        self.capacity = max(LLAMA_MAX_SEQ, config.max_prefill_tokens + config.max_batch_size)
+        params = llama.llama_context_default_params()
+        params.n_ctx = config.max_batch_total_tokens + cache_tokens  # live rows' budget plus the cached prefixes
+        params.n_batch = self.capacity
+        params.n_ubatch = min(512, self.capacity)
+        params.n_seq_max = LLAMA_MAX_SEQ
+        params.kv_unified = True  # one cell pool: seq_cp shares cells instead of copying them
+        params.n_threads = params.n_threads_batch = threads or default_threads()
+        params.no_perf = True
+        _log_tail.clear()
+        self.context = llama.llama_init_from_model(model.pointer, params)
+        if not self.context:
+            said = "; ".join(_log_tail[-3:]) or "no reason given"
+            raise FailedPrecondition(
+                f"llama.cpp could not make a context of {params.n_ctx} tokens for {model.path}: {said}"
+                " (lower --max-batch-total-tokens or --prefix-cache-bytes)"
+            )
+        self.memory = llama.llama_get_memory(self.context)
+        self.batch = llama.llama_batch_init(self.capacity, 0, 1)
+        self.kv_cells = int(params.n_ctx)
+        logger.info(
+            "llama.cpp context for {}: {} KV cells ({:.0f} MiB), {} threads, batches of up to {} tokens",
+            model.path.name,
+            self.kv_cells,
+            self.kv_cells * model.kv_bytes_per_token / 2**20,
+            params.n_threads,
+            self.capacity,
+        )
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.slots = _Slots()
+        self.rows: list[int] = []  # the running batch: each row's sequence id, in the scheduler's row order
+        self.lengths: dict[int, int] = {}  # sequence id -> positions it holds (its next token's position)
+        self.joining: list[_Joining] = []
+        self.nodes: dict[int, _Span] = {}  # prefix-cache node id -> where its KV is
+
+    def execute(self, step: ModelStep) -> torch.Tensor | None:
+        """Applies ``step``; returns logits (decoding rows, then a completed group's rows) or None."""
+        for op in step.cache_ops:
+            self._apply(op)
+        if step.keep is not None:
+            kept = set(step.keep)
+            for row, seq in enumerate(self.rows):
+                if row not in kept:
+                    self._drop(seq)
+            self.rows = [self.rows[row] for row in step.keep]
+        assert len(self.rows) == len(step.decode_tokens) or not step.decode_tokens, "rows out of step"
+        fed, outputs = 0, 0
+        for seq, token in zip(self.rows, step.decode_tokens, strict=False):
+            self._add(fed, token, seq, logits=True)
+            fed, outputs = fed + 1, outputs + 1
+        chunk = step.prefill
+        if chunk is not None:
+            if chunk.prompts:
+                self._start_group(chunk)
+            width = chunk.end if chunk.last else None
+            for row in self.joining:
+                begin = max(chunk.start, row.first_column)
+                for column in range(begin, chunk.end):
+                    last = column == width - 1 if width is not None else False
+                    self._add(fed, row.tokens[column - row.first_column], row.seq, logits=last)
+                    fed, outputs = fed + 1, outputs + last
+        if fed == 0:
+            return None
+        self._decode(fed)
+        logits = self._logits(outputs)
+        if chunk is not None and chunk.last:
+            self.rows += [row.seq for row in self.joining]
+            self.joining = []
+        return logits
+
+    def reset(self) -> None:
+        """Forgets every row and the prefix cache (after a failed step; the scheduler forgets its index)."""
+        self._llama.llama_memory_clear(self.memory, True)
+        self._reset_state()
+
+    # -- the steps -------------------------------------------------------------------------------------
+
+    def _apply(self, op) -> None:
+        """One prefix-cache decision: a node's KV is a sequence of its own, sharing its row's cells."""
+        llama, memory = self._llama, self.memory
+        if isinstance(op, StoreKV):
+            seq = self.slots.take()
+            llama.llama_memory_seq_cp(memory, self.rows[op.row], seq, op.start, op.end)
+            self.nodes[op.node] = _Span(seq, op.start, op.end)
+        elif isinstance(op, SplitKV):
+            span = self.nodes[op.node]
+            middle = span.start + op.at
+            seq = self.slots.take()
+            llama.llama_memory_seq_cp(memory, span.seq, seq, middle, span.end)
+            llama.llama_memory_seq_rm(memory, span.seq, middle, span.end)
+            self.nodes[op.new] = _Span(seq, middle, span.end)
+            span.end = middle
+        elif isinstance(op, EvictKV):
+            span = self.nodes.pop(op.node)
+            llama.llama_memory_seq_rm(memory, span.seq, -1, -1)
+            self.slots.give(span.seq)
+        else:
+            raise TypeError(f"unknown cache operation {op!r}")
+
+    def _start_group(self, chunk) -> None:
+        """Each prompt gets a sequence, starting from the cached prefix it reuses; its own tokens sit in
+        the group's columns as ``PrefillJob`` lays them out (right-aligned to the group's width)."""
+        reuse = chunk.reuse or [None] * len(chunk.prompts)
+        cached = [r.tokens if r is not None else 0 for r in reuse]
+        width = chunk.start + max(len(p) - c for p, c in zip(chunk.prompts, cached, strict=True))
+        self.joining = []
+        for prompt, used, taken in zip(chunk.prompts, reuse, cached, strict=True):
+            seq = self.slots.take()
+            if used is not None:
+                for node, tokens in used.segments:
+                    span = self.nodes[node]
+                    self._llama.llama_memory_seq_cp(self.memory, span.seq, seq, span.start, span.start + tokens)
+            rest = list(prompt[taken:])
+            self.joining.append(_Joining(seq, rest, width - len(rest), taken))
+            self.lengths[seq] = taken
+
+    def _add(self, index: int, token: int, seq: int, logits: bool) -> None:
+        batch = self.batch
+        batch.token[index] = token
+        batch.pos[index] = self.lengths[seq]
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq
+        batch.logits[index] = logits
+        self.lengths[seq] += 1
+
+    def _decode(self, tokens: int) -> None:
+        self.batch.n_tokens = tokens
+        status = self._llama.llama_decode(self.context, self.batch)
+        if status == 1:
+            raise ResourceExhausted(
+                f"llama.cpp found no room for {tokens} tokens in its {self.kv_cells} KV cells"
+                " (raise --max-batch-total-tokens or lower --prefix-cache-bytes)"
+            )
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _logits(self, rows: int) -> torch.Tensor | None:
+        """The asked-for rows' logits, in batch order (llama.cpp returns them that way), copied out."""
+        if rows == 0:
+            return None
+        pointer = self._llama.llama_get_logits(self.context)
+        array = np.ctypeslib.as_array(pointer, shape=(rows, self.model.vocab_size))
+        return torch.from_numpy(array.copy())
+
+    def _drop(self, seq: int) -> None:
+        self._llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.lengths.pop(seq, None)
+        self.slots.give(seq)
+
+    def __del__(self) -> None:
+        llama = getattr(self, "_llama", None)
+        if llama is not None and getattr(self, "context", None):
+            llama.llama_batch_free(self.batch)
+            llama.llama_free(self.context)
+            self.context = None

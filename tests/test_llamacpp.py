@@ -1,0 +1,379 @@
+"""The llama.cpp runner under our scheduler, on a tiny random Llama written as GGUF: the engine's guarantees
+(batch invariance, joins and leaves, chunked prefills, cancels, seeded sampling, stop sequences, prefix
+reuse), bad GGUF files refused at start-up, and the served model through outside clients."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import build_tiny_llama, start_orchestrator, wait_for
+from test_convert import loguru_follows_pytest_capture  # noqa: F401  (convert.main re-points loguru)
+from test_engine import run, tokens_of
+from test_node_client import NODE, NODE_DIR, run_node
+
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_grpc
+from services.common.errors import FailedPrecondition
+from services.common.registry import ModelRegistry
+from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.request import Request, RequestStatus
+from services.generation.engine.sampling import SamplingConfig
+from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.loading import load_model
+from services.generation.server import start_generation_server
+from training.gguf import hf_to_gguf
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make llamacpp`")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama in float32 GGUF, with its Hugging Face tokenizer saved beside it."""
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-gguf"))
+    return hf_to_gguf(folder, folder / "model.gguf", "f32", pre_tokenizer="gpt-2")
+
+
+@pytest.fixture(scope="session")
+def gguf_loaded(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
+    registry = ModelRegistry(tmp_path_factory.mktemp("registry"))
+    return load_model(str(tiny_gguf), registry, runner="llamacpp", threads=2)
+
+
+@pytest.fixture(scope="session")
+def hf_loaded(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same weights in transformers, for comparing the runners."""
+    return load_model(str(tiny_gguf.parent), ModelRegistry(tmp_path_factory.mktemp("registry-hf")))
+
+
+def engine_for(loaded, **config) -> ContinuousBatchingEngine:
+    return ContinuousBatchingEngine(loaded, SchedulerConfig(**{"max_batch_total_tokens": 8192, **config}))
+
+
+def random_prompts(count: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 400) for _ in range(rng.randrange(3, 40))], rng.randrange(5, 30)) for _ in range(count)]
+
+
+def test_the_gguf_is_served_by_llama_cpp_with_its_own_description(gguf_loaded):
+    assert gguf_loaded.runner == "llamacpp"
+    assert gguf_loaded.architecture == "llama"
+    assert gguf_loaded.dtype.upper() == "F32"
+    assert gguf_loaded.vocab_size == gguf_loaded.tokenizer.vocab_size
+
+
+def test_greedy_tokens_match_the_transformers_runner_on_the_same_weights(gguf_loaded, hf_loaded):
+    ours, theirs = engine_for(gguf_loaded), engine_for(hf_loaded)
+    try:
+        for prompt, n in random_prompts(4, seed=7):
+            assert (
+                run(ours, prompt, max_new_tokens=n, ignore_eos=True)[0]
+                == run(theirs, prompt, max_new_tokens=n, ignore_eos=True)[0]
+            )
+    finally:
+        ours.shutdown(grace=1)
+        theirs.shutdown(grace=1)
+
+
+@pytest.mark.parametrize("prefill_chunk", [2048, 16])
+def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(gguf_loaded, prefill_chunk):
+    engine = engine_for(gguf_loaded, max_prefill_tokens=prefill_chunk)
+    try:
+        cases = random_prompts(16)
+        alone = [run(engine, prompt, max_new_tokens=n, ignore_eos=True)[0] for prompt, n in cases]
+        requests = [engine.submit(Request(p, SamplingConfig(max_new_tokens=n, ignore_eos=True))) for p, n in cases]
+        together = [tokens_of(r) for r in requests]
+    finally:
+        engine.shutdown(grace=1)
+    assert together == alone
+    assert [len(tokens) for tokens in together] == [n for _, n in cases]
+
+
+def test_requests_join_and_leave_a_running_batch_without_changing_its_tokens(gguf_loaded):
+    engine = engine_for(gguf_loaded, max_prefill_tokens=16)
+    try:
+        long_prompt, short_prompt = [5, 6, 7, 8, 9], [11, 12, 13]
+        expected_long = run(engine, long_prompt, max_new_tokens=900, ignore_eos=True)[0]
+        expected_short = run(engine, short_prompt, max_new_tokens=4, ignore_eos=True)[0]
+        long = engine.submit(Request(long_prompt, SamplingConfig(max_new_tokens=900, ignore_eos=True)))
+        assert wait_for(lambda: len(long.output_ids) >= 5)
+        short = engine.submit(Request(short_prompt, SamplingConfig(max_new_tokens=4, ignore_eos=True)))
+        assert tokens_of(short) == expected_short
+        assert long.status is not RequestStatus.FINISHED_LENGTH  # the short one left first
+        assert tokens_of(long) == expected_long
+    finally:
+        engine.shutdown(grace=1)
+    assert engine.runner.rows == [] and len(engine.runner.slots.free) == 256  # every sequence id given back
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_sequence(gguf_loaded):
+    engine = engine_for(gguf_loaded, prefix_cache_bytes=0)
+    try:
+        request = engine.submit(Request([3, 4, 5], SamplingConfig(max_new_tokens=4000, ignore_eos=True)))
+        assert wait_for(lambda: len(request.output_ids) >= 3)
+        request.cancel()
+        events = list(request.events(timeout=30))
+        assert events[-1].status is RequestStatus.FINISHED_CANCELLED
+        assert wait_for(lambda: engine.active_sequences == 0 and engine.runner.rows == [])
+        assert run(engine, [3, 4, 5], max_new_tokens=3, ignore_eos=True)[1].status is RequestStatus.FINISHED_LENGTH
+    finally:
+        engine.shutdown(grace=1)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(gguf_loaded):
+    engine = engine_for(gguf_loaded)
+    sampled = {"max_new_tokens": 20, "temperature": 0.9, "top_k": 50, "seed": 1234, "ignore_eos": True}
+    try:
+        alone = run(engine, [5, 6, 7, 8], **sampled)[0]
+        others = [
+            engine.submit(Request(p, SamplingConfig(max_new_tokens=n, temperature=1.0, ignore_eos=True)))
+            for p, n in random_prompts(8, seed=3)
+        ]
+        crowded = run(engine, [5, 6, 7, 8], **sampled)[0]
+        for other in others:
+            list(other.events(timeout=60))
+    finally:
+        engine.shutdown(grace=1)
+    assert crowded == alone
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(gguf_loaded):
+    engine = engine_for(gguf_loaded)
+    tokenizer = gguf_loaded.tokenizer
+    try:
+        free = run(engine, [20, 21, 22], max_new_tokens=24, ignore_eos=True)[0]
+        text = tokenizer.decode(free)
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        assert stop.strip(), f"no text to stop on in {text!r}"
+        stopped, finished = run(engine, [20, 21, 22], max_new_tokens=24, ignore_eos=True, stop=[stop])
+    finally:
+        engine.shutdown(grace=1)
+    assert finished.status is RequestStatus.FINISHED_STOP_SEQUENCE and finished.stop_sequence == stop
+    assert len(stopped) < len(free) and free[: len(stopped)] == stopped
+
+
+def test_a_prefix_reused_from_the_cache_gives_the_tokens_of_a_cold_prefill(gguf_loaded):
+    warm, cold = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
+    rng = random.Random(5)
+    system = [rng.randrange(1, 400) for _ in range(30)]
+    try:
+        conversation = list(system)
+        for turn in range(4):
+            conversation += [rng.randrange(1, 400) for _ in range(6)]
+            request = warm.submit(Request(list(conversation), SamplingConfig(max_new_tokens=8, ignore_eos=True)))
+            answer = tokens_of(request)
+            if turn:  # the earlier turns' prompt and answer (less the last sampled token) come from the cache
+                assert request.cached_tokens >= len(conversation) - 6 - 1
+            assert answer == run(cold, list(conversation), max_new_tokens=8, ignore_eos=True)[0]
+            conversation += answer
+        # 16 requests sharing the system prompt, at once: one prefill of it, the same tokens as cold ones
+        prompts = [system + [rng.randrange(1, 400) for _ in range(5)] for _ in range(16)]
+        shared = [warm.submit(Request(p, SamplingConfig(max_new_tokens=6, ignore_eos=True))) for p in prompts]
+        assert [tokens_of(r) for r in shared] == [run(cold, p, max_new_tokens=6, ignore_eos=True)[0] for p in prompts]
+        assert all(r.cached_tokens >= len(system) for r in shared)
+    finally:
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+
+
+def test_a_small_prefix_cache_evicts_within_llama_cpp_s_sequence_ids(gguf_loaded):
+    engine = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20, max_batch_size=8)
+    rng = random.Random(9)
+    try:
+        for _ in range(300):  # more stored prompts than llama.cpp has sequence ids
+            run(engine, [rng.randrange(1, 400) for _ in range(4)], max_new_tokens=1, ignore_eos=True)
+        index = engine.scheduler.prefix
+        assert index.nodes <= engine.runner.max_nodes and index.stats.evictions > 0
+        assert len(engine.runner.nodes) == index.nodes
+    finally:
+        engine.shutdown(grace=1)
+
+
+# -- bad GGUF files: refused at start-up, naming the file ----------------------------------------------
+
+
+def serve_exit(model: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "services.generation", "serve", "--runner", "llamacpp", "--model", str(model)]
+    command += ["--address", "127.0.0.1:0", "--metrics-address", "", "--var-dir", str(tmp_path), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_truncated_gguf_is_refused_at_start_up_naming_the_file(tiny_gguf: Path, tmp_path: Path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(FailedPrecondition, match=r"truncated\.gguf"):
+        load_model(str(truncated), ModelRegistry(tmp_path / "models"), runner="llamacpp")
+    done = serve_exit(truncated, tmp_path)
+    assert done.returncode == 2 and "truncated.gguf" in done.stderr
+
+
+def test_a_gguf_of_an_architecture_llama_cpp_does_not_know_is_refused(tmp_path: Path):
+    import gguf
+
+    path = tmp_path / "strange.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-architecture")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FailedPrecondition, match=r"strange\.gguf.*no-such-architecture|no-such-architecture"):
+        load_model(str(path), ModelRegistry(tmp_path / "models"), runner="llamacpp")
+
+
+def test_a_file_that_is_not_gguf_and_a_folder_without_one_are_refused(tmp_path: Path, tiny_gguf: Path):
+    registry = ModelRegistry(tmp_path / "models")
+    with pytest.raises(FailedPrecondition, match=r"needs a \.gguf file"):
+        load_model(str(tiny_gguf.parent / "config.json"), registry, runner="llamacpp")
+    empty = tmp_path / "no-gguf"
+    empty.mkdir()
+    with pytest.raises(FailedPrecondition, match=r"holds no \.gguf file"):
+        load_model(str(empty), registry, runner="llamacpp")
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_at_start_up(tiny_gguf: Path, tmp_path: Path):
+    done = serve_exit(tiny_gguf, tmp_path, "--max-batch-total-tokens", str(2**31))
+    assert done.returncode == 2 and "llama.cpp could not make a context" in done.stderr and "model.gguf" in done.stderr
+
+
+def test_llamacpp_refuses_placements_it_cannot_honour(tiny_gguf: Path, tmp_path: Path):
+    done = serve_exit(tiny_gguf, tmp_path, "--quantize", "int8")
+    assert done.returncode == 2 and "drop --num-shard, --device-map and --quantize" in done.stderr
+
+
+# -- served: gRPC, outside clients, 64 callers -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llamacpp_server(gguf_loaded):
+    engine = ContinuousBatchingEngine(
+        gguf_loaded,
+        SchedulerConfig(max_concurrent_requests=128, max_batch_total_tokens=16384, prefix_cache_bytes=64 << 20),
+    )
+    running = start_generation_server(gguf_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
+    orchestrator = start_orchestrator(running.address, None, max_new_tokens=8)
+    yield running.address, orchestrator.address
+    orchestrator.stop(grace=1.0)
+    engine.shutdown(grace=1.0)
+    running.stop(grace=1.0)
+
+
+def test_a_raw_stub_without_a_deadline_streams_from_llama_cpp(llamacpp_server):
+    generation, _ = llamacpp_server
+    with grpc.insecure_channel(generation) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        info = stub.ModelInfo(generation_pb2.ModelInfoRequest())
+        responses = list(
+            stub.Generate(
+                generation_pb2.GenerateRequest(text="hello world", params={"max_new_tokens": 6, "ignore_eos": True})
+            )
+        )
+    assert info.dtype.upper() == "F32"
+    assert responses[-1].finish.generated_tokens == 6
+
+
+def test_64_concurrent_chats_all_answer(llamacpp_server):
+    _, orchestrator = llamacpp_server
+    results: list[int] = []
+
+    def chat() -> None:
+        with grpc.insecure_channel(orchestrator) as channel:
+            responses = list(
+                chat_pb2_grpc.ChatStub(channel).Chat(
+                    chat_pb2.ChatRequest(message="Where is Zurich?", params={"max_new_tokens": 8, "ignore_eos": True})
+                )
+            )
+        results.append(responses[-1].end.completion_tokens)
+
+    callers = [threading.Thread(target=chat) for _ in range(64)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(120)
+    assert results == [8] * 64
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the Node.js client cannot run")
+def test_the_node_client_chats_and_cancels_on_llama_cpp(llamacpp_server):
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    _, orchestrator = llamacpp_server
+    answered = run_node(NODE_DIR / "chat_client.mjs", orchestrator, "no-deadline")
+    assert answered["code"] == "OK" and answered["events"][-1] == "end"
+    cancelled = run_node(NODE_DIR / "chat_client.mjs", orchestrator, "cancel")
+    assert cancelled["code"] == "CANCELLED"
+
+
+# -- the registry holds GGUF versions: kept as they came, or made by llama.cpp's converter ------------------
+
+
+def test_convert_keeps_a_gguf_as_it_came_and_both_runners_serve_that_version(tiny_gguf: Path, tmp_path: Path):
+    from training import convert
+
+    var = tmp_path / "var"
+    assert convert.main(["--gguf", str(tiny_gguf), "--name", "tiny-gguf", "--var-dir", str(var)]) == 0
+    registry = ModelRegistry(var / "models")
+    version = registry.resolve("tiny-gguf")
+    kept = version.path / "model.gguf"
+    assert kept.read_bytes() == tiny_gguf.read_bytes()
+    assert version.metadata.files["model.gguf"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert not list(version.path.glob("*.safetensors"))
+    on_llama_cpp = load_model("tiny-gguf", registry, runner="llamacpp")
+    on_transformers = load_model("tiny-gguf", registry)
+    assert on_llama_cpp.model.path == kept and on_llama_cpp.version == version.metadata.version
+    ours, theirs = engine_for(on_llama_cpp), engine_for(on_transformers)
+    try:
+        assert (
+            run(ours, [7, 8, 9], max_new_tokens=8, ignore_eos=True)[0]
+            == run(theirs, [7, 8, 9], max_new_tokens=8, ignore_eos=True)[0]
+        )
+    finally:
+        ours.shutdown(grace=1)
+        theirs.shutdown(grace=1)
+
+
+def test_convert_to_gguf_adds_a_quantized_gguf_that_llama_cpp_serves(tiny_gguf: Path, tmp_path: Path):
+    from training import convert
+
+    var = tmp_path / "var"
+    argv = ["--hf", str(tiny_gguf.parent), "--name", "tiny-q8", "--var-dir", str(var), "--to-gguf", "q8_0"]
+    assert convert.main([*argv, "--gguf-pre-tokenizer", "gpt-2"]) == 0
+    version = ModelRegistry(var / "models").resolve("tiny-q8")
+    assert list(version.path.glob("*.safetensors")) and "model.gguf" in version.metadata.files
+    loaded = load_model("tiny-q8", ModelRegistry(var / "models"), runner="llamacpp")
+    assert loaded.dtype == "Q8_0"
+    engine = engine_for(loaded)
+    try:
+        assert len(run(engine, [7, 8, 9], max_new_tokens=5, ignore_eos=True)[0]) == 5
+    finally:
+        engine.shutdown(grace=1)
+
+
+def test_a_new_gguf_version_swaps_in_live_and_rolls_back(tiny_gguf: Path, tmp_path: Path):
+    from services.generation.host import ModelHost
+    from training import convert
+
+    var = tmp_path / "var"
+    for _ in range(2):
+        assert convert.main(["--gguf", str(tiny_gguf), "--name", "tiny-gguf", "--var-dir", str(var)]) == 0
+    registry = ModelRegistry(var / "models")
+
+    def load(spec: str):
+        return load_model(spec, registry, runner="llamacpp")
+
+    first = load("tiny-gguf:1")
+    host = ModelHost(first, engine_for(first), registry, load=load, drain_seconds=5)
+    try:
+        before = run(host.active.engine, [4, 5, 6], max_new_tokens=6, ignore_eos=True)[0]
+        stages = [event.stage for event in host.start_swap("tiny-gguf:2").events()]
+        assert "switched" in stages and host.active.label == "tiny-gguf:2"
+        assert run(host.active.engine, [4, 5, 6], max_new_tokens=6, ignore_eos=True)[0] == before
+        list(host.start_rollback().events())
+        assert host.active.label == "tiny-gguf:1"
+    finally:
+        host.shutdown(grace=1)
