@@ -175,8 +175,8 @@ def test_a_killed_rank_ends_the_service_within_its_timeout(tiny_model_dir, tmp_p
         try:
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        except grpc.RpcError as error:  # or the server is already gone
-            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        except grpc.RpcError as error:  # or the server is already gone, or stopping: grpc.aio's stop cancels
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         exit_code = server.process.wait(SHARD_TIMEOUT + 15)
         assert time.monotonic() - killed < SHARD_TIMEOUT + 15
         assert exit_code != 0
