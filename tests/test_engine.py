@@ -41,24 +41,21 @@ def random_prompts(count: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return [([rng.randrange(1, 400) for _ in range(rng.randrange(3, 40))], rng.randrange(5, 30)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("prefill_chunk", [2048, 16])
-def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(model, prefill_chunk):
-    engine = ContinuousBatchingEngine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk))
+def assert_greedy_tokens_ignore_the_batch(engine: ContinuousBatchingEngine) -> None:
+    """16 prompts alone, then all at once: the same greedy tokens, every one asked for (shuts ``engine`` down)."""
     try:
         cases = random_prompts(16)
         alone = [run(engine, prompt, max_new_tokens=n, ignore_eos=True)[0] for prompt, n in cases]
         requests = [engine.submit(Request(p, SamplingConfig(max_new_tokens=n, ignore_eos=True))) for p, n in cases]
-        together = [
-            [i for e in r.events(timeout=60) if isinstance(e, TokenChunk) for i in e.token_ids] for r in requests
-        ]
+        together = [tokens_of(r) for r in requests]
     finally:
         engine.shutdown(grace=1)
     assert together == alone
     assert [len(tokens) for tokens in together] == [n for _, n in cases]
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(model):
-    engine = ContinuousBatchingEngine(model)
+def assert_seeded_sampling_ignores_the_batch(engine: ContinuousBatchingEngine) -> None:
+    """A seeded sampled request alone and beside 8 others: the same tokens (shuts ``engine`` down)."""
     sampled = {"max_new_tokens": 20, "temperature": 0.9, "top_k": 50, "seed": 1234, "ignore_eos": True}
     try:
         alone = run(engine, [5, 6, 7, 8], **sampled)[0]
@@ -72,6 +69,17 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
     finally:
         engine.shutdown(grace=1)
     assert crowded == alone
+
+
+@pytest.mark.parametrize("prefill_chunk", [2048, 16])
+def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(model, prefill_chunk):
+    assert_greedy_tokens_ignore_the_batch(
+        ContinuousBatchingEngine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk))
+    )
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    assert_seeded_sampling_ignores_the_batch(ContinuousBatchingEngine(model))
 
 
 def test_a_request_joins_a_running_batch_and_leaves_it_first(tiny_loaded):

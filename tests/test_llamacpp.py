@@ -15,7 +15,13 @@ import grpc
 import pytest
 from conftest import build_tiny_llama, start_orchestrator, wait_for
 from test_convert import loguru_follows_pytest_capture  # noqa: F401  (convert.main re-points loguru)
-from test_engine import run, tokens_of
+from test_engine import (
+    assert_greedy_tokens_ignore_the_batch,
+    assert_seeded_sampling_ignores_the_batch,
+    random_prompts,
+    run,
+    tokens_of,
+)
 from test_node_client import NODE, NODE_DIR, run_node
 
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -55,11 +61,6 @@ def engine_for(loaded, **config) -> ContinuousBatchingEngine:
     return ContinuousBatchingEngine(loaded, SchedulerConfig(**{"max_batch_total_tokens": 8192, **config}))
 
 
-def random_prompts(count: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(1, 400) for _ in range(rng.randrange(3, 40))], rng.randrange(5, 30)) for _ in range(count)]
-
-
 def test_the_gguf_is_served_by_llama_cpp_with_its_own_description(gguf_loaded):
     assert gguf_loaded.runner == "llamacpp"
     assert gguf_loaded.architecture == "llama"
@@ -82,16 +83,7 @@ def test_greedy_tokens_match_the_transformers_runner_on_the_same_weights(gguf_lo
 
 @pytest.mark.parametrize("prefill_chunk", [2048, 16])
 def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(gguf_loaded, prefill_chunk):
-    engine = engine_for(gguf_loaded, max_prefill_tokens=prefill_chunk)
-    try:
-        cases = random_prompts(16)
-        alone = [run(engine, prompt, max_new_tokens=n, ignore_eos=True)[0] for prompt, n in cases]
-        requests = [engine.submit(Request(p, SamplingConfig(max_new_tokens=n, ignore_eos=True))) for p, n in cases]
-        together = [tokens_of(r) for r in requests]
-    finally:
-        engine.shutdown(grace=1)
-    assert together == alone
-    assert [len(tokens) for tokens in together] == [n for _, n in cases]
+    assert_greedy_tokens_ignore_the_batch(engine_for(gguf_loaded, max_prefill_tokens=prefill_chunk))
 
 
 def test_requests_join_and_leave_a_running_batch_without_changing_its_tokens(gguf_loaded):
@@ -126,20 +118,7 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_sequence(gguf
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(gguf_loaded):
-    engine = engine_for(gguf_loaded)
-    sampled = {"max_new_tokens": 20, "temperature": 0.9, "top_k": 50, "seed": 1234, "ignore_eos": True}
-    try:
-        alone = run(engine, [5, 6, 7, 8], **sampled)[0]
-        others = [
-            engine.submit(Request(p, SamplingConfig(max_new_tokens=n, temperature=1.0, ignore_eos=True)))
-            for p, n in random_prompts(8, seed=3)
-        ]
-        crowded = run(engine, [5, 6, 7, 8], **sampled)[0]
-        for other in others:
-            list(other.events(timeout=60))
-    finally:
-        engine.shutdown(grace=1)
-    assert crowded == alone
+    assert_seeded_sampling_ignores_the_batch(engine_for(gguf_loaded))
 
 
 def test_a_stop_sequence_ends_the_answer_before_it(gguf_loaded):

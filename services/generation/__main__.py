@@ -83,7 +83,7 @@ def serve(
         envvar="NIGHTCAP_RUNNER",
         help="what runs the model under our scheduler: transformers (PyTorch; any HF folder, GGUF de-quantized), or"
         " llamacpp (llama.cpp through llama-cpp-python, `make llamacpp`; a .gguf file or a registry version holding"
-        " one, kept quantized; 4.5x transformers' one-stream decode on the default model on 2 cores)",
+        " one, kept quantized; about 4x transformers' one-stream decode on the default model on 2 cores)",
     ),
     device: str = typer.Option("cpu", envvar="NIGHTCAP_DEVICE", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option(

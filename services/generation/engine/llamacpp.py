@@ -242,11 +242,9 @@ class LlamaCppRunner:
         if chunk is not None:
             if chunk.prompts:
                 self._start_group(chunk)
-            width = chunk.end if chunk.last else None
             for row in self.joining:
-                begin = max(chunk.start, row.first_column)
-                for column in range(begin, chunk.end):
-                    last = column == width - 1 if width is not None else False
+                for column in range(max(chunk.start, row.first_column), chunk.end):
+                    last = chunk.last and column == chunk.end - 1  # the prompt's last token: its logits are sampled
                     self._add(fed, row.tokens[column - row.first_column], row.seq, logits=last)
                     fed, outputs = fed + 1, outputs + last
         if fed == 0:
