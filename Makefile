@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/nightcap/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
+# When make was invoked (read once, as the Makefile is parsed): `up` measures its first answer and its complete
+# index from here, so the setup before it counts too.
+UP_STARTED := $(shell date +%s.%N)
 
 .PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
 
@@ -30,17 +33,17 @@ protos: $(STUBS) ## regenerate the gRPC stubs from protos/
 llamacpp: setup ## build llama-cpp-python (llama.cpp) into .venv with native CPU flags, once; unpack its GGUF converter (LLAMACPP_CUDA=1: CUDA too)
 	$(PY) -m deploy.llamacpp $(if $(LLAMACPP_CUDA),--cuda)
 
-up: setup $(if $(filter llamacpp,$(RUNNER)),llamacpp) ## prepare the default model and index, start the stack under supervisord, ask it "Where is Zurich?" (GENERATION_REPLICAS=N, RUNNER=llamacpp)
-	$(PY) -m deploy.stack up $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS)) $(if $(RUNNER),--runner $(RUNNER))
+up: setup $(if $(filter llamacpp,$(RUNNER)),llamacpp) ## prepare the default model, start the stack under supervisord, ask it "Where is Zurich?" while retrieval builds the index, again once it is complete (GENERATION_REPLICAS=N, RUNNER=llamacpp)
+	$(PY) -m deploy.stack up --started-at $(UP_STARTED) $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS)) $(if $(RUNNER),--runner $(RUNNER))
 
 down: ## stop every process `make up` started
 	@if [ -x $(PY) ]; then $(PY) -m deploy.stack down; else echo "nothing to stop (no $(VENV))"; fi
 
-status: setup ## state, health, restarts and last exit of each service; the model and the index
+status: setup ## state, health, restarts and last exit of each service; the model, the index and its build
 	$(PY) -m deploy.stack status
 
-chat: setup ## `make up` if needed, then the OpenChatKit-style shell
-	$(PY) -m deploy.stack up --no-ask
+chat: setup ## `make up` if needed, then the OpenChatKit-style shell (at once: the index may still be building)
+	$(PY) -m deploy.stack up --no-ask --no-wait-index --started-at $(UP_STARTED)
 	$(VENV)/bin/chatctl chat
 
 certs: setup ## a local CA, server and client certificates and role tokens under var/certs (kept if present)
@@ -77,7 +80,7 @@ soak: setup ## against `make up`: 64 chat sessions for SOAK_DURATION s (600), ea
 	$(PY) tests/bench/generation_rss.py
 	$(PY) tests/bench/soak.py --duration $(SOAK_DURATION)
 eval: setup ## answer quality of the default stack (make up, then tests/eval/run_eval.py): var/bench/eval.json
-	$(PY) -m deploy.stack up --no-ask
+	$(PY) -m deploy.stack up --no-ask --started-at $(UP_STARTED)
 	$(PY) tests/eval/run_eval.py --samples var/bench/eval-samples.json
 
 clean: down ## remove var/ (models, indexes, logs) and the stubs; keeps .venv

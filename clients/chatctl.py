@@ -20,6 +20,7 @@ from clients.client import (
     IndexClient,
     Message,
     NightcapError,
+    Reply,
     SamplingParams,
     Source,
 )
@@ -97,9 +98,23 @@ class Settings:
         )
 
 
-def format_source(number: int, source: Source, width: int = 160) -> str:
+def format_source(number: int, source: Source, width: int = 160, cited: bool = False) -> str:
     text = source.text if len(source.text) <= width else source.text[: width - 1] + "…"
-    return f"[{number}] {source.title} ({source.source}, score {source.score:.2f})\n    {text}"
+    mark = " — cited" if cited else ""
+    return f"[{number}] {source.title} ({source.source}, score {source.score:.2f}){mark}\n    {text}"
+
+
+def turn_notes(reply: Reply, tell_build: bool = True) -> list[str]:
+    """The lines shown under an answer: the index build (when ``tell_build``), the orchestrator's notice, and
+    which sources the answer cited (nothing when it cited none)."""
+    build, notice = reply.started.index_build, reply.finished.notice
+    notes = [f"[{build.notice}]"] if build is not None and tell_build else []
+    if notice and not (build is not None and build.repeated_in(notice)):
+        notes.append(f"[{notice}]")
+    if reply.cited_sources:
+        names = ", ".join(f"[{number}] {source.title or source.id}" for number, source in reply.cited_sources)
+        notes.append(f"cited: {names}")
+    return notes
 
 
 @dataclass
@@ -111,6 +126,8 @@ class ChatShell(cmd.Cmd):
     stream: bool = True
     history: list[Message] = field(default_factory=list)
     last: ChatStarted | None = None
+    cited: list[int] = field(default_factory=list)  # the numbers of the last answer's sources that it cited
+    told_build: bool = False  # the running index build was shown once; later answers do not repeat it
     intro: str = "Welcome to the nightcap shell.   Type /help or /? to list commands.\n"
     prompt: str = ">>> "
 
@@ -140,6 +157,7 @@ class ChatShell(cmd.Cmd):
                 print(text, end="", flush=True)
 
         sources: tuple[Source, ...] = ()
+        notes: list[str] = []
         try:
             reply = self.client.ask(
                 arg,
@@ -155,11 +173,13 @@ class ChatShell(cmd.Cmd):
         except KeyboardInterrupt:  # ask cancels the call: the server stops generating
             print("\n[interrupted]")
         else:
-            self.last, sources = reply.started, tuple(reply.started.sources)
-            if reply.finished.notice:
-                print(f"\n[{reply.finished.notice}]", end="")
+            self.last, sources, self.cited = reply.started, tuple(reply.started.sources), reply.finished.cited
+            notes = turn_notes(reply, tell_build=not self.told_build)
+            self.told_build = reply.started.index_build is not None
         if not self.stream:
             print("".join(answer), end="")
+        for note in notes:
+            print(f"\n{note}", end="")
         print("\n")
         self.history += [Message("user", arg, sources), Message("assistant", "".join(answer).strip())]
 
@@ -168,7 +188,8 @@ class ChatShell(cmd.Cmd):
         print(self.last.prompt if self.last else "(nothing sent yet)")
 
     def do_sources(self, arg: str) -> None:
-        """sources: show what was searched for the last message and the passages given to the model"""
+        """sources: show what was searched for the last message and the passages given to the model (those its
+        answer cited are marked)"""
         if self.last and self.last.retrieval_query:
             print(f"searched: {self.last.retrieval_query}")
         if not self.last or not self.last.sources:
@@ -177,11 +198,11 @@ class ChatShell(cmd.Cmd):
             else:
                 print("(no sources: retrieval was off or found nothing)")
         for number, source in enumerate(self.last.sources if self.last else [], 1):
-            print(format_source(number, source))
+            print(format_source(number, source, cited=number in self.cited))
 
     def do_reset(self, arg: str) -> None:
         """reset: forget the conversation so far"""
-        self.history, self.last = [], None
+        self.history, self.last, self.cited = [], None, []
         print("conversation reset")
 
     def do_retrieval(self, arg: str) -> None:
@@ -276,6 +297,7 @@ def ask(
                     "model": started.model,
                     "retrieval_query": started.retrieval_query,
                     "sources": [asdict(s) for s in started.sources],
+                    "index_build": asdict(started.index_build) if started.index_build else None,
                     **asdict(finished),
                 },
                 ensure_ascii=False,
@@ -283,10 +305,10 @@ def ask(
         )
         return
     print()
-    if finished.notice:
-        print(f"[{finished.notice}]")
+    for note in turn_notes(reply):
+        print(note)
     for number, source in enumerate(started.sources, 1):
-        print(format_source(number, source))
+        print(format_source(number, source, cited=number in finished.cited))
 
 
 @app.command()
@@ -319,6 +341,8 @@ def status(address: str = AddressOption) -> None:
             f"  {index.get('index_type', '?')}  dim {index.get('dimension', '?')}"
             f"  embedder {index.get('embedder', '?')}"
         )
+        if index.get("build") is not None:
+            print(f"{'':<13} {index['build'].describe()}")
     if not healthy:
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ from nightcap.records import (
     CompactReport,
     DeleteReport,
     Document,
+    IndexBuild,
     IndexStats,
     from_message,
     to_message,
@@ -95,6 +96,8 @@ class ChatStarted:
     model: str
     retrieval_query: str = ""  # what was searched for (built from the conversation, not only the message)
     retrieved_ids: list[str] = field(default_factory=list)  # every passage found, best first, incl. earlier ones
+    # Set while the retrieval index is still being built: the search saw only what was indexed so far.
+    index_build: IndexBuild | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class ChatFinished:
     context_used: bool
     notice: str
     cached_prompt_tokens: int = 0  # of prompt_tokens, those the generation service's prefix cache supplied
+    # The sources the answer cites with [n] markers, in the order first cited: their numbers
+    # ([1] is ChatStarted.sources[0]) and their ids.
+    cited: list[int] = field(default_factory=list)
+    cited_ids: list[str] = field(default_factory=list)
 
 
 ChatEvent = ChatStarted | TextDelta | ChatFinished
@@ -124,6 +131,12 @@ class Reply:
     text: str
     started: ChatStarted
     finished: ChatFinished
+
+    @property
+    def cited_sources(self) -> list[tuple[int, Source]]:
+        """The sources the answer cites, in the order first cited, each with its number."""
+        sources = self.started.sources
+        return [(number, sources[number - 1]) for number in self.finished.cited if 1 <= number <= len(sources)]
 
     def as_history(self, message: str) -> list[Message]:
         """This turn as two history messages (the question with its sources, then the answer)."""
@@ -144,7 +157,7 @@ class StackStatus:
     orchestrator_health: str
     backends: list[BackendStatus] = field(default_factory=list)
     model: dict[str, Any] | None = None
-    index: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None  # the StatsResponse fields that are set; "build" as an IndexBuild
 
 
 @dataclass
@@ -269,6 +282,8 @@ class ChatClient:
             status.model = _fields(response.model)
         if response.HasField("index"):
             status.index = _fields(response.index)
+            if response.index.HasField("build"):  # as its record, which can describe itself
+                status.index["build"] = from_message(IndexBuild, response.index.build)
         return status
 
     def health(self, timeout: float = 5.0) -> str:
@@ -331,6 +346,7 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
             model=start.model,
             retrieval_query=start.retrieval_query,
             retrieved_ids=list(start.retrieved_ids),
+            index_build=from_message(IndexBuild, start.index_build) if start.HasField("index_build") else None,
         )
     if kind == "delta":
         return TextDelta(response.delta)
@@ -342,6 +358,8 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
         context_used=end.context_used,
         notice=end.notice,
         cached_prompt_tokens=end.cached_prompt_tokens,
+        cited=list(end.cited),
+        cited_ids=list(end.cited_ids),
     )
 
 

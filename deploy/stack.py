@@ -1,14 +1,17 @@
 """The local stack behind `make up`, `make down`, `make status` and `make chat`.
 
-    python -m deploy.stack up       # prepare the default model and index, start all three, ask "Where is Zurich?"
-    python -m deploy.stack status   # pid, address and health of each service; the model and the index
+    python -m deploy.stack up       # prepare the default model, start all services, ask "Where is Zurich?"
+    python -m deploy.stack status   # pid, address and health of each service; the model, the index, its build
     python -m deploy.stack down     # SIGTERM, then SIGKILL after a grace period; nothing is left behind
 
-`up` runs the prepare steps in the foreground (their progress bars show), then has supervisord start
+`up` prepares the default model in the foreground (its progress bar shows), then has supervisord start
 generation (``--generation-replicas N``: N processes) and retrieval, then the orchestrator once they are
-SERVING. supervisord restarts a service that crashes; `status` shows its restarts and last exit. Logs go to
-var/logs/<service>.log, supervisord's files to var/run/. It says what it reuses: the model, the index, a
-stack already up.
+SERVING. The default index is not built first: retrieval serves with ``--build-default`` and fills it in the
+background, so `up` asks its question as soon as the services are SERVING (answered from what is indexed so
+far), then waits for the index with a progress bar and asks again. supervisord restarts a service that
+crashes (a restarted retrieval resumes the build); `status` shows its restarts and last exit. Logs go to
+var/logs/<service>.log, supervisord's files and up-timing.json to var/run/. It says what it reuses: the
+model, the index, a stack already up.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import sys
 import textwrap
 import time
 import xmlrpc.client
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from tqdm import tqdm
 
-from clients.client import ChatClient, NightcapError, SamplingParams
+from clients.client import ChatClient, IndexClient, NightcapError, SamplingParams
 from deploy.supervisor import (
     RunFolder,
     ServiceSpec,
@@ -37,9 +42,20 @@ from deploy.supervisor import (
     health,
     wait_until_serving,
 )
-from nightcap.records import GATEWAY_ADDRESS, GENERATION_ADDRESS, ORCHESTRATOR_ADDRESS, RETRIEVAL_ADDRESS
+from nightcap.records import (
+    BUILDING,
+    COMPLETE,
+    FAILED,
+    GATEWAY_ADDRESS,
+    GENERATION_ADDRESS,
+    ORCHESTRATOR_ADDRESS,
+    RETRIEVAL_ADDRESS,
+    IndexBuild,
+    IndexStats,
+)
 from services.common.paths import VAR_ENV, VarLayout
 from services.common.registry import DEFAULT_MODEL, ModelRegistry
+from services.retrieval.build_plan import CorpusSelection, recorded_build
 from services.retrieval.index import DEFAULT_INDEX_NAME as DEFAULT_INDEX
 from services.retrieval.index import FORMAT_VERSION, MANIFEST_FILE
 
@@ -53,6 +69,11 @@ ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1
 DEFAULT_QUESTION = "Where is Zurich?"
 # Started once the backends are SERVING: they call the backends, nothing calls them.
 FRONTS = ("orchestrator", "gateway")
+INDEX_POLL_S = 1.0  # how often `up` asks retrieval's Stats how far the index build is
+# How long the build may show no progress (retrieval unreachable or not building) before `up` gives up waiting:
+# enough for supervisord to restart a crashed retrieval (backoff, embedder load) that then resumes the build.
+INDEX_STALL_S = 180.0
+TIMING_FILE = "up-timing.json"  # under var/run/: what the last `up` measured, for benchmarks to read
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -131,6 +152,37 @@ def up(
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
     ] = True,
+    wait_index: Annotated[
+        bool,
+        typer.Option(
+            envvar="NIGHTCAP_WAIT_INDEX",
+            help="While retrieval builds the default index in the background, wait for it (a progress bar), then "
+            "ask the question again on the complete index. --no-wait-index returns once the services answer.",
+        ),
+    ] = True,
+    index_build_limit: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIGHTCAP_INDEX_BUILD_LIMIT",
+            min=0,
+            help="A new default index holds only the first N articles (plus any --index-build-titles): quick "
+            "stacks for tests and demos. Recorded in the index; an existing one keeps what it recorded.",
+        ),
+    ] = None,
+    index_build_titles: Annotated[
+        str,
+        typer.Option(
+            envvar="NIGHTCAP_INDEX_BUILD_TITLES", help="Comma-separated article titles a new default index holds."
+        ),
+    ] = "",
+    started_at: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIGHTCAP_UP_STARTED",
+            help="When `make up` started (Unix seconds; the Makefile passes the time it was invoked, so setup "
+            "counts): the timing line's first_answer_s and index_complete_s are measured from it. Default: now.",
+        ),
+    ] = None,
     question: Annotated[str, typer.Option(envvar="NIGHTCAP_QUESTION", help="The question to ask.")] = (
         DEFAULT_QUESTION
     ),
@@ -147,7 +199,9 @@ def up(
         str, typer.Option(envvar="NIGHTCAP_LOG_LEVEL", help="Log level passed to the three services.")
     ] = "INFO",
 ) -> None:
-    """Prepare the model and index, start the services under supervisord, wait until SERVING, ask."""
+    """Prepare the model, start the services under supervisord (retrieval fills the default index while it
+    serves), wait until SERVING, ask; then wait for the index and ask again."""
+    timing = UpTiming(started_at if started_at is not None else time.time())
     layout = VarLayout.from_env(var_dir)
     run = RunFolder(layout)
     addresses = _addresses(
@@ -155,7 +209,12 @@ def up(
     )
     if len(set(addresses.values())) < len(addresses):
         _fail(f"the services need different addresses, got {addresses}")
-    specs = _service_specs(layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level, runner)
+    # the default index is always served with --build-default: a complete one starts no build, an incomplete
+    # one (a first run, or a build that was stopped) is filled in the background, also after a restart
+    selection = CorpusSelection.parse(index_build_limit, index_build_titles) if index is None else None
+    specs = _service_specs(
+        layout, addresses, model or DEFAULT_MODEL, index or DEFAULT_INDEX, log_level, runner, selection
+    )
     supervisord = Supervisord(run)
 
     with run.lock(on_wait=lambda: typer.echo("waiting for another deploy.stack command on this var dir ...")):
@@ -168,8 +227,10 @@ def up(
                 typer.echo(f"nightcap is already up (var dir {layout.root}):")
                 _print_service_table(supervisord, specs)
                 _print_urls(gateway_address)
-                if ask:
-                    _ask(orchestrator_address, question, max_new_tokens)
+                timing.already_up = True
+                _answer_and_wait_for_index(
+                    timing, layout, orchestrator_address, retrieval_address, ask, wait_index, question, max_new_tokens
+                )
                 return
         else:
             running = set()
@@ -189,9 +250,18 @@ def up(
                 else:
                     _prepare("model", ["services.generation", "prepare-default"], layout, log_level)
             if "retrieval" in names_to_start and index is None:
-                if _index_is_current(layout.indexes / DEFAULT_INDEX):
-                    typer.echo(f"default index: reusing {layout.indexes / DEFAULT_INDEX}")
-                else:
+                folder = layout.indexes / DEFAULT_INDEX
+                state, recorded = _default_index_state(folder)
+                if state == COMPLETE:
+                    typer.echo(f"default index: reusing {folder}")
+                elif recorded is not None:
+                    typer.echo(
+                        f"default index: retrieval goes on building {folder} in the background while it serves "
+                        f"({recorded.documents_done:,} of {recorded.documents_total:,} documents so far)"
+                    )
+                elif state == BUILDING:
+                    typer.echo(f"default index: retrieval builds {folder} in the background while it serves")
+                else:  # an older format or damaged: build-default rebuilds it (or migrates a format it can)
                     _prepare("index", ["services.retrieval", "build-default"], layout, log_level)
             timings.append(f"prepare {time.monotonic() - begin:.1f} s")
             if supervisord.process() is None:
@@ -224,8 +294,122 @@ def up(
     typer.echo(f"nightcap is up in {time.monotonic() - begin:.1f} s ({'; '.join(timings)}):")
     _print_service_table(supervisord, specs)
     _print_urls(gateway_address)
+    _answer_and_wait_for_index(
+        timing, layout, orchestrator_address, retrieval_address, ask, wait_index, question, max_new_tokens
+    )
+
+
+@dataclass
+class UpTiming:
+    """What `up` measured, in seconds since ``started_at`` (when `make up` was typed): written to
+    var/run/up-timing.json. None: it did not happen in this run (--no-ask, --no-wait-index)."""
+
+    started_at: float
+    serving_s: float | None = None
+    first_answer_s: float | None = None
+    index_complete_s: float | None = None
+    documents_at_first_answer: int | None = None  # of the index, when the first answer searched it
+    documents_total: int | None = None
+    already_up: bool = False
+
+    def mark(self) -> float:
+        return round(time.time() - self.started_at, 1)
+
+    def line(self) -> str:
+        def shown(seconds: float | None) -> str:
+            return "-" if seconds is None else f"{seconds:.1f}"
+
+        return (
+            f"timing: first_answer_s {shown(self.first_answer_s)}, index_complete_s {shown(self.index_complete_s)}"
+            f" (seconds since `make up` started; serving_s {shown(self.serving_s)})"
+        )
+
+
+def _answer_and_wait_for_index(
+    timing: UpTiming,
+    layout: VarLayout,
+    orchestrator_address: str,
+    retrieval_address: str,
+    ask: bool,
+    wait_index: bool,
+    question: str,
+    max_new_tokens: int | None,
+) -> None:
+    """Asks at once (from what is indexed so far), waits for a background index build unless told not to,
+    records the timing, and asks again on the complete index: that answer is the last thing shown."""
+    timing.serving_s = timing.mark()
+    stats = _index_stats(retrieval_address)
+    build = stats.build if stats is not None else None
+    building = build is not None and build.state == BUILDING
+    if build is not None:
+        typer.echo(build.describe())
+        timing.documents_total = build.documents_total
+    if stats is not None and (build is None or build.state == COMPLETE):  # no build record: made whole
+        timing.index_complete_s = timing.serving_s
     if ask:
+        if build is not None and building:
+            typer.echo(
+                f"asking now, with {build.documents_done:,} of {build.documents_total:,} documents indexed; "
+                "the rest is embedded in the background"
+            )
         _ask(orchestrator_address, question, max_new_tokens)
+        timing.first_answer_s = timing.mark()
+        timing.documents_at_first_answer = stats.documents if stats is not None else None
+    if build is not None and building and wait_index:
+        build = _wait_for_index(retrieval_address, build)
+        typer.echo(build.describe())
+        if build.state == COMPLETE:
+            timing.index_complete_s = timing.mark()
+    elif building:
+        typer.echo("not waiting for the index (--no-wait-index): `make status` shows how far it is")
+    _write_timing(layout, timing)
+    if build is not None and build.state == FAILED:
+        _fail(f"{build.describe()}\nthe stack serves what was indexed; see {layout.logs / 'retrieval.log'}")
+    typer.echo(timing.line())
+    if ask and building and build is not None and build.state == COMPLETE:
+        _ask(orchestrator_address, question, max_new_tokens)
+
+
+def _index_stats(retrieval_address: str) -> IndexStats | None:
+    """The retrieval service's Stats (its ``build`` set while a build fills the index); None if unreachable."""
+    try:
+        with IndexClient(retrieval_address) as client:
+            return client.stats(timeout=10)
+    except NightcapError as error:
+        typer.echo(f"index: unknown ({error})")
+        return None
+
+
+def _wait_for_index(retrieval_address: str, build: IndexBuild) -> IndexBuild:
+    """Polls Stats with a progress bar of documents until the build is complete or has failed."""
+    stalled_since: float | None = None
+    with (
+        IndexClient(retrieval_address) as client,
+        tqdm(total=build.documents_total, initial=build.documents_done, unit="doc", desc="indexing") as bar,
+    ):
+        while build.state not in (COMPLETE, FAILED):
+            time.sleep(INDEX_POLL_S)
+            try:
+                reported = client.stats(timeout=10).build
+            except NightcapError as error:  # retrieval restarting: its next start resumes the build
+                reported, problem = None, str(error)
+            else:
+                problem = "it reports no build" if reported is None else f"it reports {reported.state}"
+            if reported is not None and reported.state in (BUILDING, COMPLETE, FAILED):
+                build, stalled_since = reported, None
+                bar.total, bar.n = build.documents_total, build.documents_done
+                bar.set_postfix_str(f"{build.passages_per_second:.1f} passages/s", refresh=False)
+                bar.refresh()
+                continue
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > INDEX_STALL_S:
+                _fail(f"gave up waiting for the index after {INDEX_STALL_S:.0f} s without progress: {problem}")
+    return build
+
+
+def _write_timing(layout: VarLayout, timing: UpTiming) -> None:
+    layout.run.mkdir(parents=True, exist_ok=True)
+    (layout.run / TIMING_FILE).write_text(json.dumps(asdict(timing), indent=2) + "\n")
 
 
 @app.command()
@@ -276,6 +460,9 @@ def status(
     else:
         typer.echo(f"model: {_describe(stack.model, ['name', 'version', 'architecture', 'device'])}")
         typer.echo(f"index: {_describe(stack.index, ['passages', 'documents', 'embedder', 'index_path'])}")
+        build = (stack.index or {}).get("build")
+        if build is not None:
+            typer.echo(build.describe())
     if any(h != "SERVING" for h in healths):
         raise typer.Exit(1)
 
@@ -299,8 +486,15 @@ def _print_urls(gateway: str) -> None:
 
 
 def _service_specs(
-    layout: VarLayout, addresses: dict[str, str], model: str, index: str, log_level: str, runner: str = "transformers"
+    layout: VarLayout,
+    addresses: dict[str, str],
+    model: str,
+    index: str,
+    log_level: str,
+    runner: str = "transformers",
+    build: CorpusSelection | None = None,
 ) -> dict[str, ServiceSpec]:
+    """Each service's command; ``build``: retrieval fills the index from that part of the default corpus."""
     var_dir = str(layout.root)
     generations = [name for name in addresses if name.startswith("generation")]
     backends = [
@@ -309,8 +503,13 @@ def _service_specs(
         "--retrieval",
         addresses["retrieval"],
     ]
+    build_arguments = []
+    if build is not None:
+        build_arguments = ["--build-default"]
+        build_arguments += ["--build-limit", str(build.limit)] if build.limit is not None else []
+        build_arguments += ["--build-titles", ",".join(build.titles)] if build.titles else []
     arguments = {
-        "retrieval": ["--index", index, "--var-dir", var_dir],
+        "retrieval": ["--index", index, "--var-dir", var_dir, *build_arguments],
         "gateway": ["--orchestrator", addresses["orchestrator"], *backends],
         "orchestrator": backends,
     }
@@ -371,13 +570,22 @@ def _settings(command: list[str]) -> list[str]:
     return arguments
 
 
-def _index_is_current(folder: Path) -> bool:
-    """A complete index in this code's format (its manifest copy says so); anything else, an older format
-    included, goes to build-default, which rebuilds it."""
+def _default_index_state(folder: Path) -> tuple[str, IndexBuild | None]:
+    """From the index's manifest copy: COMPLETE (reuse it), BUILDING (retrieval's --build-default creates it, or
+    goes on with the build it records: that record comes along) or "rebuild" (an older format or unreadable:
+    build-default rebuilds it, or migrates a format it can)."""
+    if not folder.exists():
+        return BUILDING, None
     try:
-        return json.loads((folder / MANIFEST_FILE).read_text()).get("format") == FORMAT_VERSION
+        state = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
-        return False
+        return "rebuild", None
+    if state.get("format") != FORMAT_VERSION:
+        return "rebuild", None
+    recorded = recorded_build(state.get("details") or {}, state.get("documents", 0), state.get("passages", 0))
+    if recorded is None or recorded.state == COMPLETE:  # made whole by build-default, or a finished build
+        return COMPLETE, recorded
+    return BUILDING, recorded
 
 
 def _prepare(what: str, module_command: list[str], layout: VarLayout, log_level: str) -> None:

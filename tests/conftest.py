@@ -164,7 +164,9 @@ def retrieval_address(embedder, small_index) -> Iterator[str]:
     index.close()
 
 
-def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: int = 16, query_mode: str = "recent"):
+def start_orchestrator(
+    generation: str, retrieval: str | None, max_new_tokens: int = 16, query_mode: str = "recent", grounding=None
+):
     from services.orchestrator.server import start_chat_server
 
     return start_chat_server(
@@ -174,6 +176,7 @@ def start_orchestrator(generation: str, retrieval: str | None, max_new_tokens: i
         default_max_new_tokens=max_new_tokens,
         backend_timeout=5,
         query_mode=query_mode,
+        grounding=grounding,
     )
 
 
@@ -255,3 +258,58 @@ def default_generation_address(default_registry) -> Iterator[str]:
     yield running.address
     engine.shutdown(grace=1)
     running.stop(grace=1)
+
+
+# An orchestrator's turn that grounds its answer in two passages, cites the second, and was searched while the
+# index was still being built: what the real orchestrator sends once its model cites, which the random tiny
+# model never does.
+CITED_ANSWER = "Zurich is the largest city in Switzerland [2]. Geneva is another [9]."
+CITED_BUILD_NOTICE = "the index is still being built: 4,000 of 10,033 documents are searched so far"
+
+
+def cited_turn() -> list:
+    """The ChatResponses of that turn, in order."""
+    from nightcap.v1 import chat_pb2, common_pb2, retrieval_pb2
+
+    passages = [
+        retrieval_pb2.Passage(
+            id="geneva#0", title="Geneva", source="https://en.wikipedia.org/wiki/Geneva", score=0.61,
+            text="Geneva is the second-most populous city in Switzerland.",
+        ),
+        retrieval_pb2.Passage(
+            id="zurich#0", title="Zurich", source="https://en.wikipedia.org/wiki/Zurich", score=0.83,
+            text="Zurich is the largest city in Switzerland and the capital of the canton of Zurich.",
+        ),
+    ]  # fmt: skip
+    build = retrieval_pb2.IndexBuild(state="building", documents_done=4000, documents_total=10033, elapsed_s=12.5)
+    start = chat_pb2.ChatStart(sources=passages, model="scripted:1", retrieval_query="Where is Zurich?")
+    start.index_build.CopyFrom(build)
+    words = CITED_ANSWER.split(" ")
+    deltas = [chat_pb2.ChatResponse(delta=word if i == 0 else " " + word) for i, word in enumerate(words)]
+    end = chat_pb2.ChatEnd(
+        finish_reason=common_pb2.FINISH_REASON_EOS, prompt_tokens=40, completion_tokens=len(words),
+        context_used=True, notice=CITED_BUILD_NOTICE, cited=[2], cited_ids=["zurich#0"],
+    )  # fmt: skip
+    return [chat_pb2.ChatResponse(start=start), *deltas, chat_pb2.ChatResponse(end=end)]
+
+
+def start_scripted_orchestrator(turn: list):
+    """A Chat server that answers every turn with ``turn`` (a list of ChatResponses): a RunningServer."""
+    from nightcap.v1 import chat_pb2_grpc
+    from services.common.server import ServiceBinding, start_server
+
+    class ScriptedChat(chat_pb2_grpc.ChatServicer):
+        def Chat(self, request, context):
+            yield from turn
+
+    return start_server(
+        [ServiceBinding("nightcap.v1.Chat", chat_pb2_grpc.add_ChatServicer_to_server, ScriptedChat())], "127.0.0.1:0"
+    )
+
+
+@pytest.fixture(scope="session")
+def cited_orchestrator_address() -> Iterator[str]:
+    """An orchestrator that answers every question with ``cited_turn()``."""
+    running = start_scripted_orchestrator(cited_turn())
+    yield running.address
+    running.stop(grace=0)

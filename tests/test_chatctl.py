@@ -43,6 +43,37 @@ def test_ask_prints_the_answer_then_its_sources(orchestrator_address):
     assert "[1] Zurich (https://en.wikipedia.org/wiki/Zurich" in result.stdout
 
 
+def test_ask_names_the_sources_the_answer_cited_and_the_index_build_once(cited_orchestrator_address):
+    result = chatctl("ask", "Where is Zurich?", "--retrieval", "--address", cited_orchestrator_address)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Switzerland [2]." in out
+    assert "cited: [2] Zurich\n" in out
+    assert "[2] Zurich (https://en.wikipedia.org/wiki/Zurich, score 0.83) — cited" in out
+    assert "[1] Geneva (https://en.wikipedia.org/wiki/Geneva, score 0.61)\n" in out  # not cited: no mark
+    assert out.count("4,000 of 10,033 documents") == 1  # the orchestrator's notice says it too: shown once
+    assert "[the index is still building: 4,000 of 10,033 documents indexed]" in out
+    reply = json.loads(chatctl("ask", "Where?", "--json", "--address", cited_orchestrator_address).stdout)
+    assert reply["cited"] == [2] and reply["cited_ids"] == ["zurich#0"]
+    assert reply["index_build"]["state"] == "building" and reply["index_build"]["documents_total"] == 10033
+
+
+def test_the_shell_marks_cited_sources_and_tells_the_index_build_only_once(cited_orchestrator_address):
+    script = "Where is Zurich?\n/sources\nAnd Geneva?\n/quit\n"
+    result = chatctl("chat", "--retrieval", "--address", cited_orchestrator_address, stdin=script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("cited: [2] Zurich") == 2  # after each answer
+    assert "[2] Zurich (https://en.wikipedia.org/wiki/Zurich, score 0.83) — cited" in out
+    assert out.count("the index is still b") == 1
+
+
+def test_an_answer_that_cites_nothing_shows_no_cited_line(orchestrator_address):
+    result = chatctl("ask", "Where is Zurich?", "--retrieval", "--max-tokens", "4", "--address", orchestrator_address)
+    assert result.returncode == 0, result.stderr
+    assert "cited:" not in result.stdout and "— cited" not in result.stdout
+
+
 def test_status_shows_every_service_serving(orchestrator_address):
     result = chatctl("status", "--address", orchestrator_address)
     assert result.returncode == 0, result.stderr

@@ -32,7 +32,9 @@ def test_where_is_zurich_is_answered_from_wikipedia(default_generation_address, 
     assert "Switzerland" in reply.text
     assert reply.finished.context_used
     assert reply.started.prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert "Where is Zurich?\n\nRelevant information:\nZurich: " in reply.started.prompt
+    assert "Where is Zurich?\n\nAnswer from the passages below and cite the one you use, like [1].\nZurich: " in (
+        reply.started.prompt
+    )
     assert reply.started.model == f"{DEFAULT_MODEL}:1"
     assert status.model["architecture"] == "LlamaForCausalLM"
     assert status.model["context_length"] == 8192

@@ -85,3 +85,56 @@ def test_the_eval_slice_finds_every_source_and_the_follow_ups_need_the_mix(
     assert "last/multiturn_vs_single_source_recall_at_3" in written["ratios"]
     names = {(r["name"], r["params"].get("split")) for r in written["results"]}
     assert {("single", "all"), ("followup/last", "all"), ("condense_rewrite", None)} <= names
+
+
+def test_the_made_up_names_of_the_unanswerable_set_are_in_no_article():
+    from services.retrieval.corpus import read_wikipedia_summaries
+
+    unanswerable = QUESTIONS["unanswerable"]
+    assert len(unanswerable) >= 30 and {item["split"] for item in unanswerable} == {"dev", "heldout"}
+    words = {item["made_up"].lower() for item in unanswerable}
+    for document in read_wikipedia_summaries():
+        text = f"{document.title} {document.text}".lower()
+        assert not [word for word in words if word in text], document.title
+    assert all(item["made_up"] in item["question"] for item in unanswerable)
+
+
+def test_admissions_are_told_from_answers():
+    assert run_eval.admits("The documents do not say.")
+    assert run_eval.admits("I don’t know who that is.")
+    assert not run_eval.admits("Zurich has 436,551 inhabitants [1].")
+
+
+def test_the_grounded_prompt_is_measured_against_the_plain_one_in_the_same_run(
+    generation_address, eval_retrieval, tmp_path
+):
+    questions = {
+        "single": one_of_each_kind(QUESTIONS["single"])[:1],
+        "conversations": one_of_each_kind(QUESTIONS["conversations"])[:1],
+        "unanswerable": QUESTIONS["unanswerable"][:2],
+    }
+    variants = {"grounded": run_eval.VARIANTS["grounded"], "plain": run_eval.VARIANTS["plain"]}
+    sets, _ = run_eval.run(
+        questions,
+        generation_address,
+        eval_retrieval,
+        [QueryMode.RECENT],
+        max_new_tokens=4,
+        progress=False,
+        variants=variants,
+    )
+    assert set(sets) == {
+        "single", "opening", "followup/recent", "unanswerable",
+        "plain/single", "plain/opening", "plain/followup/recent", "plain/unanswerable",
+    }  # fmt: skip
+    assert all(len(s.outcomes) == 2 for name, s in sets.items() if name.endswith("unanswerable"))
+    grounded, plain = sets["single"].outcomes[0], sets["plain/single"].outcomes[0]
+    assert grounded.rank == plain.rank == 1  # the same search; only the prompt differs
+    unanswerable = sets["unanswerable"].metrics()
+    assert "admitted" in unanswerable and "source_recall_at_3" not in unanswerable
+    bench = run_eval.report(sets, [], [QueryMode.RECENT], 3, "tiny")
+    written = json.loads(bench.write(tmp_path).read_text())
+    names = {r["name"] for r in written["results"]}
+    assert {"unanswerable", "plain/unanswerable", "plain/followup/recent"} <= names
+    for ratio in written["ratios"]:
+        assert ratio.startswith(("answer_accuracy_vs_baseline/", "multiturn_vs_single"))

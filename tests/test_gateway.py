@@ -157,6 +157,57 @@ def test_embeddings_come_as_floats_or_base64_of_the_same_vector(http):
     assert np.allclose(decoded, vector, atol=1e-6)
 
 
+# --- citations and the index build, as the orchestrator reports them -------------------------------------------
+
+
+def test_the_sources_an_answer_cites_are_named_and_flagged_in_whole_and_streamed_responses():
+    """The translation alone, from real ChatStart and ChatEnd messages (the tiny model never cites)."""
+    from conftest import cited_turn
+
+    from services.gateway import translate
+
+    turn = cited_turn()
+    start, end = turn[0].start, turn[-1].end
+    whole = translate.sources(start, end.cited)
+    assert [(s["index"], s["title"], s["cited"]) for s in whole] == [(1, "Geneva", False), (2, "Zurich", True)]
+    assert translate.end_extras(end)["cited"] == [2]
+    assert all("cited" not in s for s in translate.sources(start))  # streamed: they come before the answer
+    listed = translate.sources_markdown(whole, end.cited)
+    assert listed == (
+        "\n\nSources:\n[1] Geneva (https://en.wikipedia.org/wiki/Geneva)"
+        "\n[2] Zurich (https://en.wikipedia.org/wiki/Zurich) (cited)"
+    )
+    assert "(cited)" not in translate.sources_markdown(whole, [])
+    build = translate.start_extras(start, whole)["index_build"]
+    assert build["state"] == "building" and (build["documents_done"], build["documents_total"]) == (4000, 10033)
+    assert build["notice"] == "the index is still building: 4,000 of 10,033 documents indexed"
+    assert translate.start_extras(chat_pb2.ChatStart(), [])["index_build"] is None
+
+
+@pytest.fixture(scope="module")
+def cited_gateway(cited_orchestrator_address, generation_address) -> Iterator[str]:
+    running = start_gateway(cited_orchestrator_address, generation_address, None, citations="markdown")
+    yield running.url
+    running.stop()
+
+
+def test_an_answer_citing_2_says_cited_2_in_the_response_and_in_the_last_chunk_of_a_stream(cited_gateway):
+    with httpx.Client(base_url=cited_gateway, timeout=60) as client:
+        whole = client.post("/v1/chat/completions", json=ZURICH).json()
+        with client.stream("POST", "/v1/chat/completions", json={**ZURICH, "stream": True}) as response:
+            chunks = [e for e in events(response) if isinstance(e, dict)]
+    extra, content = whole["nightcap"], whole["choices"][0]["message"]["content"]
+    assert content.startswith("Zurich is the largest city in Switzerland [2].")
+    assert extra["cited"] == [2] and [s["cited"] for s in extra["sources"]] == [False, True]
+    assert extra["index_build"]["documents_done"] == 4000
+    assert content.endswith("[2] Zurich (https://en.wikipedia.org/wiki/Zurich) (cited)")  # --citations markdown
+    first, last = chunks[0]["nightcap"], chunks[-1]
+    assert first["index_build"]["notice"].startswith("the index is still building") and first["sources"]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["nightcap"]["cited"] == [2]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == content
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (records.Document, retrieval_pb2.Document),
         (records.Passage, retrieval_pb2.Passage),
         (records.IndexStats, retrieval_pb2.StatsResponse),
+        (records.IndexBuild, retrieval_pb2.IndexBuild),
         (records.AddReport, retrieval_pb2.AddDocumentsResponse),
         (records.DeleteReport, retrieval_pb2.DeleteDocumentsResponse),
         (records.CompactReport, retrieval_pb2.CompactResponse),
@@ -27,11 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_a_record_has_its_messages_fields_in_order_and_converts_both_ways(record, message):
     assert [f.name for f in fields(record)] == [f.name for f in message.DESCRIPTOR.fields]
-    values = {
-        f.name: (7 if f.type in (int, "int") else 0.5 if f.type in (float, "float") else f.name) for f in fields(record)
-    }
-    made = record(**values)
+    made = _sample(record)
     assert records.from_message(record, records.to_message(made, message)) == made
+
+
+def _sample(record: type) -> object:
+    """The record with every field set: ints 7, floats 0.5, strings their name, nested records sampled too."""
+    nested = {"IndexBuild | None": records.IndexBuild}
+    values = {
+        f.name: 7 if f.type in (int, "int") else 0.5 if f.type in (float, "float") else f.name for f in fields(record)
+    }
+    values.update({f.name: _sample(nested[f.type]) for f in fields(record) if f.type in nested})
+    return record(**values)
+
+
+def test_an_unset_nested_message_is_none_and_stays_unset() -> None:
+    stats = records.IndexStats(1, 1, 384, "e", "IDMap2,Flat", "/i", 10, "nightcap", 1)
+
+    message = records.to_message(stats, retrieval_pb2.StatsResponse)
+
+    assert not message.HasField("build")
+    assert records.from_message(records.IndexStats, message).build is None
 
 
 def test_no_record_is_defined_twice_and_clients_never_import_services():

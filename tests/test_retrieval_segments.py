@@ -211,7 +211,7 @@ def test_compacting_away_every_passage_leaves_an_empty_index_that_takes_writes(t
 
 
 def test_commits_and_deletes_during_a_compaction_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import services.retrieval.index as index_module
+    import services.retrieval.index.compaction as index_module
 
     index = open_new(tmp_path / "busy", "IDMap2,Flat")
     commit_in_batches(index, BATCHES[:3])
@@ -349,7 +349,8 @@ CRASHING_COMPACTION = textwrap.dedent(
     import json, os, signal, sys
     from pathlib import Path
     import numpy as np
-    import services.retrieval.index as index_module
+    import services.retrieval.index.compaction as compaction_module
+    import services.retrieval.index.passage_index as passage_index_module
     from services.retrieval.chunker import Passage
     from services.retrieval.index import Change, load_index
     from services.retrieval.store import PassageStore
@@ -362,11 +363,11 @@ CRASHING_COMPACTION = textwrap.dedent(
 
     # Faults injected on purpose: the process dies at the named moment of the compaction.
     if moment == "merging":
-        index_module.decode_segment = die
+        compaction_module.decode_segment = die
     elif moment == "written":  # the merged segment is on disk, the store transaction has not happened
         PassageStore.commit = die
     else:  # committed; the replaced segment files are not deleted yet
-        index_module.write_manifest_copy = die
+        passage_index_module.write_manifest_copy = die
     index.compact()
     print("survived", flush=True)
     """

@@ -5,6 +5,7 @@ small index, and a var dir of the test's own."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -33,8 +34,9 @@ class LocalStack:
     var_dir: Path
     addresses: dict[str, str]
 
-    def run(self, command: str, *options: str) -> subprocess.CompletedProcess[str]:
-        """``python -m deploy.stack <command>`` against this var dir and these addresses."""
+    def run(self, command: str, *options: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """``python -m deploy.stack <command>`` against this var dir and these addresses (``env``: more
+        variables, which reach the services too)."""
         shared = ["--var-dir", str(self.var_dir)]
         if command != "down":
             shared += [f"--{name}-address={address}" for name, address in self.addresses.items()]
@@ -42,7 +44,7 @@ class LocalStack:
             [sys.executable, "-m", "deploy.stack", command, *shared, *options],
             cwd=REPO_ROOT,
             # any free port for the metrics endpoint, so a stack the user has up does not collide
-            env={**os.environ, "NIGHTCAP_METRICS_ADDRESS": "127.0.0.1:0"},
+            env={**os.environ, "NIGHTCAP_METRICS_ADDRESS": "127.0.0.1:0", **(env or {})},
             capture_output=True,
             text=True,
             timeout=STACK_TIMEOUT_S,
@@ -148,6 +150,44 @@ def test_up_serves_all_three_answers_and_down_leaves_no_process_behind(
     after = stack.run("status")
     assert after.returncode == 1
     assert not re.search(r"\bSERVING", after.stdout), after.stdout
+
+
+def test_a_first_up_answers_while_retrieval_builds_the_default_index_and_times_both(
+    stack: LocalStack, tiny_model_dir: Path
+) -> None:
+    # a slice of the default corpus, a few documents per commit; both reach retrieval through the environment
+    build = {"NIGHTCAP_INDEX_BUILD_LIMIT": "30", "NIGHTCAP_INDEX_BUILD_COMMIT_DOCUMENTS": "6"}
+    started = time.time() - 100  # as if `make up` had begun with 100 s of setup
+    options = ["--model", str(tiny_model_dir), "--max-new-tokens", "8", "--started-at", str(started)]
+
+    up = stack.run("up", *options, env=build)
+
+    assert up.returncode == 0, _output(up)
+    assert "preparing the default index" not in up.stdout  # no build before the services start
+    assert "in the background" in up.stdout
+    assert "index complete (30 documents)" in up.stdout
+    assert "> Where is Zurich?" in up.stdout and "Source: " in up.stdout
+    timing = re.search(r"first_answer_s (\d+\.\d), index_complete_s (\d+\.\d)", up.stdout)
+    assert timing, up.stdout
+    assert all(float(seconds) > 100 for seconds in timing.groups())  # measured from --started-at
+    recorded = json.loads((stack.var_dir / "run" / "up-timing.json").read_text())
+    assert (recorded["first_answer_s"], recorded["index_complete_s"]) == tuple(map(float, timing.groups()))
+    retrieval = next(spec for spec in stack.supervisord.specs() if spec.name == "retrieval")
+    assert "--build-default --build-limit 30" in " ".join(retrieval.command)
+
+    status = stack.run("status")
+    assert status.returncode == 0, _output(status)
+    assert "index complete (30 documents)" in status.stdout
+    chatctl = subprocess.run(
+        [str(Path(sys.executable).parent / "chatctl"), "status", "--address", stack.addresses["orchestrator"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "index complete (30 documents)" in chatctl.stdout, chatctl.stdout + chatctl.stderr
+    again = stack.run("up", *options, "--no-ask", env=build)
+    assert again.returncode == 0, _output(again)
+    assert "already up" in again.stdout and "index complete (30 documents)" in again.stdout
 
 
 def test_a_service_that_fails_to_start_fails_up_with_its_log_and_leaves_nothing_running(

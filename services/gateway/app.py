@@ -535,7 +535,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     ) -> AsyncIterator[str]:
         metrics.open_streams.inc()
         found: list[dict[str, Any]] = []
-        answer: list[str] = []
         try:
             item = first
             while True:
@@ -551,7 +550,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     role["nightcap"] = translate.start_extras(start, found)
                     yield sse(role)
                 elif item.HasField("delta"):
-                    answer.append(item.delta)
                     chunk = wire.chat_chunk(completion_id, created, model, {"content": item.delta})
                     if item.logprobs:
                         chunk["choices"][0]["logprobs"] = {"content": translate.chat_logprobs(item.logprobs)}
@@ -559,11 +557,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 elif item.HasField("end"):
                     end = item.end
                     if settings.citations == "markdown" and found:
-                        extra = translate.sources_markdown(found)
-                        answer.append(extra)
+                        extra = translate.sources_markdown(found, end.cited)
                         yield sse(wire.chat_chunk(completion_id, created, model, {"content": extra}))
                     last = wire.chat_chunk(completion_id, created, model, {}, finish_reason(end.finish_reason))
-                    last["nightcap"] = translate.end_extras(end, "".join(answer), found)
+                    last["nightcap"] = translate.end_extras(end)
                     yield sse(last)
                     count_tokens(end.prompt_tokens, end.completion_tokens)
                     if include_usage:
@@ -598,11 +595,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     break
             item = await relay.next(settings.ping_interval)
         end = item.end
-        found = translate.sources(start)
+        found = translate.sources(start, end.cited)
         content = "".join(answer)
-        extras = {**translate.start_extras(start, found), **translate.end_extras(end, content, found)}
+        extras = {**translate.start_extras(start, found), **translate.end_extras(end)}
         if settings.citations == "markdown":
-            content += translate.sources_markdown(found)
+            content += translate.sources_markdown(found, end.cited)
         count_tokens(end.prompt_tokens, end.completion_tokens)
         return wire.chat_completion(
             completion_id,

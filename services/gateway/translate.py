@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from nightcap.records import IndexBuild, from_message
 from nightcap.v1 import chat_pb2, common_pb2, generation_pb2, retrieval_pb2
 from services.gateway.openai_types import ChatCompletionRequest, CompletionRequest, _Sampling
 
@@ -22,7 +23,6 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
 }
 SNIPPET_CHARS = 200
-_CITATION = re.compile(r"\[(\d{1,3})\]")
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,14 @@ def generate_request(
     return generation_pb2.GenerateRequest(request_id=request_id, token_ids=ids, params=params)
 
 
-def sources(start: chat_pb2.ChatStart) -> list[dict[str, Any]]:
-    """The passages the model was given, numbered as the prompt and the ``[n]`` markers number them."""
-    return [source(index, passage) for index, passage in enumerate(start.sources, 1)]
+def sources(start: chat_pb2.ChatStart, cited: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The passages the model was given, numbered as the prompt and the ``[n]`` markers number them; with
+    ``cited`` (the ChatEnd's, so only once the answer is whole) each also says whether the answer cites it."""
+    found = [source(index, passage) for index, passage in enumerate(start.sources, 1)]
+    if cited is not None:
+        for entry in found:
+            entry["cited"] = entry["index"] in cited
+    return found
 
 
 def source(index: int, passage: retrieval_pb2.Passage) -> dict[str, Any]:
@@ -128,14 +133,12 @@ def source(index: int, passage: retrieval_pb2.Passage) -> dict[str, Any]:
     }
 
 
-def cited(answer: str, source_count: int) -> list[int]:
-    """The source numbers the answer's ``[n]`` markers name, in order of first mention."""
-    seen: list[int] = []
-    for match in _CITATION.finditer(answer):
-        number = int(match.group(1))
-        if 1 <= number <= source_count and number not in seen:
-            seen.append(number)
-    return seen
+def index_build(start: chat_pb2.ChatStart) -> dict[str, Any] | None:
+    """The index build's progress while the retrieval index is still being filled, else None."""
+    if not start.HasField("index_build"):
+        return None
+    build = from_message(IndexBuild, start.index_build)
+    return {**asdict(build), "notice": build.notice}
 
 
 def start_extras(start: chat_pb2.ChatStart, found: list[dict[str, Any]]) -> dict[str, Any]:
@@ -144,19 +147,27 @@ def start_extras(start: chat_pb2.ChatStart, found: list[dict[str, Any]]) -> dict
         "sources": found,
         "retrieval_query": start.retrieval_query,
         "history_messages_dropped": start.history_messages_dropped,
+        "index_build": index_build(start),
     }
 
 
-def end_extras(end: chat_pb2.ChatEnd, answer: str, found: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``nightcap`` fields known when it ends (the chunk with the finish_reason)."""
-    return {"context_used": end.context_used, "notice": end.notice, "cited": cited(answer, len(found))}
+def end_extras(end: chat_pb2.ChatEnd) -> dict[str, Any]:
+    """The ``nightcap`` fields known when it ends (the chunk with the finish_reason): ``cited`` is the
+    orchestrator's list of the source numbers the answer's ``[n]`` markers name, in the order first cited."""
+    return {"context_used": end.context_used, "notice": end.notice, "cited": list(end.cited)}
 
 
-def sources_markdown(found: list[dict[str, Any]]) -> str:
-    """``--citations markdown``: the sources as a short list after the answer, for clients that drop extra fields."""
+def sources_markdown(found: list[dict[str, Any]], cited: Sequence[int] = ()) -> str:
+    """``--citations markdown``: the sources as a short list after the answer, for clients that drop extra fields;
+    those the answer cites are marked."""
     if not found:
         return ""
-    lines = [f"[{s['index']}] {s['title'] or s['id']}" + (f" ({s['url']})" if s["url"] else "") for s in found]
+    lines = [
+        f"[{s['index']}] {s['title'] or s['id']}"
+        + (f" ({s['url']})" if s["url"] else "")
+        + (" (cited)" if s["index"] in cited else "")
+        for s in found
+    ]
     return "\n\nSources:\n" + "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from services.common.security import (
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
 from services.orchestrator.conversation import QueryMode
+from services.orchestrator.grounding import Grounding, PromptStyle
 from services.orchestrator.server import start_chat_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -82,6 +83,41 @@ def serve(
             " model rewrites it as a standalone question; costs a generation call) or last (the message alone)",
         ),
     ] = QueryMode.RECENT,
+    prompt: Annotated[
+        PromptStyle,
+        typer.Option(
+            envvar="NIGHTCAP_PROMPT",
+            help="how passages are given: grounded (numbered [1], [2] for the answer to cite; the model is told to"
+            ' say "The documents do not say." when they do not hold the answer; an earlier turn\'s passage that is'
+            " again among the best hits is repeated beside the question) or plain (unnumbered, each given once:"
+            " whole passages: the prompt before grounding, kept as the baseline `make eval` measures against)",
+        ),
+    ] = PromptStyle.GROUNDED,
+    context_cut: Annotated[
+        bool,
+        typer.Option(
+            envvar="NIGHTCAP_CONTEXT_CUT",
+            help="keep only the passages' sentences that best answer the question (scored by the retrieval"
+            " service's embedder), within --context-tokens",
+        ),
+    ] = Grounding.cut,
+    context_tokens: Annotated[
+        int,
+        typer.Option(
+            envvar="NIGHTCAP_CONTEXT_TOKENS",
+            min=1,
+            help="with --context-cut: the new turn's passages, in the served model's tokens (the best sentence is"
+            " always kept)",
+        ),
+    ] = Grounding.context_tokens,
+    min_score: Annotated[
+        float,
+        typer.Option(
+            envvar="NIGHTCAP_MIN_SCORE",
+            help="retrieval score floor (cosine similarity, -1..1): passages below it are not given, and when none"
+            " is left the reply says no source matched instead of asking the model; 0: no floor",
+        ),
+    ] = Grounding.min_score,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -103,6 +139,7 @@ def serve(
             security=security,
             backend_credentials=backends,
             query_mode=retrieval_query,
+            grounding=PromptStyle(prompt).grounding(context_cut, context_tokens, min_score),
         )
     # a taken port; unreadable certificates; a list of generation addresses that is not IPs
     except (OSError, CredentialsError, ValueError) as error:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nightcap.credentials import Credentials
@@ -173,6 +174,14 @@ class GenerationBackend(Backend):
         return "".join(response.text for response in self.generate(token_ids, params, timeout, request_id))
 
 
+@dataclass(frozen=True)
+class Found:
+    """One search's passages, best first, and the index build when the index is still being filled."""
+
+    passages: list[Passage]
+    build: retrieval_pb2.IndexBuild | None = None
+
+
 class RetrievalBackend(Backend):
     name = "retrieval"
 
@@ -180,13 +189,22 @@ class RetrievalBackend(Backend):
         super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
 
-    def search(self, query: str, k: int, timeout: float) -> list[Passage]:
+    def search(self, query: str, k: int, timeout: float) -> Found:
         try:
             request = retrieval_pb2.SearchRequest(query=query, k=k)
             response = self._stub.Search(request, timeout=timeout, wait_for_ready=True)
-            return [from_message(Passage, p) for p in response.passages]
         except grpc.RpcError as error:
             raise self.error(error) from None
+        build = response.build if response.HasField("build") else None
+        return Found([from_message(Passage, p) for p in response.passages], build)
+
+    def embed(self, texts: list[str], timeout: float) -> np.ndarray:
+        """The texts' vectors from the embedder that serves the index, one row per text."""
+        try:
+            response = self._stub.Embed(retrieval_pb2.EmbedRequest(texts=texts), timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as error:
+            raise self.error(error) from None
+        return np.array([row.values for row in response.embeddings], dtype=np.float32).reshape(len(texts), -1)
 
     def stats(self, timeout: float) -> retrieval_pb2.StatsResponse:
         try:

@@ -16,8 +16,18 @@ from dataclasses import dataclass, field, replace
 from loguru import logger
 
 from nightcap.records import DEFAULT_K, MAX_K, Passage, from_message
+from nightcap.v1 import retrieval_pb2
 from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
+from services.orchestrator.grounding import (
+    Grounding,
+    cut_passages,
+    missing_names,
+    no_name_reply,
+    no_source_reply,
+    sentences_of,
+    weighted_scores,
+)
 from services.orchestrator.prompts import ContextPassage, PromptFormat, PromptPieces, Turn, prompt_format_for
 
 
@@ -87,10 +97,21 @@ class PreparedTurn:
     notice: str
     query_ms: float = 0.0  # time spent building the query (the rewrite's generation call, for condense)
     history_passages: int = 0  # passages given in earlier turns that the prompt still holds
+    reply: str = ""  # the answer, when it is given without the model (no passage scored above --min-score)
+    index_build: retrieval_pb2.IndexBuild | None = None  # the retrieval index is still being built
+    numbered: bool = False  # the prompt numbers the sources, so the answer's [n] markers cite them
 
     @property
     def context_used(self) -> bool:
         return bool(self.sources) or self.history_passages > 0
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    passages: list[Passage]  # best first
+    notice: str = ""  # why there are none
+    build: retrieval_pb2.IndexBuild | None = None  # the index is still being built
+    searched: bool = False  # the search ran (it may have found nothing); False: retrieval is off or failed
 
 
 @dataclass
@@ -144,12 +165,14 @@ def fit_prompt(
     context_length: int,
     count: Callable[[str], int],
     tokenize: Callable[[str], list[int]],
+    repeat: bool = False,
 ) -> FittedPrompt:
     """Drops history oldest first (a leading system message stays), then the least relevant new passages,
     until the prompt leaves room for ``max_new_tokens``; InvalidArgument when even the message alone does
     not fit. OpenChatKit never trimmed and overflowed the window.
 
-    The new turn gets the first ``k`` of ``ranked`` that the kept history does not already hold. Each piece
+    The new turn gets the first ``k`` of ``ranked`` that the kept history does not already hold (``repeat``: the
+    first ``k``, held or not: a passage an earlier turn gave is shown again beside the question). Each piece
     of the prompt (a turn, with its passages) is counted once through ``count`` and the pieces summed; only
     the chosen prompt is tokenized whole, and if the sum was short of it (tokens merging across a piece
     boundary) trimming goes on from the exact count."""
@@ -159,7 +182,7 @@ def fit_prompt(
     dropped_passages = 0
     while True:
         given = {_key(p) for turn in rest for p in turn.context}
-        fresh = [p for p in ranked if _key(_context(p)) not in given][:k]
+        fresh = [p for p in ranked if repeat or _key(_context(p)) not in given][:k]
         passages = fresh[: len(fresh) - dropped_passages] if dropped_passages else fresh
         turns = [*system, *rest, Turn(message.role, message.content, tuple(_context(p) for p in passages))]
         pieces = prompt_format.pieces(turns)
@@ -191,11 +214,12 @@ def _sum_of_pieces(pieces: PromptPieces, count: Callable[[str], int]) -> int:
 
 
 def _context(passage: Passage) -> ContextPassage:
-    return ContextPassage(passage.title, passage.text, passage.source)
+    return ContextPassage(passage.title, passage.text, passage.source, passage.id)
 
 
-def _key(passage: ContextPassage) -> tuple[str, str]:
-    return passage.title, passage.text
+def _key(passage: ContextPassage) -> tuple[str, ...]:
+    # by id when the client sent ids back: a passage cut to other sentences for another turn is still the same
+    return (passage.id,) if passage.id else (passage.title, passage.text)
 
 
 class ChatOrchestrator:
@@ -206,12 +230,14 @@ class ChatOrchestrator:
         default_max_new_tokens: int = 256,
         backend_timeout: float = 10.0,
         query_mode: QueryMode = QueryMode.RECENT,
+        grounding: Grounding | None = None,
     ) -> None:
         self.generation = generation
         self.retrieval = retrieval
         self.default_max_new_tokens = default_max_new_tokens
         self.backend_timeout = backend_timeout
         self.query_mode = QueryMode(query_mode)
+        self.grounding = grounding or Grounding()
         self.tokens = TokenCounter(lambda text: self.generation.count_tokens(text, self.backend_timeout))
         self._model: ModelInfo | None = None
         self._model_lock = threading.Lock()
@@ -262,29 +288,53 @@ class ChatOrchestrator:
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context window of"
                 f" {info.context_length} tokens: ask for fewer"
             )
-        prompt_format = prompt_format_for(info.prompt_format, info.chat_template, info.bos_token, info.eos_token)
-        query, query_ms, ranked, notice = "", 0.0, [], ""
+        grounding = self.grounding
+        prompt_format = prompt_format_for(
+            info.prompt_format, info.chat_template, info.bos_token, info.eos_token, grounding.style
+        )
+        query, query_ms, ranked, notice, build, reply = "", 0.0, [], "", None, ""
+        given = ranked
+        count = lambda text: self.tokens.count(info.label, text)  # noqa: E731
         if request.retrieval:
             started = time.perf_counter()
             query, searches = self._query(request, info, prompt_format)
             query_ms = (time.perf_counter() - started) * 1000
-            given = sum(len(turn.context) for turn in request.history)
-            ranked, notice = self._retrieve(searches, min(k + given, MAX_K))
+            held = sum(len(turn.context) for turn in request.history)
+            found = self._retrieve(searches, k if grounding.repeat_earlier else min(k + held, MAX_K))
+            ranked, notice, build = found.passages, found.notice, found.build
+            given = [p for p in ranked if grounding.min_score <= 0 or p.score >= grounding.min_score]
+            if grounding.min_score > 0 and not given and found.searched:
+                reply = no_source_reply(ranked[0].score if ranked else None, grounding.min_score)
+                notice = f"no passage scored above --min-score {grounding.min_score:g}; answered that no source matched"
+            elif grounding.names and given and (missing := missing_names(request.message, given[:k])):
+                reply, given = no_name_reply(missing), []
+                notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
+            if given and grounding.cut:
+                if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
+                    held_keys = {_key(p) for turn in request.history for p in turn.context}
+                    given = [p for p in given if _key(_context(p)) not in held_keys]
+                given = self._cut(given[:k], searches, count)
         fitted = fit_prompt(
             prompt_format,
             request.history,
             Turn("user", request.message),
-            ranked,
+            given,
             k,
             max_new_tokens,
             info.context_length,
-            lambda text: self.tokens.count(info.label, text),
+            count,
             lambda text: self.generation.tokenize(text, self.backend_timeout),
+            repeat=grounding.repeat_earlier or grounding.cut,
         )
         stop = list(request.stop)
         stop.extend(s for s in [*info.stop, *prompt_format.stop] if s not in stop)
-        if ranked and not fitted.passages and not fitted.history_passages:
+        if given and not fitted.passages and not fitted.history_passages:
             notice = "the retrieved passages did not fit in the context window; answered without context"
+        if build is not None and build.state == "building" and not notice:
+            notice = (
+                f"the index is still being built: {build.documents_done:,} of {build.documents_total:,} documents"
+                " are searched so far"
+            )
         return PreparedTurn(
             prompt=fitted.prompt,
             prompt_token_ids=fitted.token_ids,
@@ -298,7 +348,31 @@ class ChatOrchestrator:
             notice=notice,
             query_ms=query_ms,
             history_passages=fitted.history_passages,
+            reply=reply,
+            index_build=build,
+            numbered=grounding.numbered,
         )
+
+    def _cut(
+        self, passages: list[Passage], searches: list[tuple[str, float]], count: Callable[[str], int]
+    ) -> list[Passage]:
+        """The passages cut to their sentences that best answer the searches (scored by the retrieval service's
+        embedder as the search mix scores passages), within the grounding's token budget; whole passages
+        when the embedder cannot be reached."""
+        sentences = sentences_of(passages)
+        if len(sentences) <= len(passages):  # one sentence each: nothing to cut
+            return passages
+        titled = [f"{passages[s.passage].title}: {s.text}" if passages[s.passage].title else s.text for s in sentences]
+        try:
+            vectors = self.retrieval.embed([query for query, _ in searches] + titled, self.backend_timeout)
+        except InvalidArgument:
+            raise
+        except ServiceError as error:
+            logger.warning("sentence scoring failed, giving whole passages: {}", error)
+            return passages
+        queries, found = vectors[: len(searches)], vectors[len(searches) :]
+        scores = weighted_scores(queries, [weight for _, weight in searches], found)
+        return cut_passages(passages, sentences, scores, self.grounding.context_tokens, count)
 
     # -- the retrieval query -------------------------------------------------------------------------
 
@@ -340,23 +414,25 @@ class ChatOrchestrator:
         question = text.strip().strip('"').strip()
         return question or request.message
 
-    def _retrieve(self, searches: list[tuple[str, float]], k: int) -> tuple[list[Passage], str]:
+    def _retrieve(self, searches: list[tuple[str, float]], k: int) -> Retrieved:
         """Passages for the weighted searches, best first, or none and a notice why: a chat answers even when
-        retrieval is down.
+        retrieval is down. Also the index build, when the index is still being filled.
 
         Several searches are fused by weighted score: sum of weight x cosine similarity. As similarity is
         linear in the query vector, that ranks passages as one search for the weighted sum of the query
         vectors would; a passage missing from one search's candidates is scored there as its last candidate."""
         if self.retrieval is None:
-            return [], "retrieval is not configured on this orchestrator; answered without context"
+            return Retrieved([], "retrieval is not configured on this orchestrator; answered without context")
         depth = k if len(searches) == 1 else max(k, CANDIDATES_PER_QUERY)
         try:
-            results = [self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout) for query, _ in searches]
+            found = [self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout) for query, _ in searches]
         except InvalidArgument:
             raise
         except ServiceError as error:
             logger.warning("retrieval failed, answering without context: {}", error)
-            return [], f"retrieval unavailable ({error}); answered without context"
+            return Retrieved([], f"retrieval unavailable ({error}); answered without context")
+        build = found[-1].build
+        results = [search.passages for search in found]
         if len(results) == 1:
             ranked = results[0]
         else:
@@ -370,8 +446,8 @@ class ChatOrchestrator:
             order = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
             ranked = [replace(passages[i], score=scores[i] / sum(w for _, w in searches)) for i in order]
         if not ranked:
-            return [], "retrieval found no passages; answered without context"
-        return ranked, ""
+            return Retrieved([], "retrieval found no passages; answered without context", build, searched=True)
+        return Retrieved(ranked, "", build, searched=True)
 
 
 def validate_turn(request: TurnRequest) -> None:

@@ -18,6 +18,30 @@ from services.common.errors import FailedPrecondition
 
 CONTEXT_INSTRUCTION = "Answer the question using the context below when it is relevant."
 CONTEXT_HEADING = "Relevant information:"
+# The grounded prompt (the orchestrator's default, --prompt grounded) numbers the passages for citing; it can
+# also ask for citations and tell the model what to say when the passages do not hold the answer.
+ADMISSION = "The documents do not say."
+CITE = "Answer from the passages below and cite the one you use, like [1]."
+ADMIT = f'If they do not hold the answer, say "{ADMISSION}"'
+
+
+@dataclass(frozen=True)
+class ContextStyle:
+    """How a turn's passages are introduced: numbered or not, and what the model is asked to do with them."""
+
+    numbered: bool = False
+    cite: bool = False  # ask for [n] citations
+    admit: bool = False  # ask for ADMISSION when the passages do not hold the answer
+
+    def heading(self, plain: str) -> str:
+        """The line before the passages; ``plain`` when nothing is asked."""
+        asked = [text for wanted, text in ((self.cite, CITE), (self.admit, ADMIT)) if wanted]
+        if self.admit and not self.cite:
+            asked = [f"Answer from the passages below. {ADMIT}"]
+        return " ".join(asked) if asked else plain
+
+
+PLAIN = ContextStyle()
 
 
 @dataclass(frozen=True)
@@ -25,6 +49,7 @@ class ContextPassage:
     title: str
     text: str
     source: str
+    id: str = ""  # the passage id, when the client sent it back with the history
 
 
 @dataclass(frozen=True)
@@ -50,10 +75,17 @@ class PromptPieces:
         return self.head + "".join(self.turns) + self.tail
 
 
-def context_block(passages: list[ContextPassage]) -> str:
-    # One plain line per passage, led by its title (default-corpus passages already start with it).
-    # Numbering them ("[1] ...") made SmolLM2-135M garble names in its answers.
-    return "\n".join(_context_line(p) for p in passages)
+def context_block(passages: list[ContextPassage], numbered: bool = False) -> str:
+    """One line per passage, led by its title (default-corpus passages already start with it), and ended by its
+    number ("... [1]") when the prompt asks for citations.
+
+    The number goes last: SmolLM2-135M copies the start of a line, and with "[1] Zurich: ..." it answered
+    "Zuraco: Züraco is a city in Switzerland"; with the number at the end it answered "Zurich: The largest city in
+    Switzerland ... [1]", citing its passage as it copied it."""
+    lines = [_context_line(p) for p in passages]
+    if numbered:
+        lines = [f"{line} [{number}]" for number, line in enumerate(lines, 1)]
+    return "\n".join(lines)
 
 
 def _context_line(passage: ContextPassage) -> str:
@@ -69,7 +101,7 @@ class ChatTemplatePrompt:
     own system prompt) gave "Zurich is the largest city in Switzerland ..."; the same context in a
     system message gave "... located in the northern part of the Swiss Alps"."""
 
-    def __init__(self, template: str, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = "", style: ContextStyle = PLAIN) -> None:
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         environment.globals["raise_exception"] = _raise_template_error
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -78,6 +110,7 @@ class ChatTemplatePrompt:
         except TemplateError as error:
             raise FailedPrecondition(f"the model's chat template does not parse: {error}") from None
         self._bos, self._eos = bos_token, eos_token
+        self.style = style
         self.stop: list[str] = []
 
     def render(self, turns: list[Turn]) -> str:
@@ -102,7 +135,7 @@ class ChatTemplatePrompt:
         return PromptPieces(whole[: len(whole) - len(body)], pieces, tail)
 
     def _render(self, turns: list[Turn], add_generation_prompt: bool) -> str:
-        messages = [{"role": t.role, "content": _content(t)} for t in turns]
+        messages = [{"role": t.role, "content": _content(t, self.style)} for t in turns]
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._bos, eos_token=self._eos
@@ -119,7 +152,8 @@ class OpenChatKitPrompt:
 
     HUMAN, BOT = "<human>", "<bot>"
 
-    def __init__(self) -> None:
+    def __init__(self, style: ContextStyle = PLAIN) -> None:
+        self.style = style
         self.stop = [f"{self.HUMAN}:"]
 
     def render(self, turns: list[Turn]) -> str:
@@ -134,25 +168,28 @@ class OpenChatKitPrompt:
         speaker = self.HUMAN if turn.role == "user" else self.BOT
         line = f"{speaker}: {turn.content}"
         if turn.context:
-            return f"{self.HUMAN}: {CONTEXT_INSTRUCTION}\n{context_block(list(turn.context))}\n{line}"
+            instruction = self.style.heading(CONTEXT_INSTRUCTION)
+            return f"{self.HUMAN}: {instruction}\n{context_block(list(turn.context), self.style.numbered)}\n{line}"
         return line
 
 
 PromptFormat = ChatTemplatePrompt | OpenChatKitPrompt
 
 
-def prompt_format_for(name: str, chat_template: str, bos_token: str, eos_token: str) -> PromptFormat:
+def prompt_format_for(
+    name: str, chat_template: str, bos_token: str, eos_token: str, style: ContextStyle = PLAIN
+) -> PromptFormat:
     if name == "chat_template" and chat_template:
-        return ChatTemplatePrompt(chat_template, bos_token, eos_token)
+        return ChatTemplatePrompt(chat_template, bos_token, eos_token, style)
     if name == "openchatkit":
-        return OpenChatKitPrompt()
+        return OpenChatKitPrompt(style)
     raise FailedPrecondition(f"the generation service reports prompt format {name!r}, which the orchestrator lacks")
 
 
-def _content(turn: Turn) -> str:
+def _content(turn: Turn, style: ContextStyle) -> str:
     if not turn.context:
         return turn.content
-    return f"{turn.content}\n\n{CONTEXT_HEADING}\n{context_block(list(turn.context))}"
+    return f"{turn.content}\n\n{style.heading(CONTEXT_HEADING)}\n{context_block(list(turn.context), style.numbered)}"
 
 
 def _raise_template_error(message: str) -> None:

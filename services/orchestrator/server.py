@@ -17,7 +17,8 @@ from services.common.errors import Cancelled, InvalidArgument, ServiceError, Una
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-from services.orchestrator.conversation import ChatOrchestrator, QueryMode, TurnRequest
+from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, QueryMode, TurnRequest
+from services.orchestrator.grounding import Grounding, cited
 from services.orchestrator.prompts import ContextPassage, Turn
 
 STATUS_TIMEOUT_S = 3.0
@@ -57,6 +58,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self, request: chat_pb2.ChatRequest, request_id: str, started: float, context: grpc.ServicerContext
     ) -> Iterator[chat_pb2.ChatResponse]:
         turn = self.orchestrator.prepare(turn_request(request, request_id))
+        if turn.reply:
+            yield from self._reply_without_model(turn, request_id)
+            return
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.params)
         params.max_new_tokens = turn.max_new_tokens
@@ -76,33 +80,22 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         if first is None:
             raise Unavailable("the generation service closed the stream without answering")
         self.orchestrator.served_by(first.model)
-        yield chat_pb2.ChatResponse(
-            start=chat_pb2.ChatStart(
-                sources=[to_message(p, retrieval_pb2.Passage) for p in turn.sources],
-                prompt=turn.prompt,
-                history_messages_dropped=turn.history_messages_dropped,
-                model=first.model or turn.model,
-                retrieval_query=turn.retrieval_query,
-                retrieved_ids=turn.retrieved_ids,
-            )
-        )
+        yield chat_pb2.ChatResponse(start=_start(turn, first.model or turn.model))
         first_delta_at = None
+        answer: list[str] = []
         for response in itertools.chain([first], responses):
             if response.text or response.logprobs:
                 first_delta_at = first_delta_at or time.monotonic()
+                answer.append(response.text)
                 yield chat_pb2.ChatResponse(delta=response.text, logprobs=response.logprobs)
             if response.HasField("finish"):
                 finish = response.finish
-                yield chat_pb2.ChatResponse(
-                    end=chat_pb2.ChatEnd(
-                        finish_reason=finish.reason,
-                        prompt_tokens=finish.prompt_tokens,
-                        completion_tokens=finish.generated_tokens,
-                        context_used=turn.context_used,
-                        notice=turn.notice,
-                        cached_prompt_tokens=finish.cached_prompt_tokens,
-                    )
-                )
+                end = _end(turn, "".join(answer))
+                end.finish_reason = finish.reason
+                end.prompt_tokens = finish.prompt_tokens
+                end.completion_tokens = finish.generated_tokens
+                end.cached_prompt_tokens = finish.cached_prompt_tokens
+                yield chat_pb2.ChatResponse(end=end)
                 logger.info(
                     "chat {}: history={} dropped={} sources={} prompt={} (cached {}) completion={} query_ms={:.0f}"
                     " ttft={:.0f}ms total={:.2f}s replica {}",
@@ -118,6 +111,15 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     time.monotonic() - started,
                     stream.replica() or self.orchestrator.generation.address,
                 )
+
+    def _reply_without_model(self, turn: PreparedTurn, request_id: str) -> Iterator[chat_pb2.ChatResponse]:
+        """The turn's fixed answer (no passage scored above --min-score), streamed as a model's would be."""
+        yield chat_pb2.ChatResponse(start=_start(turn, turn.model))
+        yield chat_pb2.ChatResponse(delta=turn.reply)
+        end = _end(turn, turn.reply)
+        end.finish_reason = common_pb2.FINISH_REASON_EOS  # the answer is complete, as when a model ends it
+        yield chat_pb2.ChatResponse(end=end)
+        logger.info("chat {}: no source matched ({}); answered without the model", request_id, turn.notice)
 
     def Status(self, request: chat_pb2.StatusRequest, context: grpc.ServicerContext) -> chat_pb2.StatusResponse:
         response = chat_pb2.StatusResponse()
@@ -139,13 +141,38 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         return response
 
 
+def _start(turn: PreparedTurn, model: str) -> chat_pb2.ChatStart:
+    start = chat_pb2.ChatStart(
+        sources=[to_message(p, retrieval_pb2.Passage) for p in turn.sources],
+        prompt=turn.prompt,
+        history_messages_dropped=turn.history_messages_dropped,
+        model=model,
+        retrieval_query=turn.retrieval_query,
+        retrieved_ids=turn.retrieved_ids,
+    )
+    if turn.index_build is not None:
+        start.index_build.CopyFrom(turn.index_build)
+    return start
+
+
+def _end(turn: PreparedTurn, answer: str) -> chat_pb2.ChatEnd:
+    """ChatEnd with what the orchestrator knows (the token counts come from the generation service)."""
+    numbers = cited(answer, len(turn.sources)) if turn.numbered else []
+    return chat_pb2.ChatEnd(
+        context_used=turn.context_used,
+        notice=turn.notice,
+        cited=numbers,
+        cited_ids=[turn.sources[number - 1].id for number in numbers],
+    )
+
+
 def turn_request(request: chat_pb2.ChatRequest, request_id: str) -> TurnRequest:
     """The ChatRequest as the orchestrator's plain record; a history entry without a role is refused here."""
     history = []
     for index, entry in enumerate(request.history):
         if entry.role not in _ROLE_NAMES:
             raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        context = tuple(ContextPassage(p.title, p.text, p.source) for p in entry.sources)
+        context = tuple(ContextPassage(p.title, p.text, p.source, p.id) for p in entry.sources)
         history.append(Turn(_ROLE_NAMES[entry.role], entry.content, context))
     params = request.params
     return TurnRequest(
@@ -169,6 +196,7 @@ def start_chat_server(
     security: ServerSecurity | None = None,
     backend_credentials: Credentials | None = None,
     query_mode: QueryMode | str = QueryMode.RECENT,
+    grounding: Grounding | None = None,
 ) -> RunningServer:
     """nightcap.v1.Chat in front of the given backends, with health and reflection, on ``address``.
 
@@ -179,6 +207,7 @@ def start_chat_server(
         default_max_new_tokens=default_max_new_tokens,
         backend_timeout=backend_timeout,
         query_mode=QueryMode(query_mode),
+        grounding=grounding,
     )
     binding = ServiceBinding(
         chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,

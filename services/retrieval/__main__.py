@@ -11,7 +11,7 @@ import typer
 from loguru import logger
 from transformers.utils import logging as hf_logging
 
-from nightcap.records import RETRIEVAL_ADDRESS
+from nightcap.records import COMPLETE, RETRIEVAL_ADDRESS
 from services.common.logs import setup_logging
 from services.common.paths import VAR_ENV, VarLayout
 from services.common.security import (
@@ -25,7 +25,9 @@ from services.common.security import (
     server_security_or_exit,
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
+from services.retrieval.background_build import COMMIT_DOCUMENTS, BackgroundBuild
 from services.retrieval.build import BATCH_SIZE, build_index
+from services.retrieval.build_plan import CorpusSelection, build_details, recorded_build, recorded_selection
 from services.retrieval.corpus import CorpusError, default_corpus_path, read_wikipedia_summaries
 from services.retrieval.embedder import QUANTIZATIONS, Embedder, EmbedderLoadError
 from services.retrieval.index import (
@@ -33,11 +35,12 @@ from services.retrieval.index import (
     INDEX_FACTORY,
     IndexLoadError,
     IndexSettings,
+    PassageIndex,
     create_index,
     index_folder,
     load_index,
 )
-from services.retrieval.ingest import Chunking
+from services.retrieval.ingest import Chunking, Ingestor
 from services.retrieval.openchatkit import (
     HUB_DATASET,
     OPENCHATKIT_EMBEDDER,
@@ -173,6 +176,46 @@ def serve(
         bool,
         typer.Option("--read-only", envvar="NIGHTCAP_INDEX_READ_ONLY", help="Refuse AddDocuments/DeleteDocuments."),
     ] = False,
+    build_default: Annotated[
+        bool,
+        typer.Option(
+            "--build-default",
+            envvar="NIGHTCAP_INDEX_BUILD_DEFAULT",
+            help="Fill the index with the bundled Wikipedia summaries while serving (what `make up` runs): "
+            "with no index folder, create an empty one and embed the corpus on a background thread, committing "
+            "--build-commit-documents at a time; searches answer from what is committed so far and Stats reports "
+            "the progress. A build stopped midway (even by kill -9) goes on where its last commit ended at the "
+            "next start; a complete index starts no build.",
+        ),
+    ] = False,
+    build_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--build-limit",
+            envvar="NIGHTCAP_INDEX_BUILD_LIMIT",
+            min=0,
+            help="--build-default: only the first N articles (plus any --build-titles). Recorded when the index "
+            "is created; a resumed build keeps what was recorded.",
+        ),
+    ] = None,
+    build_titles: Annotated[
+        str,
+        typer.Option(
+            "--build-titles",
+            envvar="NIGHTCAP_INDEX_BUILD_TITLES",
+            help="--build-default: comma-separated article titles to include, e.g. 'Zurich,Paris'.",
+        ),
+    ] = "",
+    build_commit_documents: Annotated[
+        int,
+        typer.Option(
+            "--build-commit-documents",
+            envvar="NIGHTCAP_INDEX_BUILD_COMMIT_DOCUMENTS",
+            min=1,
+            help="--build-default: documents per commit. Each commit is a new segment searches see at once; "
+            "smaller commits show results sooner and make more segments to compact.",
+        ),
+    ] = COMMIT_DOCUMENTS,
     var_dir: VarDir = None,
     embedder: EmbedderOption = None,
     device: Device = "cpu",
@@ -225,16 +268,23 @@ def serve(
     chunking = _chunking(passage_sentences, passage_overlap)
     folder = index_folder(index, VarLayout.from_env(var_dir))
     settings = IndexSettings(factory=factory, search_params=search_params, mmap=mmap, compact_segments=compact_segments)
+    selection = CorpusSelection.parse(build_limit, build_titles)
+    if build_default and (read_only or find_openchatkit_files(folder) is not None):
+        raise _fail(ValueError(f"--build-default fills a writable nightcap index; {folder} is served read-only"))
     searchable: Searchable
+    build: BackgroundBuild | None = None
     try:
         if find_openchatkit_files(folder) is not None:
             model = Embedder(embedder or OPENCHATKIT_EMBEDDER, device=device, normalize=False, quantize=quantize)
             searchable = OpenChatKitIndex(folder, model, Expansion(w, w_th), mmap=True)
             logger.info("loaded OpenChatKit index {}: {} snippets", folder, searchable.stats().passages)
         else:
-            if create and not folder.exists():
+            if (create or build_default) and not folder.exists():
                 model = Embedder(embedder, device=device, quantize=quantize)
-                create_index(folder, model.name, model.dimension, settings, {"created_by": "serve --create"})
+                details: dict = {"created_by": "serve --create"}
+                if build_default:  # what it is built from, so a restart (and `make up`) knows when it is complete
+                    details = build_details(selection, len(selection.read()), chunking.sentences, chunking.overlap)
+                create_index(folder, model.name, model.dimension, settings, details)
                 logger.info("created an empty index at {} ({})", folder, factory)
                 passage_index = load_index(folder, settings, writable=not read_only)
             else:
@@ -244,17 +294,57 @@ def serve(
             searchable = Retriever(model, passage_index)
             manifest = passage_index.manifest
             logger.info("loaded {}: {} passages of {} documents", folder, manifest.passages, manifest.documents)
-    except (IndexLoadError, EmbedderLoadError, ValueError) as error:
+            if build_default:
+                ingestor = Ingestor(model, passage_index, chunking, batch_size)
+                build = _background_build(passage_index, ingestor, selection, build_commit_documents)
+    except (IndexLoadError, EmbedderLoadError, CorpusError, ValueError) as error:
         raise _fail(error) from None
     try:
         running = start_retrieval_server(
-            searchable, address, chunking, batch_size, ServerLimits(max_concurrent_rpcs, max_input_bytes), security
+            searchable,
+            address,
+            chunking,
+            batch_size,
+            ServerLimits(max_concurrent_rpcs, max_input_bytes),
+            security,
+            build,
         )
     except OSError as error:
         raise _fail(error) from None
-    serve_until_signalled(running, "retrieval")
+    if build is not None:
+        build.start()
+    # the build stops first (between two encode batches), so the drain that follows is not kept waiting
+    serve_until_signalled(running, "retrieval", on_stop=lambda grace: build.stop() if build is not None else None)
     if isinstance(searchable, Retriever):
         searchable.index.close()
+
+
+def _background_build(
+    index: PassageIndex, ingestor: Ingestor, selection: CorpusSelection, commit_documents: int
+) -> BackgroundBuild | None:
+    """The build that fills ``index`` from the corpus selection it records; None when there is nothing to do."""
+    manifest = index.manifest
+    recorded = recorded_build(manifest.details, manifest.documents, manifest.passages)
+    if recorded is None:  # made whole by build-default, or an index of one's own
+        logger.info(
+            "index {} records no background build ({}): serving it as it is",
+            index.folder,
+            manifest.details.get("created_by", "made by build-default"),
+        )
+        return None
+    if recorded.state == COMPLETE:
+        logger.info("index {} is complete ({} documents): no build to run", index.folder, recorded.documents_total)
+        return None
+    started_as = recorded_selection(manifest.details) or selection
+    if started_as != selection:
+        logger.warning(
+            "the index at {} is being built from {}, not {} as asked: going on with what it records (delete the "
+            "folder to build another selection)",
+            index.folder,
+            started_as,
+            selection,
+        )
+    return BackgroundBuild(ingestor, started_as, recorded.documents_total, commit_documents)
 
 
 @app.command("build-default")
@@ -294,11 +384,15 @@ def build_default(
         else:
             existing.close()
             manifest = existing.manifest
-            typer.echo(
-                f"index {folder} is already complete ({manifest.passages} passages of {manifest.documents} "
-                f"documents, {manifest.embedder}); pass --force to rebuild it"
-            )
-            return
+            recorded = recorded_build(manifest.details, manifest.documents, manifest.passages)
+            if recorded is not None and recorded.state != COMPLETE:  # a background build that stopped short
+                logger.warning("rebuilding: {} is {}", folder, recorded.describe())
+            else:
+                typer.echo(
+                    f"index {folder} is already complete ({manifest.passages} passages of {manifest.documents} "
+                    f"documents, {manifest.embedder}); pass --force to rebuild it"
+                )
+                return
     wanted = [title.strip() for title in titles.split(",") if title.strip()]
     try:
         corpus = default_corpus_path()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ class Chunking:
                 f"passages need at least 1 sentence and an overlap of 0 to sentences-1; got {self.sentences} "
                 f"sentences with overlap {self.overlap}"
             )
+
+
+class IngestStopped(Exception):
+    """``add`` was told to stop between two encode batches: nothing of that call was committed."""
 
 
 def validate_documents(documents: Iterable[Document]) -> list[Document]:
@@ -75,8 +80,9 @@ class Ingestor:
         self.batch_size = batch_size
         self.progress = progress
 
-    def add(self, documents: Iterable[Document]) -> AddReport:
-        """Chunks, embeds and commits the documents as one transaction; an existing id is replaced."""
+    def add(self, documents: Iterable[Document], stop: threading.Event | None = None) -> AddReport:
+        """Chunks, embeds and commits the documents as one transaction; an existing id is replaced. Once
+        ``stop`` is set it raises IngestStopped before the next encode batch (a commit under way finishes)."""
         if self.index.read_only:
             raise FailedPrecondition(f"the index at {self.index.folder} is read-only; documents cannot be added")
         started = time.perf_counter()
@@ -86,7 +92,7 @@ class Ingestor:
             for document in checked
             for passage in passages_of(document, self.chunking.sentences, self.chunking.overlap)
         ]
-        vectors = self.embed(passages)
+        vectors = self.embed(passages, stop)
         commit = self.index.commit(Change(passages=passages, vectors=vectors))
         report = AddReport(
             documents_added=len(checked) - commit.documents_removed,
@@ -124,12 +130,14 @@ class Ingestor:
             commit.documents_removed, commit.passages_removed, commit.manifest.passages, commit.manifest.documents
         )
 
-    def embed(self, passages: Sequence[Passage]) -> np.ndarray:
+    def embed(self, passages: Sequence[Passage], stop: threading.Event | None = None) -> np.ndarray:
         """Vectors in the passages' order, encoded shortest first so each batch pads little."""
         vectors = np.empty((len(passages), self.embedder.dimension), dtype=np.float32)
         order = sorted(range(len(passages)), key=lambda i: len(passages[i].text))
         with tqdm(total=len(passages), desc="embedding", unit="passage", disable=not self.progress) as bar:
             for start in range(0, len(order), ENCODE_CALL):
+                if stop is not None and stop.is_set():
+                    raise IngestStopped(f"stopped after embedding {start} of {len(passages)} passages")
                 picked = order[start : start + ENCODE_CALL]
                 vectors[picked] = self.embedder.encode([passages[i].text for i in picked], self.batch_size)
                 bar.update(len(picked))

@@ -12,6 +12,7 @@ from loguru import logger
 
 from nightcap.records import DEFAULT_K, MAX_K, IndexStats
 from services.common.errors import InvalidArgument, Unavailable
+from services.retrieval.build_plan import recorded_build
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import Hit, IndexLoadError, PassageIndex
 
@@ -81,6 +82,7 @@ class Retriever:
             generation=manifest.generation,
             segments=len(manifest.segments),
             tombstones=manifest.dead_rows,
+            build=recorded_build(manifest.details, manifest.documents, manifest.passages),
         )
 
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 from loguru import logger
 
-from nightcap.records import DEFAULT_K, Document, Passage, from_message, to_message
+from nightcap.records import BUILDING, DEFAULT_K, Document, Passage, from_message, to_message
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
+from services.retrieval.background_build import BackgroundBuild
 from services.retrieval.ingest import Chunking, Ingestor
 from services.retrieval.retriever import QueryBatcher, Retriever, Searchable
 
@@ -26,10 +28,13 @@ MAX_EMBED_TEXTS = 2048
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    def __init__(self, searchable: Searchable, ingestor: Ingestor | None = None) -> None:
+    def __init__(
+        self, searchable: Searchable, ingestor: Ingestor | None = None, build: BackgroundBuild | None = None
+    ) -> None:
         self._searchable = searchable
         self._batcher = QueryBatcher(searchable)
         self._ingestor = ingestor
+        self._build = build
 
     def Search(
         self, request: retrieval_pb2.SearchRequest, context: grpc.ServicerContext
@@ -48,10 +53,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         found = [
             Passage(hit.passage.id, hit.passage.text, hit.passage.title, hit.passage.source, hit.score) for hit in hits
         ]
-        return retrieval_pb2.SearchResponse(passages=[to_message(p, retrieval_pb2.Passage) for p in found])
+        response = retrieval_pb2.SearchResponse(passages=[to_message(p, retrieval_pb2.Passage) for p in found])
+        build = self._build.progress() if self._build is not None else None
+        if build is not None and build.state == BUILDING:  # the passages come from part of the index
+            response.build.CopyFrom(to_message(build, retrieval_pb2.IndexBuild))
+        return response
 
     def Stats(self, request: retrieval_pb2.StatsRequest, context: grpc.ServicerContext) -> retrieval_pb2.StatsResponse:
-        return to_message(self._searchable.stats(), retrieval_pb2.StatsResponse)
+        stats = self._searchable.stats()
+        if self._build is not None:  # this process's build says more than the manifest
+            stats = replace(stats, build=self._build.progress())
+        return to_message(stats, retrieval_pb2.StatsResponse)
 
     def AddDocuments(
         self, request_iterator: Iterator[retrieval_pb2.AddDocumentsRequest], context: grpc.ServicerContext
@@ -176,8 +188,10 @@ def start_retrieval_server(
     batch_size: int | None = None,
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
+    build: BackgroundBuild | None = None,
 ) -> RunningServer:
-    """Serves ``searchable``; a Retriever over an index opened writable also takes AddDocuments/DeleteDocuments."""
+    """Serves ``searchable``; a Retriever over an index opened writable also takes AddDocuments/DeleteDocuments.
+    ``build``, when given, is the background build filling the index: Stats and Search report its progress."""
     ingestor = None
     if isinstance(searchable, Retriever) and not searchable.read_only:
         ingestor = Ingestor(searchable.embedder, searchable.index, chunking or Chunking())
@@ -186,6 +200,6 @@ def start_retrieval_server(
     binding = ServiceBinding(
         full_name=SERVICE_NAME,
         add=retrieval_pb2_grpc.add_RetrievalServicer_to_server,
-        servicer=RetrievalServicer(searchable, ingestor),
+        servicer=RetrievalServicer(searchable, ingestor, build),
     )
     return start_server([binding], address, limits, security)

@@ -10,6 +10,10 @@ Three kinds of article, each with a question the article answers in words that c
 Single-turn questions name their subject ("How many people live in Accra?"); conversations ask the same kind of
 question as a follow-up with a pronoun, which only the earlier turn explains. The two sets use different
 articles. About a third of each set is held out: tune on the rest (`--split dev`), report both.
+
+A third set is unanswerable: the same questions about made-up names that no article of the corpus mentions
+("How many people live in Torvalune?"), so whatever the search returns does not hold the answer, and a
+trustworthy answer says so.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ OUT = Path(__file__).with_name("questions.json")
 SINGLE_PER_KIND = 20
 CONVERSATIONS_PER_KIND = (14, 13, 13)  # cities, people, things: 40 conversations
 HELD_OUT_EVERY = 3  # every third question of a kind is held out
+UNANSWERABLE_PER_KIND = 10
+# Made-up names are built from these syllables and kept only when no article contains them.
+_SYLLABLES = ("tor", "va", "lune", "mer", "drav", "os", "quin", "bel", "thar", "ik", "sol", "ven", "grim", "ora")
+_GIVEN_NAMES = ("Ilsa", "Tomas", "Perrin", "Ada", "Oskar", "Mirela", "Jonah", "Livia", "Bram", "Katya")
+_THINGS = ("Bridge", "Cathedral", "Treaty", "Observatory", "Canal", "Academy", "Festival", "Railway", "Dam", "Museum")
 
 _CITY = re.compile(r"^[^.]*? is (?:a|an|the) [^.]*?\b(?:city|town|capital|municipality)\b[^.]*? (?:of|in) (?:the )?"
                    r"(?:[a-z]+ )*([A-Z][a-z]+(?: [A-Z][a-z]+)?)")  # fmt: skip
@@ -111,9 +120,47 @@ def _order(article: Article) -> str:
     return hashlib.sha256(article.title.encode()).hexdigest()  # a fixed shuffle, independent of corpus order
 
 
+def made_up_names(corpus_text: str, count: int, salt: str) -> Iterator[str]:
+    """Deterministic invented words of two or three syllables that the corpus does not contain."""
+    seen: set[str] = set()
+    number = 0
+    while len(seen) < count:
+        digest = hashlib.sha256(f"{salt}-{number}".encode()).digest()
+        number += 1
+        syllables = [_SYLLABLES[b % len(_SYLLABLES)] for b in digest[: 2 + digest[-1] % 2]]
+        word = "".join(syllables).capitalize()
+        if word not in seen and word.lower() not in corpus_text:
+            seen.add(word)
+            yield word
+
+
+def unanswerable(documents: list[Document]) -> list[dict]:
+    corpus_text = " ".join(f"{d.title} {d.text}" for d in documents).lower()
+    questions = []
+    for kind in ("city", "person", "thing"):
+        for number, word in enumerate(made_up_names(corpus_text, UNANSWERABLE_PER_KIND, kind)):
+            subject = {
+                "city": word,
+                "person": f"{_GIVEN_NAMES[number % len(_GIVEN_NAMES)]} {word}",
+                "thing": f"the {word} {_THINGS[number % len(_THINGS)]}",
+            }[kind]
+            article = Article(kind, subject, "", "", "it", "was" if kind == "person" else "built")
+            questions.append(
+                {
+                    "id": f"unanswerable-{kind}-{number}",
+                    "kind": kind,
+                    "split": _split(number),
+                    "question": standalone(article),
+                    "made_up": word,
+                }
+            )
+    return questions
+
+
 def build() -> dict:
     found: dict[str, list[Article]] = {"city": [], "person": [], "thing": []}
-    for article in articles(list(read_wikipedia_summaries())):
+    documents = list(read_wikipedia_summaries())
+    for article in articles(documents):
         found[article.kind].append(article)
     single, conversations = [], []
     for kind, conversation_count in zip(found, CONVERSATIONS_PER_KIND, strict=True):
@@ -148,13 +195,17 @@ def build() -> dict:
         "counts": {kind: len(items) for kind, items in found.items()},
         "single": single,
         "conversations": conversations,
+        "unanswerable": unanswerable(documents),
     }
 
 
 def main() -> None:
     questions = build()
     OUT.write_text(json.dumps(questions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"{len(questions['single'])} single-turn questions, {len(questions['conversations'])} conversations")
+    print(
+        f"{len(questions['single'])} single-turn questions, {len(questions['conversations'])} conversations,"
+        f" {len(questions['unanswerable'])} unanswerable questions"
+    )
     print(f"articles of each kind in the corpus: {questions['counts']} -> {OUT}")
 
 

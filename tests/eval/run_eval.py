@@ -4,17 +4,23 @@
     .venv/bin/python tests/eval/run_eval.py --limit 5   # a quick look (5 questions per set)
 
 It talks to the generation and retrieval services that `make up` started, through Chat orchestrators it starts
-in this process, one per way of building the retrieval query (recent, condense, last), so the three are
-measured side by side in one run on the same backends. Reported per set:
+in this process: one per prompt variant (`grounded`, the orchestrator's default; `whole`, grounded without the
+sentence cut; `plain`, the prompt before grounding, the baseline) and, for the first variant, one per way of
+building the retrieval query (`--modes`: recent, condense, last), so all are measured side by side in one run on
+the same backends, each question asked of every variant at about the same time. Reported per set:
 - source recall@1 and @k: the question's article is among the first 1 / k passages searched;
 - MRR (over the first k);
 - answer-word accuracy: the answer contains the expected word (numbers compared without their commas);
+- admitted: the share of answers that say the documents do not hold the answer (wanted for `unanswerable`,
+  a loss elsewhere);
 - p50 / p95 latency of the whole turn, and p50 time to the first event (ChatStart: the search is done).
 
-Sets: `single` (questions that name their subject), `opening` (the first turn of each conversation) and
+Sets: `single` (questions that name their subject), `opening` (the first turn of each conversation),
 `followup/<mode>` (the second turn, with the first turn as history, for each query mode; `last` is the
-last-message-only baseline). Writes var/bench/eval.json with the ratio
-`multiturn_vs_single_source_recall_at_3` (default mode's follow-ups against the single-turn set).
+last-message-only baseline) and `unanswerable` (questions about made-up names); a variant other than the first
+prefixes its name (`plain/single`). Writes var/bench/eval.json with the ratios
+`multiturn_vs_single_source_recall_at_3` (default mode's follow-ups against the single-turn set) and
+`answer_accuracy_vs_baseline/<set>` (the first variant against `plain`; for `unanswerable`, admitted).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +49,40 @@ from clients.client import ChatClient, Reply, SamplingParams  # noqa: E402
 from nightcap.records import GENERATION_ADDRESS, RETRIEVAL_ADDRESS  # noqa: E402
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend  # noqa: E402
 from services.orchestrator.conversation import ChatOrchestrator, QueryMode, TurnRequest  # noqa: E402
+from services.orchestrator.grounding import Grounding  # noqa: E402
 from services.orchestrator.prompts import ContextPassage, Turn  # noqa: E402
 from services.orchestrator.server import start_chat_server  # noqa: E402
 
 QUESTIONS = Path(__file__).with_name("questions.json")
 DEFAULT_MODE = QueryMode.RECENT
+BASELINE = "plain"
+VARIANTS = {
+    "grounded": Grounding(),
+    "whole": Grounding(cut=False),  # grounded, passages whole: the sentence cut off
+    "uncited": Grounding(cite=False),  # grounded, numbered but no citations asked for
+    "admit": Grounding(admit=True),  # grounded, and the model told to say "The documents do not say."
+    BASELINE: Grounding.plain(),
+}
+# What an answer that admits the documents do not hold the answer says, in the words models use for it.
+ADMISSIONS = (
+    "do not say",
+    "does not say",
+    "don't say",
+    "doesn't say",
+    "do not know",
+    "don't know",
+    "not mentioned",
+    "no information",
+    "not provided",
+    "cannot answer",
+    "can't answer",
+    "not specified",
+    "do not contain",
+    "does not contain",
+    "do not mention",
+    "does not mention",
+    "no passage",
+)
 
 
 @dataclass
@@ -59,6 +94,8 @@ class Outcome:
     split: str
     query: str = ""
     answer: str = ""
+    admitted: bool | None = None  # the answer says the documents do not hold it (None: no answer generated)
+    top_score: float | None = None  # the best given passage's score
 
 
 @dataclass
@@ -81,13 +118,32 @@ class EvalSet:
             "p50_time_to_start_ms": 1000 * statistics.median(o.start_seconds for o in chosen),
         }
         answered = [o.correct for o in chosen if o.correct is not None]
-        if answered:
+        if answered and not self.name.endswith("unanswerable"):
             metrics["answer_word_accuracy"] = _mean(answered)
+        admitted = [o.admitted for o in chosen if o.admitted is not None]
+        if admitted:
+            metrics["admitted"] = _mean(admitted)
+        if self.name.endswith("unanswerable"):
+            for key in ("source_recall_at_1", "source_recall_at_3", "mrr"):  # no article holds the answer
+                del metrics[key]
         return metrics
 
 
-def empty_sets(modes: list[QueryMode]) -> dict[str, EvalSet]:
-    return {name: EvalSet(name) for name in ["single", "opening", *(f"followup/{m.value}" for m in modes)]}
+def set_name(variant: str, base: str, variants: list[str]) -> str:
+    """The first variant's sets keep their plain names; another's are prefixed with it (``plain/single``)."""
+    return base if variant == variants[0] else f"{variant}/{base}"
+
+
+def empty_sets(
+    modes: list[QueryMode], variants: list[str] | None = None, unanswerable: bool = False
+) -> dict[str, EvalSet]:
+    variants = variants or ["grounded"]
+    names = []
+    for variant in variants:
+        follow_ups = [f"followup/{m.value}" for m in (modes if variant == variants[0] else modes[:1])]
+        bases = ["single", "opening", *follow_ups, *(["unanswerable"] if unanswerable else [])]
+        names += [set_name(variant, base, variants) for base in bases]
+    return {name: EvalSet(name) for name in names}
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -116,6 +172,11 @@ def holds_answer(answer: str, words: list[str]) -> bool:
     return any(word.lower().replace(",", "") in text for word in words)
 
 
+def admits(answer: str) -> bool:
+    text = answer.lower().replace("’", "'")
+    return any(phrase in text for phrase in ADMISSIONS)
+
+
 def timed_ask(client: ChatClient, question: str, **kwargs: Any) -> tuple[Reply, float, float]:
     """The reply, the seconds to its last event and the seconds to its first (ChatStart)."""
     started = time.perf_counter()
@@ -141,55 +202,88 @@ def run(
     limit: int | None = None,
     progress: bool = True,
     concurrency: int = 1,
+    variants: dict[str, Grounding] | None = None,
 ) -> tuple[dict[str, EvalSet], list[dict[str, Any]]]:
-    """Every question through real Chat orchestrators (one per mode) on the given backends; ``concurrency``
-    questions (or conversations) at a time, which the generation service batches.
+    """Every question through real Chat orchestrators (one per variant, and per mode for the first variant) on
+    the given backends; ``concurrency`` questions (or conversations) at a time, which the generation service
+    batches. Each question is asked of every variant before the next question, so the variants share the
+    machine's load alike.
 
     Returns the sets and, for the condense mode, each rewrite with its latency (measured by preparing the
     turn in this process: the same code path, timed alone)."""
+    variants = variants or {"grounded": Grounding()}
+    names = list(variants)
     single, conversations = questions["single"][:limit], questions["conversations"][:limit]
+    unanswerable = questions.get("unanswerable", [])[:limit]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    servers = {mode: start_chat_server(generation, retrieval, "127.0.0.1:0", query_mode=mode) for mode in modes}
-    clients = {mode: ChatClient(server.address, timeout=300) for mode, server in servers.items()}
-    sets = empty_sets(modes)
+    servers = {
+        (variant, mode): start_chat_server(generation, retrieval, "127.0.0.1:0", query_mode=mode, grounding=grounding)
+        for variant, grounding in variants.items()
+        for mode in (modes if variant == names[0] else modes[:1])
+    }
+    clients = {key: ChatClient(server.address, timeout=300) for key, server in servers.items()}
+    sets = empty_sets(modes, names, bool(unanswerable))
     rewrites: list[dict[str, Any]] = []
-    default = clients[modes[0]]
-    total = len(single) + len(conversations) * (1 + len(modes))
+    total = sum(len(single) + len(unanswerable) + len(conversations) for _ in names)
+    total += sum(len(conversations) for _ in clients)
     lock = threading.Lock()
     condense = (
-        ChatOrchestrator(GenerationBackend(generation), RetrievalBackend(retrieval), query_mode=QueryMode.CONDENSE)
+        ChatOrchestrator(
+            GenerationBackend(generation),
+            RetrievalBackend(retrieval),
+            query_mode=QueryMode.CONDENSE,
+            grounding=variants[names[0]],
+        )
         if QueryMode.CONDENSE in modes
         else None
     )
 
-    def ask_single(item: dict[str, Any]) -> None:
-        reply, seconds, start = timed_ask(default, item["question"], retrieval=True, k=k, params=params)
+    def record(name: str, outcome: Outcome) -> None:
         with lock:
-            sets["single"].outcomes.append(_outcome(item["source"], item, reply, seconds, start, k))
+            sets[name].outcomes.append(outcome)
             bar.update()
 
-    def converse(conversation: dict[str, Any]) -> None:
+    def ask_single(job: tuple[str, dict[str, Any]]) -> None:
+        variant, item = job
+        reply, seconds, start = timed_ask(
+            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params
+        )
+        record(set_name(variant, "single", names), _outcome(item["source"], item, reply, seconds, start, k))
+
+    def ask_unanswerable(job: tuple[str, dict[str, Any]]) -> None:
+        variant, item = job
+        reply, seconds, start = timed_ask(
+            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params
+        )
+        outcome = _outcome("", {**item, "answer_words": []}, reply, seconds, start, k)
+        outcome.correct = outcome.admitted
+        record(set_name(variant, "unanswerable", names), outcome)
+
+    def converse(job: tuple[str, dict[str, Any]]) -> None:
+        variant, conversation = job
         opening, follow_up = conversation["turns"]
-        reply, seconds, start = timed_ask(default, opening["question"], retrieval=True, k=k, params=params)
-        with lock:
-            item = {**opening, "split": conversation["split"]}
-            sets["opening"].outcomes.append(_outcome(conversation["source"], item, reply, seconds, start, k))
-            bar.update()
+        split = conversation["split"]
+        reply, seconds, start = timed_ask(
+            clients[(variant, modes[0])], opening["question"], retrieval=True, k=k, params=params
+        )
+        item = {**opening, "split": split}
+        record(set_name(variant, "opening", names), _outcome(conversation["source"], item, reply, seconds, start, k))
         history = reply.as_history(opening["question"])
-        for mode, client in clients.items():
+        for (owner, mode), client in clients.items():
+            if owner != variant:
+                continue
             answer, seconds, start = timed_ask(
                 client, follow_up["question"], history=history, retrieval=True, k=k, params=params
             )
-            with lock:
-                item = {**follow_up, "split": conversation["split"]}
-                sets[f"followup/{mode.value}"].outcomes.append(
-                    _outcome(conversation["source"], item, answer, seconds, start, k)
-                )
-                bar.update()
-        if condense is not None:
+            outcome = _outcome(conversation["source"], {**follow_up, "split": split}, answer, seconds, start, k)
+            record(set_name(variant, f"followup/{mode.value}", names), outcome)
+        if condense is not None and variant == names[0]:
             rewrite = _rewrite(condense, follow_up["question"], history, k)
             with lock:
                 rewrites.append(rewrite)
+
+    def jobs(items: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        return [(variant, item) for item in items for variant in names]
 
     try:
         with (
@@ -197,8 +291,9 @@ def run(
             ThreadPoolExecutor(concurrency) as pool,
         ):
             # list() re-raises the first failure
-            list(pool.map(ask_single, single))
-            list(pool.map(converse, conversations))
+            list(pool.map(ask_single, jobs(single)))
+            list(pool.map(converse, jobs(conversations)))
+            list(pool.map(ask_unanswerable, jobs(unanswerable)))
     finally:
         for client in clients.values():
             client.close()
@@ -261,14 +356,17 @@ def run_retrieval_only(
 
 
 def _outcome(source: str, item: dict[str, Any], reply: Reply, seconds: float, start: float, k: int) -> Outcome:
+    scores = [passage.score for passage in reply.started.sources]
     return Outcome(
-        rank=rank_of(source, reply.started.retrieved_ids, k),
+        rank=rank_of(source, reply.started.retrieved_ids, k) if source else None,
         correct=holds_answer(reply.text, item["answer_words"]),
         seconds=seconds,
         start_seconds=start,
         split=item["split"],
         query=reply.started.retrieval_query,
         answer=reply.text.strip(),
+        admitted=admits(reply.text),
+        top_score=round(max(scores), 4) if scores else None,
     )
 
 
@@ -308,6 +406,14 @@ def report(
                 "p95_ms": _p95(times),
             },
         )
+    baseline = BASELINE if any(name.startswith(f"{BASELINE}/") for name in sets) else None
+    for name, evaluated in sets.items():
+        if baseline is None or f"{baseline}/{name}" not in sets:
+            continue  # another variant's set, or a follow-up in a mode only the first variant ran
+        metric = "admitted" if name == "unanswerable" else "answer_word_accuracy"
+        ours, theirs = evaluated.metrics().get(metric), sets[f"{baseline}/{name}"].metrics().get(metric)
+        if ours is not None and theirs:  # undefined when the baseline got none right: both are in the results
+            bench.ratio(f"answer_accuracy_vs_baseline/{name}", ours / theirs)
     if single and single["source_recall_at_3"]:
         for mode in modes:
             follow_up = sets[f"followup/{mode.value}"].metrics()
@@ -316,6 +422,16 @@ def report(
                 name = "multiturn_vs_single_source_recall_at_3"
                 bench.ratio(name if mode is modes[0] else f"{mode.value}/{name}", ratio)
     return bench
+
+
+def variants(names: str, min_score: float) -> dict[str, Grounding]:
+    chosen = {}
+    for name in names.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: use some of {', '.join(VARIANTS)}")
+        grounding = VARIANTS[name]
+        chosen[name] = replace(grounding, min_score=min_score) if grounding.numbered else grounding
+    return chosen
 
 
 def main() -> None:
@@ -332,8 +448,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--modes",
-        default=",".join(m.value for m in [DEFAULT_MODE, *(m for m in QueryMode if m is not DEFAULT_MODE)]),
-        help="query modes to compare, the default first (its ratio is the headline)",
+        default=DEFAULT_MODE.value,
+        help="query modes to compare on the follow-ups, the default first (its ratio is the headline), e.g."
+        " recent,condense,last",
+    )
+    parser.add_argument(
+        "--variants",
+        default="grounded,whole,plain",
+        help=f"prompt variants to compare, the headline first: {', '.join(VARIANTS)} ({BASELINE} is the"
+        " baseline of the answer_accuracy_vs_baseline ratios)",
+    )
+    parser.add_argument(
+        "--min-score", type=float, default=0.0, help="the grounded variants' retrieval score floor (0: none)"
     )
     parser.add_argument("-k", type=int, default=3, help="passages per turn")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
@@ -368,6 +494,7 @@ def main() -> None:
             args.limit,
             True,
             args.concurrency,
+            variants(args.variants, args.min_score),
         )
     bench = report(sets, rewrites, modes, args.k, model, 0 if args.retrieval_only else args.concurrency)
     bench.write()

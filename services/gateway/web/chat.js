@@ -57,7 +57,15 @@ export class Chat {
   async #answer(conversation) {
     const options = this.options();
     const body = request(conversation.messages, options);
-    const message = { role: "assistant", content: "", sources: [], cited: [], notice: "", state: "streaming" };
+    const message = {
+      role: "assistant",
+      content: "",
+      sources: [],
+      cited: [],
+      notice: "",
+      indexBuild: null,
+      state: "streaming",
+    };
     conversation.messages.push(message);
     this.conversations.touch(conversation);
     const controller = new AbortController();
@@ -144,6 +152,7 @@ function applyChunk(message, chunk) {
   const extra = chunk.nightcap;
   if (extra?.sources) message.sources = extra.sources;
   if (extra?.cited) message.cited = extra.cited;
+  if (extra?.index_build) message.indexBuild = extra.index_build;
   if (extra?.notice) message.notice = extra.notice;
   if (chunk.usage) message.usage = chunk.usage;
   const choice = chunk.choices?.[0];

@@ -147,13 +147,29 @@ function openSource(article, number) {
 }
 
 function stateNote(message) {
-  const text = message.state === "error" ? message.error : STATE_NOTES[message.state];
-  const notice = message.notice && message.state !== "error" ? message.notice : "";
-  if (!text && !notice) return null;
-  const note = element("p", `message-state ${message.state === "error" ? "error" : ""}`);
-  note.setAttribute("role", message.state === "error" ? "alert" : "status");
-  note.textContent = [text, notice].filter(Boolean).join(" ");
+  const failed = message.state === "error";
+  const text = failed ? message.error : STATE_NOTES[message.state];
+  const build = !failed && message.indexBuild ? message.indexBuild.notice : "";
+  // The orchestrator may tell the build in its notice too: say it once.
+  const repeated = build && message.notice?.includes(buildProgress(message.indexBuild));
+  const notice = message.notice && !failed && !repeated ? message.notice : "";
+  if (!text && !build && !notice) return null;
+  const note = element("p", `message-state ${failed ? "error" : ""}`);
+  note.setAttribute("role", failed ? "alert" : "status");
+  note.textContent = [text, ...[build, notice].filter(Boolean).map(sentence)].filter(Boolean).join(" ");
   return note;
+}
+
+/** "4,000 of 10,033 documents", as the gateway's index_build.notice and the orchestrator word it. */
+function buildProgress(build) {
+  const count = (n) => Number(n ?? 0).toLocaleString("en-US");
+  return `${count(build.documents_done)} of ${count(build.documents_total)} documents`;
+}
+
+/** A server's note ("the index is still building: ...") as a sentence beside the page's own. */
+function sentence(text) {
+  const capital = text.charAt(0).toUpperCase() + text.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
 }
 
 function sourcesSection(message) {

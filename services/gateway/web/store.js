@@ -8,8 +8,9 @@ const TOKEN_KEY = "nightcap.token";
 
 /**
  * A conversation: {id, title, created, updated, messages}. A message is {role: "user", content} or
- * {role: "assistant", content, sources, cited, notice, state, error}; state is one of
- * "streaming", "done", "length", "stopped", "empty", "error".
+ * {role: "assistant", content, sources, cited, notice, indexBuild, state, error}; state is one of
+ * "streaming", "done", "length", "stopped", "empty", "error"; indexBuild is the gateway's
+ * nightcap.index_build when the answer was searched while the index was still being built.
  */
 export class ConversationStore {
   /** @param {() => void} onFull called when the browser refuses to store more (quota exceeded) */

@@ -1,0 +1,185 @@
+"""How retrieved passages are put before the model so that its answer can be trusted: which passages sit next to
+the question, which of their sentences are kept, what the model is told to do when they do not hold the answer,
+and which passages its answer cites.
+
+Pure functions over plain records; the orchestrator calls the backends (the retrieval service's embedder for
+the sentence scores, the generation service's tokenizer for the budget) and passes their answers in.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from nightcap.records import Passage
+from services.orchestrator.prompts import ContextStyle
+from services.retrieval.chunker import split_sentences
+
+# A sentence that opens by pointing back ("It has ...", "The city ...") reads wrong without the one before it.
+_POINTS_BACK = re.compile(
+    r"^(?:it|its|he|his|she|her|they|their|them|this|these|those|that|there|the (?:city|town|country|capital|"
+    r"company|band|film|book|album|river|region|state|building|church|group|party|team|species|area|island))\b",
+    re.IGNORECASE,
+)
+_CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+NO_SOURCE_REPLY = "The documents do not say"
+_WORD = re.compile(r"[\w’'-]+")
+
+
+class PromptStyle(str, enum.Enum):
+    GROUNDED = "grounded"
+    PLAIN = "plain"
+
+    def grounding(self, cut: bool, context_tokens: int, min_score: float) -> Grounding:
+        if self is PromptStyle.PLAIN:
+            return Grounding.plain(min_score)
+        return Grounding(cut=cut, context_tokens=context_tokens, min_score=min_score)
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The orchestrator's grounding settings (its --prompt, --context-cut, --context-tokens, --min-score flags).
+
+    ``plain`` is the prompt before these settings existed (passages unnumbered, given once, whole): the
+    baseline `make eval` measures the grounded prompt against in the same run."""
+
+    numbered: bool = True  # passages numbered [1], [2], ...: the answer's [n] markers cite them
+    cite: bool = True  # the model is asked to cite the passage it uses
+    admit: bool = False  # the model is asked to say ADMISSION when the passages do not hold the answer
+    names: bool = True  # the question names something no given passage mentions: the reply says no source matched
+    repeat_earlier: bool = True  # an earlier turn's passage that is again among the best hits sits by the question
+    cut: bool = True  # keep the sentences that answer the query, within context_tokens
+    # The new turn's passages, in the served model's tokens, when cut: about two sentences. With 48 or 64 a second
+    # passage about the same subject came in, and SmolLM2-135M answered "Where is Zurich?" from its "hub for
+    # railways" sentence instead of the "largest city in Switzerland" one before it.
+    context_tokens: int = 32
+    min_score: float = 0.0  # passages scoring below this are not given; none left: the reply says no source matched
+
+    @classmethod
+    def plain(cls, min_score: float = 0.0) -> Grounding:
+        return cls(numbered=False, cite=False, repeat_earlier=False, cut=False, names=False, min_score=min_score)
+
+    @property
+    def style(self) -> ContextStyle:
+        return ContextStyle(self.numbered, self.numbered and self.cite, self.admit)
+
+
+@dataclass(frozen=True)
+class Sentence:
+    passage: int  # index into the passages being cut
+    position: int  # the sentence's place in its passage
+    text: str
+
+
+def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
+    """Every sentence of the passages, each passage's leading "Title: " left out (it is shown once per passage)."""
+    found = []
+    for number, passage in enumerate(passages):
+        body = _body(passage)
+        for position, text in enumerate(split_sentences(body)):
+            found.append(Sentence(number, position, text))
+    return found
+
+
+def cut_passages(
+    passages: Sequence[Passage],
+    sentences: Sequence[Sentence],
+    scores: np.ndarray,
+    budget: int,
+    count: Callable[[str], int],
+) -> list[Passage]:
+    """The passages with only their best sentences, best passage first, within ``budget`` tokens.
+
+    Sentences are taken best first; one that points back ("It has ...") brings the sentence before it, just
+    before it. Each passage shows its kept sentences best first, and passages are ordered by their best sentence:
+    a small model copies what comes first (SmolLM2-135M, asked for a population, gave the first sentence of a
+    passage that holds it in its third, and ran out of tokens before the number). The best sentence is always
+    kept, whatever the budget; a passage left without sentences is dropped."""
+    if not sentences:
+        return list(passages)
+    by_place = {(s.passage, s.position): i for i, s in enumerate(sentences)}
+    kept: dict[int, None] = {}  # in the order taken: best first, a needed neighbour before its sentence
+    used = 0
+    for best in np.argsort(-scores, kind="stable"):
+        wanted = [int(best)]
+        sentence = sentences[best]
+        before = by_place.get((sentence.passage, sentence.position - 1))
+        if before is not None and _POINTS_BACK.match(sentence.text):
+            wanted.insert(0, before)
+        new = [i for i in wanted if i not in kept]
+        cost = sum(count(sentences[i].text) for i in new)
+        if kept and used + cost > budget:
+            continue
+        kept.update(dict.fromkeys(new))
+        used += cost
+    best_score: dict[int, float] = {}
+    for i in kept:
+        number = sentences[i].passage
+        best_score[number] = max(best_score.get(number, -np.inf), float(scores[i]))
+    cut = []
+    for number in sorted(best_score, key=lambda n: -best_score[n]):
+        chosen = [i for i in kept if sentences[i].passage == number]
+        passage = passages[number]
+        text = " ".join(sentences[i].text for i in chosen)
+        cut.append(replace(passage, text=f"{passage.title}: {text}" if passage.title else text))
+    return cut
+
+
+def weighted_scores(query_vectors: np.ndarray, weights: Sequence[float], sentence_vectors: np.ndarray) -> np.ndarray:
+    """Each sentence's weighted mean similarity to the queries: the score the search mix gives a passage."""
+    weight = np.asarray(weights, dtype=np.float32)[:, None]
+    return (weight * (query_vectors @ sentence_vectors.T)).sum(axis=0) / weight.sum()
+
+
+def cited(answer: str, sources: int) -> list[int]:
+    """The passage numbers the answer cites as [n] (or [n, m]), first cited first; numbers past ``sources``
+    (the model making one up) are left out."""
+    numbers: list[int] = []
+    for match in _CITATION.finditer(answer):
+        for part in match.group(1).split(","):
+            number = int(part)
+            if 1 <= number <= sources and number not in numbers:
+                numbers.append(number)
+    return numbers
+
+
+def missing_names(message: str, passages: Sequence[Passage]) -> list[str]:
+    """The names the message asks about (its capitalised words of three letters or more, other than a sentence's
+    first word) that none of the passages mentions, compared without case or accents.
+
+    A search always returns its nearest passages, and a small model reads them as the answer: asked about
+    "Torvalune", it reports another city's population. A name the passages never mention means they are about
+    something else, whatever their score."""
+    text = _folded(" ".join(f"{p.title} {p.text}" for p in passages))
+    missing = []
+    for sentence in re.split(r"(?<=[.!?])\s+", message.strip()):
+        for word in _WORD.findall(sentence)[1:]:
+            word = word.removesuffix("'s").removesuffix("’s")
+            if len(word) >= 3 and word[0].isupper() and _folded(word) not in text and word not in missing:
+                missing.append(word)
+    return missing
+
+
+def no_name_reply(missing: list[str]) -> str:
+    return f"{NO_SOURCE_REPLY}: none of the passages found mentions {', '.join(missing)}."
+
+
+def _folded(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def no_source_reply(best: float | None, floor: float) -> str:
+    if best is None:
+        return f"{NO_SOURCE_REPLY}: the search found no passages."
+    return f"{NO_SOURCE_REPLY}: no passage matches closely enough (the best scored {best:.2f}, below {floor:.2f})."
+
+
+def _body(passage: Passage) -> str:
+    prefix = f"{passage.title}: "
+    return passage.text[len(prefix) :] if passage.title and passage.text.startswith(prefix) else passage.text
