@@ -126,6 +126,36 @@ def generation_address(generation_server) -> str:
     return generation_server[0]
 
 
+# Llama 2's chat format: a model folder whose template is neither ChatML (the default model's) nor OpenChatKit's.
+LLAMA2_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def templated_llama_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Generation server for `serve --model FOLDER`: a tiny Llama folder with Llama 2's chat template."""
+    from transformers import AutoTokenizer
+
+    from services.common.registry import ModelRegistry
+    from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import load_model
+    from services.generation.server import start_generation_server
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-chat")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = LLAMA2_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    loaded = load_model(str(folder), ModelRegistry(tmp_path_factory.mktemp("registry")))
+    engine = ContinuousBatchingEngine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
+    running = start_generation_server(loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
+    yield running.address
+    engine.shutdown(grace=1.0)
+    running.stop(grace=1.0)
+
+
 # A slice of the default Wikipedia corpus: enough neighbours that finding Zurich means something.
 CORPUS_SLICE_TITLES = ["Zurich", "Switzerland", "Geneva", "Paris", "France", "Berlin", "Vienna", "Alps", "Rhine"]
 CORPUS_SLICE_LIMIT = 24

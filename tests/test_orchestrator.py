@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 
 import grpc
+import numpy as np
 import pytest
 from conftest import start_orchestrator
 
@@ -17,7 +18,7 @@ from nightcap.v1 import generation_pb2, generation_pb2_grpc
 from services.common.server import free_port
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, TurnRequest
-from services.orchestrator.grounding import Grounding, cited
+from services.orchestrator.grounding import Grounding, cited, cut_passages, sentences_of
 from services.orchestrator.prompts import (
     ADMISSION,
     ChatTemplatePrompt,
@@ -307,6 +308,26 @@ def test_the_grounded_prompt_numbers_the_passages_and_asks_for_citations(client)
         assert f"{source.text} [{number}]" in prompt
 
 
+def test_a_llama_folder_with_its_own_chat_template_gets_the_same_grounding(templated_llama_address, retrieval_address):
+    """`--model FOLDER`: numbering, repetition, cut and the no-source reply belong to the orchestrator, not to
+    the default model's format."""
+    with orchestrator_client(templated_llama_address, retrieval_address) as llama:
+        first, follow_up = ask_zurich_then_population(llama, params=GREEDY)
+        unknown = llama.ask("How many people live in Torvalune?", retrieval=True, params=GREEDY)
+    prompt = first.started.prompt
+    assert prompt.startswith("[INST] Where is Zurich?") and prompt.endswith(" [/INST]")  # the folder's template
+    assert "cite the one you use, like [1]" in prompt
+    for number, source in enumerate(first.started.sources, 1):
+        assert f"{source.text} [{number}]" in prompt
+    zurich = first.started.sources[0]
+    assert zurich.title == "Zurich" and len(zurich.text) < 400  # cut to its best sentences
+    later = follow_up.started.prompt
+    assert later.startswith(prompt)  # the first turn is unchanged: its KV stays reusable
+    repeated = [s for s in follow_up.started.sources if s.id == zurich.id]
+    assert repeated and later.index("live there?") < later.index(repeated[0].text, len(prompt))
+    assert unknown.text == "The documents do not say: none of the passages found mentions Torvalune."
+
+
 def test_a_question_about_a_name_no_passage_mentions_is_answered_that_no_source_matched(client, plain_client):
     reply = client.ask("How many people live in Torvalune?", retrieval=True, params=GREEDY)
     assert reply.text == "The documents do not say: none of the passages found mentions Torvalune."
@@ -331,6 +352,21 @@ def test_passages_are_cut_to_the_sentences_that_answer_the_question(generation_a
     assert "largest city" not in reply.started.sources[0].text
     assert reply.started.sources[0].text in reply.started.prompt
     assert len(reply.started.prompt) < len(uncut.started.prompt)
+
+
+def test_a_kept_sentence_that_points_back_brings_the_one_before_it_just_after_it():
+    """The answer first (a small model copies what comes first), then what "It" refers to."""
+    shanghai = Passage(
+        "Shanghai#0",
+        "Shanghai: Shanghai is a municipality in China. It has a population of 30,050,000. The port is busy.",
+        title="Shanghai",
+    )
+    sentences = sentences_of([shanghai])
+    scores = np.array([0.2, 0.9, 0.1])  # the population sentence answers the question
+    [cut] = cut_passages([shanghai], sentences, scores, budget=100, count=lambda text: len(text.split()))
+    assert cut.text.startswith("Shanghai: It has a population of 30,050,000. Shanghai is a municipality in China.")
+    [alone] = cut_passages([shanghai], sentences, scores, budget=1, count=lambda text: len(text.split()))
+    assert alone.text == "Shanghai: It has a population of 30,050,000. Shanghai is a municipality in China."
 
 
 def test_below_the_score_floor_the_reply_says_no_source_matched_without_asking_the_model(

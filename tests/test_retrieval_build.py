@@ -114,6 +114,40 @@ def test_searches_answer_from_what_is_committed_while_the_index_grows(served_bui
         assert client.stats().build.describe() == "index complete (12 documents)"
 
 
+def test_a_question_asked_before_the_first_commit_says_no_source_matched_and_how_far_the_build_is(
+    served_build: ServedBuild, generation_address: str
+) -> None:
+    """`make up` asks at once: an index with nothing committed finds nothing, and the model asked without
+    passages made up a city ("Zurkle is a city nestled in the heart of Switzerland")."""
+    from conftest import start_orchestrator
+
+    from clients.client import ChatClient, SamplingParams
+    from services.orchestrator.grounding import Grounding
+
+    gate = GatedCommits(served_build.index, open_commits=0)
+    served_build.build.start()
+    assert gate.waiting.wait(120), "the build never reached its first commit"
+    grounded = start_orchestrator(generation_address, served_build.address)
+    plain = start_orchestrator(generation_address, served_build.address, grounding=Grounding.plain())
+    try:
+        with ChatClient(grounded.address, timeout=60) as chat, ChatClient(plain.address, timeout=60) as old:
+            reply = chat.ask("Where is Zurich?", retrieval=True, params=SamplingParams(temperature=0.0))
+            unnamed = chat.ask("tell me something nice", retrieval=True, params=SamplingParams(max_new_tokens=4))
+            asked = old.ask("Where is Zurich?", retrieval=True, params=SamplingParams(max_new_tokens=4))
+    finally:
+        gate.release.set()
+        grounded.stop(grace=1)
+        plain.stop(grace=1)
+    assert reply.text == (
+        "The documents do not say: the search found no passages; the index is still being built, 0 of"
+        f" {SLICE_DOCUMENTS} documents so far."
+    )
+    assert reply.finished.completion_tokens == 0 and reply.started.sources == []
+    assert reply.finished.notice == "retrieval found no passages; answered that no source matched"
+    assert unnamed.finished.completion_tokens > 0  # nothing named: the model answers, as without retrieval
+    assert asked.finished.completion_tokens > 0  # the plain prompt still asks the model
+
+
 def test_a_failing_build_reports_failed_with_its_error_and_the_service_keeps_serving(
     served_build: ServedBuild, log_lines: list[str]
 ) -> None:

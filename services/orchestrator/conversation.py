@@ -309,6 +309,16 @@ class ChatOrchestrator:
             elif grounding.names and given and (missing := missing_names(request.message, given[:k])):
                 reply, given = no_name_reply(missing), []
                 notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
+            elif grounding.names and found.searched and not given and missing_names(request.message, []):
+                # An empty index (or one still filling) finds nothing, and the model asked without passages
+                # makes up an answer ("Zurkle is a city nestled in the heart of Switzerland").
+                reply = no_source_reply(None, grounding.min_score)
+                notice = "retrieval found no passages; answered that no source matched"
+                if build is not None and build.state == "building":
+                    reply = (
+                        f"{reply[:-1]}; the index is still being built, {build.documents_done:,} of"
+                        f" {build.documents_total:,} documents so far."
+                    )
             if given and grounding.cut:
                 if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
                     held_keys = {_key(p) for turn in request.history for p in turn.context}

@@ -96,21 +96,24 @@ def cut_passages(
     """The passages with only their best sentences, best passage first, within ``budget`` tokens.
 
     Sentences are taken best first; one that points back ("It has ...") brings the sentence before it, just
-    before it. Each passage shows its kept sentences best first, and passages are ordered by their best sentence:
+    after it. Each passage shows its kept sentences best first, and passages are ordered by their best sentence:
     a small model copies what comes first (SmolLM2-135M, asked for a population, gave the first sentence of a
-    passage that holds it in its third, and ran out of tokens before the number). The best sentence is always
-    kept, whatever the budget; a passage left without sentences is dropped."""
+    passage that holds it in its third, and ran out of tokens before the number). With the needed neighbour put
+    before its sentence, it copied the neighbour ("Shanghai is a provincial-level municipality ...") and ran out
+    of tokens again; put after, the answer comes first and the neighbour still says what "It" is (`make eval`'s
+    first 24 questions per set: single 0.75 to 0.79, follow-ups 0.58 to 0.67, openings 0.83 both). The best
+    sentence is always kept, whatever the budget; a passage left without sentences is dropped."""
     if not sentences:
         return list(passages)
     by_place = {(s.passage, s.position): i for i, s in enumerate(sentences)}
-    kept: dict[int, None] = {}  # in the order taken: best first, a needed neighbour before its sentence
+    kept: dict[int, None] = {}  # in the order taken: best first, a needed neighbour just after its sentence
     used = 0
     for best in np.argsort(-scores, kind="stable"):
         wanted = [int(best)]
         sentence = sentences[best]
         before = by_place.get((sentence.passage, sentence.position - 1))
         if before is not None and _POINTS_BACK.match(sentence.text):
-            wanted.insert(0, before)
+            wanted.append(before)
         new = [i for i in wanted if i not in kept]
         cost = sum(count(sentences[i].text) for i in new)
         if kept and used + cost > budget:
