@@ -22,10 +22,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import start_orchestrator
 
-from clients.client import IndexClient, NightcapError
+from clients.client import ChatClient, IndexClient, NightcapError, SamplingParams
 from nightcap.records import IndexStats
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.orchestrator.grounding import Grounding
 from services.retrieval.background_build import FIRST_COMMIT_DOCUMENTS, BackgroundBuild
 from services.retrieval.build_plan import CorpusSelection, build_details
 from services.retrieval.embedder import Embedder
@@ -119,11 +121,6 @@ def test_a_question_asked_before_the_first_commit_says_no_source_matched_and_how
 ) -> None:
     """`make up` asks at once: an index with nothing committed finds nothing, and the model asked without
     passages made up a city ("Zurkle is a city nestled in the heart of Switzerland")."""
-    from conftest import start_orchestrator
-
-    from clients.client import ChatClient, SamplingParams
-    from services.orchestrator.grounding import Grounding
-
     gate = GatedCommits(served_build.index, open_commits=0)
     served_build.build.start()
     assert gate.waiting.wait(120), "the build never reached its first commit"
@@ -139,8 +136,8 @@ def test_a_question_asked_before_the_first_commit_says_no_source_matched_and_how
         grounded.stop(grace=1)
         plain.stop(grace=1)
     assert reply.text == (
-        "The documents do not say: the search found no passages; the index is still being built, 0 of"
-        f" {SLICE_DOCUMENTS} documents so far."
+        "The documents do not say: the search found no passages (the index is still being built: 0 of"
+        f" {SLICE_DOCUMENTS} documents are searched so far)."
     )
     assert reply.finished.completion_tokens == 0 and reply.started.sources == []
     assert reply.finished.notice == "retrieval found no passages; answered that no source matched"

@@ -306,19 +306,18 @@ class ChatOrchestrator:
             if grounding.min_score > 0 and not given and found.searched:
                 reply = no_source_reply(ranked[0].score if ranked else None, grounding.min_score)
                 notice = f"no passage scored above --min-score {grounding.min_score:g}; answered that no source matched"
-            elif grounding.names and given and (missing := missing_names(request.message, given[:k])):
-                reply, given = no_name_reply(missing), []
-                notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
-            elif grounding.names and found.searched and not given and missing_names(request.message, []):
-                # An empty index (or one still filling) finds nothing, and the model asked without passages
+            elif (
+                grounding.names and (given or found.searched) and (missing := missing_names(request.message, given[:k]))
+            ):
+                # With no passages at all (an empty index, or one still filling), the model asked without them
                 # makes up an answer ("Zurkle is a city nestled in the heart of Switzerland").
-                reply = no_source_reply(None, grounding.min_score)
-                notice = "retrieval found no passages; answered that no source matched"
-                if build is not None and build.state == "building":
-                    reply = (
-                        f"{reply[:-1]}; the index is still being built, {build.documents_done:,} of"
-                        f" {build.documents_total:,} documents so far."
-                    )
+                if given:
+                    reply = no_name_reply(missing)
+                    notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
+                else:
+                    reply = no_source_reply(None, grounding.min_score, _building(build))
+                    notice = "retrieval found no passages; answered that no source matched"
+                given = []
             if given and grounding.cut:
                 if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
                     held_keys = {_key(p) for turn in request.history for p in turn.context}
@@ -340,11 +339,8 @@ class ChatOrchestrator:
         stop.extend(s for s in [*info.stop, *prompt_format.stop] if s not in stop)
         if given and not fitted.passages and not fitted.history_passages:
             notice = "the retrieved passages did not fit in the context window; answered without context"
-        if build is not None and build.state == "building" and not notice:
-            notice = (
-                f"the index is still being built: {build.documents_done:,} of {build.documents_total:,} documents"
-                " are searched so far"
-            )
+        if not notice:
+            notice = _building(build)
         return PreparedTurn(
             prompt=fitted.prompt,
             prompt_token_ids=fitted.token_ids,
@@ -468,3 +464,11 @@ def validate_turn(request: TurnRequest) -> None:
             raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
         if not turn.content.strip():
             raise InvalidArgument(f"history[{index}] ({turn.role}) is empty")
+
+
+def _building(build: retrieval_pb2.IndexBuild | None) -> str:
+    """How much of the index a search sees while its build runs; "" when none runs."""
+    if build is None or build.state != "building":
+        return ""
+    done, total = build.documents_done, build.documents_total
+    return f"the index is still being built: {done:,} of {total:,} documents are searched so far"

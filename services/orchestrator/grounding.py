@@ -177,9 +177,10 @@ def _folded(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
-def no_source_reply(best: float | None, floor: float) -> str:
+def no_source_reply(best: float | None, floor: float, building: str = "") -> str:
+    """``building``: how far the index's build is, when one is running (an index still filling finds nothing)."""
     if best is None:
-        return f"{NO_SOURCE_REPLY}: the search found no passages."
+        return f"{NO_SOURCE_REPLY}: the search found no passages{f' ({building})' if building else ''}."
     return f"{NO_SOURCE_REPLY}: no passage matches closely enough (the best scored {best:.2f}, below {floor:.2f})."
 
 
