@@ -18,7 +18,7 @@ from nightcap.v1 import generation_pb2, generation_pb2_grpc
 from services.common.server import free_port
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, TurnRequest
-from services.orchestrator.grounding import Grounding, cited, cut_passages, sentences_of
+from services.orchestrator.grounding import Grounding, asked_subject, cited, cut_passages, leads, sentences_of
 from services.orchestrator.prompts import (
     ADMISSION,
     ChatTemplatePrompt,
@@ -367,6 +367,36 @@ def test_a_kept_sentence_that_points_back_brings_the_one_before_it_just_after_it
     assert cut.text.startswith("Shanghai: It has a population of 30,050,000. Shanghai is a municipality in China.")
     [alone] = cut_passages([shanghai], sentences, scores, budget=1, count=lambda text: len(text.split()))
     assert alone.text == "Shanghai: It has a population of 30,050,000. Shanghai is a municipality in China."
+
+
+def test_a_what_is_question_keeps_the_opening_sentence_of_the_document_it_names_first():
+    """Ranked against "What is Utopia?", the sentence that repeats the question's word wins over the lead that
+    answers it; the lead of the document titled so is taken first, other documents' leads are not."""
+    utopia = Passage(
+        "Utopia#0",
+        "Utopia: Utopia is a work of fiction by Thomas More. A utopia is an imagined community. It is perfect.",
+        title="Utopia",
+    )
+    later = Passage("Utopia#3", "Utopia: More wrote it in Latin. It was printed in 1516.", title="Utopia")
+    other = Passage("Dystopia#0", "Dystopia: A dystopia is the opposite of a utopia. It is grim.", title="Dystopia")
+    passages = [other, later, utopia]
+    sentences = sentences_of(passages)
+    scores = np.array([0.8, 0.1, 0.2, 0.1, 0.3, 0.9, 0.2])  # the "A utopia is ..." sentence ranks first
+    assert asked_subject("What is Utopia?") == asked_subject("Tell me about the Utopia.") == "utopia"
+    assert asked_subject("Who was Thomas More?") == "thomas more"
+    assert asked_subject("What is the population of Utopia?") == "population of utopia"
+    assert asked_subject("How many people live there?") == ""
+    first = leads(passages, sentences, asked_subject("What is Utopia?"))
+    assert [sentences[i].text for i in first] == ["Utopia is a work of fiction by Thomas More."]
+    assert leads(passages, sentences, asked_subject("What is the population of Utopia?")) == []
+    words = lambda text: len(text.split())  # noqa: E731
+    [alone] = cut_passages(passages, sentences, scores, budget=1, count=words, first=first)
+    assert alone.text == "Utopia: Utopia is a work of fiction by Thomas More."
+    [ranked] = cut_passages(passages, sentences, scores, budget=1, count=words)
+    assert ranked.text == "Utopia: A utopia is an imagined community."
+    cut = cut_passages(passages, sentences, scores, budget=30, count=words, first=first)
+    assert cut[0].text.startswith("Utopia: Utopia is a work of fiction by Thomas More. A utopia is")
+    assert [p.id for p in cut] == ["Utopia#0", "Dystopia#0", "Utopia#3"]
 
 
 def test_below_the_score_floor_the_reply_says_no_source_matched_without_asking_the_model(

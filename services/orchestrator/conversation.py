@@ -21,7 +21,9 @@ from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.grounding import (
     Grounding,
+    asked_subject,
     cut_passages,
+    leads,
     missing_names,
     no_name_reply,
     no_source_reply,
@@ -322,7 +324,7 @@ class ChatOrchestrator:
                 if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
                     held_keys = {_key(p) for turn in request.history for p in turn.context}
                     given = [p for p in given if _key(_context(p)) not in held_keys]
-                given = self._cut(given[:k], searches, count)
+                given = self._cut(given[:k], searches, count, asked_subject(request.message))
         fitted = fit_prompt(
             prompt_format,
             request.history,
@@ -360,11 +362,12 @@ class ChatOrchestrator:
         )
 
     def _cut(
-        self, passages: list[Passage], searches: list[tuple[str, float]], count: Callable[[str], int]
+        self, passages: list[Passage], searches: list[tuple[str, float]], count: Callable[[str], int], subject: str
     ) -> list[Passage]:
         """The passages cut to their sentences that best answer the searches (scored by the retrieval service's
         embedder as the search mix scores passages), within the grounding's token budget; whole passages
-        when the embedder cannot be reached."""
+        when the embedder cannot be reached. ``subject``: what a "What is X?" question asks about; the opening
+        sentence of the document titled so is kept first."""
         sentences = sentences_of(passages)
         if len(sentences) <= len(passages):  # one sentence each: nothing to cut
             return passages
@@ -378,7 +381,8 @@ class ChatOrchestrator:
             return passages
         queries, found = vectors[: len(searches)], vectors[len(searches) :]
         scores = weighted_scores(queries, [weight for _, weight in searches], found)
-        return cut_passages(passages, sentences, scores, self.grounding.context_tokens, count)
+        first = leads(passages, sentences, subject)
+        return cut_passages(passages, sentences, scores, self.grounding.context_tokens, count, first)
 
     # -- the retrieval query -------------------------------------------------------------------------
 

@@ -26,6 +26,13 @@ _POINTS_BACK = re.compile(
     r"company|band|film|book|album|river|region|state|building|church|group|party|team|species|area|island))\b",
     re.IGNORECASE,
 )
+# "What is X?", "Who was X?", "Where is X?", "Tell me about X": a question a document's opening sentence answers.
+_ASKS_WHAT = re.compile(
+    r"^\s*(?:(?:what|who|where)(?:\s+|'s\s*|’s\s*)(?:(?:is|are|was|were)\s+)?|tell me about\s+|describe\s+)"
+    r"(?P<subject>.+?)[\s?.!]*$",
+    re.IGNORECASE,
+)
+_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 NO_SOURCE_REPLY = "The documents do not say"
 _WORD = re.compile(r"[\w’'-]+")
@@ -86,12 +93,37 @@ def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
     return found
 
 
+def asked_subject(message: str) -> str:
+    """What a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about ("" for any
+    other question), folded as `leads` compares titles."""
+    match = _ASKS_WHAT.match(message)
+    return _subject(match.group("subject")) if match else ""
+
+
+def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: str) -> list[int]:
+    """The sentences that open a document titled ``subject``: the first sentence of its first passage (chunk
+    ids end in "#0"). An encyclopedia's or a manual's opening sentence says what its subject is; ranked against
+    "What is Utopia?", it loses to a sentence that repeats the question's words ("A utopia is an imagined
+    community ...") while the lead ("Utopia is a work of fiction ... by Thomas More") holds the answer."""
+    if not subject:
+        return []
+    openers = {
+        number for number, p in enumerate(passages) if p.id.endswith("#0") and p.title and _subject(p.title) == subject
+    }
+    return [i for i, s in enumerate(sentences) if s.passage in openers and s.position == 0]
+
+
+def _subject(text: str) -> str:
+    return _ARTICLE.sub("", _folded(text).strip())
+
+
 def cut_passages(
     passages: Sequence[Passage],
     sentences: Sequence[Sentence],
     scores: np.ndarray,
     budget: int,
     count: Callable[[str], int],
+    first: Sequence[int] = (),
 ) -> list[Passage]:
     """The passages with only their best sentences, best passage first, within ``budget`` tokens.
 
@@ -102,14 +134,17 @@ def cut_passages(
     before its sentence, it copied the neighbour ("Shanghai is a provincial-level municipality ...") and ran out
     of tokens again; put after, the answer comes first and the neighbour still says what "It" is (`make eval`'s
     first 24 questions per set: single 0.75 to 0.79, follow-ups 0.58 to 0.67, openings 0.83 both). The best
-    sentence is always kept, whatever the budget; a passage left without sentences is dropped."""
+    sentence is always kept, whatever the budget; a passage left without sentences is dropped.
+
+    ``first``: sentences taken before the ranked ones, in that order (the `leads` of a "What is X?" question)."""
     if not sentences:
         return list(passages)
     by_place = {(s.passage, s.position): i for i, s in enumerate(sentences)}
     kept: dict[int, None] = {}  # in the order taken: best first, a needed neighbour just after its sentence
     used = 0
-    for best in np.argsort(-scores, kind="stable"):
-        wanted = [int(best)]
+    order = [*first, *(int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in first)]
+    for best in order:
+        wanted = [best]
         sentence = sentences[best]
         before = by_place.get((sentence.passage, sentence.position - 1))
         if before is not None and _POINTS_BACK.match(sentence.text):
@@ -123,7 +158,8 @@ def cut_passages(
     best_score: dict[int, float] = {}
     for i in kept:
         number = sentences[i].passage
-        best_score[number] = max(best_score.get(number, -np.inf), float(scores[i]))
+        score = np.inf if i in first else float(scores[i])
+        best_score[number] = max(best_score.get(number, -np.inf), score)
     cut = []
     for number in sorted(best_score, key=lambda n: -best_score[n]):
         chosen = [i for i in kept if sentences[i].passage == number]
