@@ -95,9 +95,9 @@ def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
 
 def asked_subject(message: str) -> str:
     """What a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about ("" for any
-    other question), folded as `leads` compares titles."""
+    other question), folded as `leads` compares it with titles."""
     match = _ASKS_WHAT.match(message)
-    return _subject(match.group("subject")) if match else ""
+    return _folded(match.group("subject")).strip() if match else ""
 
 
 def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: str) -> list[int]:
@@ -107,14 +107,14 @@ def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: s
     community ...") while the lead ("Utopia is a work of fiction ... by Thomas More") holds the answer."""
     if not subject:
         return []
-    openers = {
-        number for number, p in enumerate(passages) if p.id.endswith("#0") and p.title and _subject(p.title) == subject
-    }
+    firsts = {number: _folded(p.title).strip() for number, p in enumerate(passages) if p.id.endswith("#0") and p.title}
+    # "What is The Metamorphosis?" names the novella, not the biology article titled "Metamorphosis"; "What is
+    # the Eiffel Tower?" names the one titled "Eiffel Tower": the title as asked first, then without its article.
+    openers = {n for n, title in firsts.items() if title == subject}
+    if not openers:
+        bare = _ARTICLE.sub("", subject)
+        openers = {n for n, title in firsts.items() if _ARTICLE.sub("", title) == bare}
     return [i for i, s in enumerate(sentences) if s.passage in openers and s.position == 0]
-
-
-def _subject(text: str) -> str:
-    return _ARTICLE.sub("", _folded(text).strip())
 
 
 def cut_passages(
