@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from loguru import logger
 
-from nightcap.records import DEFAULT_K, MAX_K, Passage, from_message
+from nightcap.records import BUILDING, DEFAULT_K, MAX_K, Passage, from_message
 from nightcap.v1 import retrieval_pb2
 from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
@@ -472,7 +472,7 @@ def validate_turn(request: TurnRequest) -> None:
 
 def _building(build: retrieval_pb2.IndexBuild | None) -> str:
     """How much of the index a search sees while its build runs; "" when none runs."""
-    if build is None or build.state != "building":
+    if build is None or build.state != BUILDING:
         return ""
     done, total = build.documents_done, build.documents_total
     return f"the index is still being built: {done:,} of {total:,} documents are searched so far"
