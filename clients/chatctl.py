@@ -100,7 +100,7 @@ class Settings:
 
 def format_source(number: int, source: Source, width: int = 160, cited: bool = False) -> str:
     text = source.text if len(source.text) <= width else source.text[: width - 1] + "…"
-    mark = " — cited" if cited else ""
+    mark = (" — by title" if source.titled else "") + (" — cited" if cited else "")
     return f"[{number}] {source.title} ({source.source}, score {source.score:.2f}){mark}\n    {text}"
 
 
@@ -474,12 +474,18 @@ def index_stats(
 def index_search(
     query: str = typer.Argument(..., help="the text to search for"),
     k: int = typer.Option(DEFAULT_K, "-k", help=f"passages to return (1-{MAX_K})"),
+    title: str = typer.Option(
+        "",
+        "--title",
+        help='also look up the documents titled so (case ignored; "X (qualifier)" too): their first passages come'
+        " first",
+    ),
     address: str = IndexAddressOption,
 ) -> None:
     """The k passages closest to the query, best first."""
     with IndexClient(address, timeout=60, credentials=CONNECTION.credentials) as client:
         try:
-            found = client.search(query, k)
+            found = client.search(query, k, title=title)
         except NightcapError as error:
             raise _index_error(error) from None
     for number, source in enumerate(found, 1):

@@ -416,8 +416,10 @@ class IndexClient:
     def close(self) -> None:
         self._channel.close()
 
-    def search(self, query: str, k: int | None = None, timeout: float | None = None) -> list[Source]:
-        request = retrieval_pb2.SearchRequest(query=query)
+    def search(self, query: str, k: int | None = None, timeout: float | None = None, title: str = "") -> list[Source]:
+        """The k passages closest to ``query``, best first; ``title``: a document title to look up, whose first
+        passage (``Source.titled``) comes first."""
+        request = retrieval_pb2.SearchRequest(query=query, title=title)
         if k is not None:
             request.k = k
         response = self._call(self._stub.Search, request, timeout)

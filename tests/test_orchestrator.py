@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
@@ -12,7 +13,17 @@ import numpy as np
 import pytest
 from conftest import start_orchestrator
 
-from clients import ChatClient, ChatFinished, ChatStarted, Message, NightcapError, SamplingParams, TextDelta
+from clients import (
+    ChatClient,
+    ChatFinished,
+    ChatStarted,
+    Document,
+    IndexClient,
+    Message,
+    NightcapError,
+    SamplingParams,
+    TextDelta,
+)
 from nightcap.records import Passage
 from nightcap.v1 import generation_pb2, generation_pb2_grpc
 from services.common.server import free_port
@@ -409,6 +420,62 @@ def test_a_what_is_question_keeps_the_opening_sentence_of_the_document_it_names_
     assert [opening[i].passage for i in leads([biology], opening[:1], asked_subject("What is the metamorphosis?"))] == [
         0
     ]
+
+
+SEASONS = [
+    Document(
+        "season",
+        "The four seasons are spring, summer, autumn and winter. What are the four seasons? Each of the four"
+        " seasons has its own weather.",
+        "Season",
+    ),
+    Document(
+        "vivaldi",
+        "The Four Seasons is a group of four violin concertos by Antonio Vivaldi. Each one gives a musical"
+        " expression to a season of the year. They were written around 1718.",
+        "The Four Seasons (Vivaldi)",
+    ),
+    Document("zurich", "Zurich is the largest city in Switzerland. It lies at the north end of Lake Zurich.", "Zurich"),
+]
+
+
+@pytest.fixture(scope="module")
+def seasons_address(embedder, tmp_path_factory) -> Iterator[str]:
+    """A retrieval service over three documents, one of them titled with a qualifier in brackets."""
+    from services.retrieval.index import create_index, load_index
+    from services.retrieval.retriever import Retriever
+    from services.retrieval.server import start_retrieval_server
+
+    folder = create_index(tmp_path_factory.mktemp("seasons") / "index", embedder.name, embedder.dimension)
+    retriever = Retriever(embedder, load_index(folder, writable=True))
+    running = start_retrieval_server(retriever, "127.0.0.1:0")
+    try:
+        with IndexClient(running.address, timeout=60) as index:
+            index.add_documents(SEASONS)
+        yield running.address
+    finally:
+        running.stop(grace=None)
+        retriever.index.close()
+
+
+def test_a_what_is_question_gets_the_document_titled_so_first_even_with_a_qualifier(
+    generation_address, seasons_address
+):
+    """Ranked by vector, "What is The Four Seasons?" finds the article on seasons; the title lookup gives the
+    concertos' first sentence first, alone and as a later turn (whose searches are fused with earlier ones)."""
+    question = "What is The Four Seasons?"
+    with orchestrator_client(generation_address, seasons_address, grounding=Grounding(titles=False)) as untitled:
+        ranked = untitled.ask(question, retrieval=True, k=1, params=GREEDY)
+    with orchestrator_client(generation_address, seasons_address) as titled:
+        alone = titled.ask(question, retrieval=True, k=1, params=GREEDY)
+        history = [Message("user", "Where is Zurich?"), Message("assistant", "In Switzerland.")]
+        later = titled.ask(question, history=history, retrieval=True, k=1, params=GREEDY)
+    assert [s.title for s in ranked.started.sources] == ["Season"]
+    for reply in (alone, later):
+        first = reply.started.sources[0]
+        assert first.title == "The Four Seasons (Vivaldi)"
+        assert first.text.startswith("The Four Seasons (Vivaldi): The Four Seasons is a group of four violin concertos")
+        assert first.text in reply.started.prompt
 
 
 def test_below_the_score_floor_the_reply_says_no_source_matched_without_asking_the_model(

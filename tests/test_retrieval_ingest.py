@@ -24,6 +24,7 @@ import pytest
 
 from clients.client import IndexClient, NightcapError
 from clients.documents import Document, DocumentReadError, read_documents
+from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.chunker import Passage
 from services.retrieval.corpus import read_wikipedia_summaries
 from services.retrieval.embedder import Embedder
@@ -43,6 +44,7 @@ class LiveIndex:
     folder: Path
     client: IndexClient
     retriever: Retriever
+    address: str
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def live(embedder: Embedder, tmp_path: Path) -> Iterator[LiveIndex]:
     running = start_retrieval_server(retriever, "127.0.0.1:0")
     client = IndexClient(running.address, timeout=120)
     try:
-        yield LiveIndex(folder, client, retriever)
+        yield LiveIndex(folder, client, retriever, running.address)
     finally:
         client.close()
         running.stop(grace=None)
@@ -195,6 +197,54 @@ def test_deleting_an_unknown_id_is_not_found_and_deletes_nothing(live: LiveIndex
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert "'atlantis'" in caught.value.message and "none deleted" in caught.value.message
     assert live.client.stats().documents == 2
+
+
+# --- looking a document up by its title ----------------------------------------------------------------
+
+UTOPIA = Document("utopia", "A utopia is an imagined community. It has near-perfect qualities.", "Utopia")
+UTOPIA_BOOK = Document(
+    "utopia-book",
+    "Utopia is a work of fiction by Thomas More. It was written in Latin. It was published in 1516."
+    " What is Utopia? A utopia is the island the book describes, an imagined community.",
+    "Utopia (book)",
+)
+
+
+def looked_up(found: list) -> list[tuple[str, bool]]:
+    return [(source.id, source.titled) for source in found]
+
+
+def test_a_title_puts_the_first_passage_of_the_document_so_titled_first(live: LiveIndex) -> None:
+    live.client.add_documents([ZURICH, PARIS, UTOPIA, UTOPIA_BOOK])
+    search = live.client.search
+
+    # ahead of a better hit, with its own score
+    lake = search("Which city lies on Lake Zurich?", k=2, title="paris")
+    assert looked_up(lake) == [("paris#0", True), ("zurich#0", False)]
+    assert lake[0].score < lake[1].score
+    assert looked_up(search("Which city lies on Lake Zurich?", k=2)) == [("zurich#0", False), ("paris#0", False)]
+    # the exact title, then one with a qualifier; a document's first passage, not its best one
+    utopia = search("What is Utopia?", k=3, title="Utopia")
+    assert looked_up(utopia)[:2] == [("utopia#0", True), ("utopia-book#0", True)]
+    assert not utopia[2].titled
+    assert looked_up(search("What is Utopia?", k=1, title="The Utopia")) == [("utopia#0", True)]
+    assert [s.titled for s in search("What is Utopia?", k=3, title="Utop%")] == [False] * 3
+    assert [s.titled for s in search("What is Utopia?", k=3, title="Utopi_")] == [False] * 3
+    # a removed document is not looked up
+    live.client.delete_documents(["utopia"])
+    assert looked_up(search("What is Utopia?", k=1, title="utopia")) == [("utopia-book#0", True)]
+
+
+def test_a_title_too_long_is_invalid_argument_on_a_raw_stub(live: LiveIndex) -> None:
+    live.client.add_documents([ZURICH])
+    with grpc.insecure_channel(live.address) as channel:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Search(retrieval_pb2.SearchRequest(query="Where is Zurich?", title="x" * 501))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 500" in caught.value.details()
+        found = stub.Search(retrieval_pb2.SearchRequest(query="Where is it?", title="zurich"))
+    assert [(p.id, p.titled) for p in found.passages] == [("zurich#0", True)]
 
 
 def test_a_read_only_index_refuses_writes_with_failed_precondition(retrieval_address: str) -> None:

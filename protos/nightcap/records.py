@@ -44,6 +44,7 @@ class Passage:
     title: str = ""
     source: str = ""
     score: float = 0.0
+    titled: bool = False  # found by the search's document title (placed first), not only by its score
 
 
 # IndexBuild.state: filling the index now, finished, stopped by an error, or (no build running in the

@@ -118,6 +118,15 @@ def serve(
             " is left the reply says no source matched instead of asking the model; 0: no floor",
         ),
     ] = Grounding.min_score,
+    title_lookup: Annotated[
+        bool,
+        typer.Option(
+            envvar="NIGHTCAP_TITLE_LOOKUP",
+            help='with --prompt grounded: a "What is X?" / "Who was X?" / "Tell me about X" question also looks up'
+            ' the document titled X (or "X (qualifier)"); its first passage is given first, its opening'
+            " sentence kept first",
+        ),
+    ] = Grounding.titles,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),
 ) -> None:
     """Serve nightcap.v1.Chat (with health and reflection) until SIGTERM. Holds no model."""
@@ -139,7 +148,7 @@ def serve(
             security=security,
             backend_credentials=backends,
             query_mode=retrieval_query,
-            grounding=PromptStyle(prompt).grounding(context_cut, context_tokens, min_score),
+            grounding=PromptStyle(prompt).grounding(context_cut, context_tokens, min_score, title_lookup),
         )
     # a taken port; unreadable certificates; a list of generation addresses that is not IPs
     except (OSError, CredentialsError, ValueError) as error:

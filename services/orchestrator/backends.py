@@ -189,9 +189,10 @@ class RetrievalBackend(Backend):
         super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
 
-    def search(self, query: str, k: int, timeout: float) -> Found:
+    def search(self, query: str, k: int, timeout: float, title: str = "") -> Found:
+        """``title``: a document title the query asks about; its first passages come first (``Passage.titled``)."""
         try:
-            request = retrieval_pb2.SearchRequest(query=query, k=k)
+            request = retrieval_pb2.SearchRequest(query=query, k=k, title=title)
             response = self._stub.Search(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None

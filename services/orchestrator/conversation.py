@@ -21,6 +21,7 @@ from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.grounding import (
     Grounding,
+    asked_about,
     asked_subject,
     cut_passages,
     leads,
@@ -302,7 +303,8 @@ class ChatOrchestrator:
             query, searches = self._query(request, info, prompt_format)
             query_ms = (time.perf_counter() - started) * 1000
             held = sum(len(turn.context) for turn in request.history)
-            found = self._retrieve(searches, k if grounding.repeat_earlier else min(k + held, MAX_K))
+            title = asked_about(request.message) if grounding.titles else ""
+            found = self._retrieve(searches, k if grounding.repeat_earlier else min(k + held, MAX_K), title)
             ranked, notice, build = found.passages, found.notice, found.build
             given = [p for p in ranked if grounding.min_score <= 0 or p.score >= grounding.min_score]
             if grounding.min_score > 0 and not given and found.searched:
@@ -424,9 +426,10 @@ class ChatOrchestrator:
         question = text.strip().strip('"').strip()
         return question or request.message
 
-    def _retrieve(self, searches: list[tuple[str, float]], k: int) -> Retrieved:
+    def _retrieve(self, searches: list[tuple[str, float]], k: int, title: str = "") -> Retrieved:
         """Passages for the weighted searches, best first, or none and a notice why: a chat answers even when
-        retrieval is down. Also the index build, when the index is still being filled.
+        retrieval is down. Also the index build, when the index is still being filled. ``title``: a document
+        title the new message asks about, looked up by its search (the first); what that finds stays first.
 
         Several searches are fused by weighted score: sum of weight x cosine similarity. As similarity is
         linear in the query vector, that ranks passages as one search for the weighted sum of the query
@@ -435,7 +438,10 @@ class ChatOrchestrator:
             return Retrieved([], "retrieval is not configured on this orchestrator; answered without context")
         depth = k if len(searches) == 1 else max(k, CANDIDATES_PER_QUERY)
         try:
-            found = [self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout) for query, _ in searches]
+            found = [
+                self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout, title if i == 0 else "")
+                for i, (query, _) in enumerate(searches)
+            ]
         except InvalidArgument:
             raise
         except ServiceError as error:
@@ -446,14 +452,17 @@ class ChatOrchestrator:
         if len(results) == 1:
             ranked = results[0]
         else:
-            passages = {p.id: p for found in results for p in found}
+            passages = {p.id: p for found in reversed(results) for p in found}  # the first search's copy wins
             scores = dict.fromkeys(passages, 0.0)
             for (_, weight), found in zip(searches, results, strict=True):
                 by_id = {p.id: p.score for p in found}
                 floor = found[-1].score if found else 0.0
                 for passage_id in scores:
                     scores[passage_id] += weight * by_id.get(passage_id, floor)
-            order = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+            # the title lookup's passages first, in the order its search gave them; the rest by fused score
+            titled = [p.id for p in results[0] if p.titled]
+            rest = sorted((i for i in scores if i not in titled), key=scores.__getitem__, reverse=True)
+            order = [*titled, *rest][:k]
             ranked = [replace(passages[i], score=scores[i] / sum(w for _, w in searches)) for i in order]
         if not ranked:
             return Retrieved([], "retrieval found no passages; answered without context", build, searched=True)

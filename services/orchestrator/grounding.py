@@ -42,15 +42,16 @@ class PromptStyle(str, enum.Enum):
     GROUNDED = "grounded"
     PLAIN = "plain"
 
-    def grounding(self, cut: bool, context_tokens: int, min_score: float) -> Grounding:
+    def grounding(self, cut: bool, context_tokens: int, min_score: float, titles: bool = True) -> Grounding:
         if self is PromptStyle.PLAIN:
             return Grounding.plain(min_score)
-        return Grounding(cut=cut, context_tokens=context_tokens, min_score=min_score)
+        return Grounding(cut=cut, context_tokens=context_tokens, min_score=min_score, titles=titles)
 
 
 @dataclass(frozen=True)
 class Grounding:
-    """The orchestrator's grounding settings (its --prompt, --context-cut, --context-tokens, --min-score flags).
+    """The orchestrator's grounding settings (its --prompt, --context-cut, --context-tokens, --min-score and
+    --title-lookup flags).
 
     ``plain`` is the prompt before these settings existed (passages unnumbered, given once, whole): the
     baseline `make eval` measures the grounded prompt against in the same run."""
@@ -66,10 +67,13 @@ class Grounding:
     # railways" sentence instead of the "largest city in Switzerland" one before it.
     context_tokens: int = 32
     min_score: float = 0.0  # passages scoring below this are not given; none left: the reply says no source matched
+    titles: bool = True  # "What is X?" also looks up the document titled X: its first passage comes first
 
     @classmethod
     def plain(cls, min_score: float = 0.0) -> Grounding:
-        return cls(numbered=False, cite=False, repeat_earlier=False, cut=False, names=False, min_score=min_score)
+        return cls(
+            numbered=False, cite=False, repeat_earlier=False, cut=False, names=False, min_score=min_score, titles=False
+        )
 
     @property
     def style(self) -> ContextStyle:
@@ -93,11 +97,16 @@ def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
     return found
 
 
-def asked_subject(message: str) -> str:
-    """What a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about ("" for any
-    other question), folded as `leads` compares it with titles."""
+def asked_about(message: str) -> str:
+    """What a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about, as written
+    ("" for any other question): the document title the retrieval search looks up."""
     match = _ASKS_WHAT.match(message)
-    return _folded(match.group("subject")).strip() if match else ""
+    return match.group("subject").strip() if match else ""
+
+
+def asked_subject(message: str) -> str:
+    """`asked_about`, folded as `leads` compares it with titles."""
+    return _folded(asked_about(message)).strip()
 
 
 def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: str) -> list[int]:
@@ -107,6 +116,10 @@ def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: s
     community ...") while the lead ("Utopia is a work of fiction ... by Thomas More") holds the answer."""
     if not subject:
         return []
+    # the retrieval service looked the title up (``titled``: "The Four Seasons (Vivaldi)" for "The Four Seasons")
+    titled = [n for n, p in enumerate(passages) if p.titled]
+    if titled:
+        return [i for n in titled for i, s in enumerate(sentences) if s.passage == n and s.position == 0]
     firsts = {number: _folded(p.title).strip() for number, p in enumerate(passages) if p.id.endswith("#0") and p.title}
     # "What is The Metamorphosis?" names the novella, not the biology article titled "Metamorphosis"; "What is
     # the Eiffel Tower?" names the one titled "Eiffel Tower": the title as asked first, then without its article.

@@ -127,7 +127,8 @@ class OpenChatKitIndex:
     def bytes_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
 
-    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
+    def search_batch(self, queries: list[str], k: int, titles: list[str] | None = None) -> list[list[Hit]]:
+        # OpenChatKit's snippets keep no titles: a title lookup finds nothing, the vector search answers
         scores, rows = self._vectors.search(self.embedder.encode(queries), k)
         return [
             [

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from loguru import logger
 
 from nightcap.records import DEFAULT_K, MAX_K, IndexStats
@@ -17,24 +19,55 @@ from services.retrieval.embedder import Embedder
 from services.retrieval.index import Hit, IndexLoadError, PassageIndex
 
 MAX_BATCH = 64  # queries per encode; more only lengthens the wait of the first one
+MAX_TITLE_CHARS = 500
+MAX_TITLED = 8  # documents a title lookup scores ("Mercury (planet)", "Mercury (element)", ...)
+_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
 
 
 class Searchable(Protocol):
-    """What the servicer searches: a nightcap PassageIndex with its embedder, or an OpenChatKit index."""
+    """What the servicer searches: a nightcap PassageIndex with its embedder, or an OpenChatKit index.
+    ``titles``: per query, a document title it asks about ("" for none); indexes without titles ignore it."""
 
     read_only: bool
     embedder: Embedder
 
-    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]: ...
+    def search_batch(self, queries: list[str], k: int, titles: list[str] | None = None) -> list[list[Hit]]: ...
 
     def stats(self) -> IndexStats: ...
 
 
-def check_request(query: str, k: int) -> None:
+def check_request(query: str, k: int, title: str = "") -> None:
     if not query.strip():
         raise InvalidArgument("query is empty: send the question or text to search for")
     if not 1 <= k <= MAX_K:
         raise InvalidArgument(f"k must be between 1 and {MAX_K} (or unset for {DEFAULT_K}); got {k}")
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidArgument(
+            f"title is {len(title)} characters; a document title to look up is at most {MAX_TITLE_CHARS}"
+        )
+
+
+def titled_first(
+    title: str, query: np.ndarray, found: list[Hit], k: int, index: PassageIndex, embedder: Embedder
+) -> list[Hit]:
+    """``found`` with the first passage of each document titled ``title`` ahead of it, up to k in all.
+
+    A "What is X?" search ranks X's opening passage below passages that repeat the question's words, or misses
+    it: "What is The Four Seasons?" found the article on the seasons, not "The Four Seasons (Vivaldi)", whose
+    first sentence answers it. The article named is looked up by title: as given, else with a qualifier in
+    brackets, else without a leading "the / a / an"; exact titles first, qualified ones by score. Each is scored
+    against the query like any hit (so a score floor still applies to it)."""
+    looked_up, passages = title, index.first_passages_titled(title, MAX_TITLED)
+    if not passages and (bare := _ARTICLE.sub("", title)) != title:
+        looked_up, passages = bare, index.first_passages_titled(bare, MAX_TITLED)
+    if not passages:
+        return found
+    scores = embedder.encode([p.text for p in passages]) @ query
+    exact = [i for i, p in enumerate(passages) if p.title.casefold() == looked_up.casefold()]
+    rest = sorted((i for i in range(len(passages)) if i not in exact), key=lambda i: -scores[i])
+    leads = [Hit(passages[i], float(scores[i]), titled=True) for i in [*exact, *rest]][:k]
+    ids = {hit.passage.id for hit in leads}
+    return [*leads, *(hit for hit in found if hit.passage.id not in ids)][:k]
 
 
 class Retriever:
@@ -57,16 +90,21 @@ class Retriever:
         self.embedder = embedder
         self.index = index
 
-    def search(self, query: str, k: int = DEFAULT_K) -> list[Hit]:
-        check_request(query, k)
-        return self.search_batch([query], k)[0]
+    def search(self, query: str, k: int = DEFAULT_K, title: str = "") -> list[Hit]:
+        check_request(query, k, title)
+        return self.search_batch([query], k, [title])[0]
 
     @property
     def read_only(self) -> bool:
         return self.index.read_only
 
-    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
-        return self.index.search_many(self.embedder.encode(queries), k)
+    def search_batch(self, queries: list[str], k: int, titles: list[str] | None = None) -> list[list[Hit]]:
+        vectors = self.embedder.encode(queries)
+        found = self.index.search_many(vectors, k)
+        for i, title in enumerate(titles or []):
+            if title.strip():
+                found[i] = titled_first(title.strip(), vectors[i], found[i], k, self.index, self.embedder)
+        return found
 
     def stats(self) -> IndexStats:
         manifest = self.index.manifest
@@ -91,6 +129,7 @@ class _Pending:
     query: str
     k: int
     result: Future
+    title: str = ""
 
 
 class QueryBatcher:
@@ -105,11 +144,11 @@ class QueryBatcher:
         self._worker = threading.Thread(target=self._run, name="query-batcher", daemon=True)
         self._worker.start()
 
-    def search(self, query: str, k: int = DEFAULT_K, timeout: float | None = None) -> list[Hit]:
-        check_request(query, k)
+    def search(self, query: str, k: int = DEFAULT_K, timeout: float | None = None, title: str = "") -> list[Hit]:
+        check_request(query, k, title)
         if self._closed:
             raise Unavailable("the retrieval service is shutting down")
-        pending = _Pending(query, k, Future())
+        pending = _Pending(query, k, Future(), title)
         self._queue.put(pending)
         return pending.result.result(timeout)
 
@@ -129,7 +168,8 @@ class QueryBatcher:
                     break
                 batch.append(item)
             try:
-                found = self._searchable.search_batch([p.query for p in batch], max(p.k for p in batch))
+                titles = [p.title for p in batch] if any(p.title for p in batch) else None
+                found = self._searchable.search_batch([p.query for p in batch], max(p.k for p in batch), titles)
             except Exception as error:  # every caller of the batch gets the error, the worker goes on
                 for pending in batch:
                     pending.result.set_exception(error)

@@ -41,17 +41,19 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     ) -> retrieval_pb2.SearchResponse:
         started = time.perf_counter()
         k = request.k if request.HasField("k") else DEFAULT_K
-        hits = self._batcher.search(request.query, k)
+        hits = self._batcher.search(request.query, k, title=request.title)
         logger.info(
-            "search id={} query_chars={} k={} hits={} ms={:.1f}",
+            "search id={} query_chars={} k={} hits={} titled={} ms={:.1f}",
             _request_id(context),
             len(request.query),
             k,
             len(hits),
+            sum(hit.titled for hit in hits),
             (time.perf_counter() - started) * 1000,
         )
         found = [
-            Passage(hit.passage.id, hit.passage.text, hit.passage.title, hit.passage.source, hit.score) for hit in hits
+            Passage(hit.passage.id, hit.passage.text, hit.passage.title, hit.passage.source, hit.score, hit.titled)
+            for hit in hits
         ]
         response = retrieval_pb2.SearchResponse(passages=[to_message(p, retrieval_pb2.Passage) for p in found])
         build = self._build.progress() if self._build is not None else None

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS passages (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages (doc_id);
+CREATE INDEX IF NOT EXISTS passages_by_title ON passages (title COLLATE NOCASE);
 -- Tombstones: rows deleted from the store whose vectors are still in a segment file. Searches skip them;
 -- compaction drops their vectors and then their tombstones.
 CREATE TABLE IF NOT EXISTS dead_rows (row INTEGER PRIMARY KEY);
@@ -124,6 +125,20 @@ class PassageStore:
         if missing:
             raise KeyError(f"passages {missing} are in the faiss index but not in the passage store")
         return [by_row[row] for row in rows]
+
+    def first_passages_titled(self, title: str, limit: int) -> list[Passage]:
+        """The first passage of up to ``limit`` documents titled ``title`` (ASCII case
+        ignored), or titled so with a qualifier in brackets ("Utopia (book)"): those titled exactly first."""
+        qualified = title.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " (%"
+        with self._lock:
+            found = self._connection.execute(
+                "SELECT row, id, doc_id, title, text, source FROM passages WHERE row IN"
+                " (SELECT MIN(row) FROM passages WHERE title = ? COLLATE NOCASE OR title LIKE ? ESCAPE '\\'"
+                " GROUP BY doc_id)"  # a document's passages are stored in order: its lowest row is its first
+                " ORDER BY title = ? COLLATE NOCASE DESC, row LIMIT ?",
+                (title, qualified, title, limit),
+            ).fetchall()
+        return [Passage(*fields) for _, *fields in found]
 
     def list_documents(self, limit: int, after: str = "") -> list[tuple[str, str, str, int]]:
         """(id, title, source, passages) of up to ``limit`` documents whose id sorts after ``after``."""

@@ -132,7 +132,7 @@ class PrecomputedQueries:
     def __init__(self, index: PassageIndex, queries: np.ndarray) -> None:
         self.index, self.queries = index, queries
 
-    def search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
+    def search_batch(self, queries: list[str], k: int, titles: list[str] | None = None) -> list[list[Hit]]:
         return self.index.search_many(self.queries[[int(q[1:]) for q in queries]], k)
 
 

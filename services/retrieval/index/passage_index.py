@@ -303,6 +303,10 @@ class PassageIndex:
         """(id, title, source, passages) of the committed documents after ``after``, in id order."""
         return self._store.list_documents(limit, after)
 
+    def first_passages_titled(self, title: str, limit: int) -> list[Passage]:
+        """The first passage of each document titled ``title`` (or "``title`` (qualifier)"), exact titles first."""
+        return self._store.first_passages_titled(title, limit)
+
     def documents_present(self, doc_ids: Sequence[str]) -> set[str]:
         return set(self._store.rows_of_documents(doc_ids))
 

@@ -18,6 +18,7 @@ from services.retrieval.store import PassageStore
 class Hit:
     passage: Passage
     score: float
+    titled: bool = False  # found by its document's title (a search's ``title``), not by its vector
 
 
 @dataclass(frozen=True)
