@@ -461,18 +461,20 @@ def seasons_address(embedder, tmp_path_factory) -> Iterator[str]:
 def test_a_what_is_question_gets_the_document_titled_so_first_even_with_a_qualifier(
     generation_address, seasons_address
 ):
-    """Ranked by vector, "What is The Four Seasons?" finds the article on seasons; the title lookup gives the
-    concertos' first sentence first, alone and as a later turn (whose searches are fused with earlier ones)."""
+    """Ranked by vector, "What is The Four Seasons?" finds the article on seasons first; the title lookup gives
+    the concertos' first sentence, and it alone, both as a first turn and as a later one (whose searches are fused
+    with the earlier turns')."""
     question = "What is The Four Seasons?"
-    with orchestrator_client(generation_address, seasons_address, grounding=Grounding(titles=False)) as untitled:
-        ranked = untitled.ask(question, retrieval=True, k=1, params=GREEDY)
-    with orchestrator_client(generation_address, seasons_address) as titled:
-        alone = titled.ask(question, retrieval=True, k=1, params=GREEDY)
+    whole_untitled = Grounding(titles=False, cut=False)
+    with orchestrator_client(generation_address, seasons_address, grounding=whole_untitled) as untitled:
+        ranked = untitled.ask(question, retrieval=True, k=2, params=GREEDY)
+    with orchestrator_client(generation_address, seasons_address, grounding=Grounding(context_tokens=400)) as titled:
+        alone = titled.ask(question, retrieval=True, k=2, params=GREEDY)
         history = [Message("user", "Where is Zurich?"), Message("assistant", "In Switzerland.")]
         later = titled.ask(question, history=history, retrieval=True, k=1, params=GREEDY)
-    assert [s.title for s in ranked.started.sources] == ["Season"]
+    assert [s.title for s in ranked.started.sources] == ["Season", "The Four Seasons (Vivaldi)"]
     for reply in (alone, later):
-        first = reply.started.sources[0]
+        [first] = reply.started.sources
         assert first.title == "The Four Seasons (Vivaldi)"
         assert first.text.startswith("The Four Seasons (Vivaldi): The Four Seasons is a group of four violin concertos")
         assert first.text in reply.started.prompt

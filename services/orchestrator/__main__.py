@@ -123,8 +123,8 @@ def serve(
         typer.Option(
             envvar="NIGHTCAP_TITLE_LOOKUP",
             help='with --prompt grounded: a "What is X?" / "Who was X?" / "Tell me about X" question also looks up'
-            ' the document titled X (or "X (qualifier)"); its first passage is given first, its opening'
-            " sentence kept first",
+            ' the document titled X (or "X (qualifier)"); when found, its first passage is given alone, its'
+            " opening sentence first",
         ),
     ] = Grounding.titles,
     log_level: str = typer.Option("INFO", envvar="NIGHTCAP_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR"),

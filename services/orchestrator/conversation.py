@@ -322,6 +322,11 @@ class ChatOrchestrator:
                     reply = no_source_reply(None, grounding.min_score, _building(build))
                     notice = "retrieval found no passages; answered that no source matched"
                 given = []
+            if grounding.titles and any(p.titled for p in given[:k]):
+                # "What is Ulaanbaatar?" with its article's lead and an unrelated second hit ("Anansi is a
+                # character ..."): SmolLM2-135M answered from the last one. The document the question names
+                # answers it alone (`make eval` openings 35 to 36 of 40, follow-ups 26 to 27, no set lower).
+                given = [p for p in given[:k] if p.titled]
             if given and grounding.cut:
                 if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
                     held_keys = {_key(p) for turn in request.history for p in turn.context}

@@ -67,7 +67,8 @@ class Grounding:
     # railways" sentence instead of the "largest city in Switzerland" one before it.
     context_tokens: int = 32
     min_score: float = 0.0  # passages scoring below this are not given; none left: the reply says no source matched
-    titles: bool = True  # "What is X?" also looks up the document titled X: its first passage comes first
+    # "What is X?" also looks up the document titled X; when found, its first passages are given alone
+    titles: bool = True
 
     @classmethod
     def plain(cls, min_score: float = 0.0) -> Grounding:

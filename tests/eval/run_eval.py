@@ -61,6 +61,7 @@ VARIANTS = {
     "whole": Grounding(cut=False),  # grounded, passages whole: the sentence cut off
     "uncited": Grounding(cite=False),  # grounded, numbered but no citations asked for
     "admit": Grounding(admit=True),  # grounded, and the model told to say "The documents do not say."
+    "untitled": Grounding(titles=False),  # grounded, no title lookup for "What is X?" questions
     BASELINE: Grounding.plain(),
 }
 # What an answer that admits the documents do not hold the answer says, in the words models use for it.
