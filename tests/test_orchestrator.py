@@ -29,7 +29,15 @@ from nightcap.v1 import generation_pb2, generation_pb2_grpc
 from services.common.server import free_port
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, TurnRequest
-from services.orchestrator.grounding import Grounding, asked_subject, cited, cut_passages, leads, sentences_of
+from services.orchestrator.grounding import (
+    Grounding,
+    asked_about,
+    asked_subject,
+    cited,
+    cut_passages,
+    leads,
+    sentences_of,
+)
 from services.orchestrator.prompts import (
     ADMISSION,
     ChatTemplatePrompt,
@@ -397,6 +405,9 @@ def test_a_what_is_question_keeps_the_opening_sentence_of_the_document_it_names_
     assert asked_subject("Who was Thomas More?") == "thomas more"
     assert asked_subject("What is the population of Utopia?") == "the population of utopia"
     assert asked_subject("How many people live there?") == ""
+    # the title the search looks up: a name as written, not a common noun or a word that points back
+    assert asked_about("What is The Four Seasons?") == "The Four Seasons"
+    assert asked_about("What is the capital?") == asked_about("Where is it?") == asked_about("Who was He?") == ""
     first = leads(passages, sentences, asked_subject("What is Utopia?"))
     assert [sentences[i].text for i in first] == ["Utopia is a work of fiction by Thomas More."]
     assert leads(passages, sentences, asked_subject("What is the population of Utopia?")) == []

@@ -235,6 +235,20 @@ def test_a_title_puts_the_first_passage_of_the_document_so_titled_first(live: Li
     assert looked_up(search("What is Utopia?", k=1, title="utopia")) == [("utopia-book#0", True)]
 
 
+def test_title_lookups_batched_together_each_get_their_own_document_and_score(live: LiveIndex) -> None:
+    live.client.add_documents([ZURICH, PARIS, UTOPIA, UTOPIA_BOOK])
+    queries, titles = ["What is Utopia?", "Where is it?", "Which city lies on Lake Zurich?"], ["Utopia", "", "Paris"]
+    batched = live.retriever.search_batch(queries, 2, titles)
+    alone = [live.retriever.search(query, 2, title) for query, title in zip(queries, titles, strict=True)]
+    assert [[(h.passage.id, h.titled) for h in hits] for hits in batched] == [
+        [("utopia#0", True), ("utopia-book#0", True)],
+        [(h.passage.id, False) for h in alone[1]],
+        [("paris#0", True), ("zurich#0", False)],
+    ]
+    for hits, single in zip(batched, alone, strict=True):
+        assert [h.score for h in hits] == pytest.approx([h.score for h in single], abs=1e-5)
+
+
 def test_a_title_too_long_is_invalid_argument_on_a_raw_stub(live: LiveIndex) -> None:
     live.client.add_documents([ZURICH])
     with grpc.insecure_channel(live.address) as channel:

@@ -33,6 +33,8 @@ _ASKS_WHAT = re.compile(
     re.IGNORECASE,
 )
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+# subjects that point back at the conversation instead of naming something
+_POINTING = re.compile(r"^(?:it|this|that|these|those|there|here|he|she|they|him|her|them|its|his|their|one)$", re.I)
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 NO_SOURCE_REPLY = "The documents do not say"
 _WORD = re.compile(r"[\w’'-]+")
@@ -99,15 +101,24 @@ def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
 
 
 def asked_about(message: str) -> str:
-    """What a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about, as written
-    ("" for any other question): the document title the retrieval search looks up."""
-    match = _ASKS_WHAT.match(message)
-    return match.group("subject").strip() if match else ""
+    """The name a "What is X?" / "Who was X?" / "Where is X?" / "Tell me about X" question asks about, as
+    written: the document title the retrieval search looks up. "" for any other question, and for a subject
+    that names nothing: no capital letter ("What is the capital?" after "Where is France?" does not ask for the
+    article titled "Capital") or a pronoun ("Where is it?")."""
+    subject = _subject(message)
+    if not any(c.isupper() for c in subject) or _POINTING.match(_ARTICLE.sub("", subject)):
+        return ""
+    return subject
 
 
 def asked_subject(message: str) -> str:
-    """`asked_about`, folded as `leads` compares it with titles."""
-    return _folded(asked_about(message)).strip()
+    """What such a question asks about, folded as `leads` compares it with titles ("" for any other)."""
+    return _folded(_subject(message)).strip()
+
+
+def _subject(message: str) -> str:
+    match = _ASKS_WHAT.match(message)
+    return match.group("subject").strip() if match else ""
 
 
 def leads(passages: Sequence[Passage], sentences: Sequence[Sentence], subject: str) -> list[int]:

@@ -15,6 +15,7 @@ from loguru import logger
 from nightcap.records import DEFAULT_K, MAX_K, IndexStats
 from services.common.errors import InvalidArgument, Unavailable
 from services.retrieval.build_plan import recorded_build
+from services.retrieval.chunker import Passage
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import Hit, IndexLoadError, PassageIndex
 
@@ -47,25 +48,25 @@ def check_request(query: str, k: int, title: str = "") -> None:
         )
 
 
-def titled_first(
-    title: str, query: np.ndarray, found: list[Hit], k: int, index: PassageIndex, embedder: Embedder
-) -> list[Hit]:
-    """``found`` with the first passage of each document titled ``title`` ahead of it, up to k in all.
-
-    A "What is X?" search ranks X's opening passage below passages that repeat the question's words, or misses
-    it: "What is The Four Seasons?" found the article on the seasons, not "The Four Seasons (Vivaldi)", whose
-    first sentence answers it. The article named is looked up by title: as given, else with a qualifier in
-    brackets, else without a leading "the / a / an"; exact titles first, qualified ones by score. Each is scored
-    against the query like any hit (so a score floor still applies to it)."""
+def look_up_title(index: PassageIndex, title: str) -> tuple[list[Passage], list[bool]]:
+    """The first passage of each document titled ``title`` (as given, else with a qualifier in brackets, else
+    without a leading "the / a / an"), and which of them carry the title exactly (those come first)."""
     looked_up, passages = title, index.first_passages_titled(title, MAX_TITLED)
     if not passages and (bare := _ARTICLE.sub("", title)) != title:
         looked_up, passages = bare, index.first_passages_titled(bare, MAX_TITLED)
-    if not passages:
-        return found
-    scores = embedder.encode([p.text for p in passages]) @ query
-    exact = [i for i, p in enumerate(passages) if p.title.casefold() == looked_up.casefold()]
-    rest = sorted((i for i in range(len(passages)) if i not in exact), key=lambda i: -scores[i])
-    leads = [Hit(passages[i], float(scores[i]), titled=True) for i in [*exact, *rest]][:k]
+    return passages, [p.title.casefold() == looked_up.casefold() for p in passages]
+
+
+def titled_first(passages: list[Passage], exact: list[bool], scores: np.ndarray, found: list[Hit], k: int) -> list[Hit]:
+    """``found`` with the looked-up ``passages`` ahead of it, k in all: exact titles first, then qualified
+    ones by score. Each keeps its own score against the query (so a score floor still applies to it).
+
+    A "What is X?" search ranks X's opening passage below passages that repeat the question's words, or misses
+    it: "What is The Four Seasons?" found the article on the seasons, not "The Four Seasons (Vivaldi)", whose
+    first sentence answers it."""
+    qualified = sorted((i for i in range(len(passages)) if not exact[i]), key=lambda i: -scores[i])
+    order = [*(i for i in range(len(passages)) if exact[i]), *qualified]
+    leads = [Hit(passages[i], float(scores[i]), titled=True) for i in order][:k]
     ids = {hit.passage.id for hit in leads}
     return [*leads, *(hit for hit in found if hit.passage.id not in ids)][:k]
 
@@ -101,9 +102,15 @@ class Retriever:
     def search_batch(self, queries: list[str], k: int, titles: list[str] | None = None) -> list[list[Hit]]:
         vectors = self.embedder.encode(queries)
         found = self.index.search_many(vectors, k)
-        for i, title in enumerate(titles or []):
-            if title.strip():
-                found[i] = titled_first(title.strip(), vectors[i], found[i], k, self.index, self.embedder)
+        looked_up = {
+            i: look_up_title(self.index, title.strip()) for i, title in enumerate(titles or []) if title.strip()
+        }
+        looked_up = {i: match for i, match in looked_up.items() if match[0]}
+        if looked_up:  # every looked-up passage of the batch in one encode, scored against its own query
+            lead_vectors = iter(self.embedder.encode([p.text for passages, _ in looked_up.values() for p in passages]))
+            for i, (passages, exact) in looked_up.items():
+                scores = np.array([next(lead_vectors) @ vectors[i] for _ in passages])
+                found[i] = titled_first(passages, exact, scores, found[i], k)
         return found
 
     def stats(self) -> IndexStats:
