@@ -33,11 +33,11 @@ def test_a_record_has_its_messages_fields_in_order_and_converts_both_ways(record
 
 
 def _sample(record: type) -> object:
-    """The record with every field set: ints 7, floats 0.5, strings their name, nested records sampled too."""
+    """The record with every field set: ints 7, floats 0.5, booleans True, strings their name, nested records
+    sampled too."""
     nested = {"IndexBuild | None": records.IndexBuild}
-    values = {
-        f.name: 7 if f.type in (int, "int") else 0.5 if f.type in (float, "float") else f.name for f in fields(record)
-    }
+    kinds = {"int": 7, "float": 0.5, "bool": True}
+    values = {f.name: kinds.get(getattr(f.type, "__name__", f.type), f.name) for f in fields(record)}
     values.update({f.name: _sample(nested[f.type]) for f in fields(record) if f.type in nested})
     return record(**values)
 
