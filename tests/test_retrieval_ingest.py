@@ -516,6 +516,11 @@ def test_chatctl_index_add_stats_and_delete(live: LiveIndex, tmp_path: Path) -> 
     assert searched.returncode == 0, searched.stderr
     assert searched.stdout.count("\n    ") == 4  # one passage from each of the four documents left
     assert "Geneva" not in searched.stdout
+    titled = chatctl("index", "search", "Lake Geneva", "-k", "2", "--title", "vienna", *address, cwd=tmp_path)
+    assert titled.returncode == 0, titled.stderr
+    first, second = [line for line in titled.stdout.splitlines() if line.startswith("[")]
+    assert first.startswith("[1] Vienna (") and first.endswith("— by title")
+    assert "by title" not in second
 
 
 def test_chatctl_index_add_of_a_bad_path_sends_nothing(live: LiveIndex, tmp_path: Path) -> None:

@@ -322,7 +322,7 @@ class ChatOrchestrator:
                     reply = no_source_reply(None, grounding.min_score, _building(build))
                     notice = "retrieval found no passages; answered that no source matched"
                 given = []
-            if grounding.titles and any(p.titled for p in given[:k]):
+            if any(p.titled for p in given[:k]):  # only a search sent a title (--title-lookup) marks any
                 # "What is Ulaanbaatar?" with its article's lead and an unrelated second hit ("Anansi is a
                 # character ..."): SmolLM2-135M answered from the last one. The document the question names
                 # answers it alone (`make eval` openings 35 to 36 of 40, follow-ups 26 to 27, no set lower).

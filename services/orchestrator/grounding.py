@@ -167,7 +167,8 @@ def cut_passages(
     by_place = {(s.passage, s.position): i for i, s in enumerate(sentences)}
     kept: dict[int, None] = {}  # in the order taken: best first, a needed neighbour just after its sentence
     used = 0
-    order = [*first, *(int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in first)]
+    leading = set(first)
+    order = [*first, *(int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in leading)]
     for best in order:
         wanted = [best]
         sentence = sentences[best]
@@ -183,7 +184,7 @@ def cut_passages(
     best_score: dict[int, float] = {}
     for i in kept:
         number = sentences[i].passage
-        score = np.inf if i in first else float(scores[i])
+        score = np.inf if i in leading else float(scores[i])
         best_score[number] = max(best_score.get(number, -np.inf), score)
     cut = []
     for number in sorted(best_score, key=lambda n: -best_score[n]):

@@ -107,9 +107,11 @@ class Retriever:
         }
         looked_up = {i: match for i, match in looked_up.items() if match[0]}
         if looked_up:  # every looked-up passage of the batch in one encode, scored against its own query
-            lead_vectors = iter(self.embedder.encode([p.text for passages, _ in looked_up.values() for p in passages]))
+            lead_vectors = self.embedder.encode([p.text for passages, _ in looked_up.values() for p in passages])
+            start = 0
             for i, (passages, exact) in looked_up.items():
-                scores = np.array([next(lead_vectors) @ vectors[i] for _ in passages])
+                scores = lead_vectors[start : start + len(passages)] @ vectors[i]
+                start += len(passages)
                 found[i] = titled_first(passages, exact, scores, found[i], k)
         return found
 
