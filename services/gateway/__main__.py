@@ -27,8 +27,8 @@ from services.common.security import (
     TokensFileOption,
     TokenTable,
 )
-from services.gateway.app import GatewaySettings
 from services.gateway.server import bind, uvicorn_config
+from services.gateway.settings import GatewaySettings
 from services.gateway.translate import SamplingDefaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

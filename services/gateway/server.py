@@ -12,7 +12,8 @@ from pathlib import Path
 
 import uvicorn
 
-from services.gateway.app import GatewaySettings, create_app
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
 
 START_TIMEOUT_S = 30.0
 

@@ -1,0 +1,101 @@
+"""POST /v1/completions: a raw prompt straight to the generation service, no chat template and no
+retrieval; its stream back as one completion or as chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from services.gateway import openai_types as wire
+from services.gateway import translate
+from services.gateway.backends import GatewayError
+from services.gateway.dependencies import backends, call_metadata, gateway_metrics, gateway_settings, served_model
+from services.gateway.errors import checked
+from services.gateway.streaming import END, PING, Answer, Relay, finish_reason, sse
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(body: wire.CompletionRequest, request: Request) -> Response:
+    checked(body)
+    settings = gateway_settings(request)
+    model = await served_model(request, body.model)
+    metadata = call_metadata(request)
+    request_id = dict(metadata)["x-request-id"]
+    message = translate.generate_request(body, request_id, settings.defaults)
+    call = backends(request).generation.Generate(message, timeout=settings.request_timeout, metadata=metadata)
+    relay = Relay(call, "generation", settings.generation)
+    answer = CompletionAnswer(relay, f"cmpl-{request_id}", model, settings, gateway_metrics(request))
+    return await answer.respond(request, body)
+
+
+class CompletionAnswer(Answer):
+    """The generation service's tokens as OpenAI's text completion or its chunks."""
+
+    async def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
+        completion_id, created, model, item = self.id, self.created, self.model, first
+        self.metrics.open_streams.inc()
+        offset = 0
+        try:
+            while True:
+                if item is PING:
+                    yield ": ping\n\n"
+                elif item is END:
+                    raise GatewayError(503, "the generation service ended the stream without finishing", "server_error")
+                else:
+                    model = item.model or model
+                    if item.text or item.logprobs:
+                        logprobs = translate.completion_logprobs(item.logprobs, offset) if item.logprobs else None
+                        offset += len(item.text)
+                        yield sse(wire.completion_chunk(completion_id, created, model, item.text, None, logprobs))
+                    if item.HasField("finish"):
+                        finish = item.finish
+                        reason = finish_reason(finish.reason)
+                        yield sse(wire.completion_chunk(completion_id, created, model, "", reason))
+                        self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
+                        if include_usage:
+                            tail = wire.completion_chunk(completion_id, created, model, "")
+                            yield sse(
+                                wire.usage_chunk(
+                                    tail, finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens
+                                )
+                            )
+                        yield "data: [DONE]\n\n"
+                        return
+                item = await self.next()
+        except GatewayError as error:
+            yield sse(wire.error_body(error.message, error.type, error.param, error.code))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.metrics.open_streams.dec()
+            self.relay.close()
+
+    async def whole(self) -> dict[str, Any]:
+        text, logprobs, model = [], [], self.model
+        item = await self.next()
+        while True:
+            if item is END:
+                raise GatewayError(503, "the generation service ended the stream without finishing", "server_error")
+            if item is not PING:
+                model = item.model or model
+                text.append(item.text)
+                logprobs.extend(item.logprobs)
+                if item.HasField("finish"):
+                    break
+            item = await self.next()
+        finish = item.finish
+        self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
+        body = wire.completion_chunk(
+            self.id,
+            self.created,
+            model,
+            "".join(text),
+            finish_reason(finish.reason),
+            translate.completion_logprobs(logprobs, 0) if logprobs else None,
+        )
+        body["usage"] = wire.usage(finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens)
+        return body
