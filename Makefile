@@ -11,7 +11,7 @@ STUBS := $(PROTOS:.proto=_pb2.py)
 # index from here, so the setup before it counts too.
 UP_STARTED := $(shell date +%s.%N)
 
-.PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs
+.PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs netns-tools cluster-up cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,7 +64,14 @@ chromium: ## Debian's Chromium for tests/test_web.py when it is missing and apt-
 		{ $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }; } \
 		|| echo "chromium could not be installed: tests/test_web.py will be skipped"; }
 
-test: setup lint chromium llamacpp ## lint, then the whole test suite
+netns-tools: ## Debian's iproute2 and iptables for `make cluster-up` and tests/test_cluster.py when missing (else they skip)
+	@{ command -v ip && command -v iptables; } >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		command -v apt-get >/dev/null 2>&1 && \
+		{ $$SUDO apt-get install -y -q iproute2 iptables || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q iproute2 iptables; }; } \
+		|| echo "iproute2 and iptables could not be installed: tests/test_cluster.py will be skipped"; }
+
+test: setup lint chromium llamacpp netns-tools ## lint, then the whole test suite
 	$(PY) -m pytest
 
 bench: setup ## every benchmark (tests/bench/bench_*.py); each writes var/bench/<area>.json and prints a table
@@ -109,6 +116,17 @@ finetune-demo: setup ## fine-tune SmolLM2-135M for a few minutes on 2 CPU worker
 		--data var/data/wiki-chat/train.jsonl --eval-data var/data/wiki-chat/eval.jsonl \
 		--num-workers 2 --seq-length 256 --batch-size 8 --micro-batch-size 2 --lr 1e-4 --warmup-steps 1 \
 		--total-steps $(DEMO_STEPS) --eval-steps 4 --checkpoint-steps 4 --run-name finetune-demo-$$(date +%Y%m%d-%H%M%S)
+
+# Hosts on this machine (deploy/netns.py): network namespaces on a bridge, a Ray node in each. The head in h1 offers
+# no CPUs, so a job's training workers land on h2..hN and their gradients cross the bridge.
+HOSTS ?= 3
+RAY_OBJECT_STORE_MEMORY ?= 1073741824
+
+cluster-up: setup netns-tools ## HOSTS (3) namespaces h1..hN on a bridge, a Ray head in h1, workers in the others (python -m deploy.netns --help)
+	$(PY) -m deploy.netns up --hosts $(HOSTS) --ray --object-store-memory $(RAY_OBJECT_STORE_MEMORY)
+
+cluster-down: ## stop every process in the hosts; remove their namespaces, links and iptables rules
+	@if [ -x $(PY) ]; then $(PY) -m deploy.netns down; else echo "nothing to stop (no $(VENV))"; fi
 
 # The newest finished finetune-demo run (its final.json), converted, gated against the served model on the run's
 # eval data, and published to the generation service `make up` started. `chatctl model rollback` undoes it.
