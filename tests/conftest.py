@@ -108,13 +108,11 @@ PREFIX_CACHE = 256 << 20  # bytes of prefix cache for the shared generation serv
 @pytest.fixture(scope="session")
 def generation_server(tiny_loaded):
     """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX: (address, engine)."""
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
-    engine = ContinuousBatchingEngine(
-        tiny_loaded, SchedulerConfig(max_concurrent_requests=32, prefix_cache_bytes=PREFIX_CACHE)
-    )
+    engine = start_engine(tiny_loaded, SchedulerConfig(max_concurrent_requests=32, prefix_cache_bytes=PREFIX_CACHE))
     running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
     yield running.address, engine
     engine.shutdown(grace=1.0)
@@ -139,9 +137,8 @@ def templated_llama_address(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     from transformers import AutoTokenizer
 
     from services.common.registry import ModelRegistry
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
-    from services.generation.loading import load_model
+    from services.generation.loading import load_model, start_engine
     from services.generation.server import start_generation_server
 
     folder = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-chat")
@@ -149,7 +146,7 @@ def templated_llama_address(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tokenizer.chat_template = LLAMA2_TEMPLATE
     tokenizer.save_pretrained(folder)
     loaded = load_model(str(folder), ModelRegistry(tmp_path_factory.mktemp("registry")))
-    engine = ContinuousBatchingEngine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
+    engine = start_engine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
     running = start_generation_server(loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
     yield running.address
     engine.shutdown(grace=1.0)
@@ -277,13 +274,12 @@ def default_registry(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def default_generation_address(default_registry) -> Iterator[str]:
     """A real Generation server serving the embedded default."""
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
-    from services.generation.loading import DEFAULT_MODEL, load_model
+    from services.generation.loading import DEFAULT_MODEL, load_model, start_engine
     from services.generation.server import start_generation_server
 
     loaded = load_model(DEFAULT_MODEL, default_registry)
-    engine = ContinuousBatchingEngine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
+    engine = start_engine(loaded, SchedulerConfig(prefix_cache_bytes=PREFIX_CACHE))
     running = start_generation_server(loaded, engine, "127.0.0.1:0")
     yield running.address
     engine.shutdown(grace=1)

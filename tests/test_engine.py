@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,8 +22,10 @@ from services.common.errors import ResourceExhausted, Unavailable
 from services.common.server import free_port
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
+from services.generation.engine.runner import Runner, execute_step
 from services.generation.engine.sampling import SamplingConfig, typical_filter
-from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.engine.scheduler import DecodeRow, ModelStep, PrefillChunk, SchedulerConfig
+from services.generation.loading import make_runner, start_engine
 from services.generation.server import start_generation_server
 
 
@@ -71,19 +74,44 @@ def assert_seeded_sampling_ignores_the_batch(engine: ContinuousBatchingEngine) -
     assert crowded == alone
 
 
+def assert_a_draft_scores_as_if_fed_token_by_token(new_runner: Callable[[], Runner]) -> None:
+    """The runner's side of speculative decoding: a row fed its token and a draft gets each position's logits
+    as one step per token would give them, and the draft tokens the sampler turns down leave no trace."""
+
+    def steps(*fed: tuple[DecodeRow, ...]) -> list[torch.Tensor]:
+        runner = new_runner()
+        execute_step(runner, ModelStep(0, prefill=PrefillChunk(0, 4, True, ((5, 6, 7, 8), (9, 10, 11)))))
+        return [execute_step(runner, ModelStep(i, decode=rows)) for i, rows in enumerate(fed, 1)]
+
+    def plain(*tokens: int) -> tuple[DecodeRow, ...]:
+        return tuple(DecodeRow(token) for token in tokens)
+
+    one_by_one = steps(plain(20, 30), plain(21, 31), plain(22, 32))
+    after_a_turned_down_token = steps(plain(20, 30), plain(21, 31), plain(40, 32))[-1]
+    # row 0 guesses 21, 22 after 20, row 1 guesses 31 after 30; then row 0's 22 is turned down for 40
+    drafted, corrected = steps(
+        (DecodeRow(20, (21, 22)), DecodeRow(30, (31,))), (DecodeRow(40, rejected=1), DecodeRow(32))
+    )
+    expected = torch.stack([one_by_one[0][0], one_by_one[1][0], one_by_one[2][0], one_by_one[0][1], one_by_one[1][1]])
+    torch.testing.assert_close(drafted, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(corrected, after_a_turned_down_token, rtol=1e-3, atol=1e-3)
+
+
+def test_a_draft_scores_as_if_fed_token_by_token(model):
+    assert_a_draft_scores_as_if_fed_token_by_token(lambda: make_runner(model))
+
+
 @pytest.mark.parametrize("prefill_chunk", [2048, 16])
 def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(model, prefill_chunk):
-    assert_greedy_tokens_ignore_the_batch(
-        ContinuousBatchingEngine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk))
-    )
+    assert_greedy_tokens_ignore_the_batch(start_engine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk)))
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model):
-    assert_seeded_sampling_ignores_the_batch(ContinuousBatchingEngine(model))
+    assert_seeded_sampling_ignores_the_batch(start_engine(model))
 
 
 def test_a_request_joins_a_running_batch_and_leaves_it_first(tiny_loaded):
-    engine = ContinuousBatchingEngine(tiny_loaded)
+    engine = start_engine(tiny_loaded)
     try:
         long_alone = run(engine, [9, 8, 7], max_new_tokens=120, ignore_eos=True)[0]
         short_alone = run(engine, [1, 2, 3, 4, 5, 6], max_new_tokens=5, ignore_eos=True)[0]
@@ -109,7 +137,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
 
 
 def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(tiny_loaded):
-    engine = ContinuousBatchingEngine(tiny_loaded)
+    engine = start_engine(tiny_loaded)
     try:
         keep = engine.submit(Request([1, 2, 3], SamplingConfig(max_new_tokens=400, ignore_eos=True)))
         drop = engine.submit(Request([4, 5, 6], SamplingConfig(max_new_tokens=400, ignore_eos=True)))
@@ -128,7 +156,7 @@ def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(tiny_loaded):
 
 
 def test_overload_is_refused_with_the_limit_it_hit(tiny_loaded):
-    engine = ContinuousBatchingEngine(
+    engine = start_engine(
         tiny_loaded, SchedulerConfig(max_batch_size=1, max_concurrent_requests=2, max_batch_total_tokens=100)
     )
     try:
@@ -145,7 +173,7 @@ def test_overload_is_refused_with_the_limit_it_hit(tiny_loaded):
 
 
 def test_queued_requests_report_their_wait(tiny_loaded):
-    engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_batch_size=1))
+    engine = start_engine(tiny_loaded, SchedulerConfig(max_batch_size=1))
     try:
         first = engine.submit(Request([1, 2], SamplingConfig(max_new_tokens=40, ignore_eos=True)))
         second = engine.submit(Request([3, 4], SamplingConfig(max_new_tokens=2, ignore_eos=True)))
@@ -174,7 +202,7 @@ def test_one_request_with_broken_logits_fails_alone(tiny_loaded):
         ),
         head.register_forward_hook(corrupt_rows_that_saw_the_poison),
     ]
-    engine = ContinuousBatchingEngine(tiny_loaded)
+    engine = start_engine(tiny_loaded)
     try:
         healthy_alone = run(engine, [3, 4, 5], max_new_tokens=12, ignore_eos=True)[0]
         broken = engine.submit(Request([3, poison, 5], SamplingConfig(max_new_tokens=12, ignore_eos=True)))
@@ -192,7 +220,7 @@ def test_one_request_with_broken_logits_fails_alone(tiny_loaded):
 
 
 def test_shutdown_finishes_running_requests_and_refuses_new_ones(tiny_loaded):
-    engine = ContinuousBatchingEngine(tiny_loaded)
+    engine = start_engine(tiny_loaded)
     request = engine.submit(Request([1, 2, 3], SamplingConfig(max_new_tokens=60, ignore_eos=True)))
     closer = threading.Thread(target=engine.shutdown, kwargs={"grace": 30})
     closer.start()
@@ -206,7 +234,7 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(tiny_loaded):
 
 @pytest.fixture
 def served(tiny_loaded):
-    engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_concurrent_requests=4))
+    engine = start_engine(tiny_loaded, SchedulerConfig(max_concurrent_requests=4))
     metrics_port = engine.metrics.serve("127.0.0.1:0")
     running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0")
     with grpc.insecure_channel(running.address) as channel:

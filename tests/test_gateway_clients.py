@@ -214,10 +214,10 @@ def roomy_gateway(tiny_loaded, retrieval_address):
     """A stack whose engine admits 128 requests (the default), so 64 callers never meet its limit."""
     from conftest import start_orchestrator
 
-    from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
-    engine = ContinuousBatchingEngine(tiny_loaded)
+    engine = start_engine(tiny_loaded)
     generation = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
     orchestrator = start_orchestrator(generation.address, retrieval_address)
     gateway = start_gateway(orchestrator.address, generation.address, retrieval_address)

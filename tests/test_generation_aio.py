@@ -24,11 +24,11 @@ LONG = 1000  # tokens a long stream asks for: far more than it makes before its 
 @pytest.fixture(scope="module")
 def served(tiny_loaded):
     """A generation server of this module's own, with room for every stream: (address, engine)."""
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
-    engine = ContinuousBatchingEngine(
+    engine = start_engine(
         tiny_loaded, SchedulerConfig(max_concurrent_requests=2 * STREAMS, prefix_cache_bytes=64 << 20)
     )
     running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)

@@ -186,14 +186,14 @@ def _chat_once(address: str, retrieval: bool = False) -> list[chat_pb2.ChatRespo
 
 
 def test_a_restarted_generation_is_used_as_soon_as_it_reports_serving(tiny_loaded):
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
     address = f"127.0.0.1:{free_port()}"
 
     def start():
-        engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_concurrent_requests=8))
+        engine = start_engine(tiny_loaded, SchedulerConfig(max_concurrent_requests=8))
         return engine, start_generation_server(tiny_loaded, engine, address)
 
     engine, generation = start()

@@ -16,6 +16,7 @@ import pytest
 from conftest import build_tiny_llama, start_orchestrator, wait_for
 from test_convert import loguru_follows_pytest_capture  # noqa: F401  (convert.main re-points loguru)
 from test_engine import (
+    assert_a_draft_scores_as_if_fed_token_by_token,
     assert_greedy_tokens_ignore_the_batch,
     assert_seeded_sampling_ignores_the_batch,
     random_prompts,
@@ -31,7 +32,7 @@ from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
-from services.generation.loading import load_model
+from services.generation.loading import load_model, make_runner, start_engine
 from services.generation.server import start_generation_server
 from training.gguf import hf_to_gguf
 
@@ -58,7 +59,7 @@ def hf_loaded(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def engine_for(loaded, **config) -> ContinuousBatchingEngine:
-    return ContinuousBatchingEngine(loaded, SchedulerConfig(**{"max_batch_total_tokens": 8192, **config}))
+    return start_engine(loaded, SchedulerConfig(**{"max_batch_total_tokens": 8192, **config}))
 
 
 def test_the_gguf_is_served_by_llama_cpp_with_its_own_description(gguf_loaded):
@@ -84,6 +85,12 @@ def test_greedy_tokens_match_the_transformers_runner_on_the_same_weights(gguf_lo
 @pytest.mark.parametrize("prefill_chunk", [2048, 16])
 def test_greedy_tokens_are_the_same_alone_or_in_a_batch_of_16(gguf_loaded, prefill_chunk):
     assert_greedy_tokens_ignore_the_batch(engine_for(gguf_loaded, max_prefill_tokens=prefill_chunk))
+
+
+def test_a_draft_scores_as_if_fed_token_by_token(gguf_loaded):
+    assert_a_draft_scores_as_if_fed_token_by_token(
+        lambda: make_runner(gguf_loaded, SchedulerConfig(max_batch_total_tokens=8192))
+    )
 
 
 def test_requests_join_and_leave_a_running_batch_without_changing_its_tokens(gguf_loaded):
@@ -231,7 +238,7 @@ def test_llamacpp_refuses_placements_it_cannot_honour(tiny_gguf: Path, tmp_path:
 
 @pytest.fixture(scope="module")
 def llamacpp_server(gguf_loaded):
-    engine = ContinuousBatchingEngine(
+    engine = start_engine(
         gguf_loaded,
         SchedulerConfig(max_concurrent_requests=128, max_batch_total_tokens=16384, prefix_cache_bytes=64 << 20),
     )

@@ -10,10 +10,9 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.registry import ModelRegistry
-from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.loading import Placement, load_model, parse_max_memory
+from services.generation.loading import Placement, load_model, parse_max_memory, start_engine
 
 
 def test_max_memory_reads_device_amount_pairs():
@@ -50,7 +49,7 @@ def test_a_device_mapped_model_generates_what_the_plain_one_does(tiny_model_dir,
     assert mapped.device == torch.device("cpu")  # where accelerate put the embeddings: inputs go there
     results = []
     for loaded in (tiny_loaded, mapped):
-        engine = ContinuousBatchingEngine(loaded)
+        engine = start_engine(loaded)
         try:
             request = engine.submit(Request([4, 5, 6], SamplingConfig(max_new_tokens=12, ignore_eos=True)))
             results.append([i for e in request.events(timeout=60) if isinstance(e, TokenChunk) for i in e.token_ids])

@@ -9,16 +9,18 @@ import threading
 import pytest
 
 from services.generation.engine.engine import ContinuousBatchingEngine
-from services.generation.engine.prefix_cache import EvictKV, KVStore, PrefixIndex, SplitKV, StoreKV, kv_bytes_per_token
+from services.generation.engine.prefix_cache import EvictKV, KVStore, PrefixIndex, SplitKV, StoreKV
 from services.generation.engine.request import Request, RequestStatus, TokenChunk
+from services.generation.engine.runners.transformers import kv_bytes_per_token
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.loading import start_engine
 
 CACHE = 1 << 26  # bytes: far more than these tests fill
 
 
 def engine_with(model, cache_bytes: int = CACHE, **config) -> ContinuousBatchingEngine:
-    return ContinuousBatchingEngine(model, SchedulerConfig(prefix_cache_bytes=cache_bytes, **config))
+    return start_engine(model, SchedulerConfig(prefix_cache_bytes=cache_bytes, **config))
 
 
 def submit_all(engine, cases: list[tuple[list[int], int]]) -> list[Request]:
@@ -94,7 +96,7 @@ def test_greedy_tokens_with_cache_hits_equal_a_cold_prefill_alone_and_in_a_batch
     rng = random.Random(7)
     system = random_tokens(rng, 24)
     cases = [(system + random_tokens(rng, rng.randrange(1, 30)), rng.randrange(5, 25)) for _ in range(16)]
-    cold, warm = ContinuousBatchingEngine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk)), None
+    cold, warm = start_engine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk)), None
     try:
         expected = one_by_one(cold, cases)
         warm = engine_with(model, max_prefill_tokens=prefill_chunk)
@@ -119,7 +121,7 @@ def test_a_reused_prefix_lands_at_another_column_and_batch_row_and_changes_nothi
         (short + random_tokens(rng, 12), 12),  # reuses ``short`` from row 1, after its own gap
         (random_tokens(rng, 3), 6),
     ]
-    cold, warm = ContinuousBatchingEngine(model), engine_with(model)
+    cold, warm = start_engine(model), engine_with(model)
     try:
         expected = one_by_one(cold, [first_turn, *batch])
         assert one_by_one(warm, [first_turn]) == expected[:1]
@@ -135,7 +137,7 @@ def test_a_reused_prefix_lands_at_another_column_and_batch_row_and_changes_nothi
 def test_the_next_turn_reuses_the_whole_previous_prompt_and_answer(model):
     rng = random.Random(11)
     prompt, answer_tokens = random_tokens(rng, 30), 12
-    warm, cold = engine_with(model), ContinuousBatchingEngine(model)
+    warm, cold = engine_with(model), start_engine(model)
     try:
         (answer,) = one_by_one(warm, [(prompt, answer_tokens)])
         second = prompt + answer + random_tokens(rng, 5)
@@ -152,7 +154,7 @@ def test_the_next_turn_reuses_the_whole_previous_prompt_and_answer(model):
 
 def test_a_cancelled_request_leaves_its_prefix_behind_and_the_output_stays_right(tiny_loaded):
     prompt = list(range(10, 40))
-    warm, cold = engine_with(tiny_loaded), ContinuousBatchingEngine(tiny_loaded)
+    warm, cold = engine_with(tiny_loaded), start_engine(tiny_loaded)
     try:
         (long,) = submit_all(warm, [(prompt, 500)])
         events = long.events(timeout=60)
@@ -173,7 +175,7 @@ def test_a_small_cache_evicts_and_stays_within_its_bytes(tiny_loaded):
     per_token = kv_bytes_per_token(tiny_loaded.model.config, tiny_loaded.model.dtype)
     rng = random.Random(5)
     cases = [(random_tokens(rng, 40), 8) for _ in range(12)]
-    warm, cold = engine_with(tiny_loaded, cache_bytes=100 * per_token), ContinuousBatchingEngine(tiny_loaded)
+    warm, cold = engine_with(tiny_loaded, cache_bytes=100 * per_token), start_engine(tiny_loaded)
     try:
         got = one_by_one(warm, cases + cases[-1:])
         expected = one_by_one(cold, cases + cases[-1:])
@@ -195,7 +197,7 @@ def test_concurrent_turns_of_many_conversations_match_the_cold_engine(tiny_llama
     rng = random.Random(21)
     systems = [random_tokens(rng, 10) for _ in range(8)]
     asks = [[random_tokens(rng, rng.randrange(2, 8)) for _ in range(4)] for _ in range(8)]
-    warm, cold = engine_with(tiny_llama, max_prefill_tokens=32), ContinuousBatchingEngine(tiny_llama)
+    warm, cold = engine_with(tiny_llama, max_prefill_tokens=32), start_engine(tiny_llama)
     results: dict[tuple[str, int], list[list[int]]] = {}
 
     def talk(engine, name: str, which: int) -> None:

@@ -15,12 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.registry import ModelRegistry
-from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.host import ModelHost
-from services.generation.loading import load_model
+from services.generation.loading import load_model, start_engine
 from services.generation.server import serve_model_host
 
 STREAMS = 16
@@ -55,7 +54,7 @@ def registry(tiny_model_dir: Path, tmp_path_factory) -> ModelRegistry:
 class Served:
     def __init__(self, registry: ModelRegistry, load=None) -> None:
         loaded = load_model("tiny:1", registry)
-        engine = ContinuousBatchingEngine(loaded, SchedulerConfig(max_concurrent_requests=64))
+        engine = start_engine(loaded, SchedulerConfig(max_concurrent_requests=64))
         self.host = ModelHost(loaded, engine, registry, load=load or (lambda spec: load_model(spec, registry)))
         self.running = serve_model_host(self.host, "127.0.0.1:0")
         self.channel = grpc.insecure_channel(self.running.address)
@@ -83,7 +82,7 @@ def prompts() -> list[list[int]]:
 def greedy_alone(spec: str, registry: ModelRegistry, prompt_ids: list[list[int]]) -> list[list[int]]:
     """What ``spec`` alone produces for each prompt: its own engine, no swap (greedy tokens do not depend on the
     batch, as test_engine checks, so the prompts run together)."""
-    engine = ContinuousBatchingEngine(load_model(spec, registry))
+    engine = start_engine(load_model(spec, registry))
     try:
         config = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
         requests = [engine.submit(Request(ids, config)) for ids in prompt_ids]

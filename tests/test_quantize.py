@@ -7,10 +7,9 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.registry import ModelRegistry
-from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.loading import DEFAULT_MODEL, Placement, load_model
+from services.generation.loading import DEFAULT_MODEL, Placement, load_model, start_engine
 from services.generation.quantize import Int8Linear
 
 
@@ -43,7 +42,7 @@ def test_the_int8_tiny_model_keeps_float32s_next_tokens_and_serves_through_the_e
         logits = quantized.model(prompts).logits[:, -1].float()
     error = (logits - reference).abs().max() / reference.abs().max()
     assert error < 0.05, f"int8 logits are {error:.1%} off float32's"
-    engine = ContinuousBatchingEngine(quantized)
+    engine = start_engine(quantized)
     try:
         request = engine.submit(Request([5, 6, 7, 8], SamplingConfig(max_new_tokens=12, ignore_eos=True)))
         tokens = [i for e in request.events(timeout=60) if isinstance(e, TokenChunk) for i in e.token_ids]

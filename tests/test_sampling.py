@@ -62,3 +62,29 @@ def test_logprobs_are_the_models_own_and_list_the_top_alternatives():
     assert row.token_id == tokens[3]
     assert row.logprob == float(logits[3].log_softmax(-1)[tokens[3]])
     assert [t for t, _ in row.top] == logits[3].topk(2).indices.tolist()
+
+
+def test_a_row_mask_leaves_only_its_tokens_to_every_transform_after_it():
+    allowed = {4, 17, 30}
+
+    def mask(output: list[int]) -> torch.Tensor:
+        assert output == [3, 3]  # the row's own output so far, as a grammar would walk it
+        return torch.isin(torch.arange(VOCAB), torch.tensor(sorted(allowed)))
+
+    torch.manual_seed(3)
+    logits = torch.randn(len(CONFIGS), VOCAB) * 3
+    logits[:, 9] = 50.0  # a forbidden favourite every unmasked row takes, whatever its parameters
+    best_allowed = max(allowed, key=lambda token: float(logits[0, token]))
+    top1 = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1, seed=4)
+    for seed in range(30):
+        masked = [RowSampling(c, [1, 2, 3, 3], [3, 3], torch.Generator().manual_seed(seed), mask) for c in CONFIGS]
+        tokens, logprobs = sample_batch(logits, masked)
+        assert set(tokens) <= allowed, f"seed {seed}: {tokens}"
+        assert logprobs[3].logprob > -1e9 and {t for t, _ in logprobs[3].top} <= allowed
+        # top-k runs after the mask: its one token is the best allowed one, not the forbidden favourite
+        (greedy, best), _ = sample_batch(
+            logits[[0, 0]], [masked[0], RowSampling(top1, [], [3, 3], torch.Generator(), mask)]
+        )
+        assert greedy == best == best_allowed
+    assert sample_batch(logits, rows())[0][0] == 9  # unmasked, the favourite wins
+    assert not masked[0].plain_greedy  # so the engine's argmax shortcut never skips a mask

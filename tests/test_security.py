@@ -104,15 +104,15 @@ def server_security(certs: Certs, **overrides: Any) -> ServerSecurity:
 @pytest.fixture(scope="module")
 def stack(certs: Certs, tiny_loaded, embedder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The three services, each with TLS and tokens; the orchestrator calls its backends over TLS with its token."""
-    from services.generation.engine.engine import ContinuousBatchingEngine
     from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
     from services.orchestrator.server import start_chat_server
     from services.retrieval.index import create_index, load_index
     from services.retrieval.retriever import Retriever
     from services.retrieval.server import start_retrieval_server
 
-    engine = ContinuousBatchingEngine(tiny_loaded, SchedulerConfig(max_concurrent_requests=8))
+    engine = start_engine(tiny_loaded, SchedulerConfig(max_concurrent_requests=8))
     generation = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", 8, security=server_security(certs))
     folder = create_index(tmp_path_factory.mktemp("indexes") / "secure", embedder.name, embedder.dimension)
     retriever = Retriever(embedder, load_index(folder, writable=True))

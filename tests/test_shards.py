@@ -23,10 +23,9 @@ from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.errors import FailedPrecondition
 from services.common.registry import ModelRegistry
 from services.common.server import free_port
-from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.loading import load_model
+from services.generation.loading import load_model, start_engine
 from services.generation.shards import check_shardable
 
 SHARD_TIMEOUT = 10
@@ -93,7 +92,7 @@ def generate(stub, prompt: list[int], new_tokens: int, **params):
 
 def one_rank_tokens(folder: Path, registry: Path) -> list[list[int]]:
     """Each case alone on an ordinary single-process engine."""
-    engine = ContinuousBatchingEngine(load_model(str(folder), ModelRegistry(registry)))
+    engine = start_engine(load_model(str(folder), ModelRegistry(registry)))
     try:
         results = []
         for prompt, new_tokens, extra in CASES:

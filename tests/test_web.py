@@ -520,7 +520,7 @@ def test_an_empty_answer_says_so_and_can_be_regenerated(page: Page, generation_a
 
 def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Page, tiny_loaded, retrieval_address: str):
     from services.common.server import free_port
-    from services.generation.engine.engine import ContinuousBatchingEngine
+    from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
     generation = f"127.0.0.1:{free_port()}"
@@ -538,7 +538,7 @@ def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Pag
         expect(last_answer(page).locator(".message-state.error")).to_contain_text("generation")
         screenshot(page, "web-backend-down.png")
 
-        engine = ContinuousBatchingEngine(tiny_loaded)
+        engine = start_engine(tiny_loaded)
         running = start_generation_server(tiny_loaded, engine, generation, default_max_new_tokens=16)
         expect(banner).to_be_hidden(timeout=30_000)
         served = f"{tiny_loaded.name}:{tiny_loaded.version}" if tiny_loaded.version else tiny_loaded.name

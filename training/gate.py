@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Request, TokenChunk
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.loading import LoadedModel
+from services.generation.loading import LoadedModel, start_engine
 from training.data import load_packed
 from training.model import loss_metrics, packed_loss
 
@@ -91,7 +90,7 @@ def read_questions(path: Path) -> list[tuple[str, list[str]]]:
 
 def question_score(loaded: LoadedModel, questions: list[tuple[str, list[str]]]) -> float:
     """Share of questions whose greedy answer (through the serving engine) holds every expected word."""
-    engine = ContinuousBatchingEngine(loaded)
+    engine = start_engine(loaded)
     try:
         requests = [
             engine.submit(Request(_prompt_ids(loaded, question), SamplingConfig(max_new_tokens=QUESTION_TOKENS)))

@@ -227,7 +227,7 @@ def load_weights(llama_cpp: Any, path: Path) -> Any:
     llama.cpp refuses the file."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
-    params.use_extra_bufts = False  # as the runner loads it (services/generation/engine/llamacpp.py)
+    params.use_extra_bufts = False  # as the runner loads it (services/generation/engine/runners/llamacpp.py)
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise GGUFError(f"llama.cpp could not load {path}")

@@ -30,7 +30,6 @@ from services.common.security import (
     server_security_or_exit,
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
-from services.generation.engine.batch import ModelRunner
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
@@ -40,9 +39,11 @@ from services.generation.loading import (
     Placement,
     check_can_shard,
     load_model,
+    make_runner,
     parse_max_memory,
     prepare_default,
     resolve_device,
+    runner_kind,
 )
 from services.generation.metrics import GenerationMetrics
 from services.generation.server import serve_model_host
@@ -182,11 +183,6 @@ def serve(
     security = server_security_or_exit(
         address, tls_cert, tls_key, tls_client_ca, tokens_file, insecure, reflection, health_address
     )
-    if runner == "llamacpp":
-        # torch only samples here; its own OpenMP pool spinning beside llama.cpp's would take its cores
-        torch.set_num_threads(1)
-    elif threads > 0:
-        torch.set_num_threads(threads)
     registry = ModelRegistry(layout.models)
     try:
         placement = Placement(
@@ -197,14 +193,15 @@ def serve(
             raise FailedPrecondition(f"--num-shard must be at least 1, got {num_shard}")
         if num_shard > 1:
             check_can_shard(model, registry, num_shard)
-        if runner == "llamacpp" and (num_shard > 1 or device_map or quantize):
-            raise FailedPrecondition(
-                "--runner llamacpp runs the GGUF's own quantization in one process: drop --num-shard, --device-map"
-                " and --quantize"
-            )
+        kind = runner_kind(runner, placement)
     except ServiceError as error:
         logger.error("cannot serve {}: {}", model, error)
         raise typer.Exit(2) from None
+    if kind.own_threads:
+        # torch only samples here; its own OpenMP pool spinning beside the runner's would take its cores
+        torch.set_num_threads(1)
+    elif threads > 0:
+        torch.set_num_threads(threads)
     metrics = GenerationMetrics()
     if metrics_address:  # bound before the model loads, so a taken port fails in a second, not a minute
         try:
@@ -281,12 +278,13 @@ def _serve_loaded(
         loaded.dtype,
         loaded.device,
     )
-    execute = group.executor(loaded) if group is not None else None
     try:
-        engine = ContinuousBatchingEngine(loaded, config, metrics, execute=execute)
+        runner = make_runner(loaded, config)
     except ServiceError as error:  # llama.cpp could not make its context (too large for memory)
         logger.error("cannot serve {}: {}", loaded.name, error)
         raise typer.Exit(2) from None
+    execute = group.executor(runner) if group is not None else None
+    engine = ContinuousBatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids, config, metrics, execute=execute)
     host = ModelHost(loaded, engine, registry, load=load, drain_seconds=drain_seconds)
     try:
         running = serve_model_host(host, serve.address, serve.max_new_tokens, serve.limits, serve.security)
@@ -320,7 +318,7 @@ def shard(
         loaded = load_model(
             model, ModelRegistry(layout.models), device, dtype, "", Placement(spec.world_size, spec.rank)
         )
-        follow_rank0(ModelRunner(loaded.model, loaded.pad_token_id, loaded.device))
+        follow_rank0(make_runner(loaded))
     except Exception as error:
         logger.error("rank {} stops: {}: {}", spec.rank, type(error).__name__, error)
         raise typer.Exit(1) from None

@@ -27,7 +27,7 @@ from services.common.registry import ModelRegistry, Promotion
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.loading import LoadedModel
+from services.generation.loading import LoadedModel, start_engine
 from services.generation.metrics import GenerationMetrics
 
 WARMUP_PROMPT = "Hello"
@@ -228,7 +228,7 @@ class ModelHost:
         loaded = self._load_model(spec)
         label = model_label(loaded)
         job.emit(SwapProgress("warming", f"warming {label} with a short generation", 0.7, label, previous))
-        engine = ContinuousBatchingEngine(loaded, self._engine_config, self.metrics)
+        engine = start_engine(loaded, self._engine_config, self.metrics)
         try:
             _warm_up(loaded, engine)
         except BaseException:

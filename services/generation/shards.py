@@ -7,9 +7,9 @@ q/k/v and up projections, row-wise output projections, an all-reduce after each 
 torch.distributed: nccl with one GPU per rank on CUDA, gloo on CPU.
 
 Rank 0 owns gRPC, the scheduler and sampling. Each step it broadcasts the scheduler's ``ModelStep``
-(plain data) and every rank runs it on its own ``ModelRunner``, so all apply the same cache operations to
-their shard of the KV cache and meet in the same all-reduces. While idle, rank 0 broadcasts a heartbeat,
-so every collective, idle or not, has a deadline: a rank that dies or hangs ends the service within
+(plain data) and every rank runs it on its own runner (``execute_step``), so all apply the same cache
+operations to their shard of the KV cache and meet in the same all-reduces. While idle, rank 0 broadcasts a
+heartbeat, so every collective, idle or not, has a deadline: a rank that dies or hangs ends the service within
 ``timeout`` seconds instead of leaving it hanging.
 """
 
@@ -30,7 +30,7 @@ from loguru import logger
 
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.server import free_port
-from services.generation.engine.batch import ModelRunner
+from services.generation.engine.runner import Runner, execute_step
 from services.generation.engine.scheduler import ModelStep
 
 JOIN_TIMEOUT = 300.0  # seconds for every rank to start and join the group
@@ -129,7 +129,7 @@ def _broadcast(step: ModelStep | None) -> ModelStep:
 class ShardedExecutor:
     """Rank 0's side: broadcasts each step, then runs it on its own shard. Called by the engine."""
 
-    def __init__(self, runner: ModelRunner, timeout: float, on_failure: Callable[[BaseException], None]) -> None:
+    def __init__(self, runner: Runner, timeout: float, on_failure: Callable[[BaseException], None]) -> None:
         self.runner = runner
         self.timeout = timeout
         self.on_failure = on_failure
@@ -146,7 +146,7 @@ class ShardedExecutor:
                 raise self.failure
             try:
                 _broadcast(step)
-                logits = self.runner.execute(step)
+                logits = execute_step(self.runner, step)
             except Exception as error:
                 raise self._fail(error) from error
             self._last = time.monotonic()
@@ -187,7 +187,7 @@ class ShardedExecutor:
         return self.failure
 
 
-def follow_rank0(runner: ModelRunner) -> None:
+def follow_rank0(runner: Runner) -> None:
     """Ranks 1..N-1: run every step rank 0 broadcasts until it says stop. Raises when rank 0 is gone
     (the broadcast fails or times out) or a step fails, so the process exits non-zero."""
     steps = 0
@@ -197,7 +197,7 @@ def follow_rank0(runner: ModelRunner) -> None:
             logger.info("rank {} stops after {} steps", dist.get_rank(), steps)
             return
         if step.step >= 0:
-            runner.execute(step)
+            execute_step(runner, step)
             steps += 1
 
 
@@ -226,8 +226,8 @@ class ShardGroup:
             raise
         return group
 
-    def executor(self, loaded) -> ShardedExecutor:
-        runner = ModelRunner(loaded.model, loaded.pad_token_id, loaded.device)
+    def executor(self, runner: Runner) -> ShardedExecutor:
+        """Rank 0's ``execute`` for the engine: ``runner`` holds this rank's shard."""
         self._executor = ShardedExecutor(runner, self.timeout, self._failed)
         return self._executor
 

@@ -2,7 +2,7 @@
 moment they finish or are cancelled; nobody waits for another request to finish.
 
 One worker thread runs the loop, one step at a time: the scheduler plans the step
-(``schedule``), the model runs it (``ModelRunner.execute``, on every rank when sharded), the whole
+(``schedule``), the runner runs it (``execute_step``, on every rank when sharded), the whole
 batch is sampled at once (``sample_batch``), and the scheduler applies the tokens
 (``update_from_output``) while the engine streams them. Requests talk to the engine only through
 ``submit`` and their own event queue.
@@ -11,6 +11,7 @@ batch is sampled at once (``sample_batch``), and the scheduler applies the token
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import threading
 import time
@@ -19,14 +20,15 @@ from dataclasses import dataclass
 
 import torch
 from loguru import logger
+from transformers import PreTrainedTokenizerBase
 
 from services.common.errors import Unavailable
 from services.generation.engine.prefix_cache import PrefixStats
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
+from services.generation.engine.runner import Runner, execute_step
 from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
 from services.generation.engine.scheduler import ContinuousBatchScheduler, ModelStep, SchedulerConfig, SchedulerOutput
 from services.generation.engine.text import IncrementalDetokenizer, StopSequenceMatcher
-from services.generation.loading import LoadedModel
 from services.generation.metrics import GenerationMetrics
 
 StepExecutor = Callable[[ModelStep], "torch.Tensor | None"]
@@ -44,28 +46,31 @@ class RowState:
 class ContinuousBatchingEngine:
     def __init__(
         self,
-        loaded: LoadedModel,
+        runner: Runner,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_ids: frozenset[int],
         config: SchedulerConfig | None = None,
         metrics: GenerationMetrics | None = None,
         execute: StepExecutor | None = None,
     ) -> None:
-        """``execute`` runs one ``ModelStep`` and returns its logits; by default the loaded model's runner in
-        this process (``ModelRunner``, or ``LlamaCppRunner`` for a GGUF in llama.cpp; tensor parallelism
-        passes one that drives every rank)."""
-        self.loaded = loaded
+        """``stop_ids`` end a row (the model's end-of-sequence tokens); ``tokenizer`` turns tokens into the
+        streamed text. ``execute`` runs one ``ModelStep`` and returns its logits: by default ``runner`` in this
+        process; tensor parallelism passes one that sends the step to every rank first."""
+        self.runner = runner
+        self.tokenizer = tokenizer
         self.config = config or SchedulerConfig()
-        self._kv_bytes_per_token = loaded.kv_bytes_per_token
-        self.runner = loaded.make_runner(self.config)
+        memory = runner.memory()
+        self._kv_bytes_per_token = memory.kv_bytes_per_token
         self.scheduler = ContinuousBatchScheduler(
             self.config,
-            loaded.eos_token_ids,
-            self._kv_bytes_per_token,
-            free_row_drops=self.runner.frees_rows_at_no_cost,
-            max_prefix_nodes=self.runner.max_nodes,
-            max_prefix_tokens=self.runner.max_cached_tokens,
+            stop_ids,
+            memory.kv_bytes_per_token,
+            free_row_drops=memory.free_row_drops,
+            max_prefix_nodes=memory.max_prefix_nodes,
+            max_prefix_tokens=memory.max_prefix_tokens,
         )
         self.metrics = metrics or GenerationMetrics()
-        self._execute = execute or self.runner.execute
+        self._execute = execute or functools.partial(execute_step, runner)
         self._published = PrefixStats()
         self.metrics.prefix_cache_capacity_bytes.set(self.scheduler.prefix.capacity * self._kv_bytes_per_token)
         self._wakeup = threading.Condition()
@@ -201,7 +206,7 @@ class ContinuousBatchingEngine:
             sampling=RowSampling(
                 request.config, list(request.prompt_ids), request.output_ids, torch.Generator().manual_seed(seed)
             ),
-            detokenizer=IncrementalDetokenizer(self.loaded.tokenizer),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
             stops=StopSequenceMatcher(request.config.stop),
         )
         self.metrics.queue_time.observe(time.monotonic() - request.arrived)
@@ -216,10 +221,10 @@ class ContinuousBatchingEngine:
             for request in [r for r, bad in zip(requests, broken.tolist(), strict=True) if bad]:
                 if not request.status.finished:
                     self._finish(request, RequestStatus.FINISHED_ERROR, error="the model produced NaN or inf logits")
-        if all(r.config.plain_greedy for r in requests):
+        rows = [self._rows[id(r)].sampling if id(r) in self._rows else _finished_row(r) for r in requests]
+        if all(row.plain_greedy for row in rows):
             tokens = logits.argmax(dim=-1).tolist()
             return tokens, [None] * len(tokens)
-        rows = [self._rows[id(r)].sampling if id(r) in self._rows else _finished_row(r) for r in requests]
         return sample_batch(logits, rows)
 
     def _stream(self, request: Request, token: int, logprob: TokenLogprob | None, finished: bool) -> None:

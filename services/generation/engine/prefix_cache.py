@@ -7,8 +7,8 @@ Two halves, so that tensor-parallel ranks agree by construction:
   tokens a new request reuses, which new KV is kept and what is evicted (least recently used leaves first,
   bounded by a number of tokens), and writes each decision down as plain data (``CacheOp``s) that travel
   in the step.
-- ``KVStore`` (every rank, in its ``ModelRunner``) holds the tensors of each tree node and applies those
-  operations to its own shard; it decides nothing.
+- ``KVStore`` (every rank, in its transformers runner) holds the tensors of each tree node and applies those
+  operations to its own shard; it decides nothing. (llama.cpp's runner keeps a node as a sequence instead.)
 
 Why a radix tree and not vLLM's hashed blocks: our KV lives in one contiguous left-padded cache rather than
 in fixed blocks, so block granularity buys nothing here, and a tree matches to the token. A chat turn's
@@ -234,13 +234,3 @@ class KVStore:
 
     def clear(self) -> None:
         self.nodes.clear()
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one token holds across the whole model (all ranks together)."""
-    text = getattr(config, "text_config", None) or config
-    layers = text.num_hidden_layers
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

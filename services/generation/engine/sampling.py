@@ -8,6 +8,7 @@ seed, a request samples the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,14 +58,24 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+LogitsMask = Callable[[list[int]], torch.Tensor]  # a row's output so far -> (vocab,) bool: the tokens it may take
+
+
 @dataclass
 class RowSampling:
-    """What sampling needs of one row: its parameters, its history and its random stream."""
+    """What sampling needs of one row: its parameters, its history, its random stream, and the tokens it may
+    take next when something above the model restricts them (a grammar)."""
 
     config: SamplingConfig
     seen: list[int]  # prompt + output, for the repetition penalty
     output: list[int]  # output so far, for frequency and presence penalties
     generator: torch.Generator
+    logits_mask: LogitsMask | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Nothing but the argmax of the model's logits chooses this row's token."""
+        return self.config.plain_greedy and self.logits_mask is None
 
 
 def token_mask(rows: list[list[int]], vocab: int, device: torch.device | None = None) -> torch.Tensor:
@@ -83,6 +94,16 @@ def token_counts(rows: list[list[int]], vocab: int, device: torch.device | None 
     token_index = torch.tensor([i for ids in rows for i in ids], dtype=torch.long, device=device)
     counts.index_put_((row_index, token_index), torch.ones(len(token_index), device=device), accumulate=True)
     return counts
+
+
+def apply_logits_masks(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Each masked row's forbidden tokens get -inf before any other transform sees the logits, so penalties,
+    temperature and top-k/p work on the tokens the row may take, and its logprobs are those of what it may take."""
+    if all(row.logits_mask is None for row in rows):
+        return logits
+    anything = torch.ones(logits.size(-1), dtype=torch.bool, device=logits.device)
+    allowed = [row.logits_mask(row.output).to(logits.device) if row.logits_mask else anything for row in rows]
+    return logits.masked_fill(~torch.stack(allowed), float("-inf"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -142,7 +163,7 @@ def logits_to_probs(
 def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
     """Chooses every row's next token from ``logits`` (rows, vocab) at once; returns the tokens and,
     for the rows that asked, their logprobs."""
-    logits = logits.float()
+    logits = apply_logits_masks(logits.float(), rows)
     configs = [row.config for row in rows]
     vocab, device = logits.size(-1), logits.device
 

@@ -48,23 +48,38 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class DecodeRow:
+    """One running row's part of a step: ``token`` is fed, then ``draft``, a guess at the tokens after it
+    (speculative decoding; empty: one token), every one of them scored. ``rejected``: how many of the last
+    step's draft tokens the sampler turned down; their KV leaves the row first."""
+
+    token: int
+    draft: tuple[int, ...] = ()
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
 class ModelStep:
     """What every rank's model does this step, in this order: apply ``cache_ops`` to the prefix cache
     (they read rows of the batch as the last step left it), keep only rows ``keep`` of the running batch
-    (None: all stay), feed each remaining row its token in ``decode_tokens`` (empty: no decode), run
-    ``prefill`` (None: none). Logits come back for the decoding rows, then, if the chunk is the group's
+    (None: all stay), feed each remaining row its ``decode`` entry (empty: no decode), run ``prefill``
+    (None: none). Logits come back for the decoding rows' positions, then, if the chunk is the group's
     last, for the group's rows."""
 
     step: int
     keep: tuple[int, ...] | None = None
-    decode_tokens: tuple[int, ...] = ()
+    decode: tuple[DecodeRow, ...] = ()
     prefill: PrefillChunk | None = None
     stop: bool = False  # the service is going away: ranks leave their loop
     cache_ops: tuple[CacheOp, ...] = ()
 
     @property
+    def decode_tokens(self) -> tuple[int, ...]:
+        return tuple(row.token for row in self.decode)
+
+    @property
     def idle(self) -> bool:
-        return not self.decode_tokens and self.prefill is None and not self.cache_ops
+        return not self.decode and self.prefill is None and not self.cache_ops
 
 
 @dataclass
@@ -188,8 +203,8 @@ class ContinuousBatchScheduler:
                     if stopped(request):
                         self._kept.pop(id(request), None)
                 self.batch = [self.batch[row] for row in live]
-        decode_tokens = tuple(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1] for r in self.batch)
-        model = ModelStep(self._steps, keep, decode_tokens, prefill, cache_ops=cache_ops)
+        decode = tuple(DecodeRow(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1]) for r in self.batch)
+        model = ModelStep(self._steps, keep, decode, prefill, cache_ops=cache_ops)
         group = self.prefilling.requests if self.prefilling else []
         # logits come back for every decoding row, then for the group's rows when its last chunk runs
         rows = [*self.batch, *(group if prefill is not None and prefill.last else [])]

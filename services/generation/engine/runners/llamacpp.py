@@ -1,12 +1,12 @@
-"""The llama.cpp runner: the same ``ModelStep`` as ``ModelRunner`` runs, executed by llama.cpp on a GGUF file.
+"""The llama.cpp runner: the same ``ModelStep`` as the transformers runner runs, executed by llama.cpp on a GGUF file.
 
 Our scheduler still decides everything (who joins, chunked prefills, who leaves, what the prefix cache
 keeps) and sampling, stop sequences and streaming stay ours; only the model call moves into llama.cpp,
 through llama-cpp-python's low-level bindings (``llama_batch``, ``llama_decode``, the memory's ``seq_*``):
 
 - every batch row is a llama.cpp sequence id; a step is one ``llama_batch`` holding each decoding row's
-  token and the prefill chunk's tokens, each tagged with its row's sequence, and logits are asked only for
-  the tokens whose next token is sampled;
+  token (and draft) and the prefill chunk's tokens, each tagged with its row's sequence, and logits are asked
+  only for the tokens whose next token is sampled;
 - llama.cpp keeps each sequence's KV in one unified cache, so nothing is padded: a row leaving is
   ``seq_rm`` and costs nothing (the scheduler drops finished rows at once for this runner);
 - the prefix cache's decisions (``StoreKV``/``SplitKV``/``EvictKV``) become sequence ids of their own: a
@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,9 @@ import torch
 from loguru import logger
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
-from services.generation.engine.prefix_cache import EvictKV, SplitKV, StoreKV
-from services.generation.engine.scheduler import ModelStep, SchedulerConfig
+from services.generation.engine.prefix_cache import CacheOp, EvictKV, SplitKV, StoreKV
+from services.generation.engine.runner import RunnerMemory
+from services.generation.engine.scheduler import DecodeRow, PrefillChunk, SchedulerConfig
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time cap on sequence ids (LLAMA_MAX_SEQ in llama-cparams.h)
 # Every cell in use costs every step: llama.cpp's attention walks the pool's used range for each token,
@@ -173,16 +175,16 @@ class _Slots:
 
 
 class LlamaCppRunner:
-    """Runs one ``ModelStep`` in llama.cpp; the interface and the guarantees of ``ModelRunner``."""
+    """Runs steps in llama.cpp: one context (KV cells and sequence ids) per engine, over a loaded GGUF."""
 
-    frees_rows_at_no_cost = True  # the scheduler drops a finished row at once: seq_rm copies nothing
     # sequence ids left for prefix-cache nodes once every batch row has one (and a split's new node)
     reserved_sequences = 2
 
-    def __init__(self, model: LlamaCppModel, config: SchedulerConfig, cache_tokens: int, threads: int = 0) -> None:
+    def __init__(self, model: LlamaCppModel, config: SchedulerConfig, threads: int = 0) -> None:
         llama = self._llama = model._llama
         self.model = model
         self.max_nodes = max(0, LLAMA_MAX_SEQ - config.max_batch_size - self.reserved_sequences)
+        cache_tokens = config.prefix_cache_bytes // model.kv_bytes_per_token
         self.max_cached_tokens = cache_tokens = min(cache_tokens, MAX_CACHED_TOKENS)
         # tokens one step may feed; llama.cpp aborts (no error return) on a context whose batch is smaller
         # than its sequence count, so never below LLAMA_MAX_SEQ
@@ -203,7 +205,7 @@ class LlamaCppRunner:
                 f"llama.cpp could not make a context of {params.n_ctx} tokens for {model.path}: {said}"
                 " (lower --max-batch-total-tokens or --prefix-cache-bytes)"
             )
-        self.memory = llama.llama_get_memory(self.context)
+        self.kv = llama.llama_get_memory(self.context)
         self.batch = llama.llama_batch_init(self.capacity, 0, 1)
         self.kv_cells = int(params.n_ctx)
         logger.info(
@@ -223,49 +225,56 @@ class LlamaCppRunner:
         self.joining: list[_Joining] = []
         self.nodes: dict[int, _Span] = {}  # prefix-cache node id -> where its KV is
 
-    def execute(self, step: ModelStep) -> torch.Tensor | None:
-        """Applies ``step``; returns logits (decoding rows, then a completed group's rows) or None."""
-        for op in step.cache_ops:
+    def memory(self) -> RunnerMemory:
+        # a row leaving is seq_rm, which copies nothing: the scheduler drops finished rows at once
+        return RunnerMemory(self.model.kv_bytes_per_token, True, self.max_nodes, self.max_cached_tokens)
+
+    def apply_cache_ops(self, ops: Sequence[CacheOp]) -> None:
+        for op in ops:
             self._apply(op)
-        if step.keep is not None:
-            kept = set(step.keep)
-            for row, seq in enumerate(self.rows):
-                if row not in kept:
-                    self._drop(seq)
-            self.rows = [self.rows[row] for row in step.keep]
-        assert len(self.rows) == len(step.decode_tokens) or not step.decode_tokens, "rows out of step"
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        kept = set(rows)
+        for row, seq in enumerate(self.rows):
+            if row not in kept:
+                self._drop(seq)
+        self.rows = [self.rows[row] for row in rows]
+
+    def forward(self, decode: Sequence[DecodeRow], prefill: PrefillChunk | None) -> torch.Tensor | None:
+        assert len(self.rows) == len(decode) or not decode, "rows out of step"
         fed, outputs = 0, 0
-        for seq, token in zip(self.rows, step.decode_tokens, strict=False):
-            self._add(fed, token, seq, logits=True)
-            fed, outputs = fed + 1, outputs + 1
-        chunk = step.prefill
-        if chunk is not None:
-            if chunk.prompts:
-                self._start_group(chunk)
+        for seq, row in zip(self.rows, decode, strict=False):
+            if row.rejected:
+                self._forget_last(seq, row.rejected)
+            for token in (row.token, *row.draft):
+                self._add(fed, token, seq, logits=True)
+                fed, outputs = fed + 1, outputs + 1
+        if prefill is not None:
+            if prefill.prompts:
+                self._start_group(prefill)
             for row in self.joining:
-                for column in range(max(chunk.start, row.first_column), chunk.end):
-                    last = chunk.last and column == chunk.end - 1  # the prompt's last token: its logits are sampled
+                for column in range(max(prefill.start, row.first_column), prefill.end):
+                    last = prefill.last and column == prefill.end - 1  # the prompt's last token: its logits are sampled
                     self._add(fed, row.tokens[column - row.first_column], row.seq, logits=last)
                     fed, outputs = fed + 1, outputs + last
         if fed == 0:
             return None
         self._decode(fed)
         logits = self._logits(outputs)
-        if chunk is not None and chunk.last:
+        if prefill is not None and prefill.last:
             self.rows += [row.seq for row in self.joining]
             self.joining = []
         return logits
 
     def reset(self) -> None:
-        """Forgets every row and the prefix cache (after a failed step; the scheduler forgets its index)."""
-        self._llama.llama_memory_clear(self.memory, True)
+        self._llama.llama_memory_clear(self.kv, True)
         self._reset_state()
 
     # -- the steps -------------------------------------------------------------------------------------
 
     def _apply(self, op) -> None:
         """One prefix-cache decision: a node's KV is a sequence of its own, sharing its row's cells."""
-        llama, memory = self._llama, self.memory
+        llama, memory = self._llama, self.kv
         if isinstance(op, StoreKV):
             seq = self.slots.take()
             llama.llama_memory_seq_cp(memory, self.rows[op.row], seq, op.start, op.end)
@@ -297,12 +306,14 @@ class LlamaCppRunner:
             if used is not None:
                 for node, tokens in used.segments:
                     span = self.nodes[node]
-                    self._llama.llama_memory_seq_cp(self.memory, span.seq, seq, span.start, span.start + tokens)
+                    self._llama.llama_memory_seq_cp(self.kv, span.seq, seq, span.start, span.start + tokens)
             rest = list(prompt[taken:])
             self.joining.append(_Joining(seq, rest, width - len(rest), taken))
             self.lengths[seq] = taken
 
     def _add(self, index: int, token: int, seq: int, logits: bool) -> None:
+        if index >= self.capacity:  # llama_batch_init's arrays end there: never write past them
+            raise ResourceExhausted(f"a step fed more than the {self.capacity} tokens llama.cpp's batch holds")
         batch = self.batch
         batch.token[index] = token
         batch.pos[index] = self.lengths[seq]
@@ -330,8 +341,12 @@ class LlamaCppRunner:
         array = np.ctypeslib.as_array(pointer, shape=(rows, self.model.vocab_size))
         return torch.from_numpy(array.copy())
 
+    def _forget_last(self, seq: int, tokens: int) -> None:
+        self.lengths[seq] -= tokens
+        self._llama.llama_memory_seq_rm(self.kv, seq, self.lengths[seq], -1)
+
     def _drop(self, seq: int) -> None:
-        self._llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self._llama.llama_memory_seq_rm(self.kv, seq, -1, -1)
         self.lengths.pop(seq, None)
         self.slots.give(seq)
 

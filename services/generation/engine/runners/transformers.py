@@ -1,4 +1,4 @@
-"""The model side of continuous batching: sequences of different lengths decoding as one batch.
+"""The transformers runner: sequences of different lengths decoding as one batch of a transformers model.
 
 Written over the models' own KV cache (transformers' DynamicCache) with left padding and an attention
 mask, the way TGI batches models it has no custom kernels for: a batch is one left-padded cache;
@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from services.generation.engine.prefix_cache import KVStore, Layers, Reuse
-from services.generation.engine.scheduler import ModelStep
+from services.generation.engine.prefix_cache import CacheOp, KVStore, Layers, Reuse
+from services.generation.engine.runner import RunnerMemory
+from services.generation.engine.scheduler import DecodeRow, PrefillChunk
 
 
 @functools.cache
@@ -37,18 +39,20 @@ def forward(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     cache: DynamicCache | None,
+    scored: int = 1,
 ) -> tuple[torch.Tensor, DynamicCache]:
-    """One model call; returns the last position's logits (batch, vocab) and the grown cache."""
+    """One model call; returns the logits of the last ``scored`` columns (batch, scored, vocab) and the grown
+    cache."""
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=scored,
         **{_cache_keyword(type(model)): cache if cache is not None else DynamicCache()},
     )
     new_cache = output["cache"] if "cache" in output else output["past_key_values"]
-    return output.logits[:, -1, :], new_cache
+    return output.logits[:, -scored:, :], new_cache
 
 
 @dataclass
@@ -57,18 +61,34 @@ class KVBatch:
 
     cache: DynamicCache
     mask: torch.Tensor  # long, 1 = a real token's keys and values, 0 = padding
-    next_tokens: torch.Tensor  # (rows,) the token each row feeds in at the next decode step
 
     @property
     def rows(self) -> int:
         return int(self.mask.shape[0])
 
-    def decode_step(self, model: torch.nn.Module) -> torch.Tensor:
-        """Feeds every row its next token; returns logits (rows, vocab)."""
-        positions = self.mask.sum(dim=1, keepdim=True)  # the new token's index among its real tokens
-        self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
-        logits, self.cache = forward(model, self.next_tokens[:, None], self.mask, positions, self.cache)
-        return logits
+    def decode_step(self, model: torch.nn.Module, rows: Sequence[DecodeRow], pad_id: int) -> torch.Tensor:
+        """Feeds every row its token and draft, the shorter ones right-padded; returns the logits of each
+        row's 1 + len(draft) positions, row after row (positions, vocab)."""
+        for row, entry in enumerate(rows):
+            if entry.rejected:
+                self.forget_last(row, entry.rejected)
+        fed = [[entry.token, *entry.draft] for entry in rows]
+        width = max(len(tokens) for tokens in fed)
+        device = self.mask.device
+        ids = torch.tensor([tokens + [pad_id] * (width - len(tokens)) for tokens in fed], device=device)
+        new = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens)) for tokens in fed], device=device)
+        # each new token's index among its row's real tokens
+        positions = self.mask.sum(dim=1, keepdim=True) + torch.arange(width, device=device)
+        self.mask = torch.cat([self.mask, new], dim=1)
+        logits, self.cache = forward(model, ids, self.mask, positions, self.cache, scored=width)
+        logits = logits.flatten(0, 1)
+        return logits if all(len(tokens) == width for tokens in fed) else logits[new.flatten().bool()]
+
+    def forget_last(self, row: int, tokens: int) -> None:
+        """Masks out row ``row``'s last ``tokens`` real tokens: later tokens never attend to them, and
+        positions (counted from the mask) go on as if they had never been fed."""
+        columns = self.mask[row].nonzero().squeeze(1)[-tokens:]
+        self.mask[row, columns] = 0
 
     def row_kv(self, row: int, start: int, end: int) -> Layers:
         """Row ``row``'s real tokens ``start:end`` (padding skipped), one (keys, values) per layer."""
@@ -88,7 +108,7 @@ class KVBatch:
             (layer.keys.index_select(0, index)[:, :, drop:], layer.values.index_select(0, index)[:, :, drop:])
             for layer in self.cache.layers
         ]
-        return KVBatch(_cache_from(layers), mask[:, drop:], self.next_tokens.index_select(0, index))
+        return KVBatch(_cache_from(layers), mask[:, drop:])
 
 
 def merge(running: KVBatch | None, joining: KVBatch) -> KVBatch:
@@ -102,7 +122,7 @@ def merge(running: KVBatch | None, joining: KVBatch) -> KVBatch:
         values = torch.cat([_left_pad(ours.values, length), _left_pad(theirs.values, length)], dim=0)
         layers.append((keys, values))
     mask = torch.cat([_left_pad_mask(running.mask, length), _left_pad_mask(joining.mask, length)], dim=0)
-    return KVBatch(_cache_from(layers), mask, torch.cat([running.next_tokens, joining.next_tokens]))
+    return KVBatch(_cache_from(layers), mask)
 
 
 @dataclass
@@ -155,11 +175,11 @@ class PrefillJob:
             model, self.input_ids[:, self.done : end], self.mask[:, :end], positions, self.cache
         )
         self.done = end
-        return logits
+        return logits[:, -1]
 
-    def into_batch(self, first_tokens: torch.Tensor) -> KVBatch:
+    def into_batch(self) -> KVBatch:
         assert self.cache is not None and self.finished
-        return KVBatch(self.cache, self.mask, first_tokens)
+        return KVBatch(self.cache, self.mask)
 
 
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -195,16 +215,9 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
 
 
-class ModelRunner:
-    """Runs the model side of one ``ModelStep``: the same cache operations on every rank.
-
-    It holds the running batch's KV cache and the group being prefilled; the scheduler holds who the
-    rows are. Rank 0 samples from the logits it returns; other ranks discard them.
-    """
-
-    frees_rows_at_no_cost = False  # dropping rows copies the batch's cache: the scheduler batches the drops
-    max_nodes = None  # the prefix cache's tree may have any number of nodes ...
-    max_cached_tokens = None  # ... and hold as many tokens as --prefix-cache-bytes allows
+class TransformersRunner:
+    """Runs steps on a transformers model: the running batch's KV cache and the group being prefilled, the same
+    cache operations on every rank. Rank 0 samples from the logits it returns; other ranks discard them."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
         self.model = model
@@ -214,37 +227,53 @@ class ModelRunner:
         self.prefill: PrefillJob | None = None
         self.prefixes = KVStore()
 
+    def memory(self) -> RunnerMemory:
+        # dropping rows copies the batch's cache (the scheduler batches the drops), and the prefix tree may
+        # have any number of nodes: only --prefix-cache-bytes bounds it
+        return RunnerMemory(kv_bytes_per_token(self.model.config, self.model.dtype))
+
     @torch.inference_mode()
-    def execute(self, step: ModelStep) -> torch.Tensor | None:
-        """Applies ``step``; returns logits (decoding rows, then a completed group's rows) or None."""
-        for op in step.cache_ops:
+    def apply_cache_ops(self, ops: Sequence[CacheOp]) -> None:
+        for op in ops:
             self.prefixes.apply(op, self._row_kv)
-        if step.keep is not None and self.batch is not None:
-            self.batch = self.batch.keep_rows(list(step.keep))
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        if self.batch is not None:
+            self.batch = self.batch.keep_rows(list(rows))
+
+    @torch.inference_mode()
+    def forward(self, decode: Sequence[DecodeRow], prefill: PrefillChunk | None) -> torch.Tensor | None:
         outputs = []
-        if step.decode_tokens:
-            assert self.batch is not None and self.batch.rows == len(step.decode_tokens), "rows out of step"
-            self.batch.next_tokens = torch.tensor(step.decode_tokens, dtype=torch.long, device=self.device)
-            outputs.append(self.batch.decode_step(self.model))
-        chunk = step.prefill
-        if chunk is not None:
-            if chunk.prompts:
-                prompts = [list(p) for p in chunk.prompts]
-                self.prefill = PrefillJob.of(prompts, self.pad_id, self.device, chunk.reuse, self.prefixes)
-            assert self.prefill is not None and self.prefill.done == chunk.start, "prefill out of step"
-            logits = self.prefill.run_columns(self.model, chunk.end)
-            if chunk.last:
+        if decode:
+            assert self.batch is not None and self.batch.rows == len(decode), "rows out of step"
+            outputs.append(self.batch.decode_step(self.model, decode, self.pad_id))
+        if prefill is not None:
+            if prefill.prompts:
+                prompts = [list(p) for p in prefill.prompts]
+                self.prefill = PrefillJob.of(prompts, self.pad_id, self.device, prefill.reuse, self.prefixes)
+            assert self.prefill is not None and self.prefill.done == prefill.start, "prefill out of step"
+            logits = self.prefill.run_columns(self.model, prefill.end)
+            if prefill.last:
                 outputs.append(logits)
-                joining = self.prefill.into_batch(torch.zeros(logits.shape[0], dtype=torch.long))
-                self.batch = merge(self.batch, joining)
+                self.batch = merge(self.batch, self.prefill.into_batch())
                 self.prefill = None
         return torch.cat(outputs) if outputs else None
 
     def reset(self) -> None:
-        """Forgets every row and the prefix cache (after a failed step; the scheduler forgets its index)."""
         self.batch, self.prefill = None, None
         self.prefixes.clear()
 
     def _row_kv(self, row: int, start: int, end: int) -> Layers:
         assert self.batch is not None, "a prefix-cache store from an empty batch"
         return self.batch.row_kv(row, start, end)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token holds across the whole model (all ranks together)."""
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
