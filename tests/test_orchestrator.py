@@ -4,14 +4,18 @@ trimming, bad input and backends that are down."""
 from __future__ import annotations
 
 import contextlib
+import shutil
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import start_orchestrator
+from conftest import start_orchestrator, train_tiny_tokenizer
 
 from clients import (
     ChatClient,
@@ -25,10 +29,11 @@ from clients import (
     TextDelta,
 )
 from nightcap.records import Passage
-from nightcap.v1 import generation_pb2, generation_pb2_grpc
-from services.common.server import free_port
+from nightcap.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_grpc
+from services.common.errors import SERVER_KEY
+from services.common.server import ServiceBinding, free_port, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
-from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, TurnRequest
+from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, QueryMode, TurnRequest
 from services.orchestrator.grounding import (
     Grounding,
     asked_about,
@@ -47,7 +52,7 @@ from services.orchestrator.prompts import (
     Turn,
     context_block,
 )
-from services.orchestrator.server import _end
+from services.orchestrator.server import ChatServicer, _end
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
@@ -583,3 +588,196 @@ def test_the_generation_stream_names_its_model_on_the_first_message_only(generat
         responses = list(stub.Generate(request, timeout=60))
     assert responses[0].model == tiny_loaded.name
     assert all(r.model == "" for r in responses[1:])
+
+
+# --- the orchestrator counts with the served model's tokenizer: a turn asks generation for its answer only -------
+
+
+class GenerationCalls(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """The orchestrator's calls to the generation service, counted by method, with each Generate's prompt ids and
+    the replica that answered it."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.prompts: list[list[int]] = []  # each Generate's token ids, in order
+        self.replicas: list[str] = []  # the replica that served each Generate that finished
+        self._lock = threading.Lock()
+
+    def count(self, method: str) -> int:
+        return self.calls[f"/nightcap.v1.Generation/{method}"]
+
+    def intercept_unary_unary(self, continuation, details, request):
+        with self._lock:
+            self.calls[details.method] += 1
+        return continuation(details, request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        with self._lock:
+            self.calls[details.method] += 1
+            if details.method.endswith("/Generate"):
+                self.prompts.append(list(request.token_ids.ids))
+        call = continuation(details, request)
+        call.add_done_callback(self._served)
+        return call
+
+    def _served(self, call) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            replica = dict(call.initial_metadata() or ()).get(SERVER_KEY)
+            if replica:
+                with self._lock:
+                    self.replicas.append(replica)
+
+
+class CountedGeneration(GenerationBackend):
+    """The orchestrator's generation backend with its one channel intercepted by ``calls``."""
+
+    def __init__(self, address: str, calls: GenerationCalls) -> None:
+        self.calls = calls
+        super().__init__(address)
+
+    def open_channel(self) -> grpc.Channel:
+        return grpc.intercept_channel(super().open_channel(), self.calls)
+
+
+@contextlib.contextmanager
+def chat_server(orchestrator: ChatOrchestrator) -> Iterator[ChatClient]:
+    """A Chat server around ``orchestrator`` (start_chat_server builds its own), and a client of it."""
+    binding = ServiceBinding(
+        chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name,
+        chat_pb2_grpc.add_ChatServicer_to_server,
+        ChatServicer(orchestrator),
+    )
+    running = start_server([binding], "127.0.0.1:0")
+    try:
+        with ChatClient(running.address, timeout=60) as client:
+            yield client
+    finally:
+        running.stop(grace=1)
+        orchestrator.generation.close()
+        if orchestrator.retrieval is not None:
+            orchestrator.retrieval.close()
+
+
+def test_a_chat_turn_makes_no_tokenize_call_and_one_model_info_in_all(generation_address, retrieval_address):
+    """Retrieval, a follow-up with history, a turn without retrieval, a condensed follow-up: the generation service
+    is asked for the model's info once, then for answers only; every prompt is counted and tokenized here."""
+    calls = GenerationCalls()
+    orchestrator = ChatOrchestrator(CountedGeneration(generation_address, calls), RetrievalBackend(retrieval_address))
+    with chat_server(orchestrator) as client:
+        first, follow_up = ask_zurich_then_population(client, params=GREEDY)
+        plain = client.ask("Hi", params=GREEDY)
+    assert first.started.sources and follow_up.started.sources and plain.finished.completion_tokens > 0
+    assert calls.count("Tokenize") == 0
+    assert calls.count("ModelInfo") == 1
+    assert calls.count("Generate") == 3
+    condensing_calls = GenerationCalls()
+    condensing = ChatOrchestrator(
+        CountedGeneration(generation_address, condensing_calls),
+        RetrievalBackend(retrieval_address),
+        query_mode=QueryMode.CONDENSE,
+    )
+    with chat_server(condensing) as client:
+        ask_zurich_then_population(client, params=GREEDY)
+    assert condensing_calls.count("Tokenize") == 0
+    assert condensing_calls.count("Generate") == 3  # two answers and the follow-up's rewrite
+
+
+TRICKY_TEXTS = [
+    "Where is Zurich?",
+    " a leading space, and a trailing one ",
+    "two  spaces\n\nnewlines\t and a tab",
+    "Grüße aus Zürich, café naïve 🙂 🚀 € £ ¥ 中文",
+    "<|endoftext|>between<|endoftext|>",  # the special token written as text: encoded as that token
+    "0 1 2 3 100 1000 3.14159",
+    "",
+]
+
+
+@pytest.mark.parametrize("served", ["generation_address", "templated_llama_address"])
+def test_the_orchestrator_tokenizes_as_the_generation_services_tokenize_does(served, request):
+    """GPT-NeoX with OpenChatKit's format, and a Llama folder with its own chat template: the local count and ids
+    of each text, and of a whole templated prompt with history and passages, are the service's own."""
+    address = request.getfixturevalue(served)
+    orchestrator = ChatOrchestrator(GenerationBackend(address), None)
+    history = [
+        Turn("user", "Where is Zurich?", (ContextPassage("Zurich", "Zurich: Zurich is in Switzerland.", "wiki"),)),
+        Turn("assistant", "In Switzerland [1]."),
+    ]
+    try:
+        turn = orchestrator.prepare(TurnRequest("How many people live in Zürich? 🙂", history=history))
+        info, tokenizer = orchestrator.served()
+    finally:
+        orchestrator.generation.close()
+    assert "[1]" in turn.prompt and turn.prompt.count("Zurich") >= 3  # the passages are in the prompt
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for text in [*TRICKY_TEXTS, turn.prompt]:
+            served_ids = list(stub.Tokenize(generation_pb2.TokenizeRequest(text=text, return_ids=True)).token_ids)
+            assert tokenizer.encode(text) == served_ids, text
+            assert tokenizer.count(text) == len(served_ids)
+        assert turn.prompt_token_ids == list(
+            stub.Tokenize(generation_pb2.TokenizeRequest(text=turn.prompt, return_ids=True)).token_ids
+        )
+        # the tokenizer goes only to a caller that asks with the digest it holds, and only when it is another
+        assert stub.ModelInfo(generation_pb2.ModelInfoRequest()).tokenizer_json == b""
+        asked = stub.ModelInfo(generation_pb2.ModelInfoRequest(tokenizer_held=""))
+        assert asked.tokenizer_json and asked.tokenizer_digest == info.tokenizer_digest
+        held = stub.ModelInfo(generation_pb2.ModelInfoRequest(tokenizer_held=info.tokenizer_digest))
+        assert held.tokenizer_json == b"" and held.tokenizer_digest == info.tokenizer_digest
+
+
+@pytest.fixture
+def swap_registry(tiny_model_dir: Path, tmp_path: Path):
+    """tiny:1, tiny:2 (the same tokenizer) and tiny:3 (the same weights, a tokenizer trained to another
+    vocabulary): (registry, tiny:3's tokenizer)."""
+    from services.common.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "models")
+    registry.publish_version("tiny", tiny_model_dir, "openchatkit", "test:a")
+    registry.publish_version("tiny", tiny_model_dir, "openchatkit", "test:b")
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    retrained = train_tiny_tokenizer(vocab_size=300)
+    retrained.save_pretrained(other)
+    registry.publish_version("tiny", other, "openchatkit", "test:c")
+    return registry, retrained
+
+
+def test_a_hot_swap_rebuilds_the_tokenizer_only_for_another_one_and_its_first_turn_gets_its_ids(
+    swap_registry, tiny_loaded
+):
+    """Versions that share a tokenizer share its digest: kept. A switch to another tokenizer is seen on the stream
+    that the new version answers; that turn is prepared again with the new tokenizer before anything is sent."""
+    from services.generation.host import ModelHost
+    from services.generation.loading import load_model, start_engine
+    from services.generation.server import serve_model_host
+
+    registry, retrained = swap_registry
+    loaded = load_model("tiny:1", registry)
+    host = ModelHost(loaded, start_engine(loaded), registry, load=lambda spec: load_model(spec, registry))
+    running = serve_model_host(host, "127.0.0.1:0")
+    calls = GenerationCalls()
+    orchestrator = ChatOrchestrator(CountedGeneration(running.address, calls), None)
+    question = "Where is Zurich? Grüße aus Zürich."
+    try:
+        with chat_server(orchestrator) as client, grpc.insecure_channel(running.address) as channel:
+            admin = admin_pb2_grpc.ModelAdminStub(channel)
+            assert client.ask(question, params=GREEDY).started.model == "tiny:1"
+            assert orchestrator.tokenizer_builds == 1
+            list(admin.LoadVersion(admin_pb2.LoadVersionRequest(model="tiny:2"), timeout=120))
+            assert client.ask(question, params=GREEDY).started.model == "tiny:2"
+            assert orchestrator.tokenizer_builds == 1 and orchestrator.model_info_calls == 2  # asked, not rebuilt
+            generated = calls.count("Generate")
+            list(admin.LoadVersion(admin_pb2.LoadVersionRequest(model="tiny:3"), timeout=120))
+            swapped = client.ask(question, params=GREEDY)
+            after = client.ask(question, params=GREEDY)
+    finally:
+        host.shutdown(1.0)
+        running.stop(1.0)
+    assert swapped.started.model == after.started.model == "tiny:3"
+    assert orchestrator.tokenizer_builds == 2
+    new_ids = retrained(swapped.started.prompt, add_special_tokens=False)["input_ids"]
+    assert new_ids != tiny_loaded.tokenizer(swapped.started.prompt, add_special_tokens=False)["input_ids"]
+    assert calls.count("Generate") - generated == 3  # the swapped turn's two tries, then the next turn
+    assert calls.prompts[-2] == calls.prompts[-1] == new_ids  # tiny:3 never got tiny:1's ids
+    assert calls.count("Tokenize") == 0

@@ -66,6 +66,20 @@ def test_no_record_is_defined_twice_and_clients_never_import_services():
         assert "MAX_K = " not in source and "DEFAULT_K = " not in source, f"{path} repeats MAX_K/DEFAULT_K"
 
 
+def test_no_service_imports_another_services_package():
+    """What two services share lives in services/common (the sentence splitter the retrieval service chunks with
+    and the orchestrator cuts passages with), so each service deploys without the others' code."""
+    for service in [p for p in (ROOT / "services").iterdir() if p.is_dir() and p.name not in ("common", "__pycache__")]:
+        for path in service.rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+            imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            foreign = [
+                m for m in imported if m.startswith("services.") and m.split(".")[1] not in (service.name, "common")
+            ]
+            assert not foreign, f"{path.relative_to(ROOT)} imports {foreign}: move what they share to services/common"
+
+
 def test_a_repeated_field_is_read_as_a_tuple_so_the_record_stays_frozen_and_hashable():
     from nightcap.v1 import generation_pb2
     from services.orchestrator.conversation import ModelInfo

@@ -13,7 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import wait_for
+from test_orchestrator import CountedGeneration, GenerationCalls, chat_server
 
+from clients import SamplingParams
 from clients.client import NightcapError, check_health
 from nightcap.v1 import chat_pb2, chat_pb2_grpc
 from services.common.channels import channel_target
@@ -115,3 +117,22 @@ def test_two_replicas_share_the_chats_and_a_killed_one_costs_only_its_running_re
     assert all(code in ("OK", "UNAVAILABLE") for code, _ in outcomes), outcomes
     assert all(f"the generation service at {killed_address} failed" in details for details in failed), failed
     assert all(responses[-1].HasField("end") for responses in later)
+
+
+def test_chat_turns_make_no_tokenize_call_and_generate_spreads_over_both_replicas(two_replicas):
+    """With one ModelInfo in all and no Tokenize, nothing alternates with Generate on the round-robin channel (a
+    lookup per turn did, and sent every Generate to the same replica)."""
+    from services.orchestrator.conversation import ChatOrchestrator
+
+    addresses = [address for address, _ in two_replicas]
+    calls = GenerationCalls()
+    orchestrator = ChatOrchestrator(CountedGeneration(",".join(addresses), calls), None, backend_timeout=10)
+    with chat_server(orchestrator) as client:
+        for n in range(8):
+            reply = client.ask(f"Where is Zurich? ({n})", params=SamplingParams(max_new_tokens=2, temperature=0.0))
+            assert reply.finished.completion_tokens > 0
+    assert calls.count("Tokenize") == 0
+    assert calls.count("ModelInfo") == 1
+    assert calls.count("Generate") == 8
+    served = {address: calls.replicas.count(address) for address in addresses}
+    assert sum(served.values()) == 8 and all(count >= 2 for count in served.values()), served

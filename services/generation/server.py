@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from nightcap.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
@@ -29,6 +32,28 @@ _FINISH_REASONS = {
 }
 
 
+@dataclass(frozen=True)
+class SerializedTokenizer:
+    """A model's tokenizer as ModelInfo sends it: ``tokenizers`` JSON and its sha256."""
+
+    json: bytes = b""
+    digest: str = ""
+
+
+def serialize_tokenizer(tokenizer: PreTrainedTokenizerBase) -> SerializedTokenizer:
+    """The fast tokenizer's ``tokenizers`` JSON, truncation and padding off (as Tokenize encodes: transformers
+    turns off what the file enables unless a call asks for it), so that one tokenizer always has one digest;
+    empty for a tokenizer without a ``tokenizers`` backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return SerializedTokenizer()
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    data = copy.to_str().encode("utf-8")
+    return SerializedTokenizer(data, hashlib.sha256(data).hexdigest())
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """Every call reads the model from the host; a stream stays on the model it started on.
 
@@ -39,6 +64,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, host: ModelHost, default_max_new_tokens: int = 256) -> None:
         self.host = host
         self.default_max_new_tokens = default_max_new_tokens
+        self._tokenizer: tuple[LoadedModel, SerializedTokenizer] | None = None  # the served model's, once asked
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
@@ -125,6 +151,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def ModelInfo(self, request: generation_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext):
         loaded = (await asyncio.to_thread(self.host.current, context.time_remaining())).loaded
         tokenizer = loaded.tokenizer
+        serialized = await asyncio.to_thread(self._serialized_tokenizer, loaded)
+        held = request.tokenizer_held if request.HasField("tokenizer_held") else None
         return generation_pb2.ModelInfoResponse(
             name=loaded.name,
             version=loaded.version,
@@ -137,7 +165,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             bos_token=tokenizer.bos_token or "",
             eos_token=tokenizer.eos_token or "",
             stop=loaded.stop_sequences,
+            tokenizer_json=serialized.json if held is not None and held != serialized.digest else b"",
+            tokenizer_digest=serialized.digest,
+            split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
         )
+
+    def _serialized_tokenizer(self, loaded: LoadedModel) -> SerializedTokenizer:
+        """The model's tokenizer serialized once (a swap brings another model: serialized once more)."""
+        cached = self._tokenizer
+        if cached is not None and cached[0] is loaded:
+            return cached[1]
+        serialized = serialize_tokenizer(loaded.tokenizer)
+        self._tokenizer = (loaded, serialized)
+        return serialized
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()

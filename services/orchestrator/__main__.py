@@ -60,7 +60,7 @@ def serve(
         256, envvar="NIGHTCAP_MAX_NEW_TOKENS", help="max_new_tokens of a chat turn that leaves it unset"
     ),
     backend_timeout: float = typer.Option(
-        10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or token count"
+        10.0, envvar="NIGHTCAP_BACKEND_TIMEOUT", help="seconds to wait for a search, model info or sentence embeddings"
     ),
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     ServiceError,
 )
+from services.common.server import MAX_MESSAGE_BYTES
 
 _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -57,11 +59,12 @@ def backend_error(name: str, address: str, error: grpc.RpcError, peer: str | Non
 
 class Backend:
     name = "backend"
+    extra_options: tuple[tuple[str, Any], ...] = ()  # this backend's channel options beyond channel_options
 
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
         self._credentials = credentials or Credentials()
-        self._options = channel_options(address)
+        self._options = [*channel_options(address), *self.extra_options]
         self.channel = self.open_channel()
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._connectivity: grpc.ChannelConnectivity | None = None
@@ -123,37 +126,22 @@ class GenerationStream:
 
 
 class GenerationBackend(Backend):
+    """One channel: a chat turn makes one Generate call (its ModelInfo is cached and its tokens are counted here),
+    so round-robin spreads the turns over the replicas."""
+
     name = "generation"
+    extra_options = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)  # a tokenizer is megabytes
 
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         super().__init__(address, credentials)
         self._stub = generation_pb2_grpc.GenerationStub(self.channel)
-        # Round-robin picks a replica per call: with Tokenize and Generate on one channel, a chat's two calls
-        # alternate in step and every Generate lands on the same replica. Lookups get their own channel.
-        self._lookups_channel = self.open_channel()
-        self._lookups = generation_pb2_grpc.GenerationStub(self._lookups_channel)
 
-    def close(self) -> None:
-        self._lookups_channel.close()
-        super().close()
-
-    def model_info(self, timeout: float) -> generation_pb2.ModelInfoResponse:
+    def model_info(self, timeout: float, tokenizer: str | None = None) -> generation_pb2.ModelInfoResponse:
+        """``tokenizer``: the digest of the tokenizer held (NO_TOKENIZER: none), to be sent the served one when it
+        is another; None: the info alone."""
+        request = generation_pb2.ModelInfoRequest(tokenizer_held=tokenizer)
         try:
-            return self._lookups.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as error:
-            raise self.error(error) from None
-
-    def count_tokens(self, text: str, timeout: float) -> int:
-        try:
-            request = generation_pb2.TokenizeRequest(text=text)
-            return self._lookups.Tokenize(request, timeout=timeout, wait_for_ready=True).token_count
-        except grpc.RpcError as error:
-            raise self.error(error) from None
-
-    def tokenize(self, text: str, timeout: float) -> list[int]:
-        request = generation_pb2.TokenizeRequest(text=text, return_ids=True)
-        try:
-            return list(self._lookups.Tokenize(request, timeout=timeout, wait_for_ready=True).token_ids)
+            return self._stub.ModelInfo(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None
 

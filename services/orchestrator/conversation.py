@@ -1,6 +1,7 @@
 """One chat turn, prepared: find the passages the conversation needs, render the prompt in the model's format,
 trim the history (oldest first) so that prompt + max_new_tokens fits the model's context window, and tokenize
-the result once, for Generate.
+the result once, for Generate. Counting and tokenizing use the served model's tokenizer, held here (the
+generation service sends it with ModelInfo): a turn asks the generation service for nothing but its answer.
 
 Works on plain records; the Chat servicer converts protobuf at its edge."""
 
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from loguru import logger
 
 from nightcap.records import BUILDING, DEFAULT_K, MAX_K, Passage, from_message
@@ -20,18 +22,16 @@ from nightcap.v1 import retrieval_pb2
 from services.common.errors import InvalidArgument, ServiceError
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
 from services.orchestrator.grounding import (
+    Grounded,
     Grounding,
     asked_about,
-    asked_subject,
-    cut_passages,
-    leads,
-    missing_names,
-    no_name_reply,
-    no_source_reply,
-    sentences_of,
+    context_of,
+    ground,
+    passage_key,
     weighted_scores,
 )
-from services.orchestrator.prompts import ContextPassage, PromptFormat, PromptPieces, Turn, prompt_format_for
+from services.orchestrator.prompts import PromptFormat, PromptPieces, Turn, prompt_format_for
+from services.orchestrator.tokenizer import NO_TOKENIZER, ServedTokenizer
 
 
 class QueryMode(str, enum.Enum):
@@ -68,11 +68,27 @@ class ModelInfo:
     bos_token: str = ""
     eos_token: str = ""
     stop: tuple[str, ...] = ()
+    tokenizer_digest: str = ""  # the tokenizer's identity (its JSON is not kept here: ServedTokenizer holds it)
+    split_special_tokens: bool = False
 
     @property
     def label(self) -> str:
         """``name:version`` (or ``name``), as the generation service reports on each stream."""
         return f"{self.name}:{self.version}" if self.version else self.name
+
+    @property
+    def prompt_shape(self) -> tuple:
+        """What a prepared prompt depends on: two models that agree on it get the same prompt and token ids."""
+        return (
+            self.tokenizer_digest,
+            self.split_special_tokens,
+            self.context_length,
+            self.prompt_format,
+            self.chat_template,
+            self.bos_token,
+            self.eos_token,
+            self.stop,
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ class TurnRequest:
 @dataclass
 class PreparedTurn:
     prompt: str
-    prompt_token_ids: list[int]  # the prompt, tokenized by the generation service: what Generate receives
+    prompt_token_ids: list[int]  # the prompt, in the served model's tokens: what Generate receives
     max_new_tokens: int
     stop: list[str]  # the request's stop sequences plus those the model and the prompt format need
     sources: list[Passage]  # passages given with this turn (not those the kept history already holds)
@@ -103,6 +119,7 @@ class PreparedTurn:
     reply: str = ""  # the answer, when it is given without the model (no passage scored above --min-score)
     index_build: retrieval_pb2.IndexBuild | None = None  # the retrieval index is still being built
     numbered: bool = False  # the prompt numbers the sources, so the answer's [n] markers cite them
+    served: ModelInfo | None = None  # the model the prompt was prepared for
 
     @property
     def context_used(self) -> bool:
@@ -127,16 +144,16 @@ class FittedPrompt:
 
 
 class TokenCounter:
-    """Token counts of prompt pieces, asked of the generation service once per distinct text and model."""
+    """Token counts of prompt pieces, counted once per distinct text and tokenizer (``model``: its digest): a
+    conversation's earlier turns are not counted again in its next turns, nor while its history is trimmed."""
 
-    def __init__(self, count: Callable[[str], int], capacity: int = TOKEN_COUNT_CACHE) -> None:
-        self._count = count
+    def __init__(self, capacity: int = TOKEN_COUNT_CACHE) -> None:
         self._known: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
-        self.calls = 0  # Tokenize calls made, for tests and logs
+        self.calls = 0  # counts made (not remembered), for tests and logs
 
-    def count(self, model: str, text: str, count: Callable[[str], int] | None = None) -> int:
+    def count(self, model: str, text: str, count: Callable[[str], int]) -> int:
         if not text:
             return 0
         key = (model, text)
@@ -144,7 +161,7 @@ class TokenCounter:
             if key in self._known:
                 self._known.move_to_end(key)
                 return self._known[key]
-        tokens = (count or self._count)(text)
+        tokens = count(text)
         with self._lock:
             self.calls += 1
             self._known[key] = tokens
@@ -184,10 +201,10 @@ def fit_prompt(
     rest = history[len(system) :]
     dropped_passages = 0
     while True:
-        given = {_key(p) for turn in rest for p in turn.context}
-        fresh = [p for p in ranked if repeat or _key(_context(p)) not in given][:k]
+        given = {passage_key(p) for turn in rest for p in turn.context}
+        fresh = [p for p in ranked if repeat or passage_key(context_of(p)) not in given][:k]
         passages = fresh[: len(fresh) - dropped_passages] if dropped_passages else fresh
-        turns = [*system, *rest, Turn(message.role, message.content, tuple(_context(p) for p in passages))]
+        turns = [*system, *rest, Turn(message.role, message.content, tuple(context_of(p) for p in passages))]
         pieces = prompt_format.pieces(turns)
         estimate = _sum_of_pieces(pieces, count) if pieces is not None else None
         token_ids: list[int] | None = None
@@ -216,15 +233,6 @@ def _sum_of_pieces(pieces: PromptPieces, count: Callable[[str], int]) -> int:
     return count(pieces.head) + sum(count(piece) for piece in pieces.turns) + count(pieces.tail)
 
 
-def _context(passage: Passage) -> ContextPassage:
-    return ContextPassage(passage.title, passage.text, passage.source, passage.id)
-
-
-def _key(passage: ContextPassage) -> tuple[str, ...]:
-    # by id when the client sent ids back: a passage cut to other sentences for another turn is still the same
-    return (passage.id,) if passage.id else (passage.title, passage.text)
-
-
 class ChatOrchestrator:
     def __init__(
         self,
@@ -241,48 +249,71 @@ class ChatOrchestrator:
         self.backend_timeout = backend_timeout
         self.query_mode = QueryMode(query_mode)
         self.grounding = grounding or Grounding()
-        self.tokens = TokenCounter(lambda text: self.generation.count_tokens(text, self.backend_timeout))
-        self._model: ModelInfo | None = None
+        self.tokens = TokenCounter()
+        self._model: tuple[ModelInfo, ServedTokenizer] | None = None
+        self._tokenizer: ServedTokenizer | None = None  # kept when the model info is asked again
         self._model_lock = threading.Lock()
         self.model_info_calls = 0
+        self.tokenizer_builds = 0
 
-    # -- the served model, cached -------------------------------------------------------------------
+    # -- the served model and its tokenizer, cached ----------------------------------------------------
 
     def model_info(self) -> ModelInfo:
         """The served model's info, asked of the generation service only when not cached."""
+        return self.served()[0]
+
+    def served(self) -> tuple[ModelInfo, ServedTokenizer]:
+        """The served model's info and tokenizer; the tokenizer is built once per digest: asked again (another
+        model serves), the generation service sends it only when the digest differs from the one held."""
         with self._model_lock:
             if self._model is not None:
                 return self._model
-        response = self.generation.model_info(self.backend_timeout)
+            held = self._tokenizer
+        response = self.generation.model_info(self.backend_timeout, held.digest if held else NO_TOKENIZER)
         info = from_message(ModelInfo, response)
+        tokenizer = held
+        if held is None or held.digest != info.tokenizer_digest:
+            tokenizer = ServedTokenizer(response.tokenizer_json, info.tokenizer_digest, info.split_special_tokens)
         with self._model_lock:
             self.model_info_calls += 1
-            self._model = info
-        return info
+            replaced, self._tokenizer = self._tokenizer, tokenizer
+            if tokenizer is not held:
+                self.tokenizer_builds += 1
+            self._model = (info, tokenizer)
+        if replaced is not None and replaced.digest != tokenizer.digest:
+            logger.info("the served model {} tokenizes differently: tokenizer {} built", info.label, tokenizer.digest)
+            self.tokens.forget_model(replaced.digest)
+        return info, tokenizer
 
-    def served_by(self, model: str) -> None:
+    def served_by(self, model: str) -> bool:
         """A Generate stream said which model served it: a different one than cached means a new model was
-        switched in, so its info (context length, template, token counts) is asked for again next turn."""
+        switched in, so its info (context length, template, tokenizer) is asked for again next time. True then."""
         with self._model_lock:
-            cached = self._model
+            cached = self._model[0] if self._model is not None else None
             if not model or cached is None or cached.label == model:
-                return
+                return False
             self._model = None
         logger.info("the generation service now serves {} (was {}): model info refreshed", model, cached.label)
-        self.tokens.forget_model(cached.label)
+        return True
 
     def forget_model(self) -> None:
         with self._model_lock:
             self._model = None
 
+    def prepared_for_served(self, turn: PreparedTurn) -> bool:
+        """Whether ``turn``'s prompt and token ids are what the model served now would be given (asks for its
+        info when not cached): False after a switch to a model with another tokenizer or prompt format."""
+        return turn.served is None or turn.served.prompt_shape == self.model_info().prompt_shape
+
     # -- one turn ------------------------------------------------------------------------------------
 
     def prepare(self, request: TurnRequest) -> PreparedTurn:
+        """The turn's query, its retrieval, the passages it is grounded on, and the prompt fitted around them."""
         validate_turn(request)
         k = request.k if request.k is not None else DEFAULT_K
         if request.retrieval and not 1 <= k <= MAX_K:
             raise InvalidArgument(f"retrieval_k must be between 1 and {MAX_K}, got {k}")
-        info = self.model_info()
+        info, tokenizer = self.served()
         max_new_tokens = request.max_new_tokens if request.max_new_tokens is not None else self.default_max_new_tokens
         if max_new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -295,58 +326,43 @@ class ChatOrchestrator:
         prompt_format = prompt_format_for(
             info.prompt_format, info.chat_template, info.bos_token, info.eos_token, grounding.style
         )
-        query, query_ms, ranked, notice, build, reply = "", 0.0, [], "", None, ""
-        given = ranked
-        count = lambda text: self.tokens.count(info.label, text)  # noqa: E731
+        count = lambda text: self.tokens.count(tokenizer.digest, text, tokenizer.count)  # noqa: E731
+        query, query_ms, ranked, notice, build, grounded = "", 0.0, [], "", None, Grounded([])
         if request.retrieval:
             started = time.perf_counter()
-            query, searches = self._query(request, info, prompt_format)
+            query, searches = self._query(request, prompt_format, tokenizer)
             query_ms = (time.perf_counter() - started) * 1000
             held = sum(len(turn.context) for turn in request.history)
             title = asked_about(request.message) if grounding.titles else ""
             found = self._retrieve(searches, k if grounding.repeat_earlier else min(k + held, MAX_K), title)
-            ranked, notice, build = found.passages, found.notice, found.build
-            given = [p for p in ranked if grounding.min_score <= 0 or p.score >= grounding.min_score]
-            if grounding.min_score > 0 and not given and found.searched:
-                reply = no_source_reply(ranked[0].score if ranked else None, grounding.min_score)
-                notice = f"no passage scored above --min-score {grounding.min_score:g}; answered that no source matched"
-            elif (
-                grounding.names and (given or found.searched) and (missing := missing_names(request.message, given[:k]))
-            ):
-                # With no passages at all (an empty index, or one still filling), the model asked without them
-                # makes up an answer ("Zurkle is a city nestled in the heart of Switzerland").
-                if given:
-                    reply = no_name_reply(missing)
-                    notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
-                else:
-                    reply = no_source_reply(None, grounding.min_score, _building(build))
-                    notice = "retrieval found no passages; answered that no source matched"
-                given = []
-            if any(p.titled for p in given[:k]):  # only a search sent a title (--title-lookup) marks any
-                # "What is Ulaanbaatar?" with its article's lead and an unrelated second hit ("Anansi is a
-                # character ..."): SmolLM2-135M answered from the last one. The document the question names
-                # answers it alone (`make eval` openings 35 to 36 of 40, follow-ups 26 to 27, no set lower).
-                given = [p for p in given[:k] if p.titled]
-            if given and grounding.cut:
-                if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
-                    held_keys = {_key(p) for turn in request.history for p in turn.context}
-                    given = [p for p in given if _key(_context(p)) not in held_keys]
-                given = self._cut(given[:k], searches, count, asked_subject(request.message))
+            ranked, build = found.passages, found.build
+            grounded = ground(
+                grounding,
+                request.message,
+                request.history,
+                ranked,
+                k,
+                found.searched,
+                count,
+                self._sentence_scores(searches),
+                _building(build),
+            )
+            notice = grounded.notice or found.notice
         fitted = fit_prompt(
             prompt_format,
             request.history,
             Turn("user", request.message),
-            given,
+            grounded.passages,
             k,
             max_new_tokens,
             info.context_length,
             count,
-            lambda text: self.generation.tokenize(text, self.backend_timeout),
+            tokenizer.encode,
             repeat=grounding.repeat_earlier or grounding.cut,
         )
         stop = list(request.stop)
         stop.extend(s for s in [*info.stop, *prompt_format.stop] if s not in stop)
-        if given and not fitted.passages and not fitted.history_passages:
+        if grounded.passages and not fitted.passages and not fitted.history_passages:
             notice = "the retrieved passages did not fit in the context window; answered without context"
         if not notice:
             notice = _building(build)
@@ -363,51 +379,46 @@ class ChatOrchestrator:
             notice=notice,
             query_ms=query_ms,
             history_passages=fitted.history_passages,
-            reply=reply,
+            reply=grounded.reply,
             index_build=build,
             numbered=grounding.numbered,
+            served=info,
         )
 
-    def _cut(
-        self, passages: list[Passage], searches: list[tuple[str, float]], count: Callable[[str], int], subject: str
-    ) -> list[Passage]:
-        """The passages cut to their sentences that best answer the searches (scored by the retrieval service's
-        embedder as the search mix scores passages), within the grounding's token budget; whole passages
-        when the embedder cannot be reached. ``subject``: what a "What is X?" question asks about; the opening
-        sentence of the document titled so is kept first."""
-        sentences = sentences_of(passages)
-        if len(sentences) <= len(passages):  # one sentence each: nothing to cut
-            return passages
-        titled = [f"{passages[s.passage].title}: {s.text}" if passages[s.passage].title else s.text for s in sentences]
-        try:
-            vectors = self.retrieval.embed([query for query, _ in searches] + titled, self.backend_timeout)
-        except InvalidArgument:
-            raise
-        except ServiceError as error:
-            logger.warning("sentence scoring failed, giving whole passages: {}", error)
-            return passages
-        queries, found = vectors[: len(searches)], vectors[len(searches) :]
-        scores = weighted_scores(queries, [weight for _, weight in searches], found)
-        first = leads(passages, sentences, subject)
-        return cut_passages(passages, sentences, scores, self.grounding.context_tokens, count, first)
+    def _sentence_scores(self, searches: list[tuple[str, float]]) -> Callable[[list[str]], np.ndarray | None]:
+        """Scores sentences as the search mix scores passages, by the retrieval service's embedder; None when
+        the embedder cannot be reached (the passages are then given whole)."""
+
+        def score(sentences: list[str]) -> np.ndarray | None:
+            try:
+                vectors = self.retrieval.embed([query for query, _ in searches] + sentences, self.backend_timeout)
+            except InvalidArgument:
+                raise
+            except ServiceError as error:
+                logger.warning("sentence scoring failed, giving whole passages: {}", error)
+                return None
+            queries, found = vectors[: len(searches)], vectors[len(searches) :]
+            return weighted_scores(queries, [weight for _, weight in searches], found)
+
+        return score
 
     # -- the retrieval query -------------------------------------------------------------------------
 
     def _query(
-        self, request: TurnRequest, info: ModelInfo, prompt_format: PromptFormat
+        self, request: TurnRequest, prompt_format: PromptFormat, tokenizer: ServedTokenizer
     ) -> tuple[str, list[tuple[str, float]]]:
         """(the query as shown to the user, the weighted searches that make it)."""
         earlier = [turn.content for turn in request.history if turn.role == "user"]
         if self.query_mode is QueryMode.LAST or not earlier:
             return request.message, [(request.message, 1.0)]
         if self.query_mode is QueryMode.CONDENSE:
-            question = self._condense(request, prompt_format)
+            question = self._condense(request, prompt_format, tokenizer)
             return question, [(question, 1.0)]
         turns = [request.message, *reversed(earlier)][: len(RECENT_WEIGHTS)]
         searches = list(zip(turns, RECENT_WEIGHTS, strict=False))
         return " + ".join(f"{weight:g} × {text}" for text, weight in searches), searches
 
-    def _condense(self, request: TurnRequest, prompt_format: PromptFormat) -> str:
+    def _condense(self, request: TurnRequest, prompt_format: PromptFormat, tokenizer: ServedTokenizer) -> str:
         """The follow-up rewritten by the generation model as a standalone question (the "condense question"
         step of common RAG chains); the message itself when the rewrite fails or comes back empty."""
         lines = []
@@ -419,9 +430,12 @@ class ChatOrchestrator:
             [Turn("user", f"{CONDENSE_INSTRUCTION}\n\n" + "\n".join(lines) + "\n\nStandalone question:")]
         )
         try:
-            ids = self.generation.tokenize(prompt, self.backend_timeout)
             text = self.generation.complete(
-                ids, CONDENSE_MAX_NEW_TOKENS, ["\n", *prompt_format.stop], self.backend_timeout, request.request_id
+                tokenizer.encode(prompt),
+                CONDENSE_MAX_NEW_TOKENS,
+                ["\n", *prompt_format.stop],
+                self.backend_timeout,
+                request.request_id,
             )
         except InvalidArgument:
             raise

@@ -3,7 +3,7 @@ the question, which of their sentences are kept, what the model is told to do wh
 and which passages its answer cites.
 
 Pure functions over plain records; the orchestrator calls the backends (the retrieval service's embedder for
-the sentence scores, the generation service's tokenizer for the budget) and passes their answers in.
+the sentence scores) and passes their answers in, with the served model's token count for the budget.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from nightcap.records import Passage
-from services.orchestrator.prompts import ContextStyle
-from services.retrieval.chunker import split_sentences
+from services.common.sentences import split_sentences
+from services.orchestrator.prompts import ContextPassage, ContextStyle, Turn
 
 # A sentence that opens by pointing back ("It has ...", "The city ...") reads wrong without the one before it.
 _POINTS_BACK = re.compile(
@@ -81,6 +81,101 @@ class Grounding:
     @property
     def style(self) -> ContextStyle:
         return ContextStyle(self.numbered, self.numbered and self.cite, self.admit)
+
+
+@dataclass(frozen=True)
+class Grounded:
+    """What a new turn is given: its passages (best first, for the prompt to fit), or the answer it gets
+    without the model."""
+
+    passages: list[Passage]
+    reply: str = ""  # the answer, given without the model: no passage is good enough
+    notice: str = ""  # why there is a reply; "" keeps the search's notice
+
+
+def ground(
+    grounding: Grounding,
+    message: str,
+    history: Sequence[Turn],
+    ranked: Sequence[Passage],
+    k: int,
+    searched: bool,
+    count: Callable[[str], int],
+    score: Callable[[list[str]], np.ndarray | None],
+    building: str = "",
+) -> Grounded:
+    """The search's passages (``ranked``, best first) that the new ``message`` is given, in four choices:
+
+    - below ``grounding.min_score`` a passage is not given, and when none is left the reply says no source matched;
+    - when the message names something none of the first ``k`` mentions (``grounding.names``), none is given and
+      the reply says so (or, with no passages at all, that the search found none: a model asked without them makes
+      up an answer);
+    - when the title lookup found the document the question names (``Passage.titled``), its passages alone;
+    - with ``grounding.cut``, the first ``k`` (without those the kept ``history`` holds, unless
+      ``grounding.repeat_earlier``) cut to their best sentences within ``grounding.context_tokens``.
+
+    ``searched``: the search ran (it may have found nothing). ``count``: tokens of a text in the served model.
+    ``score``: each sentence's score against the searches (the sentences as ``"Title: sentence"``), or None when
+    they cannot be scored: the passages are then given whole. ``building``: how far the index build is, when one
+    runs."""
+    given = [p for p in ranked if grounding.min_score <= 0 or p.score >= grounding.min_score]
+    reply = notice = ""
+    if grounding.min_score > 0 and not given and searched:
+        reply = no_source_reply(ranked[0].score if ranked else None, grounding.min_score)
+        notice = f"no passage scored above --min-score {grounding.min_score:g}; answered that no source matched"
+    elif grounding.names and (given or searched) and (missing := missing_names(message, given[:k])):
+        # With no passages at all (an empty index, or one still filling), the model asked without them makes up
+        # an answer ("Zurkle is a city nestled in the heart of Switzerland").
+        if given:
+            reply = no_name_reply(missing)
+            notice = f"no passage found mentions {', '.join(missing)}; answered that no source matched"
+        else:
+            reply = no_source_reply(None, grounding.min_score, building)
+            notice = "retrieval found no passages; answered that no source matched"
+        given = []
+    if any(p.titled for p in given[:k]):  # only a search sent a title (--title-lookup) marks any
+        # "What is Ulaanbaatar?" with its article's lead and an unrelated second hit ("Anansi is a character
+        # ..."): SmolLM2-135M answered from the last one. The document the question names answers it alone
+        # (`make eval` openings 35 to 36 of 40, follow-ups 26 to 27, no set lower).
+        given = [p for p in given[:k] if p.titled]
+    if given and grounding.cut:
+        if not grounding.repeat_earlier:  # the passages the kept history does not hold, as fit_prompt picks
+            held = {passage_key(p) for turn in history for p in turn.context}
+            given = [p for p in given if passage_key(context_of(p)) not in held]
+        given = cut_to_sentences(given[:k], grounding.context_tokens, count, score, asked_subject(message))
+    return Grounded(given, reply, notice)
+
+
+def cut_to_sentences(
+    passages: list[Passage],
+    budget: int,
+    count: Callable[[str], int],
+    score: Callable[[list[str]], np.ndarray | None],
+    subject: str,
+) -> list[Passage]:
+    """The passages cut to their sentences that best answer the searches (``score``: as the search mix scores
+    passages), within ``budget`` tokens; whole when they cannot be scored. ``subject``: what a "What is X?"
+    question asks about; the opening sentence of the document titled so is kept first."""
+    sentences = sentences_of(passages)
+    if len(sentences) <= len(passages):  # one sentence each: nothing to cut
+        return passages
+    titled = [f"{passages[s.passage].title}: {s.text}" if passages[s.passage].title else s.text for s in sentences]
+    scores = score(titled)
+    if scores is None:
+        return passages
+    first = leads(passages, sentences, subject)
+    return cut_passages(passages, sentences, scores, budget, count, first)
+
+
+def context_of(passage: Passage) -> ContextPassage:
+    """The passage as a prompt turn carries it."""
+    return ContextPassage(passage.title, passage.text, passage.source, passage.id)
+
+
+def passage_key(passage: ContextPassage) -> tuple[str, ...]:
+    """Which passage this is, to tell whether a turn already holds it."""
+    # by id when the client sent ids back: a passage cut to other sentences for another turn is still the same
+    return (passage.id,) if passage.id else (passage.title, passage.text)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Prompt formats: how a conversation and its retrieved context become the text the model sees.
 
-The orchestrator holds no model and no tokenizer, so it renders a model's chat template itself from
-the template text that the generation service reports (ModelInfo.chat_template), in the same Jinja
-sandbox transformers uses.
+The orchestrator holds no model and no transformers tokenizer, so it renders a model's chat template itself
+from the template text that the generation service reports (ModelInfo.chat_template), in the same Jinja
+sandbox transformers uses; it counts and tokenizes the result with the served ``tokenizers`` tokenizer
+(tokenizer.py).
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from loguru import logger
 
 from nightcap.credentials import Credentials
 from nightcap.records import to_message
-from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, retrieval_pb2
+from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2, generation_pb2, retrieval_pb2
 from services.common.errors import Cancelled, InvalidArgument, ServiceError, Unavailable
 from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
-from services.orchestrator.backends import GenerationBackend, RetrievalBackend
+from services.orchestrator.backends import GenerationBackend, GenerationStream, RetrievalBackend
 from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, QueryMode, TurnRequest
 from services.orchestrator.grounding import Grounding, cited
 from services.orchestrator.prompts import ContextPassage, Turn
@@ -61,25 +61,18 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         if turn.reply:
             yield from self._reply_without_model(turn, request_id)
             return
-        params = common_pb2.SamplingParams()
-        params.CopyFrom(request.params)
-        params.max_new_tokens = turn.max_new_tokens
-        del params.stop[:]
-        params.stop.extend(turn.stop)
-        stream = self.orchestrator.generation.generate(
-            turn.prompt_token_ids, params, timeout=backend_timeout_for(context), request_id=request_id
-        )
-        context.add_callback(stream.cancel)  # the client went away: stop generating
-        responses = iter(stream)
-        # the generation service validates before it streams: its errors reach the client before any message
-        try:
-            first = next(responses, None)
-        except ServiceError:
-            self.orchestrator.forget_model()  # perhaps a new model with another vocabulary: ask again next turn
-            raise
-        if first is None:
-            raise Unavailable("the generation service closed the stream without answering")
-        self.orchestrator.served_by(first.model)
+        stream, responses, first = self._generate(turn, request, request_id, context)
+        if self.orchestrator.served_by(first.model) and not self.orchestrator.prepared_for_served(turn):
+            # Another model was switched in after the turn was prepared, and it tokenizes or formats prompts
+            # differently: the ids sent mean other tokens to it. The turn is prepared again for it, once.
+            stream.cancel()
+            logger.info("chat {}: {} serves now; the turn is prepared again for it", request_id, first.model)
+            turn = self.orchestrator.prepare(turn_request(request, request_id))
+            if turn.reply:
+                yield from self._reply_without_model(turn, request_id)
+                return
+            stream, responses, first = self._generate(turn, request, request_id, context)
+            self.orchestrator.served_by(first.model)
         yield chat_pb2.ChatResponse(start=_start(turn, first.model or turn.model))
         first_delta_at = None
         answer: list[str] = []
@@ -111,6 +104,30 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     time.monotonic() - started,
                     stream.replica() or self.orchestrator.generation.address,
                 )
+
+    def _generate(
+        self, turn: PreparedTurn, request: chat_pb2.ChatRequest, request_id: str, context: grpc.ServicerContext
+    ) -> tuple[GenerationStream, Iterator[generation_pb2.GenerateResponse], generation_pb2.GenerateResponse]:
+        """The turn's Generate call, its responses, and the first of them."""
+        params = common_pb2.SamplingParams()
+        params.CopyFrom(request.params)
+        params.max_new_tokens = turn.max_new_tokens
+        del params.stop[:]
+        params.stop.extend(turn.stop)
+        stream = self.orchestrator.generation.generate(
+            turn.prompt_token_ids, params, timeout=backend_timeout_for(context), request_id=request_id
+        )
+        context.add_callback(stream.cancel)  # the client went away: stop generating
+        responses = iter(stream)
+        # the generation service validates before it streams: its errors reach the client before any message
+        try:
+            first = next(responses, None)
+        except ServiceError:
+            self.orchestrator.forget_model()  # perhaps a new model with another vocabulary: ask again next turn
+            raise
+        if first is None:
+            raise Unavailable("the generation service closed the stream without answering")
+        return stream, responses, first
 
     def _reply_without_model(self, turn: PreparedTurn, request_id: str) -> Iterator[chat_pb2.ChatResponse]:
         """The turn's fixed answer (no passage scored above --min-score), streamed as a model's would be."""
