@@ -326,7 +326,7 @@ def test_var_data_paths_name_the_files_under_nightcap_var_where_the_working_dir_
     tiny_model_dir, tmp_path, monkeypatch
 ):
     """What a `ray job submit --working-dir .` job sees: an upload of the tree without the git-ignored var/,
-    and the head's absolute NIGHTCAP_VAR. The README's var/data/... paths must name the files there."""
+    and the head's absolute NIGHTCAP_VAR. The training guide's var/data/... paths must name the files there."""
     var = tmp_path / "head-var"
     data = var / "data" / "wiki-chat"
     data.mkdir(parents=True)

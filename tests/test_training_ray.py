@@ -158,19 +158,19 @@ def test_ray_job_submit_runs_finetune_on_a_local_head(ray_head, tiny_model_dir, 
     assert final_pointer(storage, "submitted")["metrics"]["step"] == 2
 
 
-def readme_ray_job_command() -> list[str]:
-    """The `ray job submit` command of the README's training section, as a user copies it."""
-    readme = (REPO / "README.md").read_text()
-    found = re.search(r"^RAY_AUTH_MODE=token (\.venv/bin/ray job submit .*?)\n(?=\S)", readme, re.M | re.S)
-    assert found, "the README has no `ray job submit` command"
+def training_guide_ray_job_command() -> list[str]:
+    """The `ray job submit` command of the training guide (docs/training.md), as a user copies it."""
+    guide = (REPO / "docs" / "training.md").read_text()
+    found = re.search(r"^RAY_AUTH_MODE=token (\.venv/bin/ray job submit .*?)\n(?=\S)", guide, re.M | re.S)
+    assert found, "docs/training.md has no `ray job submit` command"
     return found.group(1).replace("\\\n", " ").split()
 
 
-def test_the_readme_ray_job_submit_command_works_as_written(ray_head, tiny_model_dir):
-    """The README's data paths are var/..., which the job's uploaded working dir lacks (var/ is git-ignored):
+def test_the_training_guide_s_ray_job_submit_command_works_as_written(ray_head, tiny_model_dir):
+    """The guide's data paths are var/..., which the job's uploaded working dir lacks (var/ is git-ignored):
     they must name the files under the head's NIGHTCAP_VAR. Only the address, the model (the tiny one) and
     the step count (2) are changed for the test."""
-    command = readme_ray_job_command()
+    command = training_guide_ray_job_command()
     assert "var/data/wiki-chat/train.jsonl:1" in command
     command[command.index("--address") + 1] = ray_head[0]
     command[command.index("--model") + 1] = str(tiny_model_dir)
