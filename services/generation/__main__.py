@@ -30,6 +30,7 @@ from services.common.security import (
     server_security_or_exit,
 )
 from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimits, serve_until_signalled
+from services.generation.engine.constraints import DEFAULT_COMPILE_TIMEOUT_S, ConstraintCompiler
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
@@ -97,6 +98,11 @@ def serve(
     ),
     max_new_tokens: int = typer.Option(
         256, envvar="NIGHTCAP_MAX_NEW_TOKENS", help="default max_new_tokens when a request leaves it unset"
+    ),
+    constraint_compile_timeout: float = typer.Option(
+        DEFAULT_COMPILE_TIMEOUT_S,
+        envvar="NIGHTCAP_CONSTRAINT_COMPILE_TIMEOUT",
+        help="seconds a request's constraint (JSON schema, grammar) may take to compile before it is refused",
     ),
     max_batch_size: int = typer.Option(
         32, envvar="NIGHTCAP_MAX_BATCH_SIZE", help="most sequences decoding together in one batch"
@@ -239,7 +245,8 @@ def serve(
             if group is not None
             else (lambda spec: load_model(spec, registry, device, dtype, prompt_format, swapped, runner, threads))
         )
-        serve = Serving(address, max_new_tokens, grace, ServerLimits(max_concurrent_rpcs, max_input_bytes), security)
+        limits = ServerLimits(max_concurrent_rpcs, max_input_bytes)
+        serve = Serving(address, max_new_tokens, grace, limits, security, constraint_compile_timeout)
         _serve_loaded(loaded, group, registry, load, swap_drain_seconds, serve, metrics, config)
     finally:
         if group is not None:
@@ -257,6 +264,7 @@ class Serving:
     grace: float
     limits: ServerLimits
     security: ServerSecurity
+    constraint_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT_S
 
 
 def _serve_loaded(
@@ -287,7 +295,8 @@ def _serve_loaded(
     engine = ContinuousBatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids, config, metrics, execute=execute)
     host = ModelHost(loaded, engine, registry, load=load, drain_seconds=drain_seconds)
     try:
-        running = serve_model_host(host, serve.address, serve.max_new_tokens, serve.limits, serve.security)
+        compiler = ConstraintCompiler(timeout_s=serve.constraint_compile_timeout)
+        running = serve_model_host(host, serve.address, serve.max_new_tokens, serve.limits, serve.security, compiler)
     except OSError as error:
         logger.error("{}", error)
         raise typer.Exit(2) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailabl
 from services.common.security import ServerSecurity
 from services.common.server import AsyncRunningServer, ServerLimits, ServiceBinding, start_aio_server
 from services.generation.engine import params
+from services.generation.engine.constraints import ConstraintCompiler
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.sampling import TokenLogprob
@@ -61,13 +63,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     wait out an in-place swap; prompts are tokenized) runs on the loop's few worker threads, and a stream's
     events come from the engine's thread through ``call_soon_threadsafe``."""
 
-    def __init__(self, host: ModelHost, default_max_new_tokens: int = 256) -> None:
+    def __init__(
+        self, host: ModelHost, default_max_new_tokens: int = 256, compiler: ConstraintCompiler | None = None
+    ) -> None:
         self.host = host
         self.default_max_new_tokens = default_max_new_tokens
+        self.compiler = compiler or ConstraintCompiler()
         self._tokenizer: tuple[LoadedModel, SerializedTokenizer] | None = None  # the served model's, once asked
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
+        constraint = params.constraint_spec(request.params)
+        if constraint is not None:
+            # the request waits for its own compile here, on the compiler's pool: the engine never waits for one
+            served = await asyncio.to_thread(self.host.current, remaining)
+            await self.compiler.compile_async(constraint, served.loaded)
 
         def build(loaded: LoadedModel) -> Request:
             prompt_ids = self._prompt_ids(request, loaded)
@@ -75,6 +85,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             config = params.sampling_config(
                 request.params, len(prompt_ids), loaded.context_length, self.default_max_new_tokens, loaded.vocab_size
             )
+            if constraint is not None:
+                # compiled above for this tokenizer (a cache hit); after a swap, compiled again for the new one
+                config = dataclasses.replace(config, constraint=self.compiler.compile(constraint, loaded))
             job = Request(prompt_ids=prompt_ids, config=config, deadline=_deadline(remaining))
             if request.request_id:
                 job.request_id = request.request_id
@@ -209,9 +222,11 @@ def start_generation_server(
     default_max_new_tokens: int = 256,
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
+    compiler: ConstraintCompiler | None = None,
 ) -> AsyncRunningServer:
     """nightcap.v1.Generation (and a ModelAdmin without a registry: it cannot swap) for one fixed model."""
-    return serve_model_host(ModelHost(loaded, engine, registry=None), address, default_max_new_tokens, limits, security)
+    host = ModelHost(loaded, engine, registry=None)
+    return serve_model_host(host, address, default_max_new_tokens, limits, security, compiler)
 
 
 def serve_model_host(
@@ -220,6 +235,7 @@ def serve_model_host(
     default_max_new_tokens: int = 256,
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
+    compiler: ConstraintCompiler | None = None,
 ) -> AsyncRunningServer:
     """nightcap.v1.Generation and nightcap.v1.ModelAdmin, with health and reflection, on ``address``
     (port 0: any free)."""
@@ -229,7 +245,7 @@ def serve_model_host(
         ServiceBinding(
             generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
             generation_pb2_grpc.add_GenerationServicer_to_server,
-            GenerationServicer(host, default_max_new_tokens),
+            GenerationServicer(host, default_max_new_tokens, compiler),
         ),
         ServiceBinding(
             admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"].full_name,

@@ -204,7 +204,12 @@ class ContinuousBatchingEngine:
         seed = request.config.seed if request.config.seed is not None else random.getrandbits(63)
         self._rows[id(request)] = RowState(
             sampling=RowSampling(
-                request.config, list(request.prompt_ids), request.output_ids, torch.Generator().manual_seed(seed)
+                request.config,
+                list(request.prompt_ids),
+                request.output_ids,
+                torch.Generator().manual_seed(seed),
+                # a constrained row walks its own matcher: masked before sampling, advanced by what it accepted
+                logits_mask=request.config.constraint.new_mask() if request.config.constraint is not None else None,
             ),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stops=StopSequenceMatcher(request.config.stop),

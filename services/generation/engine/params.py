@@ -2,15 +2,78 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from nightcap.v1 import common_pb2
 from services.common.errors import InvalidArgument
+from services.generation.engine.constraints import ConstraintSpec
 from services.generation.engine.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 200
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's bound)
+MAX_CONSTRAINT_CHARS = 256 * 1024
+MAX_CHOICES = 1024
+
+
+def constraint_spec(params: common_pb2.SamplingParams) -> ConstraintSpec | None:
+    """The request's constraint checked for what can be checked without compiling it; None when it has none.
+    Raises InvalidArgument naming the field."""
+    if not params.HasField("constraint"):
+        return None
+    kind = params.constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(
+            "constraint is set but empty: set one of json_schema, json_object, regex, lark, gbnf or choice"
+        )
+    field = f"constraint.{kind}"
+    if kind == "json_object":
+        if not params.constraint.json_object:
+            raise InvalidArgument("constraint.json_object must be true when set (unset the constraint for free text)")
+        return ConstraintSpec(kind, "")
+    if kind == "choice":
+        options = list(params.constraint.choice.options)
+        if not options:
+            raise InvalidArgument("constraint.choice: give at least one option")
+        if len(options) > MAX_CHOICES:
+            raise InvalidArgument(f"constraint.choice: at most {MAX_CHOICES} options, got {len(options)}")
+        if any(not option for option in options):
+            raise InvalidArgument("constraint.choice: an option is empty; every option needs at least one character")
+        return ConstraintSpec(kind, json.dumps(options))
+    text = getattr(params.constraint, kind)
+    if not text.strip():
+        raise InvalidArgument(f"{field} is empty")
+    if len(text) > MAX_CONSTRAINT_CHARS:
+        raise InvalidArgument(f"{field} is {len(text)} characters; at most {MAX_CONSTRAINT_CHARS} are allowed")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidArgument(f"constraint.json_schema: not valid JSON: {error}") from None
+        if not isinstance(schema, dict):
+            raise InvalidArgument(
+                f"constraint.json_schema: a schema is a JSON object, got {type(schema).__name__}"
+                " (for any JSON object use constraint.json_object)"
+            )
+    return ConstraintSpec(kind, text)
+
+
+def logit_bias(params: common_pb2.SamplingParams, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` checked, each bias clamped to [-100, 100], sorted by token id."""
+    if len(params.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(params.logit_bias)}")
+    biases = []
+    for token, bias in sorted(params.logit_bias.items()):
+        if token >= vocab_size:
+            raise InvalidArgument(
+                f"logit_bias: token id {token} is outside the vocabulary of {vocab_size} (ids 0..{vocab_size - 1})"
+            )
+        if math.isnan(bias):
+            raise InvalidArgument(f"logit_bias: the bias of token id {token} must be a number, got NaN")
+        biases.append((token, min(100.0, max(-100.0, bias))))
+    return tuple(biases)
 
 
 def check_prompt(prompt_tokens: int, context_length: int) -> None:
@@ -92,6 +155,11 @@ def sampling_config(
         raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
     if top_logprobs and not params.logprobs:
         raise InvalidArgument("top_logprobs needs logprobs=true")
+    if params.ignore_eos and params.HasField("constraint"):
+        raise InvalidArgument(
+            "ignore_eos cannot be combined with a constraint: the grammar decides where the output may end"
+        )
+    bias = logit_bias(params, vocab_size)
     return SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -107,4 +175,5 @@ def sampling_config(
         seed=params.seed if params.HasField("seed") else None,
         logprobs=params.logprobs,
         top_logprobs=top_logprobs,
+        logit_bias=bias,
     )

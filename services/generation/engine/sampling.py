@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,9 @@ class SamplingConfig:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), added after penalties
+    # a compiled constraint (constraints.CompiledConstraint): each row gets its own mask from it
+    constraint: Any = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +52,8 @@ class SamplingConfig:
             and self.frequency_penalty == 0.0
             and self.presence_penalty == 0.0
             and not self.logprobs
+            and not self.logit_bias
+            and self.constraint is None
         )
 
 
@@ -120,6 +126,20 @@ def apply_frequency_presence_penalties(
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """Adds each row's ``logit_bias`` (token id -> bias) to its logits; a token the row's mask forbids stays
+    forbidden (-inf plus a bias is still -inf)."""
+    rows = [r for r, bias in enumerate(biases) for _ in bias]
+    tokens = [t for bias in biases for t, _ in bias]
+    values = [b for bias in biases for _, b in bias]
+    bias = torch.zeros_like(logits)
+    device = logits.device
+    bias[torch.tensor(rows, device=device), torch.tensor(tokens, dtype=torch.long, device=device)] = torch.tensor(
+        values, dtype=logits.dtype, device=logits.device
+    )
+    return logits + bias
+
+
 def _keep_until_mass(logits: torch.Tensor, order: torch.Tensor, mass: torch.Tensor | float) -> torch.Tensor:
     """Masks every token after the ones (taken in ``order``) that already cover ``mass`` of the
     probability; the first one always stays. ``mass`` >= 1 keeps everything."""
@@ -180,6 +200,8 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[in
         scores = apply_frequency_presence_penalties(
             scores, counts, frequency, column([c.presence_penalty for c in configs])
         )
+    if any(c.logit_bias for c in configs):
+        scores = apply_logit_bias(scores, [c.logit_bias for c in configs])
     tokens = scores.argmax(-1)
     sampled = [not c.greedy for c in configs]
     if any(sampled):
