@@ -30,8 +30,9 @@ from services.orchestrator.grounding import (
     passage_key,
     weighted_scores,
 )
-from services.orchestrator.prompts import PromptFormat, PromptPieces, Turn, prompt_format_for
+from services.orchestrator.prompts import PromptFormat, PromptPieces, Turn, prompt_format_for, with_tools_described
 from services.orchestrator.tokenizer import NO_TOKENIZER, ServedTokenizer
+from services.orchestrator.tools import ToolUse, parsed_arguments
 
 
 class QueryMode(str, enum.Enum):
@@ -100,6 +101,12 @@ class TurnRequest:
     max_new_tokens: int | None = None  # None: the orchestrator's default
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    tool_use: ToolUse | None = None  # the functions the model may call
+
+    @property
+    def answers_tool_results(self) -> bool:
+        """No new user message: the turn answers the tool results that end the history."""
+        return not self.message and bool(self.history) and self.history[-1].role == "tool"
 
 
 @dataclass
@@ -120,6 +127,12 @@ class PreparedTurn:
     index_build: retrieval_pb2.IndexBuild | None = None  # the retrieval index is still being built
     numbered: bool = False  # the prompt numbers the sources, so the answer's [n] markers cite them
     served: ModelInfo | None = None  # the model the prompt was prepared for
+    tool_use: ToolUse | None = None
+    grammar: str = ""  # the Lark grammar the answer must belong to (tool calls); "" when free
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.tool_use is not None and self.tool_use.calls_allowed
 
     @property
     def context_used(self) -> bool:
@@ -204,7 +217,7 @@ def fit_prompt(
         given = {passage_key(p) for turn in rest for p in turn.context}
         fresh = [p for p in ranked if repeat or passage_key(context_of(p)) not in given][:k]
         passages = fresh[: len(fresh) - dropped_passages] if dropped_passages else fresh
-        turns = [*system, *rest, Turn(message.role, message.content, tuple(context_of(p) for p in passages))]
+        turns = [*system, *rest, replace(message, context=tuple(context_of(p) for p in passages))]
         pieces = prompt_format.pieces(turns)
         estimate = _sum_of_pieces(pieces, count) if pieces is not None else None
         token_ids: list[int] | None = None
@@ -324,11 +337,17 @@ class ChatOrchestrator:
             )
         grounding = self.grounding
         prompt_format = prompt_format_for(
-            info.prompt_format, info.chat_template, info.bos_token, info.eos_token, grounding.style
+            info.prompt_format, info.chat_template, info.bos_token, info.eos_token, grounding.style, request.tool_use
         )
         count = lambda text: self.tokens.count(tokenizer.digest, text, tokenizer.count)  # noqa: E731
         query, query_ms, ranked, notice, build, grounded = "", 0.0, [], "", None, Grounded([])
-        if request.retrieval:
+        history, message = request.history, Turn("user", request.message)
+        if request.answers_tool_results:
+            # the passages went with the user turn that asked, and the client sends them back with it
+            history, message = history[:-1], history[-1]
+        if request.tool_use is not None and not prompt_format.describes_tools:
+            history = with_tools_described(history, request.tool_use)
+        if request.retrieval and not request.answers_tool_results:
             started = time.perf_counter()
             query, searches = self._query(request, prompt_format, tokenizer)
             query_ms = (time.perf_counter() - started) * 1000
@@ -350,8 +369,8 @@ class ChatOrchestrator:
             notice = grounded.notice or found.notice
         fitted = fit_prompt(
             prompt_format,
-            request.history,
-            Turn("user", request.message),
+            history,
+            message,
             grounded.passages,
             k,
             max_new_tokens,
@@ -379,10 +398,13 @@ class ChatOrchestrator:
             notice=notice,
             query_ms=query_ms,
             history_passages=fitted.history_passages,
-            reply=grounded.reply,
+            # a required call is answered by the model whatever the passages hold
+            reply="" if request.tool_use is not None and request.tool_use.forces_call else grounded.reply,
             index_build=build,
             numbered=grounding.numbered,
             served=info,
+            tool_use=request.tool_use,
+            grammar=request.tool_use.grammar() if request.tool_use is not None else "",
         )
 
     def _sentence_scores(self, searches: list[tuple[str, float]]) -> Callable[[list[str]], np.ndarray | None]:
@@ -489,12 +511,27 @@ class ChatOrchestrator:
 
 
 def validate_turn(request: TurnRequest) -> None:
-    if not request.message.strip():
+    if not request.message.strip() and not request.answers_tool_results:
         raise InvalidArgument("the message is empty: type something to ask")
+    calls = set()
     for index, turn in enumerate(request.history):
-        if turn.role not in ("system", "user", "assistant"):
-            raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        if not turn.content.strip():
+        if turn.role not in ("system", "user", "assistant", "tool"):
+            raise InvalidArgument(
+                f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+            )
+        if turn.tool_calls and turn.role != "assistant":
+            raise InvalidArgument(f"history[{index}].tool_calls: only an assistant message makes tool calls")
+        for number, call in enumerate(turn.tool_calls):
+            if not call.id or not call.name:
+                raise InvalidArgument(f"history[{index}].tool_calls[{number}] needs an id and a name")
+            parsed_arguments(call.arguments, f"history[{index}].tool_calls[{number}].arguments")
+            calls.add(call.id)
+        if turn.role == "tool":
+            if turn.tool_call_id not in calls:
+                raise InvalidArgument(
+                    f"history[{index}].tool_call_id {turn.tool_call_id!r} answers no earlier assistant tool call"
+                )
+        elif not turn.content.strip() and not turn.tool_calls:
             raise InvalidArgument(f"history[{index}] ({turn.role}) is empty")
 
 

@@ -20,6 +20,7 @@ from services.orchestrator.backends import GenerationBackend, GenerationStream, 
 from services.orchestrator.conversation import ChatOrchestrator, PreparedTurn, QueryMode, TurnRequest
 from services.orchestrator.grounding import Grounding, cited
 from services.orchestrator.prompts import ContextPassage, Turn
+from services.orchestrator.tools import CallPiece, TextPiece, ToolCall, ToolCallParser, check_grammar, tool_use_from
 
 STATUS_TIMEOUT_S = 3.0
 # grpcio reports a call without a deadline as having about 2**63 ns left; passed on as a timeout, that
@@ -33,7 +34,19 @@ def backend_timeout_for(context: grpc.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < NO_DEADLINE_S else None
 
 
-_ROLE_NAMES = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
+_ROLE_NAMES = {
+    chat_pb2.ROLE_SYSTEM: "system",
+    chat_pb2.ROLE_USER: "user",
+    chat_pb2.ROLE_ASSISTANT: "assistant",
+    chat_pb2.ROLE_TOOL: "tool",
+}
+_CHOICE_NAMES = {
+    chat_pb2.ToolChoice.MODE_AUTO: "auto",
+    chat_pb2.ToolChoice.MODE_NONE: "none",
+    chat_pb2.ToolChoice.MODE_REQUIRED: "required",
+}
+# a generation that ended by itself: its answer is complete, so calls in it are reported as FINISH_REASON_TOOL_CALLS
+_ENDED_BY_MODEL = (common_pb2.FINISH_REASON_EOS, common_pb2.FINISH_REASON_STOP_SEQUENCE)
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
@@ -76,15 +89,28 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         yield chat_pb2.ChatResponse(start=_start(turn, first.model or turn.model))
         first_delta_at = None
         answer: list[str] = []
+        parser = ToolCallParser() if turn.parses_calls else None
+        pending_logprobs: list = []  # of text the parser holds back, sent with the next event
         for response in itertools.chain([first], responses):
             if response.text or response.logprobs:
                 first_delta_at = first_delta_at or time.monotonic()
-                answer.append(response.text)
-                yield chat_pb2.ChatResponse(delta=response.text, logprobs=response.logprobs)
+                if parser is None:
+                    answer.append(response.text)
+                    yield chat_pb2.ChatResponse(delta=response.text, logprobs=response.logprobs)
+                else:
+                    pending_logprobs.extend(response.logprobs)
+                    pieces = parser.feed(response.text)
+                    if pieces:
+                        yield from _relay_pieces(pieces, pending_logprobs, answer)
+                        pending_logprobs = []
             if response.HasField("finish"):
                 finish = response.finish
+                if parser is not None:
+                    yield from _relay_pieces(parser.finish(), pending_logprobs, answer)
                 end = _end(turn, "".join(answer))
                 end.finish_reason = finish.reason
+                if parser is not None and parser.calls and not parser.inside_call and finish.reason in _ENDED_BY_MODEL:
+                    end.finish_reason = common_pb2.FINISH_REASON_TOOL_CALLS
                 end.prompt_tokens = finish.prompt_tokens
                 end.completion_tokens = finish.generated_tokens
                 end.cached_prompt_tokens = finish.cached_prompt_tokens
@@ -114,6 +140,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         params.max_new_tokens = turn.max_new_tokens
         del params.stop[:]
         params.stop.extend(turn.stop)
+        if turn.grammar:
+            params.constraint.lark = turn.grammar
         stream = self.orchestrator.generation.generate(
             turn.prompt_token_ids, params, timeout=backend_timeout_for(context), request_id=request_id
         )
@@ -183,15 +211,41 @@ def _end(turn: PreparedTurn, answer: str) -> chat_pb2.ChatEnd:
     )
 
 
+def _relay_pieces(pieces: list[TextPiece | CallPiece], logprobs, answer: list[str]) -> Iterator[chat_pb2.ChatResponse]:
+    """The parser's pieces as ChatResponses; the tokens' logprobs go with the first."""
+    for piece in pieces:
+        if isinstance(piece, TextPiece):
+            answer.append(piece.text)
+            yield chat_pb2.ChatResponse(delta=piece.text, logprobs=logprobs)
+        else:
+            delta = chat_pb2.ToolCallDelta(index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments)
+            yield chat_pb2.ChatResponse(tool_call=delta, logprobs=logprobs)
+        logprobs = []
+
+
 def turn_request(request: chat_pb2.ChatRequest, request_id: str) -> TurnRequest:
     """The ChatRequest as the orchestrator's plain record; a history entry without a role is refused here."""
     history = []
     for index, entry in enumerate(request.history):
         if entry.role not in _ROLE_NAMES:
-            raise InvalidArgument(f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+            raise InvalidArgument(
+                f"history[{index}] has no role: use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+            )
         context = tuple(ContextPassage(p.title, p.text, p.source, p.id) for p in entry.sources)
-        history.append(Turn(_ROLE_NAMES[entry.role], entry.content, context))
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in entry.tool_calls)
+        role = _ROLE_NAMES[entry.role]
+        history.append(Turn(role, entry.content, context, calls, entry.tool_call_id, entry.name))
     params = request.params
+    choice = request.tool_choice
+    tool_use = tool_use_from(
+        request.tools,
+        _CHOICE_NAMES.get(choice.mode, "auto"),
+        choice.function,
+        request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+        params.HasField("constraint"),
+    )
+    if tool_use is not None:
+        check_grammar(tool_use)
     return TurnRequest(
         message=request.message,
         history=history,
@@ -200,6 +254,7 @@ def turn_request(request: chat_pb2.ChatRequest, request_id: str) -> TurnRequest:
         max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else None,
         stop=tuple(params.stop),
         request_id=request_id,
+        tool_use=tool_use,
     )
 
 
