@@ -14,6 +14,9 @@ from clients.client import (
     Source,
     StackStatus,
     TextDelta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     check_health,
 )
 from clients.documents import Document, DocumentReadError, read_documents
@@ -36,6 +39,9 @@ __all__ = [
     "Source",
     "StackStatus",
     "TextDelta",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "check_health",
     "read_documents",
 ]

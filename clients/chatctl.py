@@ -38,6 +38,13 @@ TopKOption = typer.Option(40, "--top-k", help="sample from the k most likely tok
 TopPOption = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1]; 1 turns it off")
 RetrievalOption = typer.Option(False, "--retrieval", help="ground answers in passages from the retrieval service")
 KOption = typer.Option(DEFAULT_K, "-k", help=f"passages to retrieve when retrieval is on (1-{MAX_K})")
+JsonSchemaOption = typer.Option(
+    None,
+    "--json-schema",
+    exists=True,
+    dir_okay=False,
+    help="a JSON Schema file: the answer is JSON valid against it (enforced token by token); printed as JSON",
+)
 TimeoutOption = typer.Option(300.0, "--timeout", help="seconds before a request is abandoned (its deadline)")
 
 
@@ -272,28 +279,51 @@ def ask(
     retrieval: bool = RetrievalOption,
     k: int = KOption,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (answer, sources, token counts)"),
+    json_schema: Path | None = JsonSchemaOption,
+    regex: str | None = typer.Option(None, "--regex", help="the whole answer matches this regular expression"),
     timeout: float = TimeoutOption,
 ) -> None:
-    """Ask one question, print the answer (and its sources), and exit."""
+    """Ask one question, print the answer (and its sources), and exit. With --json-schema or --regex only the
+    structured answer is printed (exit 1 when --max-tokens cut it short)."""
     settings = Settings(max_tokens, temperature, top_k, top_p, retrieval, k)
+    params = settings.params()
+    if json_schema is not None and regex is not None:
+        typer.echo("error: --json-schema and --regex are one constraint each: give one", err=True)
+        raise typer.Exit(2)
+    if json_schema is not None:
+        try:
+            params.json_schema = json.dumps(json.loads(json_schema.read_text()))
+        except (ValueError, OSError) as error:
+            typer.echo(f"error: {json_schema} is not a JSON file: {error}", err=True)
+            raise typer.Exit(2) from None
+    params.regex = regex
+    structured = json_schema is not None or regex is not None
     with ChatClient(address, timeout=timeout, credentials=CONNECTION.credentials) as client:
         try:
             reply = client.ask(
                 question,
-                on_text=None if as_json else lambda text: print(text, end="", flush=True),
+                on_text=None if as_json or structured else lambda text: print(text, end="", flush=True),
                 retrieval=retrieval,
                 k=k,
-                params=settings.params(),
+                params=params,
             )
         except NightcapError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
     started, finished = reply.started, reply.finished
+    parsed = None
+    if json_schema is not None and finished.finish_reason != "length":
+        try:
+            parsed = json.loads(reply.text)
+        except ValueError:
+            typer.echo(f"error: the answer is not JSON: {reply.text!r}", err=True)
+            raise typer.Exit(1) from None
     if as_json:
         print(
             json.dumps(
                 {
                     "answer": reply.text.strip(),
+                    **({"structured": parsed} if json_schema is not None else {}),
                     "model": started.model,
                     "retrieval_query": started.retrieval_query,
                     "sources": [asdict(s) for s in started.sources],
@@ -303,6 +333,12 @@ def ask(
                 ensure_ascii=False,
             )
         )
+        return
+    if structured:
+        if finished.finish_reason == "length":
+            typer.echo(f"error: --max-tokens ({max_tokens}) cut the answer short: {reply.text!r}", err=True)
+            raise typer.Exit(1)
+        print(json.dumps(parsed, ensure_ascii=False, indent=2) if json_schema is not None else reply.text)
         return
     print()
     for note in turn_notes(reply):

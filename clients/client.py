@@ -63,6 +63,7 @@ _ROLES = {
     "system": chat_pb2.ROLE_SYSTEM,
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
+    "tool": chat_pb2.ROLE_TOOL,
 }
 _ROLE_NAMES = {value: name for name, value in _ROLES.items()}
 
@@ -78,12 +79,33 @@ class NightcapError(Exception):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON Schema as text (empty: any object)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
 class Message:
-    role: str  # "system", "user" or "assistant"
+    role: str  # "system", "user", "assistant" or "tool"
     content: str
     # For a user turn: the sources its ChatStarted listed. Sent back with the history, they stay in the
     # prompt beside their turn, and later turns do not give them again.
     sources: tuple[Source, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # a tool turn: the call it answers
+    name: str = ""  # a tool turn: the function that answered
 
 
 @dataclass(frozen=True)
@@ -106,10 +128,20 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of tool call ``index``: the first carries its id and name, later ones more of its arguments."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatFinished:
     """Last event of a turn."""
 
-    finish_reason: str  # "length", "eos", "stop_sequence" or "cancelled"
+    finish_reason: str  # "length", "eos", "stop_sequence", "tool_calls" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
     context_used: bool
@@ -121,7 +153,7 @@ class ChatFinished:
     cited_ids: list[str] = field(default_factory=list)
 
 
-ChatEvent = ChatStarted | TextDelta | ChatFinished
+ChatEvent = ChatStarted | TextDelta | ToolCallDelta | ChatFinished
 
 
 @dataclass
@@ -131,6 +163,7 @@ class Reply:
     text: str
     started: ChatStarted
     finished: ChatFinished
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the calls, assembled from their pieces
 
     @property
     def cited_sources(self) -> list[tuple[int, Source]]:
@@ -171,13 +204,32 @@ class SamplingParams:
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # What the answer must be, enforced token by token; at most one: a JSON Schema as JSON text, any JSON
+    # object, a regular expression, a Lark or GBNF grammar, or one of some strings.
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    lark: str | None = None
+    gbnf: str | None = None
+    choice: list[str] | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias, clamped to [-100, 100]
 
     def to_proto(self) -> common_pb2.SamplingParams:
-        params = common_pb2.SamplingParams(stop=self.stop)
+        params = common_pb2.SamplingParams(stop=self.stop, logit_bias=self.logit_bias)
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
             value = getattr(self, name)
             if value is not None:
                 setattr(params, name, value)
+        kinds = {name: getattr(self, name) for name in ("json_schema", "regex", "lark", "gbnf")}
+        kinds = {name: value for name, value in kinds.items() if value is not None}
+        if self.json_object:
+            kinds["json_object"] = True
+        if self.choice is not None:
+            kinds["choice"] = common_pb2.Choice(options=self.choice)
+        if len(kinds) > 1:
+            raise ValueError(f"one constraint at a time, got {', '.join(kinds)}")
+        if kinds:
+            params.constraint.CopyFrom(common_pb2.Constraint(**kinds))
         return params
 
 
@@ -219,8 +271,11 @@ class ChatClient:
         params: SamplingParams | None = None,
         timeout: float | None = None,
         request_id: str = "",
+        tools: Sequence[Tool] = (),
+        tool_choice: str = "",
     ) -> Iterator[ChatEvent]:
-        """Streams one turn: a ``ChatStarted``, then ``TextDelta``s, then a ``ChatFinished``.
+        """Streams one turn: a ``ChatStarted``, then ``TextDelta``s (and ``ToolCallDelta``s when ``tools`` are
+        offered), then a ``ChatFinished``. ``tool_choice``: "auto" (default), "none", "required" or a tool's name.
 
         Closing the iterator early cancels the call, and the server stops generating."""
         request = chat_pb2.ChatRequest(
@@ -230,13 +285,21 @@ class ChatClient:
                     role=_role(m.role),
                     content=m.content,
                     sources=[to_message(s, retrieval_pb2.Passage) for s in m.sources],
+                    tool_calls=[chat_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
+                    tool_call_id=m.tool_call_id,
+                    name=m.name,
                 )
                 for m in history
             ],
             message=message,
             retrieval=retrieval,
             params=(params or SamplingParams()).to_proto(),
+            tools=[chat_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in tools],
         )
+        if tool_choice in _TOOL_MODES:
+            request.tool_choice.mode = _TOOL_MODES[tool_choice]
+        elif tool_choice:
+            request.tool_choice.function = tool_choice
         if k is not None:
             request.retrieval_k = k
         call = self._chat.Chat(request, timeout=timeout or self.timeout)
@@ -252,6 +315,7 @@ class ChatClient:
         """One turn, collected into a ``Reply``; ``on_text`` sees each piece of the answer as it streams.
         Takes the same arguments as ``chat``; an exception in ``on_text`` (Ctrl-C) cancels the call."""
         text: list[str] = []
+        calls: dict[int, list[str]] = {}
         started = finished = None
         events = self.chat(message, **kwargs)
         try:
@@ -262,13 +326,18 @@ class ChatClient:
                     text.append(event.text)
                     if on_text is not None:
                         on_text(event.text)
+                elif isinstance(event, ToolCallDelta):
+                    call = calls.setdefault(event.index, ["", "", ""])
+                    call[0], call[1] = call[0] or event.id, call[1] or event.name
+                    call[2] += event.arguments
                 else:
                     finished = event
         finally:
             events.close()
         if started is None or finished is None:
             raise NightcapError(grpc.StatusCode.INTERNAL, "the chat stream ended early", self.address)
-        return Reply(text="".join(text), started=started, finished=finished)
+        tool_calls = [ToolCall(*calls[index]) for index in sorted(calls)]
+        return Reply(text="".join(text), started=started, finished=finished, tool_calls=tool_calls)
 
     def status(self, timeout: float = 10.0) -> StackStatus:
         """The orchestrator's health and, through it, each backend's health, model and index."""
@@ -324,6 +393,13 @@ def check_health(address: str, timeout: float = 2.0, credentials: Credentials | 
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+_TOOL_MODES = {
+    "auto": chat_pb2.ToolChoice.MODE_AUTO,
+    "none": chat_pb2.ToolChoice.MODE_NONE,
+    "required": chat_pb2.ToolChoice.MODE_REQUIRED,
+}
+
+
 def _role(name: str) -> int:
     try:
         return _ROLES[name]
@@ -350,6 +426,9 @@ def _chat_event(response: chat_pb2.ChatResponse) -> ChatEvent:
         )
     if kind == "delta":
         return TextDelta(response.delta)
+    if kind == "tool_call":
+        piece = response.tool_call
+        return ToolCallDelta(piece.index, piece.id, piece.name, piece.arguments)
     end = response.end
     return ChatFinished(
         finish_reason=finish_reason_name(end.finish_reason),

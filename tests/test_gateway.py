@@ -216,10 +216,14 @@ def test_an_answer_citing_2_says_cited_2_in_the_response_and_in_the_last_chunk_o
     [
         (b"{not json", 400, None),
         (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages[0].content"),
-        (json.dumps({**ZURICH, "n": 2}).encode(), 400, "n"),
-        (json.dumps({**ZURICH, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools"),
-        (json.dumps({**ZURICH, "response_format": {"type": "json_object"}}).encode(), 400, "response_format"),
-        (json.dumps({**ZURICH, "logit_bias": {"42": 3}}).encode(), 400, "logit_bias"),
+        (json.dumps({**ZURICH, "n": 9}).encode(), 400, "n"),
+        (
+            json.dumps({**ZURICH, "tools": [{"type": "function", "function": {"name": "a b"}}]}).encode(),
+            400,
+            "tools[0].function.name",
+        ),
+        (json.dumps({**ZURICH, "response_format": {"type": "yaml"}}).encode(), 400, "response_format.type"),
+        (json.dumps({**ZURICH, "logit_bias": {"token": 3}}).encode(), 400, "logit_bias"),
         (json.dumps({**ZURICH, "frobnicate": True}).encode(), 400, "frobnicate"),
         (json.dumps({"messages": []}).encode(), 400, "messages"),
         (json.dumps({**ZURICH, "temperature": -1}).encode(), 400, "temperature"),
@@ -229,9 +233,9 @@ def test_an_answer_citing_2_says_cited_2_in_the_response_and_in_the_last_chunk_o
     ids=[
         "not-json",
         "lone-surrogate",
-        "n=2",
+        "n-beyond-max",
         "tools",
-        "json-mode",
+        "unknown-response-format",
         "logit-bias",
         "unknown-field",
         "no-messages",
@@ -401,7 +405,7 @@ def test_a_request_past_its_deadline_is_504(orchestrator_address, generation_add
 
 
 def test_metrics_count_requests_by_route_and_status(http):
-    http.post("/v1/chat/completions", json={**ZURICH, "n": 3})
+    http.post("/v1/chat/completions", json={**ZURICH, "n": 99})
     text = http.get("/metrics").text
     assert 'nightcap_gateway_requests_total{route="/v1/chat/completions",status="400"}' in text
     assert "nightcap_gateway_time_to_first_byte_seconds_bucket" in text

@@ -70,14 +70,15 @@ def test_each_error_status_arrives_as_the_sdks_own_exception(
     sdk, gateway_url, orchestrator_address, generation_address, retrieval_address, tmp_path
 ):
     with pytest.raises(openai.BadRequestError) as bad:
-        sdk.chat.completions.create(model="", messages=QUESTION, n=2)
+        sdk.chat.completions.create(model="", messages=QUESTION, n=9)  # beyond --max-n (8)
     assert bad.value.param == "n"
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="gpt-4o", messages=QUESTION)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as unnamed:
         sdk.chat.completions.create(
-            model="", messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}]
+            model="", messages=QUESTION, tools=[{"type": "function", "function": {"name": "no spaces"}}]
         )
+    assert unnamed.value.param == "tools[0].function.name"
     with pytest.raises(openai.APIStatusError) as too_large:
         sdk.chat.completions.create(model="", messages=[{"role": "user", "content": "x" * 5_000_000}])
     assert too_large.value.status_code == 413

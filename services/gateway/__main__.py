@@ -96,6 +96,9 @@ def serve(
         min=0.0,
         help="seconds one request may take (the deadline of its gRPC call; past it, 504); 0: no deadline",
     ),
+    max_n: int = typer.Option(
+        8, envvar="NIGHTCAP_MAX_N", min=1, help="most choices (n) one chat completion may ask for; beyond, 400"
+    ),
     ping_interval: float = typer.Option(
         10.0, envvar="NIGHTCAP_PING_INTERVAL", min=0.1, help="seconds of silence in a stream before a ': ping' comment"
     ),
@@ -154,6 +157,7 @@ def serve(
         max_concurrent_requests=max_concurrent_requests,
         request_timeout=request_timeout or None,
         ping_interval=ping_interval,
+        max_n=max_n,
         defaults=SamplingDefaults(temperature, top_p, top_k, max_tokens),
         tokens=tokens,
         backend_credentials=backends,

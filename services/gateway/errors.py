@@ -12,6 +12,7 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import openai_types as wire
+from services.gateway import translate
 from services.gateway.backends import GatewayError, bad_request
 
 JSON_HEADERS = {"Cache-Control": "no-store"}
@@ -31,12 +32,19 @@ def unsupported(error: wire.Unsupported) -> GatewayError:
     return bad_request(str(error), error.param, "unsupported_parameter")
 
 
-def checked(body: Any) -> None:
-    """``body.check()``: a field this server does not support is a 400 that names it."""
+def checked(body: Any, *limits: Any) -> None:
+    """``body.check(*limits)``: a field this server does not support is a 400 that names it."""
     try:
-        body.check()
+        body.check(*limits)
     except wire.Unsupported as error:
         raise unsupported(error) from None
+
+
+def named(error: GatewayError, body: Any) -> GatewayError:
+    """A backend's 400 (INVALID_ARGUMENT) with ``param`` set to the client's field its message names."""
+    if error.status == 400 and error.param is None:
+        error.param = translate.backend_param(error.message, body)
+    return error
 
 
 def _param(location: tuple) -> str | None:

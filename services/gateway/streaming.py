@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import grpc
@@ -27,24 +27,25 @@ END = object()
 
 
 class Relay:
-    """Reads a gRPC response stream into a queue in its own task, so the writer can ping while it waits and
-    a client that goes away cancels the call (``close``)."""
+    """Reads gRPC response streams (one per choice of the answer) into one queue, each in its own task, so the
+    writer can ping while it waits and a client that goes away cancels every call (``close``)."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, name: str, address: str) -> None:
-        self.call, self.name, self.address = call, name, address
+    def __init__(self, calls: Sequence[grpc.aio.UnaryStreamCall], name: str, address: str) -> None:
+        self.calls, self.name, self.address = list(calls), name, address
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._read())
+        self._tasks = [asyncio.create_task(self._read(index, call)) for index, call in enumerate(self.calls)]
 
-    async def _read(self) -> None:
+    async def _read(self, index: int, call: grpc.aio.UnaryStreamCall) -> None:
         try:
-            async for message in self.call:
-                await self._queue.put(message)
-            await self._queue.put(END)
+            async for message in call:
+                await self._queue.put((index, message))
+            await self._queue.put((index, END))
         except grpc.aio.AioRpcError as error:
-            await self._queue.put(http_error(self.name, self.address, error))
+            await self._queue.put((index, http_error(self.name, self.address, error)))
 
     async def next(self, wait: float) -> Any:
-        """The next message, END after the last, or PING when nothing came for ``wait`` seconds."""
+        """``(choice, message)``, ``(choice, END)`` after a call's last message, or PING when nothing came for
+        ``wait`` seconds."""
         if not self._queue.empty():  # a lagging writer skips the timer (wait_for makes a task per call)
             item = self._queue.get_nowait()
         else:
@@ -52,8 +53,8 @@ class Relay:
                 item = await asyncio.wait_for(self._queue.get(), wait)
             except asyncio.TimeoutError:
                 return PING
-        if isinstance(item, GatewayError):
-            raise item
+        if isinstance(item[1], GatewayError):
+            raise item[1]
         return item
 
     async def first(self, request: Request, wait: float) -> Any:
@@ -70,8 +71,10 @@ class Relay:
         return item
 
     def close(self) -> None:
-        self.call.cancel()
-        self._task.cancel()
+        for call in self.calls:
+            call.cancel()
+        for task in self._tasks:
+            task.cancel()
 
 
 class Answer:
@@ -141,10 +144,12 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def finish_reason(reason: int) -> str:
-    """OpenAI's finish reason for a generation's; a generation the server cancelled is a 503."""
+def finish_reason(reason: int, legacy: bool = False) -> str:
+    """OpenAI's finish reason for a generation's (``function_call`` for tool calls asked for by the legacy
+    ``functions``); a generation the server cancelled is a 503."""
     if reason in translate.FINISH_REASONS:
-        return translate.FINISH_REASONS[reason]
+        name = translate.FINISH_REASONS[reason]
+        return "function_call" if legacy and name == "tool_calls" else name
     raise GatewayError(
         503, "the generation was cancelled by the server (shutting down?)", "service_unavailable", None, "cancelled"
     )

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nightcap.records import IndexBuild, from_message
 from nightcap.v1 import chat_pb2, common_pb2, generation_pb2, retrieval_pb2
-from services.gateway.openai_types import ChatCompletionRequest, CompletionRequest, _Sampling
+from services.gateway.openai_types import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Constraint,
+    NamedFunction,
+    NamedToolChoice,
+    _Sampling,
+)
 
 _ROLES = {
     "system": chat_pb2.ROLE_SYSTEM,
     "developer": chat_pb2.ROLE_SYSTEM,  # OpenAI's newer name for the system turn
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
+    "tool": chat_pb2.ROLE_TOOL,
+    "function": chat_pb2.ROLE_TOOL,  # legacy: the result of an assistant's function_call
 }
-# Only OpenAI's two reasons: an end-of-sequence token and a stop sequence are both "stop".
+# OpenAI's reasons: an end-of-sequence token and a stop sequence are both "stop"; tool calls "tool_calls"
+# (a request that used the legacy ``functions`` gets "function_call" instead, see ``finish_name``).
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_EOS: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+_TOOL_MODES = {
+    "auto": chat_pb2.ToolChoice.MODE_AUTO,
+    "none": chat_pb2.ToolChoice.MODE_NONE,
+    "required": chat_pb2.ToolChoice.MODE_REQUIRED,
+}
+LEGACY_CALL_ID = "call_fn_{}"  # the id given to the n-th legacy function_call of a conversation
 SNIPPET_CHARS = 200
 
 
@@ -43,8 +63,24 @@ class SamplingDefaults:
         }
 
 
+def constraint(found: Constraint | None) -> common_pb2.Constraint | None:
+    """The proto's Constraint for a checked wire constraint."""
+    if found is None:
+        return None
+    if found.kind == "json_object":
+        return common_pb2.Constraint(json_object=True)
+    if found.kind == "choice":
+        return common_pb2.Constraint(choice=common_pb2.Choice(options=found.options))
+    return common_pb2.Constraint(**{found.kind: found.value})
+
+
 def sampling_params(
-    request: _Sampling, new_tokens: int | None, defaults: SamplingDefaults, logprobs: bool, top_logprobs: int | None
+    request: _Sampling,
+    new_tokens: int | None,
+    defaults: SamplingDefaults,
+    logprobs: bool,
+    top_logprobs: int | None,
+    wanted: Constraint | None = None,
 ) -> common_pb2.SamplingParams:
     params = common_pb2.SamplingParams(
         max_new_tokens=new_tokens or defaults.max_tokens,
@@ -62,24 +98,90 @@ def sampling_params(
             setattr(params, name, value)
     if top_logprobs is not None:
         params.top_logprobs = top_logprobs
+    for token, bias in request.bias().items():
+        params.logit_bias[token] = bias
+    proto = constraint(wanted)
+    if proto is not None:
+        params.constraint.CopyFrom(proto)
     return params
+
+
+def seeded(message: Any, index: int) -> Any:
+    """Choice ``index`` of an n-choice request: a copy whose seed (when the request set one) is seed + index, so
+    each choice differs and a seeded request is reproducible choice by choice; without a seed each choice samples
+    on its own."""
+    if index == 0:
+        return message
+    copy = type(message)()
+    copy.CopyFrom(message)
+    if copy.params.HasField("seed"):
+        copy.params.seed = (copy.params.seed + index) % 2**64
+    if copy.request_id:
+        copy.request_id = f"{copy.request_id}-{index}"
+    return copy
+
+
+def history_message(message: ChatMessage, legacy_calls: list[str]) -> chat_pb2.ChatMessage:
+    """One earlier message; ``legacy_calls`` collects the ids given to legacy function_calls so that the
+    function message after one answers it."""
+    entry = chat_pb2.ChatMessage(role=_ROLES[message.role], content=message.text())
+    for source in message.sources or ():
+        entry.sources.add(id=source.id, title=source.title, text=source.text, source=source.url)
+    for call in message.tool_calls or ():
+        entry.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+    if message.function_call is not None:
+        legacy_calls.append(LEGACY_CALL_ID.format(len(legacy_calls)))
+        entry.tool_calls.add(
+            id=legacy_calls[-1], name=message.function_call.name, arguments=message.function_call.arguments
+        )
+    if message.role == "tool":
+        entry.tool_call_id = message.tool_call_id or ""
+    if message.role == "function":
+        entry.tool_call_id = legacy_calls[-1] if legacy_calls else ""
+    if message.role in ("tool", "function") and message.name:
+        entry.name = message.name
+    return entry
+
+
+def tools(request: ChatCompletionRequest, chat: chat_pb2.ChatRequest) -> None:
+    """``tools``/``tool_choice``/``parallel_tool_calls``, or the legacy ``functions``/``function_call`` (one call
+    at a time), onto the Chat request."""
+    for definition in request.definitions():
+        chat.tools.add(
+            name=definition.name,
+            description=definition.description or "",
+            parameters=json.dumps(definition.parameters) if definition.parameters is not None else "",
+            strict=bool(definition.strict),
+        )
+    choice = request.function_call if request.legacy() else request.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        chat.tool_choice.function = choice.function.name
+    elif isinstance(choice, NamedFunction):
+        chat.tool_choice.function = choice.name
+    elif choice is not None:
+        chat.tool_choice.mode = _TOOL_MODES[choice]
+    if request.legacy():
+        chat.parallel_tool_calls = False
+    elif request.parallel_tool_calls is not None:
+        chat.parallel_tool_calls = request.parallel_tool_calls
 
 
 def chat_request(
     request: ChatCompletionRequest, request_id: str, defaults: SamplingDefaults, retrieval_default: bool
 ) -> chat_pb2.ChatRequest:
-    """The last message is the new user turn; everything before it is history, oldest first."""
+    """The last message is the new user turn; everything before it is history, oldest first. When the last
+    message is a tool result (the turn goes on after calls), every message is history and ``message`` is empty."""
     *earlier, last = request.messages
-    history = []
-    for message in earlier:
-        entry = chat_pb2.ChatMessage(role=_ROLES[message.role], content=message.text())
-        for source in message.sources or ():
-            entry.sources.add(id=source.id, title=source.title, text=source.text, source=source.url)
-        history.append(entry)
+    if last.role != "user":
+        earlier, message = request.messages, ""
+    else:
+        message = last.text()
+    legacy_calls: list[str] = []
+    history = [history_message(entry, legacy_calls) for entry in earlier]
     chat = chat_pb2.ChatRequest(
         request_id=request_id,
         history=history,
-        message=last.text(),
+        message=message,
         retrieval=retrieval_default if request.retrieval is None else request.retrieval,
         params=sampling_params(
             request,
@@ -87,10 +189,12 @@ def chat_request(
             defaults,
             bool(request.logprobs),
             request.top_logprobs if request.logprobs else None,
+            request.constraint(),
         ),
     )
     if request.retrieval_k is not None:
         chat.retrieval_k = request.retrieval_k
+    tools(request, chat)
     return chat
 
 
@@ -99,7 +203,12 @@ def generate_request(
 ) -> generation_pb2.GenerateRequest:
     wants_logprobs = request.logprobs is not None
     params = sampling_params(
-        request, request.max_tokens, defaults, wants_logprobs, request.logprobs if wants_logprobs else None
+        request,
+        request.max_tokens,
+        defaults,
+        wants_logprobs,
+        request.logprobs if wants_logprobs else None,
+        request.constraint(),
     )
     text = request.prompt_text()
     if text is not None:
@@ -202,3 +311,41 @@ def completion_logprobs(logprobs: list[generation_pb2.TokenLogprob], offset: int
         ],
         "text_offset": offsets,
     }
+
+
+# --- backend errors ------------------------------------------------------------------------------------------------
+
+_CONSTRAINT_FIELD = re.compile(r"\b(?:params\.)?constraint(?:\.(json_schema|json_object|regex|lark|gbnf|choice))?\b")
+_TOOL_FIELD = re.compile(r"\btools\[(\d+)\](?:\.(name|description|parameters|strict))?")
+_HISTORY_FIELD = re.compile(r"\bhistory\[(\d+)\]((?:\.tool_calls\[\d+\])?(?:\.\w+)?)")
+_CHOICE_FIELD = re.compile(r"\btool_choice\b")
+_BIAS_FIELD = re.compile(r"\b(?:params\.)?logit_bias\b")
+
+
+def backend_param(message: str, request: _Sampling) -> str | None:
+    """The OpenAI field a backend's INVALID_ARGUMENT names: the engine and the orchestrator name their proto fields
+    (``tools[1].name``, ``constraint.json_schema``, ``history[2].tool_call_id``); the client sent others."""
+    chat = isinstance(request, ChatCompletionRequest)
+    legacy = chat and request.legacy()  # type: ignore[union-attr]
+    if found := _TOOL_FIELD.search(message):
+        index, field = found.group(1), found.group(2)
+        where = f"functions[{index}]" if legacy else f"tools[{index}].function" if field else f"tools[{index}]"
+        return f"{where}.{field}" if field else where
+    if _CHOICE_FIELD.search(message):
+        return "function_call" if legacy else "tool_choice"
+    if _CONSTRAINT_FIELD.search(message):
+        wanted = request.constraint()  # type: ignore[attr-defined]
+        if wanted is not None:
+            return wanted.param
+        if chat and request.definitions():  # type: ignore[union-attr]
+            return "functions" if legacy else "tools"  # the grammar the orchestrator made of the tools
+        return None
+    if _BIAS_FIELD.search(message):
+        return "logit_bias"
+    if chat and (found := _HISTORY_FIELD.search(message)):
+        rest = found.group(2) or ""
+        if rest.startswith(".tool_calls[") and rest.count(".") > 1:
+            head, field = rest.rsplit(".", 1)
+            rest = f"{head}.function.{field}" if field in ("name", "arguments") else rest
+        return f"messages[{found.group(1)}]{rest}"
+    return None

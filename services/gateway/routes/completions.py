@@ -1,5 +1,6 @@
 """POST /v1/completions: a raw prompt straight to the generation service, no chat template and no
-retrieval; its stream back as one completion or as chunks."""
+retrieval; its stream back as one completion or as chunks. The constraint fields vLLM's server takes
+(``structured_outputs``, ``response_format``, ``guided_*``) become the generation's constraint."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import GatewayError
 from services.gateway.dependencies import backends, call_metadata, gateway_metrics, gateway_settings, served_model
-from services.gateway.errors import checked
+from services.gateway.errors import checked, named
 from services.gateway.streaming import END, PING, Answer, Relay, finish_reason, sse
 
 router = APIRouter()
@@ -28,9 +29,12 @@ async def completions(body: wire.CompletionRequest, request: Request) -> Respons
     request_id = dict(metadata)["x-request-id"]
     message = translate.generate_request(body, request_id, settings.defaults)
     call = backends(request).generation.Generate(message, timeout=settings.request_timeout, metadata=metadata)
-    relay = Relay(call, "generation", settings.generation)
+    relay = Relay([call], "generation", settings.generation)
     answer = CompletionAnswer(relay, f"cmpl-{request_id}", model, settings, gateway_metrics(request))
-    return await answer.respond(request, body)
+    try:
+        return await answer.respond(request, body)
+    except GatewayError as error:
+        raise named(error, body) from None
 
 
 class CompletionAnswer(Answer):
@@ -38,6 +42,7 @@ class CompletionAnswer(Answer):
 
     async def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
         completion_id, created, model, item = self.id, self.created, self.model, first
+        item = item if item is PING else item[1]
         self.metrics.open_streams.inc()
         offset = 0
         try:
@@ -67,6 +72,7 @@ class CompletionAnswer(Answer):
                         yield "data: [DONE]\n\n"
                         return
                 item = await self.next()
+                item = item if item is PING else item[1]
         except GatewayError as error:
             yield sse(wire.error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
@@ -78,6 +84,7 @@ class CompletionAnswer(Answer):
         text, logprobs, model = [], [], self.model
         item = await self.next()
         while True:
+            item = item if item is PING else item[1]
             if item is END:
                 raise GatewayError(503, "the generation service ended the stream without finishing", "server_error")
             if item is not PING:
