@@ -339,3 +339,19 @@ def cited_orchestrator_address() -> Iterator[str]:
     running = start_scripted_orchestrator(cited_turn())
     yield running.address
     running.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """tests/node/chat_client.mjs, with its @grpc/grpc-js installed (npm ci, once); skipped without node."""
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the Node.js client cannot run")
+    folder = Path(__file__).parent / "node"
+    if not (folder / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        npm = shutil.which("npm")
+        assert npm is not None, "node is here but npm is not: install npm to fetch @grpc/grpc-js"
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=folder, check=True, timeout=300)
+    return folder / "chat_client.mjs"

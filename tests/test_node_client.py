@@ -16,15 +16,6 @@ NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed: the Node.js client cannot run")
 
 
-@pytest.fixture(scope="module")
-def node_client() -> Path:
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        npm = shutil.which("npm")
-        assert npm is not None, "node is here but npm is not: install npm to fetch @grpc/grpc-js"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
-    return NODE_DIR / "chat_client.mjs"
-
-
 def run_node(script: Path, address: str, scenario: str) -> dict:
     done = subprocess.run(
         [NODE, str(script), address, scenario], capture_output=True, text=True, timeout=120, check=True
