@@ -11,7 +11,7 @@ STUBS := $(PROTOS:.proto=_pb2.py)
 # index from here, so the setup before it counts too.
 UP_STARTED := $(shell date +%s.%N)
 
-.PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs netns-tools cluster-up cluster-down
+.PHONY: help setup llamacpp protos up down status chat chromium test bench peers soak eval lint format clean ray-up ray-down finetune-demo publish-demo certs netns-tools cluster-up cluster-down cluster-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,7 +33,11 @@ protos: $(STUBS) ## regenerate the gRPC stubs from protos/
 llamacpp: setup ## build llama-cpp-python (llama.cpp) into .venv with native CPU flags, once; unpack its GGUF converter (LLAMACPP_CUDA=1: CUDA too)
 	$(PY) -m deploy.llamacpp $(if $(LLAMACPP_CUDA),--cuda)
 
-up: setup $(if $(filter llamacpp,$(RUNNER)),llamacpp) ## prepare the default model, start the stack under supervisord, ask it "Where is Zurich?" while retrieval builds the index, again once it is complete (GENERATION_REPLICAS=N, RUNNER=llamacpp)
+# RUNNER unset: generation's --runner auto, the default model's Q4_1 GGUF in llama.cpp on a CPU; a first run
+# installs llama-cpp-python in the background while transformers serves, then restarts generation on it (a
+# machine that cannot build it stays on transformers, with one line saying why). RUNNER=llamacpp builds it
+# first; RUNNER=transformers serves the de-quantized model.
+up: setup $(if $(filter llamacpp,$(RUNNER)),llamacpp) ## prepare the default model, start the stack under supervisord, ask it "Where is Zurich?" while retrieval builds the index, again once it is complete (GENERATION_REPLICAS=N, RUNNER=transformers|llamacpp)
 	$(PY) -m deploy.stack up --started-at $(UP_STARTED) $(if $(GENERATION_REPLICAS),--generation-replicas $(GENERATION_REPLICAS)) $(if $(RUNNER),--runner $(RUNNER))
 
 down: ## stop every process `make up` started
@@ -117,7 +121,7 @@ finetune-demo: setup ## fine-tune SmolLM2-135M for a few minutes on 2 CPU worker
 		--num-workers 2 --seq-length 256 --batch-size 8 --micro-batch-size 2 --lr 1e-4 --warmup-steps 1 \
 		--total-steps $(DEMO_STEPS) --eval-steps 4 --checkpoint-steps 4 --run-name finetune-demo-$$(date +%Y%m%d-%H%M%S)
 
-# Hosts on this machine (deploy/netns.py): network namespaces on a bridge, a Ray node in each. The head in h1 offers
+# Hosts on this machine (deploy/netns/): network namespaces on a bridge, a Ray node in each. The head in h1 offers
 # no CPUs, so a job's training workers land on h2..hN and their gradients cross the bridge.
 HOSTS ?= 3
 RAY_OBJECT_STORE_MEMORY ?= 1073741824
@@ -128,12 +132,17 @@ cluster-up: setup netns-tools ## HOSTS (3) namespaces h1..hN on a bridge, a Ray 
 cluster-down: ## stop every process in the hosts; remove their namespaces, links and iptables rules
 	@if [ -x $(PY) ]; then $(PY) -m deploy.netns down; else echo "nothing to stop (no $(VENV))"; fi
 
+cluster-check: setup netns-tools ## the network faults measured on hosts of their own (deploy/netns/bench.py): latency and loss table, a replica partitioned mid-stream; writes var/bench/cluster.json
+	$(PY) -m deploy.netns.bench
+
 # The newest finished finetune-demo run (its final.json), converted, gated against the served model on the run's
 # eval data, and published to the generation service `make up` started. `chatctl model rollback` undoes it.
 GENERATION_ADDRESS ?= 127.0.0.1:50051
 PUBLISH_NAME ?= wiki-chat
+# make up serves with llama.cpp, which swaps only to a version holding a GGUF; PUBLISH_GGUF= (empty) publishes without
+PUBLISH_GGUF ?= q4_1
 
-publish-demo: setup ## convert the last finetune-demo run, gate it, publish it to the running `make up` stack (PUBLISH_GGUF=q4_1: with a GGUF for RUNNER=llamacpp)
+publish-demo: setup ## convert the last finetune-demo run, gate it, publish it to the running `make up` stack (with a q4_1 GGUF, which make up's llama.cpp runner needs; PUBLISH_GGUF= for none)
 	@final=$$(ls -t var/ray/storage/finetune-demo-*/final.json 2>/dev/null | head -1); \
 	if [ -z "$$final" ]; then echo "no finished finetune-demo run under var/ray/storage: run make finetune-demo"; exit 2; fi; \
 	run=$$(basename $$(dirname $$final)); echo "publishing run $$run as $(PUBLISH_NAME)"; \

@@ -1,6 +1,7 @@
-"""Hosts made of network namespaces on a bridge (deploy/netns.py): names and addresses, no route out, a partition
-and its heal, packet loss, the delaying relay, a generation replica cut off and back, and a teardown that leaves
-nothing (namespaces, links, iptables rules, processes).
+"""Hosts made of network namespaces on a bridge (deploy/netns/): names and addresses, no route out, a partition
+and its heal, packet loss, the delaying relay, a generation replica cut off and back, 32 chats over two replicas
+with one partitioned mid-stream, tensor-parallel ranks on two hosts, and a teardown that leaves nothing
+(namespaces, links, iptables rules, processes); and the keepalive settings that make a partition visible.
 
 Two hosts per cluster, each cluster named with a prefix unique to this run (``nct<pid>``); clusters an earlier,
 killed run left are removed first. Skipped, with the reason, where namespaces cannot be made (not root, no
@@ -24,7 +25,9 @@ import psutil
 import pytest
 
 from deploy import netns
-from deploy.netns import Cluster, ClusterError
+from deploy.netns import Cluster, ClusterError, bench
+from deploy.netns import cli as netns_cli
+from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_PREFIX = re.compile(r"^nct(\d+)[a-z]?-h\d+$")
@@ -106,18 +109,44 @@ def _reaches(cluster: Cluster, host: str, target: str, port: int) -> bool:
         return False
 
 
+def test_a_server_takes_the_clients_keepalive_pings_without_a_goaway():
+    """A channel with the project's options pings every KEEPALIVE_TIME_MS, also while idle; a server with the
+    project's options answers them and keeps the connection (at gRPC's defaults it would GOAWAY too_many_pings
+    after two of them, and the channel would drop to IDLE). Needs no namespaces."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.channels import channel_options
+    from services.common.server import start_server
+
+    server = start_server([], "127.0.0.1:0")
+    states: list[grpc.ChannelConnectivity] = []
+    channel = grpc.insecure_channel(server.address, channel_options(server.address))
+    try:
+        channel.subscribe(states.append, try_to_connect=True)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        time.sleep(4 * KEEPALIVE_TIME_MS / 1000)  # four pings without a call
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert states[-1] == grpc.ChannelConnectivity.READY
+        assert states.count(grpc.ChannelConnectivity.READY) == 1, states  # never dropped and reconnected
+    finally:
+        channel.close()
+        server.stop(grace=0)
+
+
 def test_not_root_or_missing_tools_is_refused_with_the_reason(monkeypatch, tmp_path):
     import typer
 
-    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns.machine.os, "geteuid", lambda: 1000)
     assert "needs root" in netns.unavailable_reason()
     with pytest.raises(ClusterError, match="needs root"):
         Cluster(_prefix("r"), 2, state_dir=tmp_path).up()
-    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "iptables" else f"/usr/sbin/{tool}")
+    monkeypatch.setattr(netns.machine.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.machine.shutil, "which", lambda tool: None if tool == "iptables" else f"/usr/sbin/{tool}")
     assert "`iptables` (Debian: iptables)" in netns.unavailable_reason()
     with pytest.raises(typer.Exit) as exited:  # the CLI's `up` (called directly: its callback resets loguru)
-        netns.up(hosts=2, prefix=_prefix("r"), state_dir=tmp_path)
+        netns_cli.up(hosts=2, prefix=_prefix("r"), state_dir=tmp_path)
     assert exited.value.exit_code == 1
     with pytest.raises(ClusterError, match="prefix"):
         Cluster("Not-A-Prefix", 2)
@@ -230,10 +259,9 @@ import sys, time, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.channels import channel_options
 address = sys.argv[1]
-# The project's reconnect options, plus keepalive: without it a connection whose peer vanished stays READY and
-# every call ends in DEADLINE_EXCEEDED until TCP gives up (minutes); with it the channel sees the loss.
-options = channel_options(address) + [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000)]
-stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address, options))
+# the project's own options: their keepalive is what makes the channel see the loss (without it a connection whose
+# peer vanished stays READY and every call ends in DEADLINE_EXCEEDED until TCP gives up, minutes later)
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address, channel_options(address)))
 while True:
     try:
         reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -282,6 +310,147 @@ def test_a_generation_replica_in_h2_partitioned_and_healed(cluster: Cluster, tin
         for process in (client, replica):
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def three_hosts(can_make_namespaces, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """h1 for the orchestrator, h2 and h3 for a generation replica each."""
+    made = Cluster(_prefix("c"), 3, state_dir=tmp_path_factory.mktemp("three"))
+    try:
+        yield made.up()
+    finally:
+        made.down(grace=2)
+
+
+def test_32_chats_over_two_replicas_survive_one_partitioned_mid_stream(
+    three_hosts: Cluster, tiny_model_dir: Path, tmp_path: Path
+):
+    """32 chats stream from the orchestrator in h1 over replicas in h2 and h3; h3 is cut off from h1 (iptables
+    DROP) mid-way. Its chats end in UNAVAILABLE naming it within the keepalive's bound, h2's finish, none hangs;
+    every chat started once the loss was seen is answered by h2; healed, h3 serves again."""
+    result = bench.replica_partition(three_hosts, str(tiny_model_dir), tmp_path, chats=32, tokens=300)
+    lost = f"{three_hosts.host('h3').address}:{bench.GENERATION_PORT}"
+    partitioned, in_flight, after = result["partitioned_at"], result["in_flight"], result["after"]
+    hung = [chat for chat in in_flight + after if chat["status"] in ("RUNNING", "DEADLINE_EXCEEDED")]
+    assert hung == []
+    failed = [chat for chat in in_flight if chat["status"] != "OK"]
+    assert 0 < len(failed) < 32, [chat["status"] for chat in in_flight]
+    assert {chat["status"] for chat in failed} == {"UNAVAILABLE"}, failed
+    assert all(f"the generation service at {lost} failed" in chat["details"] for chat in failed), failed
+    # keepalive: a ping unanswered for KEEPALIVE_TIMEOUT_MS after at most KEEPALIVE_TIME_MS; slack for a busy CPU
+    bound = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + 4
+    assert max(chat["ended"] for chat in failed) - partitioned < bound, sorted(c["ended"] - partitioned for c in failed)
+    visible = max(chat["ended"] for chat in failed)
+    started_after = [chat for chat in after if chat["started"] > visible]
+    assert len(started_after) >= 5 and all(chat["status"] == "OK" for chat in started_after), started_after
+    assert result["seconds_to_recover"] is not None and result["seconds_to_recover"] < 30, result["served_after_heal"]
+    assert lost in result["served_after_heal"]
+
+
+TP_CLIENT = """
+import json, sys, time, grpc
+from pathlib import Path
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from services.common.channels import channel_options
+address, out, prompts = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+channel = grpc.insecure_channel(address, channel_options(address))
+grpc.channel_ready_future(channel).result(timeout=300)
+stub = generation_pb2_grpc.GenerationStub(channel)
+def generate(prompt, new_tokens):
+    params = common_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.0)
+    request = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=prompt), params=params)
+    return stub.Generate(request, timeout=300)
+result = {"greedy": [[i for r in generate(p, n) for i in r.token_ids] for p, n in prompts]}
+stream = generate([1, 2, 3], 900)
+next(stream)
+(out / "streaming").write_text("")
+while not (out / "partitioned").exists():
+    time.sleep(0.05)
+partitioned = float((out / "partitioned").read_text())
+try:
+    for _ in stream:
+        pass
+    result["stream"] = "OK"
+except grpc.RpcError as error:
+    result["stream"], result["details"] = error.code().name, error.details()
+result["ended_after_s"] = time.time() - partitioned
+try:
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+    result["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+except grpc.RpcError as error:
+    result["health"] = error.code().name
+(out / "result.json").write_text(json.dumps(result))
+"""
+GREEDY_CASES = [([5, 6, 7, 8], 24), (list(range(30, 70)), 6), ([200, 201, 420], 12)]
+TP_TIMEOUT_S = 8
+
+
+def test_tensor_parallel_ranks_on_two_hosts_match_one_rank_and_a_partition_ends_in_unavailable(
+    cluster: Cluster, tiny_model_dir: Path, tmp_path: Path
+):
+    """Rank 0 serves in h1, rank 1 runs in h2 (started there, not by rank 0), gloo over the bridge: the greedy
+    tokens are one process's. h2 cut off mid-stream: the stream ends in UNAVAILABLE and the service stops being
+    SERVING within the shard timeout, never a hang."""
+    from services.common.registry import ModelRegistry
+    from services.generation.engine.request import Request, TokenChunk
+    from services.generation.engine.sampling import SamplingConfig
+    from services.generation.loading import load_model, start_engine
+
+    engine = start_engine(load_model(str(tiny_model_dir), ModelRegistry(tmp_path / "registry")))
+    try:
+        expected = []
+        for prompt, new_tokens in GREEDY_CASES:
+            request = engine.submit(Request(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)))
+            expected.append([i for e in request.events(timeout=60) if isinstance(e, TokenChunk) for i in e.token_ids])
+    finally:
+        engine.shutdown(grace=1)
+
+    h1 = cluster.host("h1").address
+    master = {"MASTER_ADDR": h1, "MASTER_PORT": "29511", "GLOO_SOCKET_IFNAME": netns.INNER_LINK}
+    env = {**os.environ, "NIGHTCAP_SHARD_MASTER_ADDR": h1, "NIGHTCAP_SHARD_MASTER_PORT": "29511",
+           "NIGHTCAP_SHARD_LAUNCH": "external", "GLOO_SOCKET_IFNAME": netns.INNER_LINK}  # fmt: skip
+    common = ["--model", str(tiny_model_dir), "--var-dir", str(tmp_path / "var"), "--threads", "1",
+              "--shard-timeout", str(TP_TIMEOUT_S)]  # fmt: skip
+    rank0 = cluster.spawn(
+        "h1",
+        [sys.executable, "-m", "services.generation", "serve", *common, "--num-shard", "2", "--address",
+         f"{h1}:50052", "--metrics-address", "", "--insecure", "--grace", "2"],
+        env=env, log=tmp_path / "rank0.log",
+    )  # fmt: skip
+    rank1 = cluster.spawn(
+        "h2",
+        [sys.executable, "-m", "services.generation", "shard", *common],
+        env={**os.environ, **master, "RANK": "1", "WORLD_SIZE": "2"}, log=tmp_path / "rank1.log",
+    )  # fmt: skip
+    client = cluster.spawn(
+        "h1", [sys.executable, "-c", TP_CLIENT, f"{h1}:50052", str(tmp_path), json.dumps(GREEDY_CASES)],
+        log=tmp_path / "client.log",
+    )  # fmt: skip
+    logs = lambda: "\n".join((tmp_path / n).read_text()[-1500:] for n in ("rank0.log", "rank1.log", "client.log"))  # noqa: E731
+    try:
+        bench.wait_file(tmp_path / "streaming", 300, rank0, rank1, client)
+        cluster.partition("h2", peers=["h1"])
+        try:
+            bench.mark(tmp_path, "partitioned")
+            client.wait(TP_TIMEOUT_S * 3 + 20)
+            rank0.wait(TP_TIMEOUT_S * 3 + 20)  # it stops itself once a collective timed out
+        finally:
+            cluster.heal("h2")
+        rank1.wait(TP_TIMEOUT_S * 3 + 20)  # and rank 1, once its broadcast timed out
+    except (subprocess.TimeoutExpired, AssertionError):
+        raise AssertionError(f"hung or failed:\n{logs()}") from None
+    finally:
+        for process in (client, rank0, rank1):
+            process.kill()
+            process.wait(10)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["greedy"] == expected
+    assert "rank 1/2 joined the gloo group" in (tmp_path / "rank1.log").read_text()
+    assert result["stream"] == "UNAVAILABLE" and "shard" in result["details"], result
+    assert result["ended_after_s"] < TP_TIMEOUT_S + 10, result
+    assert result["health"] in ("NOT_SERVING", "UNAVAILABLE", "CANCELLED"), result
+    assert rank0.returncode != 0 and rank1.returncode != 0
 
 
 def _processes_in(inodes: set[int]) -> list[psutil.Process]:

@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
+from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from services.common.errors import AsyncErrorInterceptor, ErrorInterceptor
 from services.common.security import ServerSecurity
 
@@ -44,10 +45,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+# The clients' keepalive (services/common/channels.py) pings every KEEPALIVE_TIME_MS, calls or not: a server
+# left at gRPC's defaults (pings at most every 5 min without data, 2 strikes) answers that with GOAWAY
+# "too_many_pings" and drops the connection. It accepts them at half that interval (a ping may come early) and
+# never strikes; it pings its clients the same way, so a stream to a client cut off by a partition is cancelled
+# (and its batch slot freed) within seconds instead of after TCP's retransmissions (15 minutes).
+SERVER_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    *SERVER_KEEPALIVE_OPTIONS,
 ]
 
 

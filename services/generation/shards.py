@@ -11,6 +11,14 @@ Rank 0 owns gRPC, the scheduler and sampling. Each step it broadcasts the schedu
 operations to their shard of the KV cache and meet in the same all-reduces. While idle, rank 0 broadcasts a
 heartbeat, so every collective, idle or not, has a deadline: a rank that dies or hangs ends the service within
 ``timeout`` seconds instead of leaving it hanging.
+
+Across hosts (``Rendezvous``, from the environment): rank 0 listens for the others on
+NIGHTCAP_SHARD_MASTER_ADDR (an address they reach, not loopback) and NIGHTCAP_SHARD_MASTER_PORT, and with
+NIGHTCAP_SHARD_LAUNCH=external starts none of them itself: each is started on its own host, by whatever places
+processes there, as ``python -m services.generation shard`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+(torchrun's names). gloo talks over the interface GLOO_SOCKET_IFNAME names (else the address the host's name
+resolves to). A host cut off mid-step is a collective that times out: the service goes NOT_SERVING and its
+calls end in UNAVAILABLE within ``timeout`` seconds, as for a rank that died.
 """
 
 from __future__ import annotations
@@ -106,13 +114,39 @@ def init_rank(spec: ShardSpec, device: torch.device) -> None:
     logger.info("rank {}/{} joined the {} group on {}", spec.rank, spec.world_size, backend, device)
 
 
-def launch_ranks(world_size: int, port: int, rank_args: list[str], env: dict[str, str] | None = None):
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where rank 0 waits for the other ranks, and whether it starts them (``local``) or they are started on
+    their own hosts (``external``)."""
+
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port of master_addr (local ranks only: external ones must be told it)
+    launch: str = "local"
+
+    @classmethod
+    def from_env(cls) -> Rendezvous:
+        """NIGHTCAP_SHARD_MASTER_ADDR, NIGHTCAP_SHARD_MASTER_PORT and NIGHTCAP_SHARD_LAUNCH (local, external)."""
+        rendezvous = cls(
+            os.environ.get("NIGHTCAP_SHARD_MASTER_ADDR") or "127.0.0.1",
+            int(os.environ.get("NIGHTCAP_SHARD_MASTER_PORT") or 0),
+            os.environ.get("NIGHTCAP_SHARD_LAUNCH") or "local",
+        )
+        if rendezvous.launch not in ("local", "external"):
+            raise ValueError(f"NIGHTCAP_SHARD_LAUNCH={rendezvous.launch!r}: local or external")
+        if rendezvous.launch == "external" and not rendezvous.master_port:
+            raise ValueError("NIGHTCAP_SHARD_LAUNCH=external needs NIGHTCAP_SHARD_MASTER_PORT: the ranks are told it")
+        return rendezvous
+
+
+def launch_ranks(
+    world_size: int, port: int, rank_args: list[str], env: dict[str, str] | None = None, master_addr: str = "127.0.0.1"
+):
     """Starts ranks 1..N-1 as child processes running ``services.generation shard`` with ``rank_args``."""
     children = []
     for rank in range(1, world_size):
         child_env = {
             **os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(port),
         }  # fmt: skip
         command = [sys.executable, "-m", "services.generation", "shard", *rank_args]
         children.append(subprocess.Popen(command, env=child_env))
@@ -214,13 +248,29 @@ class ShardGroup:
         self._executor: ShardedExecutor | None = None
 
     @classmethod
-    def launch(cls, world_size: int, timeout: float, device: torch.device, rank_args: list[str]) -> ShardGroup:
-        """Starts ranks 1..N-1 and joins them as rank 0 (blocks until all have joined, or ``timeout``)."""
-        port = free_port()
-        children = launch_ranks(world_size, port, [*rank_args, "--shard-timeout", str(timeout)])
+    def launch(
+        cls,
+        world_size: int,
+        timeout: float,
+        device: torch.device,
+        rank_args: list[str],
+        rendezvous: Rendezvous | None = None,
+    ) -> ShardGroup:
+        """Starts ranks 1..N-1 (unless they are external) and joins them as rank 0 (blocks until all have
+        joined, or the join timeout). ``rendezvous``: default ``Rendezvous.from_env()``."""
+        where = rendezvous or Rendezvous.from_env()
+        port = where.master_port or free_port(where.master_addr)
+        children = []
+        if where.launch == "local":
+            rank_args = [*rank_args, "--shard-timeout", str(timeout)]
+            children = launch_ranks(world_size, port, rank_args, master_addr=where.master_addr)
+        else:
+            logger.info(
+                "waiting for ranks 1..{} on {}:{} (started on their hosts)", world_size - 1, where.master_addr, port
+            )
         group = cls(world_size, timeout, children)
         try:
-            init_rank(ShardSpec(0, world_size, "127.0.0.1", port, timeout), shard_device(device, 0))
+            init_rank(ShardSpec(0, world_size, where.master_addr, port, timeout), shard_device(device, 0))
         except Exception:
             group.close()
             raise

@@ -1,0 +1,91 @@
+"""Faults between hosts without netem: a partition (link down or iptables DROP), loss (iptables' statistic
+match on arrival) and latency (a delaying relay process placed in the path, relay.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from deploy.netns.machine import INNER_LINK, LOSS_CHAIN, PARTITION_CHAIN, ClusterError, run_command
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from deploy.netns.cluster import Cluster, Host
+
+
+class Faults:
+    """The faults a ``Cluster`` can put on its hosts (mixed into it; ``heal`` and ``loss(h, 0)`` undo them)."""
+
+    def partition(
+        self: Cluster, host: str | int | Host, *, peers: Sequence[str | int | Host] = (), method: str = "link"
+    ) -> None:
+        """Cuts ``host`` off: from everyone by taking its link down (``method="link"``) or dropping its traffic
+        (``"iptables"``); from only ``peers`` (iptables, both directions). ``heal`` undoes either."""
+        target = self.host(host)
+        if peers or method == "iptables":
+            self._chain(target, PARTITION_CHAIN)
+            sources = [self.host(peer).address for peer in peers] or [None]
+            for address in sources:
+                for flag in ("-s", "-d"):
+                    match = [flag, address] if address else []
+                    self.exec(target, ["iptables", "-A", PARTITION_CHAIN, *match, "-j", "DROP"])
+            logger.info("{}: partitioned from {} (iptables DROP)", target.name, ", ".join(map(str, peers)) or "all")
+        elif method == "link":
+            run_command(["ip", "link", "set", target.veth, "down"])
+            logger.info("{}: partitioned (link {} down)", target.name, target.veth)
+        else:
+            raise ClusterError(f"partition method {method!r}: link or iptables")
+
+    def heal(self: Cluster, host: str | int | Host) -> None:
+        """Undoes ``partition``: the link up, the DROP rules gone."""
+        target = self.host(host)
+        run_command(["ip", "link", "set", target.veth, "up"])
+        self.exec(target, ["iptables", "-F", PARTITION_CHAIN], check=False)
+        logger.info("{}: healed", target.name)
+
+    def loss(self: Cluster, host: str | int | Host, percent: float) -> None:
+        """Drops ``percent`` % of the packets arriving at ``host`` over the bridge, at random (iptables'
+        ``statistic`` match); 0 removes the rule. Round trips to it lose about that much each way in."""
+        if not 0 <= percent <= 100:
+            raise ClusterError(f"loss {percent} %: 0 to 100")
+        target = self.host(host)
+        self._chain(target, LOSS_CHAIN, output=False)
+        self.exec(target, ["iptables", "-F", LOSS_CHAIN])
+        if percent > 0:
+            rule = ["-m", "statistic", "--mode", "random", "--probability", f"{percent / 100:.6f}", "-j", "DROP"]
+            self.exec(target, ["iptables", "-A", LOSS_CHAIN, *rule])
+        logger.info("{}: {} % loss on arrival", target.name, percent)
+
+    def _chain(self: Cluster, host: Host, chain: str, output: bool = True) -> None:
+        """Makes ``chain`` in ``host`` (once) and sends the bridge's traffic through it."""
+        if self.exec(host, ["iptables", "-n", "-L", chain], check=False).returncode != 0:
+            self.exec(host, ["iptables", "-N", chain])
+        hooks = [("INPUT", "-i")] + ([("OUTPUT", "-o")] if output else [])
+        for hook, direction in hooks:
+            rule = [hook, direction, INNER_LINK, "-j", chain]
+            if self.exec(host, ["iptables", "-C", *rule], check=False).returncode != 0:
+                self.exec(host, ["iptables", "-A", *rule])
+
+    def relay(
+        self: Cluster,
+        host: str | int | Host,
+        listen_port: int,
+        target: str,
+        delay: float,
+        delay_back: float | None = None,
+        timeout: float = 30.0,
+    ) -> subprocess.Popen:
+        """A delaying TCP relay (``run_relay``) in ``host`` on its address:``listen_port``, forwarding to
+        ``target`` (host:port, names allowed) ``delay`` s later, and the answers ``delay_back`` s later."""
+        where = self.host(host)
+        command = [sys.executable, "-m", "deploy.netns", "relay", "--listen", f"{where.address}:{listen_port}",
+                   "--target", target, "--delay", str(delay)]  # fmt: skip
+        if delay_back is not None:
+            command += ["--delay-back", str(delay_back)]
+        process = self.spawn(where, command, log=self.logs / f"{where.name}-relay-{listen_port}.log")
+        self.wait_port(where, where.address, listen_port, timeout)
+        return process
