@@ -24,7 +24,7 @@ from clients.client import (
     SamplingParams,
     Source,
 )
-from clients.documents import Document, DocumentReadError, read_documents
+from clients.documents import MAX_FILE_BYTES, SUPPORTED, Document, DocumentReadError, read_documents
 from nightcap.credentials import Credentials, CredentialsError
 from nightcap.records import DEFAULT_K, MAX_K
 
@@ -108,7 +108,12 @@ class Settings:
 def format_source(number: int, source: Source, width: int = 160, cited: bool = False) -> str:
     text = source.text if len(source.text) <= width else source.text[: width - 1] + "…"
     mark = (" — by title" if source.titled else "") + (" — cited" if cited else "")
-    return f"[{number}] {source.title} ({source.source}, score {source.score:.2f}){mark}\n    {text}"
+    return f"[{number}] {source.title} ({where(source)}, score {source.score:.2f}){mark}\n    {text}"
+
+
+def where(source: Source) -> str:
+    """Where a passage came from: "report.pdf, p. 3" for a page of a PDF, else its source (a URL or path)."""
+    return f"{source.source}, p. {source.page}" if source.page else source.source
 
 
 def turn_notes(reply: Reply, tell_build: bool = True) -> list[str]:
@@ -119,7 +124,10 @@ def turn_notes(reply: Reply, tell_build: bool = True) -> list[str]:
     if notice and not (build is not None and build.repeated_in(notice)):
         notes.append(f"[{notice}]")
     if reply.cited_sources:
-        names = ", ".join(f"[{number}] {source.title or source.id}" for number, source in reply.cited_sources)
+        names = ", ".join(
+            f"[{number}] {source.title or source.id}" + (f", p. {source.page}" if source.page else "")
+            for number, source in reply.cited_sources
+        )
         notes.append(f"cited: {names}")
     return notes
 
@@ -393,7 +401,9 @@ app.add_typer(model_app, name="model")
 IndexAddressOption = typer.Option(
     DEFAULT_RETRIEVAL_ADDRESS, "--address", envvar="NIGHTCAP_RETRIEVAL_ADDRESS", help="retrieval service host:port"
 )
-PathsArgument = typer.Argument(..., help="files or folders: .txt, .md, .jsonl (a 'text' field), .parquet")
+PathsArgument = typer.Argument(
+    ..., help="files or folders: .txt, .md, .pdf, .docx, .html, .jsonl (a 'text' field), .parquet"
+)
 IdsArgument = typer.Argument(..., help="document ids (for files: the path as it was added)")
 IndexTimeoutOption = typer.Option(3600.0, "--timeout", help="seconds before one call (one batch) is abandoned")
 
@@ -412,18 +422,22 @@ def index_add(
     ),
     timeout: float = IndexTimeoutOption,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    max_file_mb: float = typer.Option(
+        MAX_FILE_BYTES / 2**20, "--max-file-mb", min=0, envvar="NIGHTCAP_MAX_FILE_MB", help="the largest file read"
+    ),
 ) -> None:
-    """Index files: each file (or JSONL line, parquet row) is one document whose id is its path.
+    """Index files: each file (or JSONL line, parquet row) is one document whose id is its path. A PDF's
+    passages know their page.
 
     Adding an id again replaces it. Every file is read before anything is sent, so a bad file sends nothing."""
     from tqdm import tqdm
 
     try:
-        documents = list(read_documents(paths))
+        documents = list(read_documents(paths, max_bytes=int(max_file_mb * 2**20)))
     except DocumentReadError as error:
         raise _index_error(error) from None
     if not documents:
-        typer.echo(f"error: no .txt, .md, .jsonl or .parquet files under {' '.join(paths)}", err=True)
+        typer.echo(f"error: no files nightcap reads ({SUPPORTED}) under {' '.join(paths)}", err=True)
         raise typer.Exit(2)
     totals = dict.fromkeys(("documents_added", "documents_replaced", "passages_added", "passages_removed"), 0)
     report = None
@@ -516,13 +530,18 @@ def index_search(
         help='also look up the documents titled so (case ignored; "X (qualifier)" too): their first passages come'
         " first",
     ),
+    mode: str = typer.Option(
+        "",
+        "--mode",
+        help="hybrid (vectors and keywords together), vector or keyword; default: the service's --search-mode",
+    ),
     address: str = IndexAddressOption,
 ) -> None:
-    """The k passages closest to the query, best first."""
+    """The k passages that best match the query, best first."""
     with IndexClient(address, timeout=60, credentials=CONNECTION.credentials) as client:
         try:
-            found = client.search(query, k, title=title)
-        except NightcapError as error:
+            found = client.search(query, k, title=title, mode=mode)
+        except (NightcapError, ValueError) as error:
             raise _index_error(error) from None
     for number, source in enumerate(found, 1):
         print(format_source(number, source))

@@ -449,6 +449,12 @@ def _fields(message: Any) -> dict[str, Any]:
 # --- the retrieval index -----------------------------------------------------------------------------------
 
 DEFAULT_RETRIEVAL_ADDRESS = os.environ.get("NIGHTCAP_RETRIEVAL_ADDRESS", RETRIEVAL_ADDRESS)
+SEARCH_MODES = {
+    "": retrieval_pb2.SEARCH_MODE_UNSPECIFIED,
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+    "vector": retrieval_pb2.SEARCH_MODE_VECTOR,
+    "keyword": retrieval_pb2.SEARCH_MODE_KEYWORD,
+}
 
 # Reads are retried on UNAVAILABLE like chat calls; writes are not (a replayed stream could commit twice).
 _INDEX_RETRY_SERVICE_CONFIG = json.dumps(
@@ -495,10 +501,15 @@ class IndexClient:
     def close(self) -> None:
         self._channel.close()
 
-    def search(self, query: str, k: int | None = None, timeout: float | None = None, title: str = "") -> list[Source]:
-        """The k passages closest to ``query``, best first; ``title``: a document title to look up, whose first
-        passage (``Source.titled``) comes first."""
-        request = retrieval_pb2.SearchRequest(query=query, title=title)
+    def search(
+        self, query: str, k: int | None = None, timeout: float | None = None, title: str = "", mode: str = ""
+    ) -> list[Source]:
+        """The k passages that best match ``query``, best first; ``title``: a document title to look up, whose
+        first passage (``Source.titled``) comes first; ``mode``: "hybrid", "vector" or "keyword" ("" for the
+        service's default)."""
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(m for m in SEARCH_MODES if m)} (or empty); got {mode!r}")
+        request = retrieval_pb2.SearchRequest(query=query, title=title, mode=SEARCH_MODES[mode])
         if k is not None:
             request.k = k
         response = self._call(self._stub.Search, request, timeout)

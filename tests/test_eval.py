@@ -47,7 +47,7 @@ def eval_retrieval(embedder, tmp_path_factory):
     from services.retrieval.retriever import Retriever
     from services.retrieval.server import start_retrieval_server
 
-    titles = [item["source"] for item in QUESTIONS["single"] + QUESTIONS["conversations"]]
+    titles = [item["source"] for item in QUESTIONS["single"] + QUESTIONS["conversations"] + QUESTIONS["keyword"]]
     folder = tmp_path_factory.mktemp("var") / "indexes" / "eval-slice"
     build_index(read_wikipedia_summaries(titles=titles), embedder, folder, progress=False)
     index = load_index(folder)
@@ -138,3 +138,34 @@ def test_the_grounded_prompt_is_measured_against_the_plain_one_in_the_same_run(
     assert {"unanswerable", "plain/unanswerable", "plain/followup/recent"} <= names
     for ratio in written["ratios"]:
         assert ratio.startswith(("answer_accuracy_vs_baseline/", "multiturn_vs_single"))
+
+
+def test_the_keyword_set_asks_for_numbers_only_one_article_holds():
+    keyword = QUESTIONS["keyword"]
+    assert len(keyword) >= 30 and {item["split"] for item in keyword} == {"dev", "heldout"}
+    assert not {item["source"] for item in keyword} & {item["source"] for item in QUESTIONS["single"]}
+    for item in keyword:
+        assert item["source"].split(" (")[0] not in item["question"]  # only the number names it
+
+
+def test_each_search_mode_is_measured_on_the_keyword_single_and_follow_up_sets(
+    generation_address, eval_retrieval, tmp_path
+):
+    questions = {
+        "keyword": QUESTIONS["keyword"][:6],
+        "single": one_of_each_kind(QUESTIONS["single"]),
+        "conversations": one_of_each_kind(QUESTIONS["conversations"]),
+    }
+    sets = run_eval.run_search_modes(questions, generation_address, eval_retrieval, progress=False)
+
+    recall = {name: evaluated.metrics()["source_recall_at_3"] for name, evaluated in sets.items()}
+    assert set(recall) == {
+        f"search/{m}/{s}" for m in ("vector", "keyword", "hybrid") for s in ("keyword", "single", "followup")
+    }
+    assert recall["search/keyword/keyword"] == recall["search/hybrid/keyword"] == 1.0
+    assert recall["search/hybrid/keyword"] > recall["search/vector/keyword"]  # numbers are what vectors miss
+    bench = run_eval.report({**sets, "single": sets["search/hybrid/single"]}, [], [], 3, "tiny")
+    written = json.loads(bench.write(tmp_path).read_text())
+    results = {r["name"]: r["metrics"] for r in written["results"] if r["params"].get("split") == "all"}
+    assert results["search/hybrid/keyword"]["source_recall_at_3"] == 1.0
+    assert written["ratios"]["hybrid_vs_vector_source_recall_at_3/single"] >= 1.0  # (undefined where vector finds 0)

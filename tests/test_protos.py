@@ -27,7 +27,7 @@ def test_every_service_in_the_contract_is_importable_with_its_methods():
         "generation": ("Generation", {"Generate", "ModelInfo", "Tokenize"}),
         "retrieval": (
             "Retrieval",
-            {"Search", "Stats", "AddDocuments", "DeleteDocuments", "Compact", "ListDocuments", "Embed"},
+            {"Search", "Stats", "AddDocuments", "DeleteDocuments", "Compact", "ListDocuments", "Embed", "Rerank"},
         ),
         "admin": ("ModelAdmin", {"ListVersions", "LoadVersion", "Rollback", "ActiveVersion"}),
         "chat": ("Chat", {"Chat", "Status"}),

@@ -104,7 +104,7 @@ def test_every_file_type_becomes_documents_with_stable_ids(tmp_path: Path, monke
     ("name", "content", "message"),
     [
         ("empty.txt", "  \n", "empty"),
-        ("notes.pdf", "%PDF", "unknown file type '.pdf'"),
+        ("sheet.xlsx", "PK", "unknown file type '.xlsx'; nightcap reads .docx, .htm, .html, .jsonl"),
         ("bad.jsonl", '{"text": "fine"}\nnot json\n', "line 2: not JSON"),
         ("notext.jsonl", '{"title": "no text"}\n', "line 1: the 'text' field is missing or empty"),
     ],

@@ -25,6 +25,11 @@ DEFAULT_K = 3  # passages per search when the caller leaves k unset
 MAX_K = 100  # the most passages one search returns: enough context for any prompt, small enough to stay fast
 
 
+# Ends each page of a paged document's text (a PDF's, as pdftotext writes them): the retrieval service cuts its
+# passages page by page, and each passage knows its page.
+PAGE_END = "\f"
+
+
 @dataclass(frozen=True)
 class Document:
     """A document to index (nightcap.v1.Document): chunked into passages by the retrieval service."""
@@ -45,6 +50,7 @@ class Passage:
     source: str = ""
     score: float = 0.0
     titled: bool = False  # found by the search's document title (placed first), not only by its score
+    page: int = 0  # the page it is on, from 1, in a paged document (a PDF); 0 in any other
 
 
 # IndexBuild.state: filling the index now, finished, stopped by an error, or (no build running in the

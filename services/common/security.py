@@ -45,6 +45,7 @@ METHOD_ROLES: dict[str, str] = {
     "/nightcap.v1.Retrieval/Search": CHAT,
     "/nightcap.v1.Retrieval/Stats": CHAT,
     "/nightcap.v1.Retrieval/Embed": CHAT,
+    "/nightcap.v1.Retrieval/Rerank": CHAT,
     "/nightcap.v1.Retrieval/ListDocuments": CHAT,
     "/nightcap.v1.Retrieval/AddDocuments": ADMIN,
     "/nightcap.v1.Retrieval/DeleteDocuments": ADMIN,
@@ -59,6 +60,7 @@ HTTP_ROUTE_ROLES: dict[str, str] = {
     "/v1/completions": CHAT,
     "/v1/models": CHAT,
     "/v1/embeddings": CHAT,
+    "/v1/rerank": CHAT,
     "/v1/index": CHAT,
     "/v1/documents": ADMIN,  # the page's "your documents": list, add, delete
 }

@@ -84,6 +84,13 @@ def serve(
     max_body_bytes: int = typer.Option(
         4 * 1024 * 1024, envvar="NIGHTCAP_MAX_BODY_BYTES", min=1, help="largest request body; larger ones get 413"
     ),
+    max_file_bytes: int = typer.Option(
+        3 * 1024 * 1024,
+        envvar="NIGHTCAP_MAX_FILE_BYTES",
+        min=1,
+        help="largest file /v1/documents reads (an uploaded file travels as base64, 4/3 of its size, within "
+        "--max-body-bytes); larger ones get 413",
+    ),
     max_concurrent_requests: int = typer.Option(
         256,
         envvar="NIGHTCAP_MAX_CONCURRENT_REQUESTS",
@@ -154,6 +161,7 @@ def serve(
         retrieval_default=retrieval_default,
         cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
         max_body_bytes=max_body_bytes,
+        max_file_bytes=max_file_bytes,
         max_concurrent_requests=max_concurrent_requests,
         request_timeout=request_timeout or None,
         ping_interval=ping_interval,

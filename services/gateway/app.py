@@ -16,7 +16,7 @@ from services.gateway.backends import Backends
 from services.gateway.errors import install_error_handlers
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import add_middlewares
-from services.gateway.routes import chat, completions, documents, embeddings, health, models
+from services.gateway.routes import chat, completions, documents, embeddings, health, models, rerank
 from services.gateway.settings import GatewaySettings
 
 
@@ -43,7 +43,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
     install_error_handlers(app)
-    for api in (chat, completions, models, embeddings, documents, health):
+    for api in (chat, completions, models, embeddings, rerank, documents, health):
         app.include_router(api.router)
     health.add_page(app, settings.web_dir)
     add_middlewares(app, settings, app.state.metrics)

@@ -17,6 +17,7 @@ back to these field names (``translate.backend_param``).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -516,9 +517,37 @@ class EmbeddingRequest(_Request):
         return list(self.input)  # type: ignore[arg-type]
 
 
+class RerankDocument(_Request):
+    text: Text
+
+
+class RerankRequest(_Request):
+    """POST /v1/rerank as llama.cpp's server and vLLM take it (Cohere's and Jina's shape)."""
+
+    query: Text = Field(min_length=1)
+    documents: list[Text | RerankDocument] = Field(min_length=1)
+    model: Text | None = None
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = False
+    user: Text | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 class UploadedFile(_Request):
+    """A file by its name (the suffix says its type) and content: text as it is, or with ``encoding: "base64"``
+    any file's bytes (what a PDF or Word file needs, and what the web page sends)."""
+
     name: Text = Field(min_length=1)
     content: Text
+    encoding: Literal["text", "base64"] = "text"
+
+    def data(self) -> bytes:
+        """The file's bytes; a ValueError when base64 content is not base64."""
+        if self.encoding == "text":
+            return self.content.encode("utf-8")
+        return base64.b64decode(self.content, validate=True)
 
 
 class NewDocument(_Request):
@@ -536,7 +565,9 @@ class DocumentsRequest(_Request):
 
     def check(self) -> None:
         if not self.files and not self.documents:
-            raise Unsupported("files", "send files ([{name, content}]) or documents ([{id, text, title, source}])")
+            raise Unsupported(
+                "files", "send files ([{name, content, encoding}]) or documents ([{id, text, title, source}])"
+            )
 
 
 # --- responses ---------------------------------------------------------------------------------------------------
@@ -602,21 +633,27 @@ def chat_choice(
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """``cached_tokens``: prompt tokens the generation service's prefix cache supplied (OpenAI's field)."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, drafted: int = 0, accepted: int = 0
+) -> dict[str, Any]:
+    """``cached_tokens``: prompt tokens the generation service's prefix cache supplied (OpenAI's field).
+    ``drafted``/``accepted``: completion tokens speculative decoding guessed from the prompt, and those kept; they
+    go where OpenAI reports its predicted outputs (accepted_prediction_tokens, rejected_prediction_tokens)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
+        },
     }
 
 
-def usage_chunk(
-    chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-) -> dict[str, Any]:
+def usage_chunk(chunk: dict[str, Any], usage_: dict[str, Any]) -> dict[str, Any]:
     """The stream's last chunk with ``include_usage``: no choices, only the usage (not glued to content)."""
-    return {**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+    return {**chunk, "choices": [], "usage": usage_}
 
 
 def chat_completion(

@@ -21,6 +21,8 @@ class GatewaySettings:
     retrieval_default: bool = True  # a chat request that does not say retrieves when a retrieval service is set
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
+    # the largest file /v1/documents reads: 3 MiB fits the default body as base64 (4/3 larger)
+    max_file_bytes: int = 3 * 1024 * 1024
     max_concurrent_requests: int = 256
     request_timeout: float | None = 600.0  # the deadline of the gRPC call behind one request
     max_n: int = 8  # most choices (``n``) one chat completion may ask for; each is its own Chat call

@@ -236,6 +236,7 @@ def source(index: int, passage: retrieval_pb2.Passage) -> dict[str, Any]:
         "id": passage.id,
         "title": passage.title,
         "url": passage.source,
+        "page": passage.page,  # from 1 for a page of a PDF; 0 for a source without pages
         "score": round(passage.score, 4),
         "snippet": snippet,
         "text": text,
@@ -273,7 +274,7 @@ def sources_markdown(found: list[dict[str, Any]], cited: Sequence[int] = ()) -> 
         return ""
     lines = [
         f"[{s['index']}] {s['title'] or s['id']}"
-        + (f" ({s['url']})" if s["url"] else "")
+        + (f" ({s['url']}" + (f", p. {s['page']}" if s["page"] else "") + ")" if s["url"] else "")
         + (" (cited)" if s["index"] in cited else "")
         for s in found
     ]

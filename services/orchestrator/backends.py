@@ -173,14 +173,22 @@ class Found:
 class RetrievalBackend(Backend):
     name = "retrieval"
 
-    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: Credentials | None = None,
+        search_mode: int = retrieval_pb2.SEARCH_MODE_UNSPECIFIED,
+    ) -> None:
+        """``search_mode``: how every search ranks (a retrieval_pb2.SearchMode); unspecified: the service's
+        default."""
         super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
+        self._search_mode = search_mode
 
     def search(self, query: str, k: int, timeout: float, title: str = "") -> Found:
         """``title``: a document title the query asks about; its first passages come first (``Passage.titled``)."""
         try:
-            request = retrieval_pb2.SearchRequest(query=query, k=k, title=title)
+            request = retrieval_pb2.SearchRequest(query=query, k=k, title=title, mode=self._search_mode)
             response = self._stub.Search(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None

@@ -114,6 +114,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 end.prompt_tokens = finish.prompt_tokens
                 end.completion_tokens = finish.generated_tokens
                 end.cached_prompt_tokens = finish.cached_prompt_tokens
+                end.drafted_tokens = finish.drafted_tokens
+                end.accepted_draft_tokens = finish.accepted_draft_tokens
                 yield chat_pb2.ChatResponse(end=end)
                 logger.info(
                     "chat {}: history={} dropped={} sources={} prompt={} (cached {}) completion={} query_ms={:.0f}"

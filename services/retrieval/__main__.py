@@ -48,7 +48,8 @@ from services.retrieval.openchatkit import (
     OpenChatKitIndex,
     find_openchatkit_files,
 )
-from services.retrieval.retriever import Retriever, Searchable
+from services.retrieval.reranker import Reranker, RerankerLoadError
+from services.retrieval.retriever import HYBRID, SEARCH_MODES, Retriever, Searchable
 from services.retrieval.server import start_retrieval_server
 
 DEFAULT_ADDRESS = RETRIEVAL_ADDRESS
@@ -216,6 +217,24 @@ def serve(
             "smaller commits show results sooner and make more segments to compact.",
         ),
     ] = COMMIT_DOCUMENTS,
+    search_mode: Annotated[
+        str,
+        typer.Option(
+            "--search-mode",
+            envvar="NIGHTCAP_SEARCH_MODE",
+            help=f"How a search that names no mode ranks: {', '.join(SEARCH_MODES)} (vector and keyword rankings "
+            "fused by their scaled scores; an OpenChatKit index searches by vector).",
+        ),
+    ] = HYBRID,
+    reranker: Annotated[
+        str | None,
+        typer.Option(
+            "--reranker",
+            envvar="NIGHTCAP_RERANKER",
+            help="sentence-transformers CrossEncoder folder or hub id (e.g. cross-encoder/ms-marco-MiniLM-L6-v2): "
+            "reorders the top 20 passages of each search, and answers Rerank (/v1/rerank). Default: none.",
+        ),
+    ] = None,
     var_dir: VarDir = None,
     embedder: EmbedderOption = None,
     device: Device = "cpu",
@@ -269,6 +288,8 @@ def serve(
     folder = index_folder(index, VarLayout.from_env(var_dir))
     settings = IndexSettings(factory=factory, search_params=search_params, mmap=mmap, compact_segments=compact_segments)
     selection = CorpusSelection.parse(build_limit, build_titles)
+    if search_mode not in SEARCH_MODES:
+        raise _fail(ValueError(f"--search-mode must be one of {', '.join(SEARCH_MODES)}; got {search_mode!r}"))
     if build_default and (read_only or find_openchatkit_files(folder) is not None):
         raise _fail(ValueError(f"--build-default fills a writable nightcap index; {folder} is served read-only"))
     searchable: Searchable
@@ -291,13 +312,13 @@ def serve(
                 # The index first: its checks are quick, the embedder takes seconds to load.
                 passage_index = load_index(folder, settings, writable=not read_only)
                 model = Embedder(embedder, device=device, quantize=quantize)
-            searchable = Retriever(model, passage_index)
+            searchable = Retriever(model, passage_index, Reranker(reranker, device) if reranker else None)
             manifest = passage_index.manifest
             logger.info("loaded {}: {} passages of {} documents", folder, manifest.passages, manifest.documents)
             if build_default:
                 ingestor = Ingestor(model, passage_index, chunking, batch_size)
                 build = _background_build(passage_index, ingestor, selection, build_commit_documents)
-    except (IndexLoadError, EmbedderLoadError, CorpusError, ValueError) as error:
+    except (IndexLoadError, EmbedderLoadError, RerankerLoadError, CorpusError, ValueError) as error:
         raise _fail(error) from None
     try:
         running = start_retrieval_server(
@@ -308,6 +329,7 @@ def serve(
             ServerLimits(max_concurrent_rpcs, max_input_bytes),
             security,
             build,
+            search_mode,
         )
     except OSError as error:
         raise _fail(error) from None

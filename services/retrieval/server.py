@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
+import numpy as np
 from loguru import logger
 
 from nightcap.records import BUILDING, DEFAULT_K, Document, Passage, from_message, to_message
@@ -18,41 +19,65 @@ from services.common.security import ServerSecurity
 from services.common.server import RunningServer, ServerLimits, ServiceBinding, start_server
 from services.retrieval.background_build import BackgroundBuild
 from services.retrieval.ingest import Chunking, Ingestor
-from services.retrieval.retriever import QueryBatcher, Retriever, Searchable
+from services.retrieval.reranker import Reranker
+from services.retrieval.retriever import HYBRID, KEYWORD, VECTOR, QueryBatcher, Retriever, Searchable, search_modes
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 REQUEST_ID_KEY = "x-request-id"
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
 # OpenAI's own bound on inputs per embeddings request.
 MAX_EMBED_TEXTS = 2048
+# A cross-encoder reads every document in full: a thousand is already seconds on a CPU.
+MAX_RERANK_DOCUMENTS = 1000
+_MODES = {
+    retrieval_pb2.SEARCH_MODE_HYBRID: HYBRID,
+    retrieval_pb2.SEARCH_MODE_VECTOR: VECTOR,
+    retrieval_pb2.SEARCH_MODE_KEYWORD: KEYWORD,
+}
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     def __init__(
-        self, searchable: Searchable, ingestor: Ingestor | None = None, build: BackgroundBuild | None = None
+        self,
+        searchable: Searchable,
+        ingestor: Ingestor | None = None,
+        build: BackgroundBuild | None = None,
+        search_mode: str = HYBRID,
     ) -> None:
         self._searchable = searchable
         self._batcher = QueryBatcher(searchable)
         self._ingestor = ingestor
         self._build = build
+        # the server's default, where the index can: an OpenChatKit index has no keyword index to fuse
+        self._default_mode = search_mode if search_mode in search_modes(searchable) else VECTOR
 
     def Search(
         self, request: retrieval_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.SearchResponse:
         started = time.perf_counter()
         k = request.k if request.HasField("k") else DEFAULT_K
-        hits = self._batcher.search(request.query, k, title=request.title)
+        mode = self._mode(request.mode)
+        hits = self._batcher.search(request.query, k, title=request.title, mode=mode)
         logger.info(
-            "search id={} query_chars={} k={} hits={} titled={} ms={:.1f}",
+            "search id={} query_chars={} k={} mode={} hits={} titled={} ms={:.1f}",
             _request_id(context),
             len(request.query),
             k,
+            mode,
             len(hits),
             sum(hit.titled for hit in hits),
             (time.perf_counter() - started) * 1000,
         )
         found = [
-            Passage(hit.passage.id, hit.passage.text, hit.passage.title, hit.passage.source, hit.score, hit.titled)
+            Passage(
+                hit.passage.id,
+                hit.passage.text,
+                hit.passage.title,
+                hit.passage.source,
+                hit.score,
+                hit.titled,
+                page=hit.passage.page,
+            )
             for hit in hits
         ]
         response = retrieval_pb2.SearchResponse(passages=[to_message(p, retrieval_pb2.Passage) for p in found])
@@ -60,6 +85,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         if build is not None and build.state == BUILDING:  # the passages come from part of the index
             response.build.CopyFrom(to_message(build, retrieval_pb2.IndexBuild))
         return response
+
+    def _mode(self, requested: int) -> str:
+        if requested == retrieval_pb2.SEARCH_MODE_UNSPECIFIED:
+            return self._default_mode
+        if requested not in _MODES:
+            names = ", ".join(retrieval_pb2.SearchMode.Name(value) for value in _MODES)
+            raise InvalidArgument(f"mode {requested} is not a search mode; use one of {names} (or leave it unset)")
+        mode = _MODES[requested]
+        if mode not in search_modes(self._searchable):
+            raise FailedPrecondition(f"this index (OpenChatKit's) has no keyword index: search it with mode {VECTOR}")
+        return mode
 
     def Stats(self, request: retrieval_pb2.StatsRequest, context: grpc.ServicerContext) -> retrieval_pb2.StatsResponse:
         stats = self._searchable.stats()
@@ -162,6 +198,42 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             normalized=embedder.normalize,
         )
 
+    def Rerank(
+        self, request: retrieval_pb2.RerankRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.RerankResponse:
+        reranker: Reranker | None = getattr(self._searchable, "reranker", None)
+        if reranker is None:
+            raise FailedPrecondition(
+                "no reranker is configured: start the retrieval service with --reranker (a sentence-transformers "
+                "CrossEncoder folder or hub id, e.g. cross-encoder/ms-marco-MiniLM-L6-v2)"
+            )
+        documents = list(request.documents)
+        if not request.query.strip():
+            raise InvalidArgument("query is empty: send the question the documents are ranked against")
+        if not 1 <= len(documents) <= MAX_RERANK_DOCUMENTS:
+            raise InvalidArgument(f"documents must hold 1 to {MAX_RERANK_DOCUMENTS} texts; got {len(documents)}")
+        empty = [i for i, text in enumerate(documents) if not text.strip()]
+        if empty:
+            raise InvalidArgument(f"documents[{empty[0]}] is empty: every document to rank needs some words")
+        if request.HasField("top_n") and request.top_n < 1:
+            raise InvalidArgument(f"top_n must be at least 1 (or unset for every document); got {request.top_n}")
+        started = time.perf_counter()
+        scores = reranker.score(request.query, documents)
+        order = np.argsort(-scores, kind="stable")[: request.top_n if request.HasField("top_n") else None]
+        tokens = reranker.count_tokens(request.query, documents)
+        logger.info(
+            "rerank id={} documents={} tokens={} ms={:.1f}",
+            _request_id(context),
+            len(documents),
+            tokens,
+            (time.perf_counter() - started) * 1000,
+        )
+        return retrieval_pb2.RerankResponse(
+            results=[retrieval_pb2.RerankResult(index=int(i), relevance_score=float(scores[i])) for i in order],
+            model=reranker.name,
+            tokens=tokens,
+        )
+
     def _writable(self) -> Ingestor:
         if self._ingestor is None:
             stats = self._searchable.stats()
@@ -191,9 +263,11 @@ def start_retrieval_server(
     limits: ServerLimits | None = None,
     security: ServerSecurity | None = None,
     build: BackgroundBuild | None = None,
+    search_mode: str = HYBRID,
 ) -> RunningServer:
     """Serves ``searchable``; a Retriever over an index opened writable also takes AddDocuments/DeleteDocuments.
-    ``build``, when given, is the background build filling the index: Stats and Search report its progress."""
+    ``build``, when given, is the background build filling the index: Stats and Search report its progress.
+    ``search_mode``: how a Search that names none ranks (where the index can; else by vector)."""
     ingestor = None
     if isinstance(searchable, Retriever) and not searchable.read_only:
         ingestor = Ingestor(searchable.embedder, searchable.index, chunking or Chunking())
@@ -202,6 +276,6 @@ def start_retrieval_server(
     binding = ServiceBinding(
         full_name=SERVICE_NAME,
         add=retrieval_pb2_grpc.add_RetrievalServicer_to_server,
-        servicer=RetrievalServicer(searchable, ingestor, build),
+        servicer=RetrievalServicer(searchable, ingestor, build, search_mode),
     )
     return start_server([binding], address, limits, security)

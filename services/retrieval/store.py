@@ -3,6 +3,13 @@
 SQLite is the commit point of an index (see index.py): one transaction changes the passages, records the
 tombstones of removed ones and names the vector segments that match them, so the two can never disagree after a
 crash.
+
+The keyword index is an FTS5 table in the same file, kept by triggers on the passage tables, so it commits in the
+same transaction as the passages it indexes: it cannot disagree with them, and nothing rebuilds it per query.
+FTS5 rather than bm25s or tantivy for that reason (one commit point, no second index to keep in step after a
+crash) and because it adds nothing to install; docs/retrieval.md has the measurements. Staged passages are those
+of a background build read from the corpus but not embedded yet: keyword searches find them at once, and the
+commit that adds a document's vectors removes its staged copy.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ CREATE TABLE IF NOT EXISTS passages (
     doc_id TEXT NOT NULL,
     title TEXT NOT NULL,
     text TEXT NOT NULL,
-    source TEXT NOT NULL
+    source TEXT NOT NULL,
+    page INTEGER NOT NULL DEFAULT 0  -- from 1 in a paged document (a PDF); 0 in any other
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages (doc_id);
 CREATE INDEX IF NOT EXISTS passages_by_title ON passages (title COLLATE NOCASE);
@@ -32,6 +40,41 @@ CREATE INDEX IF NOT EXISTS passages_by_title ON passages (title COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS dead_rows (row INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Staged rows are negative so that one keyword table holds both kinds without their rowids colliding.
+_KEYWORD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS staged_passages (
+    row INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    title TEXT NOT NULL,
+    text TEXT NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS staged_by_document ON staged_passages (doc_id);
+CREATE VIEW IF NOT EXISTS keyword_passages AS
+    SELECT row, title, text FROM passages UNION ALL SELECT row, title, text FROM staged_passages;
+-- External content: the words' index only; the text stays in the passage tables (porter: "located" finds
+-- "location"; remove_diacritics: "Zurich" finds "Zürich").
+CREATE VIRTUAL TABLE IF NOT EXISTS passage_words USING fts5(
+    title, text, content='keyword_passages', content_rowid='row',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS passage_words_add AFTER INSERT ON passages BEGIN
+    INSERT INTO passage_words (rowid, title, text) VALUES (new.row, new.title, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS passage_words_remove AFTER DELETE ON passages BEGIN
+    INSERT INTO passage_words (passage_words, rowid, title, text) VALUES ('delete', old.row, old.title, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS staged_words_add AFTER INSERT ON staged_passages BEGIN
+    INSERT INTO passage_words (rowid, title, text) VALUES (new.row, new.title, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS staged_words_remove AFTER DELETE ON staged_passages BEGIN
+    INSERT INTO passage_words (passage_words, rowid, title, text) VALUES ('delete', old.row, old.title, old.text);
+END;
+"""
+# A title match weighs double: a passage of the document named in the question outranks one that mentions it.
+_BM25 = "bm25(passage_words, 2.0, 1.0)"
 
 
 class StoreDamagedError(Exception):
@@ -54,6 +97,8 @@ class PassageStore:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
             connection.executescript(_SCHEMA)
+            _add_page_column(connection)
+            _add_keyword_index(connection)
             problems = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
         except sqlite3.DatabaseError as error:
             raise StoreDamagedError(str(error)) from error
@@ -94,12 +139,15 @@ class PassageStore:
     ) -> None:
         """One transaction: remove rows, add passages, mark rows dead (tombstones), forget tombstones whose
         vectors compaction dropped, record the new state."""
-        records = [(row, p.id, p.doc_id, p.title, p.text, p.source) for row, p in added]
+        records = [(row, p.id, p.doc_id, p.title, p.text, p.source, p.page) for row, p in added]
         with self._lock:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
                 self._connection.executemany("DELETE FROM passages WHERE row = ?", [(r,) for r in removed_rows])
-                self._connection.executemany("INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?)", records)
+                self._connection.executemany("INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?, ?)", records)
+                self._connection.executemany(  # their staged copies, now that they have vectors
+                    "DELETE FROM staged_passages WHERE doc_id = ?", [(d,) for d in {p.doc_id for _, p in added}]
+                )
                 self._connection.executemany("INSERT INTO dead_rows VALUES (?)", [(r,) for r in dead_rows])
                 self._connection.executemany("DELETE FROM dead_rows WHERE row = ?", [(r,) for r in cleared_dead_rows])
                 self._connection.execute(
@@ -118,7 +166,7 @@ class PassageStore:
         placeholders = ",".join("?" * len(rows))
         with self._lock:
             found = self._connection.execute(
-                f"SELECT row, id, doc_id, title, text, source FROM passages WHERE row IN ({placeholders})", rows
+                f"SELECT row, id, doc_id, title, text, source, page FROM passages WHERE row IN ({placeholders})", rows
             ).fetchall()
         by_row = {row: Passage(*fields) for row, *fields in found}
         missing = [row for row in rows if row not in by_row]
@@ -126,13 +174,64 @@ class PassageStore:
             raise KeyError(f"passages {missing} are in the faiss index but not in the passage store")
         return [by_row[row] for row in rows]
 
+    def keyword_search(self, expression: str, limit: int) -> list[tuple[int, float, Passage]]:
+        """(row, bm25 score, passage) of up to ``limit`` passages matching the FTS5 ``expression``, best first
+        (FTS5's bm25 is lower for better matches). Staged passages have negative rows and no vectors yet."""
+        with self._lock:  # the rows and their passages from one state: a commit may move a staged passage
+            found = self._connection.execute(
+                f"SELECT rowid, {_BM25} AS score FROM passage_words WHERE passage_words MATCH ? ORDER BY score LIMIT ?",
+                (expression, limit),
+            ).fetchall()
+            committed = [row for row, _ in found if row >= 0]
+            staged = [row for row, _ in found if row < 0]
+            passages: dict[int, Passage] = {}
+            for table, rows in (("passages", committed), ("staged_passages", staged)):
+                if rows:
+                    placeholders = ",".join("?" * len(rows))
+                    for row, *fields in self._connection.execute(
+                        f"SELECT * FROM {table} WHERE row IN ({placeholders})", rows
+                    ):
+                        passages[row] = Passage(*fields)
+        return [(row, score, passages[row]) for row, score in found if row in passages]
+
+    def stage(self, passages: Sequence[Passage]) -> None:
+        """Replaces the staged passages with these (one transaction): keyword searches find them from now on,
+        and each is removed when a commit adds its document."""
+        # rows -n..-1 in the passages' order, so a document's first passage is its lowest row, as in ``passages``
+        records = [(row - len(passages), p.id, p.doc_id, p.title, p.text, p.source) for row, p in enumerate(passages)]
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                self._connection.execute("DELETE FROM staged_passages")
+                self._connection.executemany("INSERT INTO staged_passages VALUES (?, ?, ?, ?, ?, ?)", records)
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+
+    def first_staged_passages_titled(self, title: str, limit: int) -> list[Passage]:
+        """``first_passages_titled`` of the staged passages (documents a build has not embedded yet)."""
+        qualified = title.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " (%"
+        with self._lock:
+            found = self._connection.execute(
+                "SELECT row, id, doc_id, title, text, source FROM staged_passages WHERE row IN"
+                " (SELECT MIN(row) FROM staged_passages WHERE title = ? COLLATE NOCASE OR title LIKE ? ESCAPE '\\'"
+                " GROUP BY doc_id) ORDER BY title = ? COLLATE NOCASE DESC, row LIMIT ?",
+                (title, qualified, title, limit),
+            ).fetchall()
+        return [Passage(*fields) for _, *fields in found]
+
+    def count_staged(self) -> int:
+        with self._lock:
+            return self._connection.execute("SELECT COUNT(*) FROM staged_passages").fetchone()[0]
+
     def first_passages_titled(self, title: str, limit: int) -> list[Passage]:
         """The first passage of up to ``limit`` documents titled ``title`` (ASCII case
         ignored), or titled so with a qualifier in brackets ("Utopia (book)"): those titled exactly first."""
         qualified = title.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " (%"
         with self._lock:
             found = self._connection.execute(
-                "SELECT row, id, doc_id, title, text, source FROM passages WHERE row IN"
+                "SELECT row, id, doc_id, title, text, source, page FROM passages WHERE row IN"
                 " (SELECT MIN(row) FROM passages WHERE title = ? COLLATE NOCASE OR title LIKE ? ESCAPE '\\'"
                 " GROUP BY doc_id)"  # a document's passages are stored in order: its lowest row is its first
                 " ORDER BY title = ? COLLATE NOCASE DESC, row LIMIT ?",
@@ -165,3 +264,25 @@ class PassageStore:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def _add_keyword_index(connection: sqlite3.Connection) -> None:
+    """Creates the keyword index, filled from the passages, in a store written before it had one (one
+    transaction: a crash leaves the store without it, and the next open makes it again)."""
+    if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'passage_words'").fetchone():
+        return
+    try:
+        connection.executescript(
+            f"BEGIN IMMEDIATE; {_KEYWORD_SCHEMA}; INSERT INTO passage_words (passage_words) VALUES ('rebuild'); COMMIT;"
+        )
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _add_page_column(connection: sqlite3.Connection) -> None:
+    """Adds the page column to a store written before passages knew their page (their page reads 0)."""
+    columns = {name for _, name, *_ in connection.execute("PRAGMA table_info(passages)")}
+    if "page" not in columns:
+        connection.execute("ALTER TABLE passages ADD COLUMN page INTEGER NOT NULL DEFAULT 0")

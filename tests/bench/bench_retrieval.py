@@ -20,7 +20,11 @@ Three parts, each measured side by side with its baseline in this one run:
    interleaved slice by slice so that load from other work on the machine hits all of them alike.
 3. Quality: a question per article made from its Wikipedia description ("Painting by Georges Seurat" ->
    "What is the painting by Georges Seurat?"), the article as the expected source: recall@1, recall@5, MRR@10
-   over articles; for the default fp32 embedder and the int8-quantized one.
+   over articles; for the default fp32 embedder and the int8-quantized one, and for hybrid search.
+4. The keyword index: staging every passage of the default corpus into it (what a background build does before
+   it embeds) against embedding them (extrapolated from a sample), and its size against the vectors'. Hybrid
+   search's p50 against vector-only on the same index is measured in part 1 (the synthetic passages carry the
+   text of the real passage their vector mostly comes from, so bm25 sees a real vocabulary repeated).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -67,8 +72,9 @@ from services.retrieval.index import (  # noqa: E402
     load_index,
 )
 from services.retrieval.ingest import Ingestor  # noqa: E402
-from services.retrieval.retriever import QueryBatcher, Retriever  # noqa: E402
+from services.retrieval.retriever import HYBRID, VECTOR, QueryBatcher, Retriever  # noqa: E402
 from services.retrieval.server import start_retrieval_server  # noqa: E402
+from services.retrieval.store import PassageStore  # noqa: E402
 
 DIMENSION = 384
 CONCURRENT_CALLERS = 32
@@ -113,15 +119,23 @@ def corpus_vectors(embedder: Embedder, article_count: int, cache: Path) -> np.nd
     return vectors
 
 
-def mixture_vectors(base: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+def base_texts(article_count: int) -> list[str]:
+    """The texts of the passages ``corpus_vectors`` embeds, in its order."""
+    return [p.text for d in read_wikipedia_summaries(limit=article_count) for p in passages_of(d)]
+
+
+def mixture_vectors(base: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The mixtures, and for each the base passage it mostly is (its text stands in for the mixture's)."""
     out = np.empty((count, base.shape[1]), dtype=np.float32)
+    primary = np.empty(count, dtype=np.int64)
     for start in range(0, count, 100_000):
         n = min(100_000, count - start)
         weight = rng.uniform(0, MIX_MAX, (n, 1)).astype(np.float32)
-        block = (1 - weight) * base[rng.integers(0, len(base), n)] + weight * base[rng.integers(0, len(base), n)]
+        primary[start : start + n] = rng.integers(0, len(base), n)
+        block = (1 - weight) * base[primary[start : start + n]] + weight * base[rng.integers(0, len(base), n)]
         block += rng.standard_normal(block.shape, dtype=np.float32) * NOISE
         out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
+    return out, primary
 
 
 class PrecomputedQueries:
@@ -136,12 +150,27 @@ class PrecomputedQueries:
         return self.index.search_many(self.queries[[int(q[1:]) for q in queries]], k)
 
 
-def build(folder: Path, factory: str, train_sample: int, vectors: np.ndarray) -> tuple[PassageIndex, float]:
-    """Creates the index and commits every vector in one step; the time is train + add + the durable commit."""
+class PrecomputedEmbedder:
+    """A Retriever's embedder with embedding taken out of the timing: texts' vectors are looked up."""
+
+    name, dimension = "minilm-mixtures-384", DIMENSION
+
+    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+        self.vectors = vectors
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        return np.stack([self.vectors[text] for text in texts])
+
+
+def build(
+    folder: Path, factory: str, train_sample: int, vectors: np.ndarray, texts: list[str]
+) -> tuple[PassageIndex, float]:
+    """Creates the index and commits every vector in one step; the time is train + add + the durable commit
+    (the keyword index's inserts included)."""
     settings = IndexSettings(factory=factory, train_sample=train_sample or 262_144)
     create_index(folder, "minilm-mixtures-384", DIMENSION, settings)
     index = load_index(folder, settings, writable=True)
-    passages = [Passage(f"d{i}#0", f"d{i}", "", f"passage {i}", "") for i in range(len(vectors))]
+    passages = [Passage(f"d{i}#0", f"d{i}", "", text, "") for i, text in enumerate(texts)]
     started = time.perf_counter()
     index.commit(Change(passages=passages, vectors=vectors))
     return index, time.perf_counter() - started
@@ -184,17 +213,38 @@ def measure(index: PassageIndex, queries: np.ndarray, exact_rows: np.ndarray | N
     }
 
 
+def measure_hybrid(index: PassageIndex, queries: np.ndarray, questions: list[str], k: int = 3) -> dict:
+    """p50 of one search through the Retriever (fusion, cosines of keyword hits) by vector and by hybrid, one
+    caller on one core, alternating so that load drifts hit both alike. Query embedding is looked up."""
+    embedder = PrecomputedEmbedder(dict(zip(questions, queries, strict=True)))
+    retriever = Retriever(embedder, index)  # type: ignore[arg-type]
+    faiss.omp_set_num_threads(1)
+    samples = min(
+        len(questions), 50 if index.manifest.factory == "IDMap2,Flat" and index.manifest.passages > 100_000 else 300
+    )
+    times: dict[str, list[float]] = {VECTOR: [], HYBRID: []}
+    for i in range(samples):
+        for mode in (VECTOR, HYBRID) if i % 2 else (HYBRID, VECTOR):
+            times[mode].append(timed(lambda m=mode, q=questions[i]: retriever.search_batch([q], k, mode=m)) * 1000)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    p50 = {mode: float(np.percentile(values, 50)) for mode, values in times.items()}
+    return {"vector_p50_ms": round(p50[VECTOR], 3), "hybrid_p50_ms": round(p50[HYBRID], 3),
+            "hybrid_vs_vector_p50": round(p50[HYBRID] / p50[VECTOR], 3), "k": k}  # fmt: skip
+
+
 def bench_index_speed(
     report: BenchReport, sizes: list[int], query_count: int, workdir: Path, embedder: Embedder, args: argparse.Namespace
 ) -> None:
     rng = np.random.default_rng(0)
     base = corpus_vectors(embedder, args.base_articles, (args.var_dir or ROOT / "var") / "bench" / "cache")
+    texts = base_texts(args.base_articles)
     _, questions = evaluation_set(args.base_articles)
-    queries = embedder.encode([q for q, _ in questions[:query_count]])  # real questions, embedded for real
+    query_texts = [q for q, _ in questions[:query_count]]
+    queries = embedder.encode(query_texts)  # real questions, embedded for real
     add_sets = add100_sets(embedder, args.base_articles)
     for size in sizes:
         logger.info("index speed at {} vectors: mixing {} real passage vectors", size, len(base))
-        vectors = mixture_vectors(base, size, rng)
+        vectors, primary = mixture_vectors(base, size, rng)
         exact_rows: np.ndarray | None = None
         for factory, search_params, train_sample in INDEXES.get(size, INDEXES[100_000]):
             if factory.startswith("HNSW") and size > args.hnsw_max:
@@ -203,7 +253,7 @@ def bench_index_speed(
             logger.info("{} vectors, {}: building", size, factory)
             gc.collect()
             folder = workdir / f"n{size}-{len(report.results)}"
-            index, build_seconds = build(folder, factory, train_sample, vectors)
+            index, build_seconds = build(folder, factory, train_sample, vectors, [texts[i] for i in primary])
             for params in search_params:
                 index.set_search_params(params)
                 metrics = measure(index, queries, exact_rows, factory)
@@ -219,6 +269,15 @@ def bench_index_speed(
                 params_row = {"vectors": size, "dim": DIMENSION, "data": f"MiniLM mixtures of {len(base)} passages"}
                 report.add("index_search", system, label, params_row, metrics)
                 logger.info("{}: {}", label, metrics)
+            if not factory.startswith("HNSW"):  # hybrid against vector on the default factory and the large one
+                hybrid = measure_hybrid(index, queries, query_texts)
+                data = {"vectors": size, "data": "MiniLM mixtures, texts of their main passage"}
+                report.add("hybrid_search", "nightcap", f"{factory} {search_params[-1]}".strip(), data, hybrid)
+                logger.info("hybrid against vector, {} {}: {}", factory, search_params[-1], hybrid)
+                short = "flat" if factory == "IDMap2,Flat" else "ivf"
+                report.ratio(f"hybrid_vs_vector_p50_{size // 1000}k_{short}", hybrid["hybrid_vs_vector_p50"])
+                if size == max(sizes) and short == "ivf":  # the large-index default's
+                    report.ratio("hybrid_vs_vector_p50", hybrid["hybrid_vs_vector_p50"])
             if size == max(sizes) and not factory.startswith("HNSW"):
                 bench_add100(report, index, factory, search_params[-1], add_sets, embedder, workdir, vectors)
             index.close()
@@ -360,11 +419,12 @@ def evaluation_set(article_count: int) -> tuple[list, list[tuple[str, str]]]:
     return documents, questions
 
 
-def quality(retriever: Retriever, questions: list[tuple[str, str]]) -> dict[str, float]:
+def quality(retriever: Retriever, questions: list[tuple[str, str]], mode: str = VECTOR) -> dict[str, float]:
     ranks = []
     for start in tqdm(range(0, len(questions), 64), desc="evaluating", unit="batch"):
         batch = questions[start : start + 64]
-        for (_, expected), hits in zip(batch, retriever.search_batch([q for q, _ in batch], 30), strict=True):
+        found = retriever.search_batch([q for q, _ in batch], 30, mode=mode)
+        for (_, expected), hits in zip(batch, found, strict=True):
             titles = list(dict.fromkeys(h.passage.title for h in hits))  # rank articles, not passages
             ranks.append(titles.index(expected) + 1 if expected in titles else None)
     return {
@@ -481,6 +541,8 @@ def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None
         found = quality(services[q].retriever, questions)
         report.add("ingest", "nightcap AddDocuments", name, params,
                    {"passages_per_s": round(rates[(q, "service")], 1), **found})  # fmt: skip
+    hybrid = quality(services["none"].retriever, questions, HYBRID)
+    report.add("quality", "nightcap hybrid search", "all-MiniLM-L6-v2 + FTS5 bm25", params, hybrid)
     report.add("build", "nightcap build-index (one offline build)", "all-MiniLM-L6-v2", params,
                {"passages_per_s": round(rates[("none", "build")], 1)})  # fmt: skip
     report.add("build", "nightcap background build (make up: serve --build-default)", "all-MiniLM-L6-v2", params,
@@ -493,6 +555,40 @@ def bench_corpus(report: BenchReport, article_count: int, workdir: Path) -> None
     for service in services.values():
         service.close()
         service.retriever.index.close()
+
+
+# --- 4. the keyword index against the vectors, on the whole default corpus ------------------------------------
+
+EMBED_SAMPLE = 512  # passages embedded to time the vector build (all of them take minutes here)
+
+
+def bench_keyword_index(report: BenchReport, workdir: Path, embedder: Embedder) -> None:
+    """Stages every passage of the default corpus (one transaction: the text and its keyword index), as a
+    background build does before it embeds; its size is the store's with the index against without it."""
+    passages = [p for d in read_wikipedia_summaries() for p in passages_of(d)]
+    store = PassageStore.open(workdir / "keywords.sqlite")
+    keyword_seconds = timed(lambda: store.stage(passages))
+    store.checkpoint()
+    store.close()
+    with_index = (workdir / "keywords.sqlite").stat().st_size
+    plain = workdir / "plain.sqlite"
+    shutil.copy(workdir / "keywords.sqlite", plain)
+    connection = sqlite3.connect(plain, isolation_level=None)
+    connection.executescript("DROP TABLE passage_words; VACUUM;")
+    connection.close()
+    keyword_bytes = with_index - plain.stat().st_size
+    sample = [p.text for p in passages[:: max(1, len(passages) // EMBED_SAMPLE)]][:EMBED_SAMPLE]
+    embedder.encode(sample[:32])  # warm up
+    vector_seconds = timed(lambda: embedder.encode(sample)) * len(passages) / len(sample)
+    vector_bytes = len(passages) * embedder.dimension * 4  # IDMap2,Flat: the float32 vectors, plus 8 bytes an id
+    params = {"passages": len(passages), "documents": len({p.doc_id for p in passages})}
+    report.add("keyword_index", "nightcap FTS5 (stage every passage)", "porter unicode61", params,
+               {"build_s": round(keyword_seconds, 2), "index_mb": round(keyword_bytes / 2**20, 1)})  # fmt: skip
+    report.add("keyword_index", "vector build (all-MiniLM-L6-v2, extrapolated from a sample)", "IDMap2,Flat",
+               {**params, "sample": len(sample)},
+               {"build_s": round(vector_seconds, 1), "index_mb": round(vector_bytes / 2**20, 1)})  # fmt: skip
+    report.ratio("keyword_vs_vector_build_time", keyword_seconds / vector_seconds)
+    report.ratio("keyword_vs_vector_index_size", keyword_bytes / vector_bytes)
 
 
 def main() -> None:
@@ -509,6 +605,7 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size at which HNSW is built")
     parser.add_argument("--skip-index", action="store_true", help="skip part 1 (index speed and add100)")
     parser.add_argument("--skip-corpus", action="store_true", help="skip parts 2 and 3 (ingestion and quality)")
+    parser.add_argument("--skip-keywords", action="store_true", help="skip part 4 (the keyword index)")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default $NIGHTCAP_VAR or var/)")
     args = parser.parse_args()
     report = BenchReport("retrieval")
@@ -516,6 +613,8 @@ def main() -> None:
     logger.info("load before the run: {}", os.getloadavg())
     try:
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as workdir:
+            if not args.skip_keywords:
+                bench_keyword_index(report, Path(workdir), Embedder())
             if not args.skip_corpus:
                 bench_corpus(report, args.articles, Path(workdir))
             if not args.skip_index:

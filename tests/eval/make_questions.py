@@ -11,7 +11,11 @@ Single-turn questions name their subject ("How many people live in Accra?"); con
 question as a follow-up with a pronoun, which only the earlier turn explains. The two sets use different
 articles. About a third of each set is held out: tune on the rest (`--split dev`), report both.
 
-A third set is unanswerable: the same questions about made-up names that no article of the corpus mentions
+A keyword set asks what only a number in one article answers, the kind of question an embedder handles poorly:
+a city by its population ("Which city has a population of 613,111?"), kept only when no other article holds that
+number; cities the other sets do not use.
+
+A fourth set is unanswerable: the same questions about made-up names that no article of the corpus mentions
 ("How many people live in Torvalune?"), so whatever the search returns does not hold the answer, and a
 trustworthy answer says so.
 """
@@ -32,6 +36,7 @@ SINGLE_PER_KIND = 20
 CONVERSATIONS_PER_KIND = (14, 13, 13)  # cities, people, things: 40 conversations
 HELD_OUT_EVERY = 3  # every third question of a kind is held out
 UNANSWERABLE_PER_KIND = 10
+KEYWORD_QUESTIONS = 36
 # Made-up names are built from these syllables and kept only when no article contains them.
 _SYLLABLES = ("tor", "va", "lune", "mer", "drav", "os", "quin", "bel", "thar", "ik", "sol", "ven", "grim", "ora")
 _GIVEN_NAMES = ("Ilsa", "Tomas", "Perrin", "Ada", "Oskar", "Mirela", "Jonah", "Livia", "Bram", "Katya")
@@ -157,6 +162,30 @@ def unanswerable(documents: list[Document]) -> list[dict]:
     return questions
 
 
+def keyword_set(found: dict[str, list[Article]], documents: list[Document]) -> list[dict]:
+    """Cities asked about by their population, where no other article holds that number."""
+    corpus = [d.text for d in documents]
+    questions = []
+    used = SINGLE_PER_KIND + CONVERSATIONS_PER_KIND[0]  # the cities of the other sets
+    for article in sorted(found["city"], key=_order)[used:]:
+        if sum(1 for text in corpus if article.second_answer in text) != 1:
+            continue
+        number = len(questions)
+        questions.append(
+            {
+                "id": f"keyword-city-{number}",
+                "kind": "city",
+                "split": _split(number),
+                "question": f"Which city has a population of {article.second_answer}?",
+                "source": article.title,
+                "answer_words": [name(article)],
+            }
+        )
+        if len(questions) == KEYWORD_QUESTIONS:
+            break
+    return questions
+
+
 def build() -> dict:
     found: dict[str, list[Article]] = {"city": [], "person": [], "thing": []}
     documents = list(read_wikipedia_summaries())
@@ -196,6 +225,7 @@ def build() -> dict:
         "single": single,
         "conversations": conversations,
         "unanswerable": unanswerable(documents),
+        "keyword": keyword_set(found, documents),
     }
 
 
@@ -204,7 +234,7 @@ def main() -> None:
     OUT.write_text(json.dumps(questions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(
         f"{len(questions['single'])} single-turn questions, {len(questions['conversations'])} conversations,"
-        f" {len(questions['unanswerable'])} unanswerable questions"
+        f" {len(questions['unanswerable'])} unanswerable questions, {len(questions['keyword'])} keyword questions"
     )
     print(f"articles of each kind in the corpus: {questions['counts']} -> {OUT}")
 

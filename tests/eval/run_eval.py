@@ -15,6 +15,11 @@ the same backends, each question asked of every variant at about the same time. 
   a loss elsewhere);
 - p50 / p95 latency of the whole turn, and p50 time to the first event (ChatStart: the search is done).
 
+Beside them, how each search mode finds sources (`search/<vector|keyword|hybrid>/<keyword|single|followup>`,
+source recall and MRR; turns prepared by an orchestrator whose searches all ask for that mode, not generated),
+with the ratios `hybrid_vs_vector_source_recall_at_3/<set>`. The `keyword` set asks what only a number in one
+article answers ("Which city has a population of 613,111?").
+
 Sets: `single` (questions that name their subject), `opening` (the first turn of each conversation),
 `followup/<mode>` (the second turn, with the first turn as history, for each query mode; `last` is the
 last-message-only baseline) and `unanswerable` (questions about made-up names); a variant other than the first
@@ -47,6 +52,7 @@ from report import BenchReport  # noqa: E402
 
 from clients.client import ChatClient, Reply, SamplingParams  # noqa: E402
 from nightcap.records import GENERATION_ADDRESS, RETRIEVAL_ADDRESS  # noqa: E402
+from nightcap.v1 import retrieval_pb2  # noqa: E402
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend  # noqa: E402
 from services.orchestrator.conversation import ChatOrchestrator, QueryMode, TurnRequest  # noqa: E402
 from services.orchestrator.grounding import Grounding  # noqa: E402
@@ -356,6 +362,59 @@ def run_retrieval_only(
     return sets
 
 
+SEARCH_MODES = {
+    "vector": retrieval_pb2.SEARCH_MODE_VECTOR,
+    "keyword": retrieval_pb2.SEARCH_MODE_KEYWORD,
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+}
+
+
+def run_search_modes(
+    questions: dict[str, Any],
+    generation: str,
+    retrieval: str,
+    k: int = 3,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, EvalSet]:
+    """Source recall of each search mode (``search/<mode>/<set>``) on the keyword, single and follow-up sets,
+    each turn prepared (not generated) by a real orchestrator in the default query mode whose searches all ask
+    for that mode. The unanswerable set has no source to find: it is left out here."""
+    sets: dict[str, EvalSet] = {}
+    keyword, single = questions.get("keyword", [])[:limit], questions["single"][:limit]
+    conversations = questions["conversations"][:limit]
+    for name, mode in SEARCH_MODES.items():
+        orchestrator = ChatOrchestrator(
+            GenerationBackend(generation), RetrievalBackend(retrieval, search_mode=mode), query_mode=DEFAULT_MODE
+        )
+
+        def prepared(question: str, history: list[Turn], source: str, split: str, o=orchestrator) -> tuple:
+            started = time.perf_counter()
+            turn = o.prepare(TurnRequest(question, history, retrieval=True, k=k, max_new_tokens=1))
+            seconds = time.perf_counter() - started
+            return Outcome(
+                rank_of(source, turn.retrieved_ids, k), None, seconds, seconds, split, turn.retrieval_query
+            ), turn
+
+        try:
+            for base, items in (("keyword", keyword), ("single", single)):
+                evaluated = sets.setdefault(f"search/{name}/{base}", EvalSet(f"search/{name}/{base}"))
+                for item in tqdm(items, desc=f"{name} search: {base}", disable=not progress):
+                    evaluated.outcomes.append(prepared(item["question"], [], item["source"], item["split"])[0])
+            evaluated = sets.setdefault(f"search/{name}/followup", EvalSet(f"search/{name}/followup"))
+            for conversation in tqdm(conversations, desc=f"{name} search: follow-ups", disable=not progress):
+                opening, follow_up = conversation["turns"]
+                source, split = conversation["source"], conversation["split"]
+                _, turn = prepared(opening["question"], [], source, split)
+                context = tuple(ContextPassage(p.title, p.text, p.source) for p in turn.sources)
+                history = [Turn("user", opening["question"], context), Turn("assistant", NOT_GENERATED)]
+                evaluated.outcomes.append(prepared(follow_up["question"], history, source, split)[0])
+        finally:
+            orchestrator.generation.close()
+            orchestrator.retrieval.close()
+    return {name: evaluated for name, evaluated in sets.items() if evaluated.outcomes}
+
+
 def _outcome(source: str, item: dict[str, Any], reply: Reply, seconds: float, start: float, k: int) -> Outcome:
     scores = [passage.score for passage in reply.started.sources]
     return Outcome(
@@ -415,6 +474,11 @@ def report(
         ours, theirs = evaluated.metrics().get(metric), sets[f"{baseline}/{name}"].metrics().get(metric)
         if ours is not None and theirs:  # undefined when the baseline got none right: both are in the results
             bench.ratio(f"answer_accuracy_vs_baseline/{name}", ours / theirs)
+    for base in ("keyword", "single", "followup"):  # what hybrid search gains on each set
+        hybrid, vector = sets.get(f"search/hybrid/{base}"), sets.get(f"search/vector/{base}")
+        if hybrid and vector and vector.metrics()["source_recall_at_3"]:
+            ratio = hybrid.metrics()["source_recall_at_3"] / vector.metrics()["source_recall_at_3"]
+            bench.ratio(f"hybrid_vs_vector_source_recall_at_3/{base}", ratio)
     if single and single["source_recall_at_3"]:
         for mode in modes:
             follow_up = sets[f"followup/{mode.value}"].metrics()
@@ -477,12 +541,20 @@ def main() -> None:
         action="store_true",
         help="prepare each turn (query, search, prompt) without generating: recall and MRR in seconds, no answers",
     )
+    parser.add_argument(
+        "--skip-search-modes",
+        action="store_true",
+        help="skip the source recall of vector, keyword and hybrid search on the keyword, single and follow-up sets",
+    )
     args = parser.parse_args()
     modes = [QueryMode(m) for m in args.modes.split(",")]
     questions = json.loads(args.questions.read_text(encoding="utf-8"))
     generation = GenerationBackend(args.generation)
     model = generation.model_info(30).name
     generation.close()
+    search_sets = {}
+    if not args.skip_search_modes:
+        search_sets = run_search_modes(questions, args.generation, args.retrieval, args.k, args.limit)
     if args.retrieval_only:
         sets, rewrites = run_retrieval_only(questions, args.generation, args.retrieval, modes, args.k, args.limit), []
         modes = [mode for mode in modes if mode is not QueryMode.CONDENSE]
@@ -499,6 +571,7 @@ def main() -> None:
             args.concurrency,
             variants(args.variants, args.min_score),
         )
+    sets.update(search_sets)
     bench = report(sets, rewrites, modes, args.k, model, 0 if args.retrieval_only else args.concurrency)
     bench.write()
     if args.samples:

@@ -89,7 +89,13 @@ class ChatAnswer(Answer):
     def _usage(self, ends: list[chat_pb2.ChatEnd]) -> dict[str, Any]:
         # as OpenAI counts n choices: the prompt once, the completions summed
         first = ends[0]
-        return wire.usage(first.prompt_tokens, sum(end.completion_tokens for end in ends), first.cached_prompt_tokens)
+        return wire.usage(
+            first.prompt_tokens,
+            sum(end.completion_tokens for end in ends),
+            first.cached_prompt_tokens,
+            sum(end.drafted_tokens for end in ends),
+            sum(end.accepted_draft_tokens for end in ends),
+        )
 
     async def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
         completion_id, created, model = self.id, self.created, self.model

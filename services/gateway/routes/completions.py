@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from nightcap.v1 import generation_pb2
 from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import GatewayError
@@ -64,11 +65,7 @@ class CompletionAnswer(Answer):
                         self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
                         if include_usage:
                             tail = wire.completion_chunk(completion_id, created, model, "")
-                            yield sse(
-                                wire.usage_chunk(
-                                    tail, finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens
-                                )
-                            )
+                            yield sse(wire.usage_chunk(tail, _usage(finish)))
                         yield "data: [DONE]\n\n"
                         return
                 item = await self.next()
@@ -104,5 +101,15 @@ class CompletionAnswer(Answer):
             finish_reason(finish.reason),
             translate.completion_logprobs(logprobs, 0) if logprobs else None,
         )
-        body["usage"] = wire.usage(finish.prompt_tokens, finish.generated_tokens, finish.cached_prompt_tokens)
+        body["usage"] = _usage(finish)
         return body
+
+
+def _usage(finish: generation_pb2.Finish) -> dict[str, Any]:
+    return wire.usage(
+        finish.prompt_tokens,
+        finish.generated_tokens,
+        finish.cached_prompt_tokens,
+        finish.drafted_tokens,
+        finish.accepted_draft_tokens,
+    )

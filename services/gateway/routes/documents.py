@@ -8,11 +8,13 @@ from typing import Any
 import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from clients.documents import DocumentReadError, documents_from_text
+from clients.documents import DocumentReadError, FileTooLargeError, documents_of_file
+from nightcap.records import Document
 from nightcap.v1 import retrieval_pb2
 from services.gateway import openai_types as wire
-from services.gateway.backends import bad_request
+from services.gateway.backends import GatewayError, bad_request
 from services.gateway.dependencies import call_metadata, gateway_settings, retrieval_error, retrieval_stub
 from services.gateway.errors import JSON_HEADERS, checked
 
@@ -49,17 +51,19 @@ async def list_documents(request: Request, limit: int = 100, after: str = "") ->
 
 @router.post("/v1/documents")
 async def add_documents(body: wire.DocumentsRequest, request: Request) -> JSONResponse:
+    """Files are read here, by the reader chatctl uses, all before anything is sent: a bad file adds nothing."""
     checked(body)
+    max_bytes = gateway_settings(request).max_file_bytes
     documents = []
     for index, upload in enumerate(body.files):
-        try:
-            documents += [(d.id, d.text, d.title, d.source) for d in documents_from_text(upload.name, upload.content)]
-        except DocumentReadError as error:
-            raise bad_request(str(error), f"files[{index}]") from None
-    documents += [(d.id, d.text, d.title, d.source) for d in body.documents]
+        # parsing a PDF takes a while: off the event loop, so other requests go on meanwhile
+        documents += await run_in_threadpool(read_upload, upload, index, max_bytes)
+    documents += [Document(d.id, d.text, d.title, d.source) for d in body.documents]
     messages = [
-        retrieval_pb2.AddDocumentsRequest(document=retrieval_pb2.Document(id=i, text=t, title=title, source=src))
-        for i, t, title, src in documents
+        retrieval_pb2.AddDocumentsRequest(
+            document=retrieval_pb2.Document(id=d.id, text=d.text, title=d.title, source=d.source)
+        )
+        for d in documents
     ]
     try:
         report = await retrieval_stub(request).AddDocuments(
@@ -100,6 +104,22 @@ async def delete_document(doc_id: str, request: Request) -> JSONResponse:
         },
         headers=JSON_HEADERS,
     )
+
+
+def read_upload(upload: wire.UploadedFile, index: int, max_bytes: int) -> list[Document]:
+    """The documents of one uploaded file, or the error that names it: 413 over the size limit, else 400."""
+    param = f"files[{index}]"
+    try:
+        data = upload.data()
+    except ValueError:
+        raise bad_request(f"{upload.name}: the content is not base64", f"{param}.content") from None
+    try:
+        return documents_of_file(upload.name, data, max_bytes=max_bytes)
+    except FileTooLargeError as error:
+        message = f"{error} (--max-file-bytes)"
+        raise GatewayError(413, message, "invalid_request_error", param, "file_too_large", retry=False) from None
+    except DocumentReadError as error:
+        raise bad_request(str(error), param, "unreadable_file") from None
 
 
 def stats_dict(stats: retrieval_pb2.StatsResponse) -> dict[str, Any]:

@@ -38,8 +38,10 @@ export class Api {
     return this.#json("GET", `/v1/documents${after ? `?after=${encodeURIComponent(after)}` : ""}`);
   }
 
-  addDocument(name, content) {
-    return this.#json("POST", "/v1/documents", { files: [{ name, content }] });
+  /** Sends one file's bytes as base64, so a PDF or Word file arrives as it is on disk. */
+  async addFile(file) {
+    const content = await base64Of(file);
+    return this.#json("POST", "/v1/documents", { files: [{ name: file.name, content, encoding: "base64" }] });
   }
 
   deleteDocument(id) {
@@ -175,4 +177,14 @@ export function explain(error) {
     default:
       return message;
   }
+}
+
+/** A file's bytes as base64, read by the browser (a data: URL, less its header). */
+function base64Of(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).slice(String(reader.result).indexOf(",") + 1));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
 }

@@ -1,11 +1,12 @@
-// Your documents: drop or pick .txt / .md / .jsonl files and watch them indexed one at a time ("2 of 3
-// indexed"), list what the index holds, delete a document. The endpoints need the admin token; a
+// Your documents: drop or pick .txt / .md / .pdf / .docx / .html / .jsonl files and watch them indexed one at
+// a time ("2 of 3 indexed"), list what the index holds, delete a document. The endpoints need the admin token; a
 // refusal shows as the gateway's own message.
 
 import { explain } from "./api.js";
 import { confirmingButton } from "./conversations.js";
 
-const ACCEPTED = /\.(txt|md|jsonl)$/i;
+// What the gateway reads (clients/documents.py); it says why when a file of these cannot be read.
+const ACCEPTED = /\.(txt|text|md|markdown|pdf|docx|html?|jsonl|parquet)$/i;
 
 export class DocumentsPanel {
   /**
@@ -81,17 +82,19 @@ export class DocumentsPanel {
       this.bar.value = done;
       this.progressText.textContent = `Indexing ${file.name} (${done + 1} of ${files.length})…`;
       if (!ACCEPTED.test(file.name)) {
-        this.#problem(`${file.name}: only .txt, .md and .jsonl files can be added.`);
+        this.#problem(`${file.name}: only .txt, .md, .pdf, .docx, .html, .jsonl and .parquet files can be added.`);
         continue;
       }
       try {
-        await this.api.addDocument(file.name, await file.text());
+        await this.api.addFile(file);
         indexed += 1;
       } catch (error) {
         this.onError(error);
         // A refused token refuses every file: the list's refresh below says so once.
         if (error.status === 401 || error.status === 403) break;
-        this.#problem(explain(error));
+        // the gateway's reader names the file; its body limit (a file too large even to arrive) does not
+        const problem = explain(error);
+        this.#problem(problem.includes(file.name) ? problem : `${file.name}: ${problem}`);
       }
     }
     this.bar.value = files.length;

@@ -132,7 +132,7 @@ function answerBody(message, article) {
 function citationButton(message, number, article) {
   const source = message.sources?.find((candidate) => candidate.index === number);
   if (!source) return null;
-  const label = `Source ${number}: ${source.title || source.id}`;
+  const label = `Source ${number}: ${source.page ? pageOf(source) : source.title || source.id}`;
   const cite = button(`[${number}]`, label, () => openSource(article, number));
   cite.className = "cite";
   return cite;
@@ -186,8 +186,9 @@ function sourcesSection(message) {
     summary.append(
       span("source-index", `[${source.index}]`),
       span("source-title", source.title || source.id),
-      span("source-score", `score ${Number(source.score ?? 0).toFixed(2)}`),
     );
+    if (source.page) summary.append(span("source-page", pageOf(source)));
+    summary.append(span("source-score", `score ${Number(source.score ?? 0).toFixed(2)}`));
     if (cited) summary.append(span("source-cited", "cited"));
     if (source.snippet) summary.append(span("source-snippet", source.snippet));
     const passage = element("p", "source-passage");
@@ -208,6 +209,12 @@ function sourcesSection(message) {
   }
   section.append(heading, list);
   return section;
+}
+
+/** "report.pdf, p. 3": the file a PDF passage came from (its path's last part) and its page. */
+function pageOf(source) {
+  const file = (source.url || "").split(/[\\/]/).pop() || source.title || source.id;
+  return `${file}, p. ${source.page}`;
 }
 
 function emptyHint() {

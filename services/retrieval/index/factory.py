@@ -33,3 +33,11 @@ def apply_search_params(vectors: faiss.Index, search_params: str) -> None:
             f"search parameters {search_params!r} do not apply to this index ({str(error).strip()}); "
             "use nprobe=N for IVF indexes, efSearch=N for HNSW"
         ) from error
+
+
+def keep_reconstructible(vectors: faiss.Index) -> None:
+    """Lets a segment give back a row's vector (hybrid search scores a passage found by its words with it): an
+    IVF segment's lists cannot find a row without a direct map, 8 bytes a vector. Never written to its file."""
+    ivf = faiss.try_extract_index_ivf(vectors)
+    if ivf is not None:
+        ivf.make_direct_map()

@@ -13,7 +13,7 @@ from typing import Any
 import faiss
 from loguru import logger
 
-from services.retrieval.index.factory import apply_search_params, empty_index
+from services.retrieval.index.factory import apply_search_params, empty_index, keep_reconstructible
 from services.retrieval.index.files import WriterLock, describe_file, write_manifest_copy, write_vectors
 from services.retrieval.index.manifest import (
     DEFAULT_INDEX_NAME,
@@ -102,6 +102,7 @@ def load_index(folder: Path, settings: IndexSettings | None = None, writable: bo
             )
         for loaded in segments:
             apply_search_params(loaded.vectors, settings.search_params)
+            keep_reconstructible(loaded.vectors)
     except BaseException:
         store.close()
         raise

@@ -5,6 +5,8 @@ segments are in the sibling modules."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -18,8 +20,9 @@ from loguru import logger
 from services.common.errors import FailedPrecondition
 from services.retrieval.chunker import Passage
 from services.retrieval.index.compaction import CompactReport, merge_segments
-from services.retrieval.index.factory import apply_search_params, empty_index
+from services.retrieval.index.factory import apply_search_params, empty_index, keep_reconstructible
 from services.retrieval.index.files import WriterLock, write_manifest_copy, write_vectors
+from services.retrieval.index.keywords import match_expression
 from services.retrieval.index.manifest import IndexSettings, Manifest, now, trained_file_name, vectors_file_name
 from services.retrieval.index.search import Hit, LoadedSegment, SearchView, dead_in, search_segments
 from services.retrieval.store import PassageStore
@@ -95,6 +98,32 @@ class PassageIndex:
             with self._swap_lock:
                 return search_segments(self._view, self._store, queries, k)
 
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        """The k passages whose words best match ``query`` by bm25, committed or staged, best first. Their
+        scores are NaN: bm25 (``Hit.bm25``) does not compare with the cosine similarity a Hit reports
+        (``vectors_of`` has that)."""
+        expression = match_expression(query)
+        if expression is None:
+            return []
+        return [Hit(p, math.nan, row=row, bm25=-score) for row, score, p in self._store.keyword_search(expression, k)]
+
+    def stage(self, passages: Sequence[Passage]) -> None:
+        """Makes passages that have no vectors yet searchable by their words (a background build's corpus)."""
+        self._check_writable("passages cannot be staged")
+        self._store.stage(passages)
+
+    def vectors_of(self, rows: Sequence[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of these rows, where the segment can give them back (Flat and HNSW can, IVF
+        without a direct map cannot; staged rows have none)."""
+        view, found = self._view, {}
+        for row in rows:
+            for loaded in view.segments:
+                if loaded.segment.first_row <= row < loaded.segment.end_row and row not in view.dead:
+                    with contextlib.suppress(RuntimeError):  # this index type keeps no way back from id to vector
+                        found[row] = loaded.vectors.reconstruct(int(row))
+                    break
+        return found
+
     def commit(self, change: Change) -> CommitReport:
         """Applies ``change`` durably: after this returns, a crash or restart keeps it; if it raises, nothing
         changed. Its cost is what it adds: one new segment file; removed passages become tombstones. Searches
@@ -162,6 +191,7 @@ class PassageIndex:
         if self.settings.mmap:
             vectors = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         apply_search_params(vectors, self.settings.search_params)
+        keep_reconstructible(vectors)
         manifest = replace(
             old,
             segments=(*old.segments, segment),
@@ -225,6 +255,7 @@ class PassageIndex:
                     if self.settings.mmap:
                         merged = faiss.read_index(str(written), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
                     apply_search_params(merged, self.settings.search_params)
+                    keep_reconstructible(merged)
                     merged_loaded = (LoadedSegment(segment, merged, 0),)
                 with self._write_lock:
                     current = self.manifest
@@ -304,8 +335,12 @@ class PassageIndex:
         return self._store.list_documents(limit, after)
 
     def first_passages_titled(self, title: str, limit: int) -> list[Passage]:
-        """The first passage of each document titled ``title`` (or "``title`` (qualifier)"), exact titles first."""
-        return self._store.first_passages_titled(title, limit)
+        """The first passage of each document titled ``title`` (or "``title`` (qualifier)"), exact titles first;
+        then those of staged documents (a build's, not embedded yet)."""
+        found = self._store.first_passages_titled(title, limit)
+        if len(found) < limit:
+            found += self._store.first_staged_passages_titled(title, limit - len(found))
+        return found
 
     def documents_present(self, doc_ids: Sequence[str]) -> set[str]:
         return set(self._store.rows_of_documents(doc_ids))

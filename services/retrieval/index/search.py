@@ -19,6 +19,8 @@ class Hit:
     passage: Passage
     score: float
     titled: bool = False  # found by its document's title (a search's ``title``), not by its vector
+    row: int | None = None  # its row in the store (negative: staged, no vector yet); None when not known
+    bm25: float | None = None  # found by its words: how well they match (higher is better); None otherwise
 
 
 @dataclass(frozen=True)
@@ -69,5 +71,5 @@ def search_segments(view: SearchView, store: PassageStore, queries: np.ndarray, 
                 if len(best) == k:
                     break
         passages = store.get([row for row, _ in best])
-        results.append([Hit(p, score) for p, (_, score) in zip(passages, best, strict=True)])
+        results.append([Hit(p, score, row=row) for p, (row, score) in zip(passages, best, strict=True)])
     return results

@@ -1,0 +1,357 @@
+"""Hybrid search: a keyword index (SQLite FTS5, bm25) beside the vectors, committed with the passages, fused with
+the vector ranking; searches by mode; an optional cross-encoder that reorders the top and answers Rerank and
+/v1/rerank.
+
+Real embedder, real faiss, real servers on 127.0.0.1; a tiny random cross-encoder made on the spot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from conftest import start_gateway
+
+from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.retrieval.chunker import Passage, passages_of
+from services.retrieval.corpus import Document
+from services.retrieval.embedder import Embedder
+from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, load_index
+from services.retrieval.ingest import Ingestor
+from services.retrieval.reranker import Reranker
+from services.retrieval.retriever import HYBRID, VECTOR, Retriever
+from services.retrieval.server import start_retrieval_server
+
+# A small catalogue whose entries differ by their numbers: what an embedder reads as one thing.
+VALVES = [
+    Document(
+        f"valve-{number}",
+        f"Valve V-{number} is a brass ball valve for water lines. It is rated for {bar} bar at 20 degrees. "
+        "It fits pipes of one inch.",
+        "Ball valves",
+    )
+    for number, bar in [(2231, 16), (2232, 25), (2233, 40), (2234, 10), (2235, 64), (2236, 6)]
+]
+CITIES = [
+    Document(
+        "Zurich",
+        "Zurich is the largest city in Switzerland and the capital of the canton of Zurich. It is located in "
+        "north-central Switzerland, at the northwestern tip of Lake Zurich.",
+        "Zurich",
+    ),
+    Document("Bern", "Bern is the de facto capital of Switzerland. The river Aare flows around its old town.", "Bern"),
+    Document("Lima", "Lima is the capital and largest city of Peru, on the coast of the Pacific Ocean.", "Lima"),
+]
+PART_QUESTION = "What pressure is V-2234 rated for?"
+
+
+def new_index(embedder: Embedder, folder: Path, documents: list[Document]) -> PassageIndex:
+    create_index(folder, embedder.name, embedder.dimension)
+    index = load_index(folder, writable=True)
+    Ingestor(embedder, index).add(documents)
+    return index
+
+
+@pytest.fixture
+def index(embedder: Embedder, tmp_path: Path) -> Iterator[PassageIndex]:
+    index = new_index(embedder, tmp_path / "catalogue", [*VALVES, *CITIES])
+    yield index
+    index.close()
+
+
+@pytest.fixture
+def served(embedder: Embedder, index: PassageIndex) -> Iterator[retrieval_pb2_grpc.RetrievalStub]:
+    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    channel = grpc.insecure_channel(running.address)
+    yield retrieval_pb2_grpc.RetrievalStub(channel)
+    channel.close()
+    running.stop(grace=None)
+
+
+def search(stub: retrieval_pb2_grpc.RetrievalStub, query: str, k: int = 3, mode: int = 0) -> list[str]:
+    return [p.id for p in stub.Search(retrieval_pb2.SearchRequest(query=query, k=k, mode=mode)).passages]
+
+
+def test_a_part_number_question_finds_its_own_valve_where_vectors_find_a_neighbour(served) -> None:
+    """Asked about one valve of a small catalogue, vector search answers with the next one's rating."""
+    assert search(served, PART_QUESTION, k=1) == ["valve-2234#0"]  # the server's default: hybrid
+    assert search(served, PART_QUESTION, k=1, mode=retrieval_pb2.SEARCH_MODE_HYBRID) == ["valve-2234#0"]
+    assert search(served, PART_QUESTION, k=1, mode=retrieval_pb2.SEARCH_MODE_KEYWORD) == ["valve-2234#0"]
+    assert search(served, PART_QUESTION, k=1, mode=retrieval_pb2.SEARCH_MODE_VECTOR) != ["valve-2234#0"]
+
+
+def test_every_mode_reports_each_passage_by_its_cosine_similarity(served) -> None:
+    """A score floor and the orchestrator's weighted fusion read the score as cosine similarity in every mode."""
+    by_mode = {
+        mode: {
+            p.id: p.score
+            for p in served.Search(retrieval_pb2.SearchRequest(query=PART_QUESTION, k=6, mode=mode)).passages
+        }
+        for mode in (
+            retrieval_pb2.SEARCH_MODE_VECTOR,
+            retrieval_pb2.SEARCH_MODE_KEYWORD,
+            retrieval_pb2.SEARCH_MODE_HYBRID,
+        )
+    }
+    vector = by_mode[retrieval_pb2.SEARCH_MODE_VECTOR]
+    for mode, scores in by_mode.items():
+        shared = set(scores) & set(vector)
+        assert shared, mode
+        for passage_id in shared:
+            assert scores[passage_id] == pytest.approx(vector[passage_id], abs=1e-5)
+
+
+def test_user_text_never_reaches_fts5_as_syntax(served) -> None:
+    for query in [
+        '"unbalanced',
+        "NEAR(valve lines, 2) AND",
+        "title:Zurich OR *",
+        "^zurich - ( )",
+        "'; DROP TABLE",
+        "?!",
+    ]:
+        found = served.Search(retrieval_pb2.SearchRequest(query=query, k=3, mode=retrieval_pb2.SEARCH_MODE_KEYWORD))
+        assert len(found.passages) <= 3  # answered, not INVALID_ARGUMENT or INTERNAL
+    zurich = served.Search(retrieval_pb2.SearchRequest(query='title:"Zurich', mode=retrieval_pb2.SEARCH_MODE_KEYWORD))
+    assert zurich.passages[0].title == "Zurich"
+
+
+def test_a_question_in_plain_words_matches_passages_holding_some_of_them(served) -> None:
+    """OR semantics without the question's stopwords; stemmed ("located" finds "location"), accents folded."""
+    ask = lambda query: search(served, query, k=1, mode=retrieval_pb2.SEARCH_MODE_KEYWORD)  # noqa: E731
+    assert ask("Where is the river Aare?") == ["Bern#0"]
+    assert ask("Which city is located on the coast of the Pacific?") == ["Lima#0"]
+    assert ask("Zürich") == ["Zurich#0"]
+
+
+def test_an_unknown_search_mode_is_invalid_argument(served) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        served.Search(retrieval_pb2.SearchRequest(query="Zurich", mode=9))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SEARCH_MODE_HYBRID" in caught.value.details()
+
+
+def test_a_search_that_names_no_mode_gets_the_servers_default(embedder: Embedder, index: PassageIndex) -> None:
+    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0", search_mode=VECTOR)
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalStub(channel)
+            assert search(stub, PART_QUESTION, k=1) == search(
+                stub, PART_QUESTION, k=1, mode=retrieval_pb2.SEARCH_MODE_VECTOR
+            )
+            assert search(stub, PART_QUESTION, k=1) != ["valve-2234#0"]
+    finally:
+        running.stop(grace=None)
+
+
+def test_the_title_lookup_still_leads_a_hybrid_search(embedder: Embedder, index: PassageIndex) -> None:
+    hits = Retriever(embedder, index).search("What is the capital of Switzerland?", k=3, title="Zurich", mode=HYBRID)
+    assert hits[0].passage.id == "Zurich#0" and hits[0].titled
+    assert "Bern#0" in [hit.passage.id for hit in hits]
+
+
+def keyword_ids(index: PassageIndex, query: str) -> list[str]:
+    return [hit.passage.id for hit in index.keyword_search(query, 10)]
+
+
+def test_the_keyword_index_follows_adds_replacements_deletes_and_compaction(embedder: Embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "grows"
+    index = new_index(embedder, folder, CITIES)
+    ingestor = Ingestor(embedder, index)
+    ingestor.add([Document("fruit", "The quokkaberry grows on Rottnest Island.", "Fruit")])
+    assert keyword_ids(index, "quokkaberry") == ["fruit#0"]
+    ingestor.add([Document("fruit", "The quandong grows in the desert.", "Fruit")])  # replaced
+    assert keyword_ids(index, "quokkaberry") == [] and keyword_ids(index, "quandong") == ["fruit#0"]
+    ingestor.delete(["Lima"])
+    assert keyword_ids(index, "Peru") == []
+    index.compact()
+    index.close()
+    reopened = load_index(folder, writable=True)
+    try:
+        assert keyword_ids(reopened, "quandong") == ["fruit#0"] and keyword_ids(reopened, "Aare") == ["Bern#0"]
+        assert keyword_ids(reopened, "Peru") == []
+    finally:
+        reopened.close()
+
+
+def test_a_commit_that_fails_leaves_no_words_behind(embedder: Embedder, index: PassageIndex) -> None:
+    """The words commit in the passages' transaction: a passage the store refuses (its id is taken by another
+    document) rolls back the whole commit, words included."""
+    fresh = Passage("fruit#0", "fruit", "Fruit", "Fruit: The quokkaberry grows on Rottnest Island.", "")
+    taken = Passage("Bern#0", "fruit", "Fruit", "Fruit: Its seeds are planted in spring.", "")
+    with pytest.raises(sqlite3.IntegrityError):
+        index.commit(Change(passages=[fresh, taken], vectors=embedder.encode([fresh.text, taken.text])))
+    assert keyword_ids(index, "quokkaberry") == [] and keyword_ids(index, "Aare") == ["Bern#0"]
+    index.commit(Change(passages=[fresh], vectors=embedder.encode([fresh.text])))
+    assert keyword_ids(index, "quokkaberry") == ["fruit#0"]
+
+
+def test_a_store_written_before_the_keyword_index_gets_one_when_opened(embedder: Embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "old"
+    new_index(embedder, folder, [*VALVES, *CITIES]).close()
+    with sqlite3.connect(folder / STORE_FILE) as old:
+        old.executescript(
+            "DROP TABLE passage_words; DROP VIEW keyword_passages; DROP TABLE staged_passages;"
+            " DROP TRIGGER IF EXISTS passage_words_add; DROP TRIGGER IF EXISTS passage_words_remove;"
+        )
+    index = load_index(folder, writable=True)
+    try:
+        assert keyword_ids(index, "V-2234")[0] == "valve-2234#0"
+        assert Retriever(embedder, index).search(PART_QUESTION, k=1)[0].passage.id == "valve-2234#0"
+    finally:
+        index.close()
+
+
+def test_staged_passages_are_found_by_their_words_until_their_vectors_commit(
+    embedder: Embedder, index: PassageIndex
+) -> None:
+    """A background build stages the corpus first: searchable by its words at once, embedded later."""
+    lisbon = Document("Lisbon", "Lisbon is the capital of Portugal, on the estuary of the Tagus.", "Lisbon")
+    index.stage(list(passages_of(lisbon)))
+    hits = Retriever(embedder, index).search("What is Lisbon the capital of?", k=3, mode=HYBRID)
+    assert hits[0].passage.id == "Lisbon#0"
+    assert 0.2 < hits[0].score <= 1.0  # its cosine, from embedding its text on the spot
+    assert (
+        Retriever(embedder, index).search("What is Lisbon the capital of?", k=3, mode=VECTOR)[0].passage.id
+        != "Lisbon#0"
+    )
+    Ingestor(embedder, index).add([lisbon])
+    assert keyword_ids(index, "Tagus") == ["Lisbon#0"]  # once: the commit removed its staged copy
+    assert index._store.count_staged() == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random one-layer BERT cross-encoder with a word-level vocabulary of the test's texts: its scores mean
+    nothing, but they differ from passage to passage, which is all a test of the ordering needs."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    texts = [PART_QUESTION, *(d.text for d in [*VALVES, *CITIES]), *(d.title for d in [*VALVES, *CITIES])]
+    words = sorted({word for text in texts for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())})
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    ).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_cross_encoder: Path) -> Reranker:
+    return Reranker(str(tiny_cross_encoder))
+
+
+def test_a_reranker_orders_the_top_of_the_fused_hits_by_its_own_scores(
+    embedder: Embedder, index: PassageIndex, reranker: Reranker
+) -> None:
+    candidates = [hit.passage for hit in Retriever(embedder, index).search(PART_QUESTION, k=20, mode=HYBRID)]
+    scores = reranker.score(PART_QUESTION, [p.text for p in candidates])
+    expected = [candidates[i].id for i in np.argsort(-scores, kind="stable")[:3]]
+
+    hits = Retriever(embedder, index, reranker).search(PART_QUESTION, k=3, mode=HYBRID)
+
+    assert [hit.passage.id for hit in hits] == expected
+    assert len(set(scores.round(6))) > 1  # the random model does tell passages apart
+    vector = {h.passage.id: h.score for h in Retriever(embedder, index).search(PART_QUESTION, k=20, mode=VECTOR)}
+    assert all(hit.score == pytest.approx(vector[hit.passage.id], abs=1e-5) for hit in hits)  # still cosines
+
+
+@pytest.fixture
+def reranking(embedder: Embedder, index: PassageIndex, reranker: Reranker) -> Iterator[str]:
+    running = start_retrieval_server(Retriever(embedder, index, reranker), "127.0.0.1:0")
+    yield running.address
+    running.stop(grace=None)
+
+
+def test_rerank_returns_the_documents_best_first_with_their_indexes(reranking: str, reranker: Reranker) -> None:
+    documents = [d.text for d in VALVES]
+    scores = reranker.score(PART_QUESTION, documents)
+    with grpc.insecure_channel(reranking) as channel:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+        reply = stub.Rerank(retrieval_pb2.RerankRequest(query=PART_QUESTION, documents=documents, top_n=2))
+        every = stub.Rerank(retrieval_pb2.RerankRequest(query=PART_QUESTION, documents=documents))
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.Rerank(retrieval_pb2.RerankRequest(query=PART_QUESTION, documents=["a valve", " "]))
+    assert [r.index for r in reply.results] == list(np.argsort(-scores, kind="stable")[:2])
+    assert [r.relevance_score for r in reply.results] == pytest.approx(sorted(scores, reverse=True)[:2])
+    assert len(every.results) == len(documents) and reply.tokens > len(documents) * 10
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "documents[1]" in empty.value.details()
+
+
+def test_rerank_without_a_reranker_says_how_to_configure_one(served) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        served.Rerank(retrieval_pb2.RerankRequest(query="Zurich", documents=["Zurich is a city."]))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--reranker" in caught.value.details()
+
+
+def test_the_gateway_reranks_in_the_shape_llamacpp_and_vllm_serve(
+    reranking: str, embedder: Embedder, index: PassageIndex, reranker: Reranker
+) -> None:
+    documents = [d.text for d in CITIES]
+    scores = reranker.score("Where is Lima?", documents)
+    unused = "127.0.0.1:9"  # /v1/rerank reaches only the retrieval service
+    with_reranker = start_gateway(unused, unused, reranking)
+    without = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    without_reranker = start_gateway(unused, unused, without.address)
+    try:
+        body = {"model": reranker.name, "query": "Where is Lima?", "documents": documents, "top_n": 2}
+        ranked = httpx.post(f"{with_reranker.url}/v1/rerank", json={**body, "return_documents": True}).json()
+        bad = httpx.post(f"{with_reranker.url}/v1/rerank", json={**body, "documents": []})
+        zero = httpx.post(f"{with_reranker.url}/v1/rerank", json={**body, "top_n": 0})
+        other = httpx.post(f"{with_reranker.url}/v1/rerank", json={**body, "model": "bge-reranker"})
+        missing = httpx.post(f"{without_reranker.url}/v1/rerank", json=body)
+    finally:
+        with_reranker.stop()
+        without_reranker.stop()
+        without.stop(grace=None)
+    best = list(np.argsort(-scores, kind="stable")[:2])
+    assert [r["index"] for r in ranked["results"]] == best
+    assert [r["document"]["text"] for r in ranked["results"]] == [documents[i] for i in best]
+    assert ranked["results"][0]["relevance_score"] == pytest.approx(float(scores[best[0]]), abs=1e-5)
+    assert ranked["model"] == reranker.name and ranked["usage"]["total_tokens"] > 0
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "documents"
+    assert zero.status_code == 400 and zero.json()["error"]["param"] == "top_n"
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert missing.status_code == 503 and "--reranker" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["code"] == "no_reranker" and missing.headers["x-should-retry"] == "false"
+
+
+def test_chatctl_searches_by_the_mode_it_is_asked_for(embedder: Embedder, index: PassageIndex) -> None:
+    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+
+    def chatctl(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "clients.chatctl", "index", "search", PART_QUESTION, "-k", "1", *args]
+        return subprocess.run([*command, "--address", running.address], capture_output=True, text=True, timeout=120)
+
+    try:
+        keyword, vector, wrong = chatctl("--mode", "keyword"), chatctl("--mode", "vector"), chatctl("--mode", "bm25")
+    finally:
+        running.stop(grace=None)
+    assert keyword.returncode == 0 and "V-2234" in keyword.stdout
+    assert vector.returncode == 0 and "V-2234" not in vector.stdout
+    assert wrong.returncode == 1 and "mode must be one of hybrid, vector, keyword" in wrong.stderr
