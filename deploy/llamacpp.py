@@ -76,6 +76,17 @@ def importable() -> tuple[str, bool] | None:
     return version, gpu == "True"
 
 
+def missing_compiler() -> str:
+    """What a source build of llama-cpp-python lacks on this PATH: a C or a C++ compiler (scikit-build-core
+    fetches CMake and Ninja from PyPI itself); empty when both are there."""
+    missing = [
+        language
+        for language, names in (("C", ("cc", "gcc", "clang")), ("C++", ("c++", "g++", "clang++")))
+        if not any(shutil.which(name) for name in names)
+    ]
+    return f"no {' or '.join(missing)} compiler on PATH" if missing else ""
+
+
 def pip_command(cuda: bool, reinstall: bool) -> list[str]:
     """The pip command that builds (or takes from pip's wheel cache) and installs the pinned version."""
     command = [sys.executable, "-m", "pip", "install", "-v", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]

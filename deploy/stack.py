@@ -32,6 +32,7 @@ import typer
 from tqdm import tqdm
 
 from clients.client import ChatClient, IndexClient, NightcapError, SamplingParams
+from deploy.llamacpp import importable, missing_compiler
 from deploy.supervisor import (
     RunFolder,
     ServiceSpec,
@@ -146,9 +147,11 @@ def up(
         str,
         typer.Option(
             envvar="NIGHTCAP_RUNNER",
-            help="What runs the model: transformers, or llamacpp (the GGUF in llama.cpp; `make llamacpp` installs it).",
+            help="What runs the model: auto (llama.cpp for a GGUF model such as the default on a CPU, built into the"
+            " venv in the background on a first run while transformers serves; transformers otherwise), llamacpp"
+            " (`make llamacpp` installs it first) or transformers.",
         ),
-    ] = "transformers",
+    ] = "auto",
     ask: Annotated[
         bool, typer.Option(envvar="NIGHTCAP_ASK", help="Ask the question once the stack is up (with retrieval).")
     ] = True,
@@ -240,6 +243,10 @@ def up(
         timings: list[str] = []
         names_to_start = {spec.name for spec in to_start}
         begin = time.monotonic()
+        wants_llamacpp = runner == "auto" and (model is None or model.endswith(".gguf"))
+        llamacpp = None
+        if wants_llamacpp and wait_index and any(name.startswith("generation") for name in names_to_start):
+            llamacpp = LlamaCppBuild.start_if_missing(layout)
         try:
             # the prepare commands are no-ops once their output exists, but each costs seconds of imports:
             # look first, and leave the full checks to the services when they load
@@ -294,9 +301,101 @@ def up(
     typer.echo(f"nightcap is up in {time.monotonic() - begin:.1f} s ({'; '.join(timings)}):")
     _print_service_table(supervisord, specs)
     _print_urls(gateway_address)
+    if llamacpp is not None:
+        typer.echo(llamacpp.started_line())
     _answer_and_wait_for_index(
         timing, layout, orchestrator_address, retrieval_address, ask, wait_index, question, max_new_tokens
     )
+    if llamacpp is not None:
+        _serve_on_llamacpp_once_built(llamacpp, supervisord, specs, start_timeout, timing, layout)
+
+
+# A first run builds llama-cpp-python while the stack serves on transformers: niced, so the first answer and
+# the index build keep the cores they had, and the build takes what they leave.
+LLAMACPP_BUILD_NICENESS = 10
+
+
+@dataclass
+class LlamaCppBuild:
+    """``python -m deploy.llamacpp`` in the background (a build of about 4 minutes on 2 cores, a cached wheel
+    in seconds); generation starts on the transformers runner meanwhile (its --runner auto finds no
+    llama_cpp) and is restarted on llama.cpp when the install is done."""
+
+    process: subprocess.Popen
+    log_path: Path
+    began: float
+
+    @classmethod
+    def start_if_missing(cls, layout: VarLayout) -> LlamaCppBuild | None:
+        """Starts the install when ``import llama_cpp`` fails in this venv; None when it imports."""
+        if importable() is not None:
+            return None
+        folder = layout.root / "llamacpp"
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / "install.log"
+        command = [sys.executable, "-m", "deploy.llamacpp", "--no-converter", "--var-dir", str(layout.root)]
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(),
+                preexec_fn=lambda: os.nice(LLAMACPP_BUILD_NICENESS),
+            )  # fmt: skip
+        return cls(process, log_path, time.monotonic())
+
+    def started_line(self) -> str:
+        return (
+            "llama.cpp runner: installing llama-cpp-python in the background (a first build takes about 4 minutes"
+            f" on 2 cores; log {self.log_path}); generation serves on the transformers runner until it is done"
+        )
+
+    def wait(self) -> str:
+        """Waits for the install; '' when it succeeded, else one line saying why and how to fix it."""
+        if self.process.poll() is None:
+            typer.echo("waiting for the llama-cpp-python install to finish ...")
+        if self.process.wait() == 0:
+            return ""
+        compiler = missing_compiler()
+        reason = compiler or f"its build failed: see {self.log_path.parent / 'build.log'}"
+        fix = "install a C/C++ compiler (Debian: apt-get install build-essential)" if compiler else "fix the build"
+        return (
+            f"llama.cpp runner unavailable: llama-cpp-python could not be installed ({reason}); generation stays on"
+            f" the transformers runner, 3-5x slower for one stream: {fix}, then `make llamacpp` and"
+            " `make down && make up`"
+        )
+
+
+def _serve_on_llamacpp_once_built(
+    build: LlamaCppBuild,
+    supervisord: Supervisord,
+    specs: dict[str, ServiceSpec],
+    timeout: float,
+    timing: UpTiming,
+    layout: VarLayout,
+) -> None:
+    """After the background install: restarts each generation process, whose --runner auto now loads the GGUF
+    into llama.cpp. A failed install leaves the stack on transformers with one line; `up` still succeeds."""
+    problem = build.wait()
+    if problem:
+        typer.secho(problem, fg="yellow")
+        return
+    generations = [spec for name, spec in specs.items() if name.startswith("generation")]
+    typer.echo(
+        f"llama-cpp-python installed in {time.monotonic() - build.began:.0f} s: restarting "
+        + ", ".join(spec.name for spec in generations)
+        + " on the llama.cpp runner"
+    )
+    try:
+        for spec in generations:
+            with contextlib.suppress(xmlrpc.client.Fault):  # not running (between restarts): start it all the same
+                supervisord.rpc().supervisor.stopProcess(spec.name, True)
+            supervisord.start_service(spec.name)
+        _wait(supervisord, generations, [], timeout)
+    except StartupFailed as failure:
+        typer.secho(f"\n{failure}. Last lines of {failure.log_path}:", fg="red", err=True)
+        typer.echo(textwrap.indent(failure.log_tail or "(empty)", "  | "), err=True)
+        _fail(f"generation did not start again on llama.cpp: {failure}")
+    timing.llamacpp_serving_s = timing.mark()
+    _write_timing(layout, timing)
+    typer.echo(f"timing: llamacpp_serving_s {timing.llamacpp_serving_s:.1f} (the stack serves on llama.cpp)")
 
 
 @dataclass
@@ -311,6 +410,7 @@ class UpTiming:
     documents_at_first_answer: int | None = None  # of the index, when the first answer searched it
     documents_total: int | None = None
     already_up: bool = False
+    llamacpp_serving_s: float | None = None  # a first run: generation restarted on llama.cpp after its install
 
     def mark(self) -> float:
         return round(time.time() - self.started_at, 1)
@@ -491,7 +591,7 @@ def _service_specs(
     model: str,
     index: str,
     log_level: str,
-    runner: str = "transformers",
+    runner: str = "auto",
     build: CorpusSelection | None = None,
 ) -> dict[str, ServiceSpec]:
     """Each service's command; ``build``: retrieval fills the index from that part of the default corpus."""
@@ -520,7 +620,8 @@ def _service_specs(
             model,
             "--var-dir",
             var_dir,
-            *(["--runner", runner] if runner != "transformers" else []),
+            "--runner",
+            runner,
         ]
         if n > 0:  # each replica its own metrics port (port 0 stays "any free port")
             port = int(metrics_port) + n if int(metrics_port) else 0

@@ -109,10 +109,17 @@ PREFIX_CACHE = 256 << 20  # bytes of prefix cache for the shared generation serv
 def generation_server(tiny_loaded):
     """A real Generation server on 127.0.0.1 (any free port) serving the tiny GPT-NeoX: (address, engine)."""
     from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.engine.speculation import SPECULATIVE_MAX_BATCH, SPECULATIVE_TOKENS
     from services.generation.loading import start_engine
     from services.generation.server import start_generation_server
 
-    engine = start_engine(tiny_loaded, SchedulerConfig(max_concurrent_requests=32, prefix_cache_bytes=PREFIX_CACHE))
+    config = SchedulerConfig(
+        max_concurrent_requests=32,
+        prefix_cache_bytes=PREFIX_CACHE,
+        speculative_tokens=SPECULATIVE_TOKENS,  # as `serve` has by default
+        speculative_max_batch=SPECULATIVE_MAX_BATCH,
+    )
+    engine = start_engine(tiny_loaded, config)
     running = start_generation_server(tiny_loaded, engine, "127.0.0.1:0", default_max_new_tokens=16)
     yield running.address, engine
     engine.shutdown(grace=1.0)

@@ -139,6 +139,19 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(http):
     assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 1
 
 
+def test_usage_reports_the_tokens_speculative_decoding_guessed_and_kept(http):
+    """Drafted from the prompt, as OpenAI reports its predicted outputs: kept guesses and refused ones."""
+    request = {"prompt": "one two three one two three one two", "max_tokens": 40, "temperature": 0}
+    body = http.post("/v1/completions", json=request).json()
+    details = body["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
+    assert details["accepted_prediction_tokens"] < body["usage"]["completion_tokens"]  # at least one token a step
+    chat = {**ZURICH, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=chat) as response:
+        usage = [e for e in events(response) if isinstance(e, dict)][-1]["usage"]
+    assert set(usage["completion_tokens_details"]) == {"accepted_prediction_tokens", "rejected_prediction_tokens"}
+
+
 def test_models_list_the_served_model_and_the_embedder(http):
     data = http.get("/v1/models").json()["data"]
     kinds = {card["nightcap"]["kind"]: card for card in data}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from conftest import build_tiny_llama, start_orchestrator, wait_for
 from test_convert import loguru_follows_pytest_capture  # noqa: F401  (convert.main re-points loguru)
 from test_engine import (
@@ -29,9 +30,11 @@ from nightcap.v1 import chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_
 from services.common.errors import FailedPrecondition
 from services.common.registry import ModelRegistry
 from services.generation.engine.engine import ContinuousBatchingEngine
+from services.generation.engine.prefix_cache import StoreKV
 from services.generation.engine.request import Request, RequestStatus
+from services.generation.engine.runner import execute_step
 from services.generation.engine.sampling import SamplingConfig
-from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.engine.scheduler import ModelStep, PrefillChunk, SchedulerConfig
 from services.generation.loading import load_model, make_runner, start_engine
 from services.generation.server import start_generation_server
 from training.gguf import hf_to_gguf
@@ -107,7 +110,7 @@ def test_requests_join_and_leave_a_running_batch_without_changing_its_tokens(ggu
         assert tokens_of(long) == expected_long
     finally:
         engine.shutdown(grace=1)
-    assert engine.runner.rows == [] and len(engine.runner.slots.free) == 256  # every sequence id given back
+    assert engine.runner.rows == [] and len(engine.runner.slots.free) == 255  # every row's sequence id given back
 
 
 def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_sequence(gguf_loaded):
@@ -167,18 +170,153 @@ def test_a_prefix_reused_from_the_cache_gives_the_tokens_of_a_cold_prefill(gguf_
         cold.shutdown(grace=1)
 
 
-def test_a_small_prefix_cache_evicts_within_llama_cpp_s_sequence_ids(gguf_loaded):
+def pool_cells(runner) -> int:
+    """Cells of llama.cpp's KV pool that some sequence holds."""
+    llama = runner._llama
+    return sum(
+        llama.llama_memory_seq_pos_max(runner.kv, seq) - llama.llama_memory_seq_pos_min(runner.kv, seq) + 1
+        for seq in range(256)
+        if llama.llama_memory_seq_pos_max(runner.kv, seq) >= 0
+    )
+
+
+def test_cached_prefixes_wait_in_host_memory_and_leave_the_pool_empty_between_requests(gguf_loaded):
+    """The pool holds the running rows only (what llama.cpp's attention walks each step); a hit comes back
+    from host memory after its row and every trace of it left the pool."""
+    warm, cold = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
+    rng = random.Random(17)
+    prompt = [rng.randrange(1, 400) for _ in range(50)]
+    try:
+        first = run(warm, prompt, max_new_tokens=6, ignore_eos=True)[0]
+        assert wait_for(lambda: warm.runner.rows == [] and warm.runner.nodes)
+        assert pool_cells(warm.runner) == 0 and warm.runner.cached_bytes > 0
+        follow_up = [*prompt, *first, 7, 8, 9]
+        request = warm.submit(Request(follow_up, SamplingConfig(max_new_tokens=8, ignore_eos=True)))
+        answer = tokens_of(request)
+        assert answer == run(cold, follow_up, max_new_tokens=8, ignore_eos=True)[0]
+    finally:
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+    assert request.cached_tokens == len(prompt) + len(first) - 1
+
+
+def test_turn_10_of_a_conversation_past_4096_tokens_reuses_every_earlier_turn(gguf_loaded):
+    warm, cold = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
+    rng = random.Random(23)
+    conversation: list[int] = []
+    try:
+        for _ in range(10):
+            conversation += [rng.randrange(1, 400) for _ in range(460)]
+            request = warm.submit(Request(list(conversation), SamplingConfig(max_new_tokens=4, ignore_eos=True)))
+            answer = tokens_of(request)
+            conversation += answer
+        expected = run(cold, conversation[: -len(answer)], max_new_tokens=4, ignore_eos=True)[0]
+    finally:
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+    assert len(conversation) > 4096 and answer == expected
+    assert request.cached_tokens == len(conversation) - 460 - 4 - 1  # every earlier turn, less the last token sampled
+
+
+def test_a_prefix_that_ends_inside_a_cached_node_is_reused_in_part(gguf_loaded):
+    warm, cold = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
+    rng = random.Random(19)
+    prompt = [rng.randrange(1, 400) for _ in range(40)]
+    branch = [*prompt[:25], *[rng.randrange(1, 400) for _ in range(7)]]
+    try:
+        run(warm, prompt, max_new_tokens=4, ignore_eos=True)
+        request = warm.submit(Request(branch, SamplingConfig(max_new_tokens=10, ignore_eos=True)))
+        answer = tokens_of(request)
+        assert answer == run(cold, branch, max_new_tokens=10, ignore_eos=True)[0]
+        # the branch split the node at 25: the first prompt now reads two nodes, the whole of both
+        again = warm.submit(Request([*prompt, 3], SamplingConfig(max_new_tokens=10, ignore_eos=True)))
+        assert tokens_of(again) == run(cold, [*prompt, 3], max_new_tokens=10, ignore_eos=True)[0]
+    finally:
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+    assert request.cached_tokens == 25 and again.cached_tokens >= len(prompt)
+
+
+def test_the_host_cache_stays_within_its_bytes_and_counts_what_it_holds(gguf_loaded):
+    per_token = gguf_loaded.model.kv_bytes_per_token
+    budget = 120 * per_token
+    warm = engine_for(gguf_loaded, prefix_cache_bytes=budget, max_batch_size=8)
+    cold = engine_for(gguf_loaded, prefix_cache_bytes=0)
+    rng = random.Random(9)
+    cases = [[rng.randrange(1, 400) for _ in range(30)] for _ in range(12)]
+    try:
+        got = [run(warm, p, max_new_tokens=4, ignore_eos=True)[0] for p in [*cases, cases[-1]]]
+        expected = [run(cold, p, max_new_tokens=4, ignore_eos=True)[0] for p in [*cases, cases[-1]]]
+    finally:
+        # the last answer's store and evictions run in the worker's next step: compare once it has stopped
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+    index, metrics = warm.scheduler.prefix, warm.metrics
+    assert got == expected
+    assert index.stats.evictions > 0 and index.stats.hits >= 1  # the repeated last prompt
+    assert len(warm.runner.nodes) == index.nodes
+    assert 0 < warm.runner.cached_bytes == index.held * per_token <= budget  # what host memory holds is what is counted
+    assert metrics.prefix_cache_bytes._value.get() == warm.runner.cached_bytes
+
+
+def test_more_cached_prompts_than_llama_cpp_has_sequence_ids(gguf_loaded):
+    """Nodes live in host memory, not in sequence ids: the tree is bounded by bytes only."""
     engine = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20, max_batch_size=8)
     rng = random.Random(9)
     try:
-        for _ in range(300):  # more stored prompts than llama.cpp has sequence ids
+        for _ in range(300):
             run(engine, [rng.randrange(1, 400) for _ in range(4)], max_new_tokens=1, ignore_eos=True)
     finally:
-        # the last answer's store and evictions run in the worker's next step: compare once it has stopped
         engine.shutdown(grace=1)
-    index = engine.scheduler.prefix
-    assert index.nodes <= engine.runner.max_nodes and index.stats.evictions > 0
-    assert len(engine.runner.nodes) == index.nodes
+    assert engine.scheduler.prefix.nodes > 256 and engine.scheduler.prefix.stats.evictions == 0
+    assert len(engine.runner.nodes) == engine.scheduler.prefix.nodes
+
+
+def test_a_prefix_restored_into_a_fragmented_pool_scores_as_one_restored_whole(gguf_loaded):
+    """A saved prefix goes back into whatever cells are free, scattered between other rows' cells."""
+    from services.generation.engine.runners.llamacpp_state import join_state
+
+    config = SchedulerConfig(max_batch_total_tokens=512, max_batch_size=32)
+    runner = make_runner(gguf_loaded, config)
+    prompt = list(range(10, 70))
+    execute_step(runner, ModelStep(0, prefill=PrefillChunk(0, len(prompt), True, (tuple(prompt),))))
+    runner.apply_cache_ops([StoreKV(1, 0, 0, len(prompt))])
+    saved = runner.nodes[1]
+    whole = runner.slots.take()
+    runner._restore(whole, join_state(runner.layout, [saved]))
+    # fill the rest of the pool from 200 rows in turn, then free every other row: no free run of 60 cells is left
+    fillers = [runner.slots.take() for _ in range(200)]
+    free = runner.kv_cells - pool_cells(runner)
+    for index in range(free):
+        seq = fillers[index % len(fillers)]
+        runner.lengths[seq] = runner.lengths.get(seq, 0)
+        runner._add(0, 1, seq, logits=False)
+        runner._decode(1)
+    for seq in fillers[::2]:
+        runner._llama.llama_memory_seq_rm(runner.kv, seq, -1, -1)
+    pieces = runner.slots.take()
+    runner._restore(pieces, join_state(runner.layout, [saved]))
+    llama = runner._llama
+    assert llama.llama_memory_seq_pos_min(runner.kv, pieces) == 0
+    assert llama.llama_memory_seq_pos_max(runner.kv, pieces) == len(prompt) - 1
+    scores = []
+    for seq in (whole, pieces):
+        runner.lengths[seq] = len(prompt)
+        runner._add(0, 77, seq, logits=True)
+        runner._decode(1)
+        scores.append(runner._logits(1))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_saved_sequence_in_a_layout_we_do_not_read_is_refused():
+    import numpy as np
+
+    from services.generation.engine.runners.llamacpp_state import StateFormatError, parse_state
+
+    with pytest.raises(StateFormatError):
+        parse_state(np.zeros(40, np.uint8))
+    with pytest.raises(StateFormatError):
+        parse_state(np.frombuffer(bytes(8) + (2).to_bytes(4, "little") + (1).to_bytes(4, "little"), np.uint8))
 
 
 # -- bad GGUF files: refused at start-up, naming the file ----------------------------------------------

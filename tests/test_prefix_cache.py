@@ -223,3 +223,52 @@ def test_concurrent_turns_of_many_conversations_match_the_cold_engine(tiny_llama
         cold.shutdown(grace=1)
     assert all(results[("warm", i)] == results[("cold", i)] for i in range(8))
     assert hits >= 8 * 3  # every turn after the first
+
+
+# -- llama.cpp's saved sequences: the host-memory form of its runner's nodes ------------------------------
+
+
+def saved_sequence(positions: list[int], transposed: bool, layers: int = 2, row: int = 6, width: int = 3) -> bytes:
+    """A sequence as llama.cpp 0.3.36 saves it (``llama_state_seq_get_data``), each byte of data telling
+    which layer, cell and offset it is."""
+    import struct
+
+    cells = len(positions)
+    out = struct.pack("<II", 0xAF143CD8, 5) + struct.pack("<II", 1, cells)
+    out += b"".join(struct.pack("<iIi", pos, 1, 5) for pos in positions)
+    out += struct.pack("<II", int(transposed), layers)
+    for layer in range(layers):  # keys: a row per cell
+        out += struct.pack("<iQ", 1, row) + bytes(
+            (layer * 50 + pos * 7 + i) % 256 for pos in positions for i in range(row)
+        )
+    for layer in range(layers):  # values: a row per cell, or a row of cells per element when transposed
+        if transposed:
+            data = bytes(
+                (layer * 30 + pos * 5 + j * 11 + i) % 256 for j in range(width) for pos in positions for i in range(2)
+            )
+            out += struct.pack("<iII", 1, 2, width) + data
+        else:
+            out += struct.pack("<iQ", 1, row) + bytes(
+                (layer * 30 + pos * 5 + i) % 256 for pos in positions for i in range(row)
+            )
+    return out
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_saved_llama_cpp_sequence_is_cut_and_joined_back_byte_for_byte(transposed):
+    import numpy as np
+
+    from services.generation.engine.runners.llamacpp_state import join_state, parse_state
+
+    original = saved_sequence(list(range(10)), transposed)
+    layout, saved = parse_state(np.frombuffer(original, np.uint8).copy())
+    assert (saved.start, saved.cells, layout.bytes_per_cell) == (0, 10, 2 * 6 + 2 * 6)  # keys and values, 2 layers
+    assert saved.nbytes == 10 * layout.bytes_per_cell
+    first, rest = saved.part(0, 4, copy=True), saved.part(4, 10, copy=True)
+    assert rest.start == 4
+    assert join_state(layout, [first, rest]).tobytes() == original
+    # a match that ends inside a node: the first 7 positions, as llama.cpp would have saved them
+    assert join_state(layout, [first, rest.part(0, 3)]).tobytes() == saved_sequence(list(range(7)), transposed)
+    # cells saved out of position order (a row's token in a hole of the pool) come back in order
+    _, shuffled = parse_state(np.frombuffer(saved_sequence([0, 1, 5, 2, 3, 4], transposed), np.uint8).copy())
+    assert join_state(layout, [shuffled]).tobytes() == saved_sequence(list(range(6)), transposed)

@@ -136,11 +136,13 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
         for thread in threads:
             thread.join(120)
         # again, one by one: every prompt is now in the prefix cache, which both ranks hold alike
-        again, cached = [], []
+        # one at a time, the rows also draft from their prompts (serve's default): drafts scored on both ranks
+        again, cached, kept = [], [], 0
         for prompt, new_tokens, extra in CASES:
             messages = list(generate(server.stub, prompt, new_tokens, **extra))
             again.append([i for m in messages for i in m.token_ids])
             cached.append(messages[0].cached_prompt_tokens)
+            kept += messages[-1].finish.accepted_draft_tokens
         (rank1,) = server.ranks()
         # each rank holds its own copy of its shard, not a map of the whole checkpoint file
         mapped = [m.path for rank in (psutil.Process(server.process.pid), rank1) for m in rank.memory_maps()]
@@ -152,6 +154,7 @@ def test_two_ranks_give_one_ranks_tokens_through_joins_leaves_and_a_cancel(model
         server.stop()
     assert results == expected, log
     assert again == expected, log
+    assert kept > 0
     assert cached == [len(prompt) - 1 for prompt, _, _ in CASES]
     assert not [path for path in mapped if path.endswith(".safetensors")]
     assert "rank 1/2 joined the gloo group" in log

@@ -240,11 +240,67 @@ def test_a_killed_service_is_restarted_counted_and_usable_at_once(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing: make llamacpp")
-def test_up_with_the_llama_cpp_runner_answers_zurich_with_its_source_from_the_default_gguf(
+def test_up_serves_the_default_model_from_its_gguf_in_llama_cpp_without_being_asked(
     stack: LocalStack, small_index_folder: Path
 ) -> None:
-    up = stack.run("up", "--runner", "llamacpp", "--index", str(small_index_folder), "--max-new-tokens", "24")
+    up = stack.run("up", "--index", str(small_index_folder), "--max-new-tokens", "24")
     assert up.returncode == 0, _output(up)
     assert "> Where is Zurich?" in up.stdout and "Source: Zurich" in up.stdout
+    assert "installing llama-cpp-python" not in up.stdout  # installed already: nothing is built, nothing restarts
     log = (stack.var_dir / "logs" / "generation.log").read_text()
     assert "SmolLM2-135M-Instruct.Q4_1.gguf into llama.cpp" in log and "llama.cpp context for" in log
+    assert "Q4_1 on cpu, the llamacpp runner" in log
+
+
+def test_a_failed_llama_cpp_install_leaves_up_on_transformers_with_one_line_saying_how_to_fix_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deploy import stack as deploy_stack
+
+    monkeypatch.setattr(deploy_stack, "missing_compiler", lambda: "no C or C++ compiler on PATH")
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failed.wait()  # done before `up` looks: no "waiting for ..." line
+    build = deploy_stack.LlamaCppBuild(failed, tmp_path / "llamacpp" / "install.log", time.monotonic())
+    timing = deploy_stack.UpTiming(time.time())
+    # a failed install touches no service: supervisord is never asked to restart generation
+    deploy_stack._serve_on_llamacpp_once_built(build, None, {}, 1.0, timing, VarLayout(tmp_path))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "llama.cpp runner unavailable" in lines[0] and "no C or C++ compiler on PATH" in lines[0]
+    assert "apt-get install build-essential" in lines[0] and "`make llamacpp`" in lines[0]
+    assert "stays on the transformers runner" in lines[0]
+    assert timing.llamacpp_serving_s is None
+
+
+def test_a_finished_llama_cpp_install_restarts_every_generation_replica_and_times_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deploy import stack as deploy_stack
+
+    calls: list[str] = []
+
+    class Supervisor:
+        def stopProcess(self, name: str, wait: bool) -> None:  # supervisord XML-RPC name
+            calls.append(f"stop {name}")
+
+    class FakeSupervisord:
+        def rpc(self):
+            return type("Proxy", (), {"supervisor": Supervisor()})()
+
+        def start_service(self, name: str) -> None:
+            calls.append(f"start {name}")
+
+    monkeypatch.setattr(deploy_stack, "_wait", lambda _s, started, _r, _t: calls.append(f"wait {len(started)}"))
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    build = deploy_stack.LlamaCppBuild(done, tmp_path / "llamacpp" / "install.log", time.monotonic())
+    addresses = deploy_stack._addresses("127.0.0.1:1", "127.0.0.1:50051", "127.0.0.1:3", "127.0.0.1:4", 2)
+    specs = deploy_stack._service_specs(VarLayout(tmp_path), addresses, "smollm2", "wiki", "INFO")
+    assert all("--runner auto" in " ".join(specs[name].command) for name in ("generation", "generation-2"))
+    timing = deploy_stack.UpTiming(time.time() - 5)
+    deploy_stack._serve_on_llamacpp_once_built(build, FakeSupervisord(), specs, 1.0, timing, VarLayout(tmp_path))
+    assert calls == ["stop generation", "start generation", "stop generation-2", "start generation-2", "wait 2"]
+    assert "restarting generation, generation-2 on the llama.cpp runner" in capsys.readouterr().out
+    assert timing.llamacpp_serving_s is not None and timing.llamacpp_serving_s >= 5
+    recorded = json.loads((tmp_path / "run" / "up-timing.json").read_text())
+    assert recorded["llamacpp_serving_s"] == timing.llamacpp_serving_s

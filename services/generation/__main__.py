@@ -33,12 +33,15 @@ from services.common.server import MaxConcurrentRpcs, MaxInputBytes, ServerLimit
 from services.generation.engine.constraints import DEFAULT_COMPILE_TIMEOUT_S, ConstraintCompiler
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.engine.speculation import SPECULATIVE_MAX_BATCH, SPECULATIVE_TOKENS
 from services.generation.host import DEFAULT_DRAIN_SECONDS, ModelHost
 from services.generation.loading import (
+    AUTO_RUNNER,
     DEFAULT_MODEL,
     LoadedModel,
     Placement,
     check_can_shard,
+    choose_runner,
     load_model,
     make_runner,
     parse_max_memory,
@@ -58,7 +61,7 @@ Threads = typer.Option(
     0,
     "--threads",
     envvar="NIGHTCAP_TORCH_THREADS",
-    help="CPU threads: torch's (0: torch default, one per core), or llama.cpp's with --runner llamacpp"
+    help="CPU threads: torch's (0: torch default, one per core), or llama.cpp's when it runs the model"
     " (0: one per core)",
 )
 ShardTimeout = typer.Option(
@@ -80,12 +83,14 @@ def serve(
         GENERATION_ADDRESS, envvar="NIGHTCAP_GENERATION_ADDRESS", help="host:port to listen on (port 0: any free)"
     ),
     runner: str = typer.Option(
-        "transformers",
+        AUTO_RUNNER,
         "--runner",
         envvar="NIGHTCAP_RUNNER",
-        help="what runs the model under our scheduler: transformers (PyTorch; any HF folder, GGUF de-quantized), or"
-        " llamacpp (llama.cpp through llama-cpp-python, `make llamacpp`; a .gguf file or a registry version holding"
-        " one, kept quantized; about 4x transformers' one-stream decode on the default model on 2 cores)",
+        help="what runs the model under our scheduler: llamacpp (llama.cpp through llama-cpp-python, `make"
+        " llamacpp`; a .gguf file or a registry version holding one, kept quantized; 3-5x transformers' one-stream"
+        " decode on the default model on 2 cores), transformers (PyTorch; any HF folder, GGUF de-quantized; CUDA,"
+        " --num-shard, --device-map, --quantize), or auto: llamacpp for a GGUF model (the default model included)"
+        " on a CPU when llama-cpp-python imports, transformers otherwise",
     ),
     device: str = typer.Option("cpu", envvar="NIGHTCAP_DEVICE", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option(
@@ -126,8 +131,22 @@ def serve(
         1 << 30,
         envvar="NIGHTCAP_PREFIX_CACHE_BYTES",
         min=0,
-        help="keys and values of prompts (and answers) seen, kept on the model's device so a prompt that starts"
-        " with them prefills only the rest; least recently used first out; 0: off",
+        help="keys and values of prompts (and answers) seen, kept so a prompt that starts with them prefills only"
+        " the rest (on the model's device; --runner llamacpp: in host memory); least recently used first out; 0: off",
+    ),
+    speculative_tokens: int = typer.Option(
+        SPECULATIVE_TOKENS,
+        envvar="NIGHTCAP_SPECULATIVE_TOKENS",
+        min=0,
+        help="speculative decoding drafted from the prompt: the most tokens a row guesses a step, where its last"
+        " tokens occurred before in its prompt or answer (each row adapts its own length to what is accepted;"
+        " greedy output is unchanged, sampled output keeps its distribution); 0: off",
+    ),
+    speculative_max_batch: int = typer.Option(
+        SPECULATIVE_MAX_BATCH,
+        envvar="NIGHTCAP_SPECULATIVE_MAX_BATCH",
+        min=1,
+        help="rows decoding together above which nobody drafts (verifying many rows' guesses costs more than it saves)",
     ),
     metrics_address: str = typer.Option(
         "127.0.0.1:9400",
@@ -199,6 +218,7 @@ def serve(
             raise FailedPrecondition(f"--num-shard must be at least 1, got {num_shard}")
         if num_shard > 1:
             check_can_shard(model, registry, num_shard)
+        runner = choose_runner(runner, model, registry, resolve_device(device), placement)
         kind = runner_kind(runner, placement)
     except ServiceError as error:
         logger.error("cannot serve {}: {}", model, error)
@@ -219,7 +239,13 @@ def serve(
             raise typer.Exit(2) from None
         logger.info("metrics on http://{}:{}/metrics", metrics_address.rpartition(":")[0], port)
     config = SchedulerConfig(
-        max_batch_size, max_batch_total_tokens, max_concurrent_requests, max_prefill_tokens, prefix_cache_bytes
+        max_batch_size,
+        max_batch_total_tokens,
+        max_concurrent_requests,
+        max_prefill_tokens,
+        prefix_cache_bytes,
+        speculative_tokens,
+        speculative_max_batch,
     )
     group = None
     if num_shard > 1:
@@ -278,13 +304,14 @@ def _serve_loaded(
     config: SchedulerConfig,
 ) -> None:
     logger.info(
-        "loaded {} ({}, {} tokens of context, prompt format {}, {} on {})",
+        "loaded {} ({}, {} tokens of context, prompt format {}, {} on {}, the {} runner)",
         loaded.name,
         loaded.architecture,
         loaded.context_length,
         loaded.prompt_format,
         loaded.dtype,
         loaded.device,
+        loaded.runner,
     )
     try:
         runner = make_runner(loaded, config)

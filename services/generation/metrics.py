@@ -36,6 +36,13 @@ class GenerationMetrics:
             f"{name}inter_token_latency_seconds", "Time between a request's consecutive tokens",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        # speculative decoding: the acceptance rate is accepted_draft_tokens / draft_tokens
+        self.draft_tokens = Counter(
+            f"{name}draft_tokens", "Tokens drafted from the rows' prompts and scored", registry=registry
+        )
+        self.accepted_draft_tokens = Counter(
+            f"{name}accepted_draft_tokens", "Drafted tokens the sampler kept", registry=registry
+        )
         self.request_duration = Histogram(
             f"{name}request_duration_seconds", "Arrival to finish", buckets=_LATENCY_BUCKETS, registry=registry
         )

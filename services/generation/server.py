@@ -158,6 +158,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 queue_ms=event.queue_ms,
                 time_to_first_token_ms=event.time_to_first_token_ms,
                 cached_prompt_tokens=job.cached_tokens,
+                drafted_tokens=event.drafted_tokens,
+                accepted_draft_tokens=event.accepted_draft_tokens,
             )
         )
 

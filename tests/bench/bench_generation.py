@@ -23,6 +23,10 @@ Faster decode step (``decode_step_vs_eager_n1``, ``_n16``, CPU only): the float3
 ``llamacpp_vs_transformers_n1``, ``_n16``: the default model's Q4_1 GGUF under ``--runner llamacpp`` against
 the same eager step (transformers on the weights de-quantized from that file).
 
+Prefix cache at rest (``decode_beside_full_cache_vs_empty``, llama.cpp runner, in process): one stream's
+decode rate beside a prefix cache filled with 34k tokens against beside an empty one, in turns (the
+llama.cpp runner keeps cached prefixes in host memory, so 1.0 means a full cache costs decode nothing).
+
 Scaling at N=16 (``tp2_vs_tp1``, ``replicas2_vs_1``): one server, the same model over 2
 tensor-parallel ranks (one torch thread each), and two 1-thread replicas behind one plain gRPC channel
 with round_robin over both addresses.
@@ -67,7 +71,7 @@ from nightcap.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
 from services.common.server import free_port
-from services.generation.loading import DEFAULT_MODEL, prepare_default
+from services.generation.loading import DEFAULT_MODEL, default_gguf_path, prepare_default
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -82,6 +86,8 @@ CONVERSATION_TURN_TOKENS = 3 * 60 + 16  # three passages and a question
 CONVERSATION_ANSWER_TOKENS = 16
 SHARED_PREFIX_REQUESTS = 64
 SHARED_PREFIX_TOKENS = 1024
+CACHE_FILL_TOKENS = 34_000  # beside this many cached tokens one stream decoded at 40 tokens/s, not 86, in the pool
+CACHE_DECODE_TOKENS = 128
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cpu")  # --device; the in-process baselines run there, the servers get the same flags
 DTYPE = torch.float32
@@ -308,7 +314,8 @@ class GenerationServer:
             [sys.executable, "-m", "services.generation", "serve", "--model", model, "--address", self.address,
              "--var-dir", str(var_dir), "--metrics-address", "", "--max-batch-size", str(max_batch_size),
              "--max-prefill-tokens", str(max_prefill_tokens), "--log-level", "WARNING",
-             "--device", DEVICE.type, "--dtype", str(DTYPE).removeprefix("torch."), *extra],
+             "--device", DEVICE.type, "--dtype", str(DTYPE).removeprefix("torch."),
+             *(extra if "--runner" in extra else ("--runner", "transformers", *extra))],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -382,7 +389,7 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="*", default=["pythia-160m-shape", "smollm2-135m"], help="which models to measure"
     )
-    parts = ["mixed", "scaling", "chunked", "memory", "prefix", "step"]
+    parts = ["mixed", "scaling", "chunked", "memory", "prefix", "step", "cache-decode"]
     parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts to skip")
     parser.add_argument(
         "--memory-models", nargs="*", default=["pythia-160m-shape", "redpajama-3b-shape"],
@@ -433,6 +440,8 @@ def main() -> None:
             measure_prefix_cache(report, name, str(serve_as), layout.root, args.rounds)
         if "step" not in args.skip and DEVICE.type == "cpu":  # on CUDA the default is bfloat16 already
             measure_faster_step(report, name, str(serve_as), layout.root, args.rounds)
+        if "cache-decode" not in args.skip and name == "smollm2-135m" and importlib.util.find_spec("llama_cpp"):
+            measure_decode_beside_cache(report, name, default_gguf_path(), layout.root, args.rounds)
         if "scaling" not in args.skip:
             measure_scaling(report, name, str(serve_as), layout.root)
     for name in [] if "memory" in args.skip else args.memory_models:
@@ -716,6 +725,65 @@ def measure_faster_step(report: BenchReport, name: str, serve_as: str, var_dir: 
         if "llamacpp" in servers:  # llama.cpp on the GGUF against transformers' eager step on its de-quantized weights
             pairs = zip(runs[("llamacpp", n)], runs[("eager", n)], strict=True)
             report.ratio(f"{name}/llamacpp_vs_transformers_n{n}", statistics.median(a[key] / b[key] for a, b in pairs))
+
+
+def measure_decode_beside_cache(
+    report: BenchReport, name: str, gguf: Path, var_dir: Path, rounds: int, fill_tokens: int = CACHE_FILL_TOKENS
+) -> None:
+    """One stream's greedy decode rate on the llama.cpp runner, in process, beside a prefix cache holding
+    ``fill_tokens`` tokens (1024-token prompts run until it does) and beside an empty one: two engines with
+    the same limits, taking turns each round (the order alternating), a new 32-token prompt per round;
+    rate = (tokens - 1) / (last token's time - first's). The ratio is the median of the rounds' ratios."""
+    from services.generation.engine.request import Request, TokenChunk
+    from services.generation.engine.sampling import SamplingConfig
+    from services.generation.engine.scheduler import SchedulerConfig
+    from services.generation.loading import load_model, start_engine
+
+    loaded = load_model(str(gguf), ModelRegistry(var_dir / "bench" / "gguf-registry"), runner="llamacpp")
+    per_token = loaded.model.kv_bytes_per_token
+    config = SchedulerConfig(max_batch_total_tokens=8192, prefix_cache_bytes=(fill_tokens + 8192) * per_token)
+    engines = {"full": start_engine(loaded, config), "empty": start_engine(loaded, config)}
+    vocab = loaded.vocab_size
+
+    def decode_rate(engine, prompt: list[int], new_tokens: int) -> float:
+        request = engine.submit(Request(prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)))
+        times = []
+        for event in request.events(timeout=600):
+            if isinstance(event, TokenChunk):
+                times += [time.perf_counter()] * len(event.token_ids)
+        assert len(times) == new_tokens, f"asked for {new_tokens} tokens, got {len(times)}"
+        return (new_tokens - 1) / (times[-1] - times[0])
+
+    rates: dict[str, list[float]] = {system: [] for system in engines}
+    try:
+        started, fill = time.perf_counter(), 0
+        while engines["full"].scheduler.prefix.held < fill_tokens:
+            fill += 1
+            decode_rate(engines["full"], prompts(1, vocab, seed=-100 - fill, length=1024)[0], 2)
+        held = engines["full"].scheduler.prefix.held
+        print(f"   cache filled with {held} tokens in {time.perf_counter() - started:.0f} s", flush=True)
+        for engine in engines.values():
+            decode_rate(engine, prompts(1, vocab, seed=-3)[0], 8)  # warm-up
+        for round_ in range(rounds):
+            order = list(engines) if round_ % 2 == 0 else list(reversed(engines))
+            prompt = prompts(1, vocab, seed=6000 + round_)[0]
+            for system in order:
+                rates[system].append(decode_rate(engines[system], prompt, CACHE_DECODE_TOKENS))
+            print(
+                f"   decode beside a full cache {rates['full'][-1]:.1f} tok/s, beside an empty one"
+                f" {rates['empty'][-1]:.1f}",
+                flush=True,
+            )
+        cached = {system: engine.scheduler.prefix.held for system, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            engine.shutdown(grace=1)
+    params = {"new_tokens": CACHE_DECODE_TOKENS, "prompt_tokens": PROMPT_TOKENS, "rounds": rounds}
+    for system in engines:
+        metrics = {"decode_tokens_per_s": statistics.mean(rates[system]), "cached_tokens": cached[system]}
+        report.add("decode_beside_cache", f"nightcap llamacpp, {system} cache", name, params, metrics)
+    ratio = statistics.median(a / b for a, b in zip(rates["full"], rates["empty"], strict=True))
+    report.ratio(f"{name}/decode_beside_full_cache_vs_empty", ratio)
 
 
 def measure_memory(report: BenchReport, name: str, serve_as: str, var_dir: Path, dtype: str) -> None:

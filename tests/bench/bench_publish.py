@@ -123,7 +123,7 @@ def p99(values: list[float]) -> float:
 def start_service(var_dir: Path, address: str, log: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "services.generation", "serve", "--model", f"{DEFAULT_MODEL}:1", "--address", address,
-         "--var-dir", str(var_dir), "--metrics-address", "", "--log-level", "WARNING"],
+         "--var-dir", str(var_dir), "--metrics-address", "", "--log-level", "WARNING", "--runner", "transformers"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     deadline = time.monotonic() + 300

@@ -2,7 +2,8 @@
 # The generation benchmark on a CUDA machine: a RedPajama-INCITE-Chat-3B-shaped GPT-NeoX (32 layers,
 # hidden 2560, random bf16 weights) served at tp=1 and tp=2, tokens/s at N=1/16/64 against a static
 # Hugging Face batch on the same GPU, plus the mixed-length workload. Writes var/bench/generation-gpu.json
-# (the shape of var/bench/generation.json; tp=2 keys start with tp2_).
+# (the shape of var/bench/generation.json; tp=2 keys start with tp2_), then speculative decoding's grounded rows
+# (var/bench/speculation-gpu.json).
 #
 #   make setup && tests/bench/gpu.sh            # needs 2 GPUs for tp=2 (one is enough with NUM_SHARD="1")
 #
@@ -28,5 +29,9 @@ for n in $NUM_SHARD; do
     if [ "$n" -gt "$gpus" ]; then echo "tp=$n needs $n GPUs, this machine has $gpus" >&2; exit 2; fi
 done
 # shellcheck disable=SC2086
-exec "$PY" tests/bench/bench_generation.py --models redpajama-3b-shape --device cuda --dtype bfloat16 \
+"$PY" tests/bench/bench_generation.py --models redpajama-3b-shape --device cuda --dtype bfloat16 \
     --num-shard $NUM_SHARD --concurrency $CONCURRENCY --skip scaling chunked memory --area generation-gpu "$@"
+# speculative decoding drafted from the prompt on make eval's grounded prompts (the default model, whose answers
+# copy its passages; random weights would not), on the GPU: spec against off at N=1 and N=16
+exec "$PY" tests/bench/bench_speculation.py --runners transformers --no-peer --nightcap-args "--device cuda" \
+    --area speculation-gpu

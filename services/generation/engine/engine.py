@@ -26,8 +26,9 @@ from services.common.errors import Unavailable
 from services.generation.engine.prefix_cache import PrefixStats
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.runner import Runner, execute_step
-from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
+from services.generation.engine.sampling import RowSampling, TokenLogprob
 from services.generation.engine.scheduler import ContinuousBatchScheduler, ModelStep, SchedulerConfig, SchedulerOutput
+from services.generation.engine.speculation import sample_drafted
 from services.generation.engine.text import IncrementalDetokenizer, StopSequenceMatcher
 from services.generation.metrics import GenerationMetrics
 
@@ -162,13 +163,20 @@ class ContinuousBatchingEngine:
         sampled = output.sampled
         if not sampled:
             return
-        if len(output.logit_rows) < logits.shape[0]:  # dead rows' logits are never read
-            logits = logits[output.logit_rows]
-        tokens, logprobs = self._sample(sampled, logits)
+        positions = output.positions
+        if len(positions) < logits.shape[0]:  # dead rows' logits are never read
+            logits = logits[positions]
+        tokens, logprobs = self._sample(sampled, output.drafts, logits)
+        before = [len(r.output_ids) for r in sampled]
         finished = set(map(id, self.scheduler.update_from_output(output, tokens)))
-        for request, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+        drafted = sum(map(len, output.drafts))
+        if drafted:
+            self.metrics.draft_tokens.inc(drafted)
+            self.metrics.accepted_draft_tokens.inc(sum(len(chosen) - 1 for chosen in tokens))
+        for request, start, chosen_logprobs in zip(sampled, before, logprobs, strict=True):
             if not request.status.finished or id(request) in finished:
-                self._stream(request, token, logprob, id(request) in finished)
+                added = request.output_ids[start:]
+                self._stream(request, added, chosen_logprobs[: len(added)], id(request) in finished)
 
     def _publish_prefix_stats(self) -> None:
         index, metrics, old = self.scheduler.prefix, self.metrics, self._published
@@ -217,24 +225,26 @@ class ContinuousBatchingEngine:
         self.metrics.queue_time.observe(time.monotonic() - request.arrived)
         self.metrics.prompt_tokens.observe(len(request.prompt_ids))
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The whole batch at once; a row with NaN or inf logits fails alone, its batch-mates go on."""
+    def _sample(
+        self, requests: list[Request], drafts: list[tuple[int, ...]], logits: torch.Tensor
+    ) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+        """The whole batch at once, each row's draft positions too; per row, the draft tokens it keeps and the
+        token after them, with their logprobs. A row with NaN or inf logits fails alone, its batch-mates go on."""
         logits = logits.float().cpu()
-        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+        spans = [len(draft) + 1 for draft in drafts]
+        broken = ~torch.isfinite(logits.amax(dim=-1))  # NaN or +inf anywhere in the row: one pass over it
         if broken.any():
             logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
-            for request in [r for r, bad in zip(requests, broken.tolist(), strict=True) if bad]:
-                if not request.status.finished:
+            for request, bad in zip(requests, broken.split(spans), strict=True):
+                if bool(bad.any()) and not request.status.finished:
                     self._finish(request, RequestStatus.FINISHED_ERROR, error="the model produced NaN or inf logits")
         rows = [self._rows[id(r)].sampling if id(r) in self._rows else _finished_row(r) for r in requests]
-        if all(row.plain_greedy for row in rows):
-            tokens = logits.argmax(dim=-1).tolist()
-            return tokens, [None] * len(tokens)
-        return sample_batch(logits, rows)
+        return sample_drafted(logits, rows, drafts)
 
-    def _stream(self, request: Request, token: int, logprob: TokenLogprob | None, finished: bool) -> None:
-        """Streams one accepted token (``update_from_output`` already recorded it) and finishes the
-        request if the scheduler ended it or a stop sequence did."""
+    def _stream(self, request: Request, tokens: list[int], logprobs: list[TokenLogprob | None], finished: bool) -> None:
+        """Streams the tokens this step added to the request's output (``update_from_output`` recorded them) in
+        one chunk, and finishes the request if the scheduler ended it or a stop sequence did (the tokens after
+        the stop sequence's end leave the output)."""
         now = time.monotonic()
         if request.first_token_at is None:
             request.first_token_at = now
@@ -243,14 +253,21 @@ class ContinuousBatchingEngine:
             self.metrics.inter_token_latency.observe(now - (request.last_token_at or now))
         request.last_token_at = now
         state = self._rows[id(request)]
-        if request.status is RequestStatus.FINISHED_EOS:
-            self._finish(request, RequestStatus.FINISHED_EOS)
-            return
-        state.sampling.seen.append(token)
-        text, matched = state.stops.push(state.detokenizer.add(token))
-        request.emit(TokenChunk([token], text, [logprob] if logprob is not None else []))
+        texts, matched = [], None
+        for streamed, token in enumerate(tokens, start=1):
+            state.sampling.seen.append(token)
+            text, matched = state.stops.push(state.detokenizer.add(token))
+            texts.append(text)
+            if matched is not None:
+                del request.output_ids[len(request.output_ids) - (len(tokens) - streamed) :]
+                tokens, logprobs = tokens[:streamed], logprobs[:streamed]
+                break
+        if tokens:
+            request.emit(TokenChunk(list(tokens), "".join(texts), [lp for lp in logprobs if lp is not None]))
         if matched is not None:
             self._finish(request, RequestStatus.FINISHED_STOP_SEQUENCE, stop_sequence=matched)
+        elif request.status is RequestStatus.FINISHED_EOS:
+            self._finish(request, RequestStatus.FINISHED_EOS)
         elif finished:
             self._finish(request, request.status)
 
@@ -265,7 +282,17 @@ class ContinuousBatchingEngine:
         queue_ms = ((request.scheduled_at or now) - request.arrived) * 1000
         ttft_ms = ((request.first_token_at - request.arrived) * 1000) if request.first_token_at else 0.0
         request.emit(
-            Finished(status, len(request.prompt_ids), len(request.output_ids), stop_sequence, error, queue_ms, ttft_ms)
+            Finished(
+                status,
+                len(request.prompt_ids),
+                len(request.output_ids),
+                stop_sequence,
+                error,
+                queue_ms,
+                ttft_ms,
+                request.drafted_tokens,
+                request.accepted_draft_tokens,
+            )
         )
         self.metrics.requests.labels(status.value).inc()
         self.metrics.request_duration.observe(now - request.arrived)
@@ -283,8 +310,9 @@ def _log_request(request: Request, queue_ms: float, ttft_ms: float) -> None:
     decode_s = (request.last_token_at or 0) - (request.first_token_at or 0)
     generated = len(request.output_ids)
     rate = (generated - 1) / decode_s if decode_s > 0 and generated > 1 else 0.0
+    drafts = f" drafts={request.accepted_draft_tokens}/{request.drafted_tokens}" if request.drafted_tokens else ""
     logger.info(
-        "request {} {}: prompt={} generated={} queue={:.0f}ms ttft={:.0f}ms total={:.2f}s {:.1f} tok/s",
+        "request {} {}: prompt={} generated={} queue={:.0f}ms ttft={:.0f}ms total={:.2f}s {:.1f} tok/s{}",
         request.request_id,
         request.status.value,
         len(request.prompt_ids),
@@ -293,4 +321,5 @@ def _log_request(request: Request, queue_ms: float, ttft_ms: float) -> None:
         ttft_ms,
         total,
         rate,
+        drafts,
     )

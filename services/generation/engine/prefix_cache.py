@@ -8,7 +8,8 @@ Two halves, so that tensor-parallel ranks agree by construction:
   bounded by a number of tokens), and writes each decision down as plain data (``CacheOp``s) that travel
   in the step.
 - ``KVStore`` (every rank, in its transformers runner) holds the tensors of each tree node and applies those
-  operations to its own shard; it decides nothing. (llama.cpp's runner keeps a node as a sequence instead.)
+  operations to its own shard; it decides nothing. (llama.cpp's runner keeps a node as saved sequence state
+  in host memory instead: ``runners/llamacpp_state.py``.)
 
 Why a radix tree and not vLLM's hashed blocks: our KV lives in one contiguous left-padded cache rather than
 in fixed blocks, so block granularity buys nothing here, and a tree matches to the token. A chat turn's
@@ -85,7 +86,7 @@ class PrefixStats:
 
 class PrefixIndex:
     """Which token sequences have KV in the store, as a radix tree bounded by ``capacity`` tokens (and by
-    ``max_nodes`` nodes when the store has a fixed number of slots, as llama.cpp's sequence ids are)."""
+    ``max_nodes`` nodes when the store has a fixed number of slots)."""
 
     def __init__(self, capacity: int, max_nodes: int | None = None) -> None:
         self.capacity = capacity

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.generation.engine.sampling import SamplingConfig, TokenLogprob
 
@@ -44,6 +45,8 @@ class Finished:
     error: str = ""
     queue_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
+    drafted_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 StreamEvent = TokenChunk | Finished
@@ -58,6 +61,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (set at admission)
+    speculation: Any = None  # speculation.DraftState while the row drafts from its prompt (set at admission)
+    drafted_tokens: int = 0  # draft tokens scored for this request ...
+    accepted_draft_tokens: int = 0  # ... and those the sampler kept
     arrived: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from services.common.errors import ResourceExhausted
 from services.generation.engine.prefix_cache import CacheOp, PrefixIndex, Reuse
 from services.generation.engine.request import Request, RequestStatus
+from services.generation.engine.speculation import DraftState, PromptLookup
 
 DEAD_ROW_TOKEN = 0  # what a finished row still in the cache is fed; its logits are never read
 
@@ -30,6 +31,8 @@ class SchedulerConfig:
     max_concurrent_requests: int = 128  # running + waiting; beyond it requests are refused
     max_prefill_tokens: int = 2048  # prompt tokens admitted in one group (and prefilled per step)
     prefix_cache_bytes: int = 0  # KV the prefix cache may keep, all ranks together (0: no prefix caching)
+    speculative_tokens: int = 0  # the most tokens a row drafts from its prompt a step (0: no speculation)
+    speculative_max_batch: int = 4  # rows decoding together above which nobody drafts
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,13 @@ class SchedulerOutput:
     prefilling: list[Request] = field(default_factory=list)  # the group, in row order
     expired: list[Request] = field(default_factory=list)  # cancelled or past their deadline: finish them
     sampled: list[Request] = field(default_factory=list)  # the live rows that get a token this step
-    logit_rows: list[int] = field(default_factory=list)  # where each of ``sampled`` is in the step's logits
+    logit_rows: list[int] = field(default_factory=list)  # where each of ``sampled`` starts in the step's logits
+    drafts: list[tuple[int, ...]] = field(default_factory=list)  # each of ``sampled``'s draft, scored after it
+
+    @property
+    def positions(self) -> list[int]:
+        """The rows of the step's logits that sampling reads: each sampled row's 1 + len(draft) positions."""
+        return [row + i for row, draft in zip(self.logit_rows, self.drafts, strict=True) for i in range(len(draft) + 1)]
 
 
 @dataclass
@@ -203,38 +212,88 @@ class ContinuousBatchScheduler:
                     if stopped(request):
                         self._kept.pop(id(request), None)
                 self.batch = [self.batch[row] for row in live]
-        decode = tuple(DecodeRow(DEAD_ROW_TOKEN if stopped(r) else r.output_ids[-1]) for r in self.batch)
+        config = self.config
+        speculate = config.speculative_tokens > 0 and len(self.batch) <= config.speculative_max_batch
+        decode = tuple(self._decode_row(r, stopped(r), speculate) for r in self.batch)
         model = ModelStep(self._steps, keep, decode, prefill, cache_ops=cache_ops)
         group = self.prefilling.requests if self.prefilling else []
-        # logits come back for every decoding row, then for the group's rows when its last chunk runs
+        # logits come back for every decoding row's 1 + len(draft) positions, then for the group's rows when its
+        # last chunk runs
         rows = [*self.batch, *(group if prefill is not None and prefill.last else [])]
-        logit_rows = [row for row, r in enumerate(rows) if not stopped(r)]
-        return SchedulerOutput(model, list(self.batch), list(group), expired, [rows[i] for i in logit_rows], logit_rows)
+        drafts = [row.draft for row in decode] + [()] * (len(rows) - len(decode))
+        starts, position = [], 0
+        for draft in drafts:
+            starts.append(position)
+            position += 1 + len(draft)
+        sampled = [i for i, r in enumerate(rows) if not stopped(r)]
+        return SchedulerOutput(
+            model,
+            list(self.batch),
+            list(group),
+            expired,
+            [rows[i] for i in sampled],
+            [starts[i] for i in sampled],
+            [drafts[i] for i in sampled],
+        )
 
-    def update_from_output(self, output: SchedulerOutput, tokens: Sequence[int]) -> list[Request]:
-        """Applies the step's sampled tokens (one per ``output.sampled`` row; rows that finished since
-        are skipped) and moves a fully prefilled group into the batch. Returns the requests this finished by
-        length or an end-of-sequence token, with their status set; others finish through the engine."""
+    def _decode_row(self, request: Request, stopped: bool, speculate: bool) -> DecodeRow:
+        """A row's part of the step: a finished row is fed filler; a live one its last token, after the draft
+        positions it was refused last step leave its KV, and a draft when it has one worth scoring."""
+        if stopped:
+            return DecodeRow(DEAD_ROW_TOKEN)
+        state = request.speculation
+        if state is None:
+            return DecodeRow(request.output_ids[-1])
+        room = request.config.max_new_tokens - len(request.output_ids) - 1  # tokens it may add after this one
+        draft = state.propose(len(request.output_ids), self.config.speculative_tokens, room) if speculate else ()
+        state.pending = draft
+        rejected, state.rejected = state.rejected, 0
+        return DecodeRow(request.output_ids[-1], draft, rejected)
+
+    def update_from_output(self, output: SchedulerOutput, tokens: Sequence[int | Sequence[int]]) -> list[Request]:
+        """Applies the step's sampled tokens (per ``output.sampled`` row, one token, or the draft tokens it
+        accepted and the token after them; rows that finished since are skipped) and moves a fully prefilled
+        group into the batch. Returns the requests this finished by length or an end-of-sequence token, with
+        their status set; others finish through the engine."""
         finished = []
-        for request, token in zip(output.sampled, tokens, strict=True):
+        for request, chosen in zip(output.sampled, tokens, strict=True):
             if request.status.finished:
                 continue
-            if token in request.config.stop_token_ids or (
-                not request.config.ignore_eos and token in self.eos_token_ids
-            ):
-                request.status = RequestStatus.FINISHED_EOS
+            chosen = (chosen,) if isinstance(chosen, int) else tuple(chosen)
+            before = len(request.output_ids)
+            if self._append(request, chosen):
                 finished.append(request)
-                continue
-            request.output_ids.append(token)
-            request.status = RequestStatus.RUNNING
-            if len(request.output_ids) >= request.config.max_new_tokens:
-                request.status = RequestStatus.FINISHED_LENGTH
-                finished.append(request)
+            state = request.speculation
+            if state is not None:
+                appended = len(request.output_ids) - before
+                state.lookup.extend(request.output_ids[before:])
+                # fed: the row's token and its draft; kept in the KV: the token and the drafts now in the output
+                state.rejected = len(state.pending) + 1 - appended
+                drafted, accepted = len(state.pending), len(chosen) - 1
+                state.record(drafted, accepted, len(request.output_ids), self.config.speculative_tokens)
+                request.drafted_tokens, request.accepted_draft_tokens = state.drafted, state.accepted
+                state.pending = ()
         chunk = output.model.prefill
         if chunk is not None and chunk.last and self.prefilling is not None:
             self.batch += self.prefilling.requests
             self.prefilling = None
         return finished
+
+    def _append(self, request: Request, tokens: Sequence[int]) -> bool:
+        """Appends ``tokens`` to the request's output until one ends it; True when the request finished (an
+        end-of-sequence or stop token, not appended, or its length)."""
+        for token in tokens:
+            if token in request.config.stop_token_ids or (
+                not request.config.ignore_eos and token in self.eos_token_ids
+            ):
+                request.status = RequestStatus.FINISHED_EOS
+                return True
+            request.output_ids.append(token)
+            request.status = RequestStatus.RUNNING
+            if len(request.output_ids) >= request.config.max_new_tokens:
+                request.status = RequestStatus.FINISHED_LENGTH
+                return True
+        return False
 
     def drop_all(self) -> list[Request]:
         """Forgets every row (after a failed model call) and the prefix cache with them (the model side
@@ -289,6 +348,9 @@ class ContinuousBatchScheduler:
             request.status = RequestStatus.PREFILLING
             request.scheduled_at = now
             request.cached_tokens = cached.tokens
+            if config.speculative_tokens > 0 and request.config.constraint is None:
+                # a constrained row's matcher cannot take back refused guesses, so it never drafts
+                request.speculation = DraftState(PromptLookup(request.prompt_ids))
             admitted.append(request)
             reuse.append(cached)
             tokens += request.budget_tokens

@@ -9,10 +9,15 @@ through llama-cpp-python's low-level bindings (``llama_batch``, ``llama_decode``
   only for the tokens whose next token is sampled;
 - llama.cpp keeps each sequence's KV in one unified cache, so nothing is padded: a row leaving is
   ``seq_rm`` and costs nothing (the scheduler drops finished rows at once for this runner);
-- the prefix cache's decisions (``StoreKV``/``SplitKV``/``EvictKV``) become sequence ids of their own: a
-  stored node is a sequence holding the node's positions, copied from its row with ``seq_cp``, which in a
-  unified cache only tags the same cells with one more sequence (no copy); a reused prefix is ``seq_cp``
-  from each node into the new row.
+- the prefix cache lives in host memory, outside that pool, because llama.cpp's attention visits every
+  used cell of the pool for every token (cached prefixes kept as sequences of their own cost each step,
+  see the note at ``LLAMA_MAX_SEQ``). ``StoreKV`` saves positions ``start:end`` of its row with
+  ``llama_state_seq_get_data`` (the row's cells tagged onto a scratch sequence by ``seq_cp``, which copies
+  nothing, and saved from there); ``SplitKV`` cuts the saved cells in two; ``EvictKV`` lets them go. A
+  reused prefix (its nodes, the last one possibly in part) is joined into one saved sequence and
+  restored into the new row with ``llama_state_seq_set_data``, its cells in position order. Rows of one
+  group reusing the same tokens share one restore (``seq_cp`` from the first). ``llamacpp_state.py``
+  reads and writes llama.cpp's saved layout.
 
 Threads: llama.cpp's own (OpenMP) threads do the math; the engine thread only fills the batch and reads
 the logits. On a 2-core machine one llama.cpp thread per core is fastest when the process has the cores to
@@ -33,17 +38,22 @@ import torch
 from loguru import logger
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
-from services.generation.engine.prefix_cache import CacheOp, EvictKV, SplitKV, StoreKV
+from services.generation.engine.prefix_cache import CacheOp, EvictKV, Reuse, SplitKV, StoreKV
 from services.generation.engine.runner import RunnerMemory
+from services.generation.engine.runners.llamacpp_state import (
+    SavedKV,
+    StateFormatError,
+    StateLayout,
+    join_state,
+    parse_state,
+)
 from services.generation.engine.scheduler import DecodeRow, PrefillChunk, SchedulerConfig
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time cap on sequence ids (LLAMA_MAX_SEQ in llama-cparams.h)
-# Every cell in use costs every step: llama.cpp's attention walks the pool's used range for each token,
-# masked cells (other sequences', cached prefixes') included. One stream of SmolLM2-135M Q4_1 decoded at 86
-# tokens/s beside an empty cache, 64 beside 4.6k cached tokens, 57 beside 9.2k, 40 beside 34k (2-core VM,
-# in process), so the prefix cache keeps at most this many tokens here, whatever --prefix-cache-bytes allows:
-# enough for a chat's conversation, small enough to cost little.
-MAX_CACHED_TOKENS = 4096
+# Why the prefix cache is not kept in the pool: llama.cpp's attention walks the pool's used range for each
+# token, masked cells (other sequences', cached prefixes') included. One stream of SmolLM2-135M Q4_1 decoded
+# at 86 tokens/s beside an empty cache, 64 beside 4.6k cached tokens, 57 beside 9.2k, 40 beside 34k (2-core
+# VM, in process), when cached prefixes were sequences in the pool (capped at 4096 tokens for that reason).
 _WARN, _ERROR, _CONTINUED = 3, 4, 5  # ggml_log_level (1 debug, 2 info)
 
 _lock = threading.Lock()
@@ -141,15 +151,6 @@ class LlamaCppModel:
 
 
 @dataclass
-class _Span:
-    """A cached prefix node's KV: positions ``start:end`` of sequence ``seq``."""
-
-    seq: int
-    start: int
-    end: int
-
-
-@dataclass
 class _Joining:
     """A row of the group being prefilled: its sequence, its own tokens and the column they start at."""
 
@@ -175,22 +176,17 @@ class _Slots:
 
 
 class LlamaCppRunner:
-    """Runs steps in llama.cpp: one context (KV cells and sequence ids) per engine, over a loaded GGUF."""
-
-    # sequence ids left for prefix-cache nodes once every batch row has one (and a split's new node)
-    reserved_sequences = 2
+    """Runs steps in llama.cpp: one context (KV cells and sequence ids) per engine, over a loaded GGUF; the
+    prefix cache's nodes in host memory beside it."""
 
     def __init__(self, model: LlamaCppModel, config: SchedulerConfig, threads: int = 0) -> None:
         llama = self._llama = model._llama
         self.model = model
-        self.max_nodes = max(0, LLAMA_MAX_SEQ - config.max_batch_size - self.reserved_sequences)
-        cache_tokens = config.prefix_cache_bytes // model.kv_bytes_per_token
-        self.max_cached_tokens = cache_tokens = min(cache_tokens, MAX_CACHED_TOKENS)
         # tokens one step may feed; llama.cpp aborts (no error return) on a context whose batch is smaller
         # than its sequence count, so never below LLAMA_MAX_SEQ
         self.capacity = max(LLAMA_MAX_SEQ, config.max_prefill_tokens + config.max_batch_size)
         params = llama.llama_context_default_params()
-        params.n_ctx = config.max_batch_total_tokens + cache_tokens  # live rows' budget plus the cached prefixes
+        params.n_ctx = config.max_batch_total_tokens  # the live rows' budget: cached prefixes are in host memory
         params.n_batch = self.capacity
         params.n_ubatch = min(512, self.capacity)
         params.n_seq_max = LLAMA_MAX_SEQ
@@ -203,31 +199,41 @@ class LlamaCppRunner:
             said = "; ".join(_log_tail[-3:]) or "no reason given"
             raise FailedPrecondition(
                 f"llama.cpp could not make a context of {params.n_ctx} tokens for {model.path}: {said}"
-                " (lower --max-batch-total-tokens or --prefix-cache-bytes)"
+                " (lower --max-batch-total-tokens)"
             )
         self.kv = llama.llama_get_memory(self.context)
         self.batch = llama.llama_batch_init(self.capacity, 0, 1)
         self.kv_cells = int(params.n_ctx)
+        self.layout: StateLayout | None = None  # how this context saves a sequence (read from the first save)
         logger.info(
-            "llama.cpp context for {}: {} KV cells ({:.0f} MiB), {} threads, batches of up to {} tokens",
+            "llama.cpp context for {}: {} KV cells ({:.0f} MiB), {} threads, batches of up to {} tokens;"
+            " prefix cache in host memory, up to {:.0f} MiB",
             model.path.name,
             self.kv_cells,
             self.kv_cells * model.kv_bytes_per_token / 2**20,
             params.n_threads,
             self.capacity,
+            config.prefix_cache_bytes / 2**20,
         )
         self._reset_state()
 
     def _reset_state(self) -> None:
         self.slots = _Slots()
+        self.scratch = self.slots.take()  # where a store tags a row's cells to save them from
         self.rows: list[int] = []  # the running batch: each row's sequence id, in the scheduler's row order
         self.lengths: dict[int, int] = {}  # sequence id -> positions it holds (its next token's position)
         self.joining: list[_Joining] = []
-        self.nodes: dict[int, _Span] = {}  # prefix-cache node id -> where its KV is
+        self.nodes: dict[int, SavedKV] = {}  # prefix-cache node id -> its KV in host memory
+
+    @property
+    def cached_bytes(self) -> int:
+        """Host memory the prefix cache's nodes hold."""
+        return sum(node.nbytes for node in self.nodes.values())
 
     def memory(self) -> RunnerMemory:
-        # a row leaving is seq_rm, which copies nothing: the scheduler drops finished rows at once
-        return RunnerMemory(self.model.kv_bytes_per_token, True, self.max_nodes, self.max_cached_tokens)
+        # a row leaving is seq_rm, which copies nothing: the scheduler drops finished rows at once; a saved
+        # token holds what a pool cell does (float16 keys and values), so the tree's bytes are the host's
+        return RunnerMemory(self.model.kv_bytes_per_token, free_row_drops=True)
 
     def apply_cache_ops(self, ops: Sequence[CacheOp]) -> None:
         for op in ops:
@@ -273,24 +279,20 @@ class LlamaCppRunner:
     # -- the steps -------------------------------------------------------------------------------------
 
     def _apply(self, op) -> None:
-        """One prefix-cache decision: a node's KV is a sequence of its own, sharing its row's cells."""
-        llama, memory = self._llama, self.kv
+        """One prefix-cache decision, on the nodes' saved cells in host memory."""
         if isinstance(op, StoreKV):
-            seq = self.slots.take()
-            llama.llama_memory_seq_cp(memory, self.rows[op.row], seq, op.start, op.end)
-            self.nodes[op.node] = _Span(seq, op.start, op.end)
+            llama, memory = self._llama, self.kv
+            llama.llama_memory_seq_cp(memory, self.rows[op.row], self.scratch, op.start, op.end)
+            try:
+                self.nodes[op.node] = self._save(self.scratch)
+            finally:
+                llama.llama_memory_seq_rm(memory, self.scratch, -1, -1)
         elif isinstance(op, SplitKV):
-            span = self.nodes[op.node]
-            middle = span.start + op.at
-            seq = self.slots.take()
-            llama.llama_memory_seq_cp(memory, span.seq, seq, middle, span.end)
-            llama.llama_memory_seq_rm(memory, span.seq, middle, span.end)
-            self.nodes[op.new] = _Span(seq, middle, span.end)
-            span.end = middle
+            saved = self.nodes[op.node]
+            self.nodes[op.new] = saved.part(op.at, saved.cells, copy=True)
+            self.nodes[op.node] = saved.part(0, op.at, copy=True)
         elif isinstance(op, EvictKV):
-            span = self.nodes.pop(op.node)
-            llama.llama_memory_seq_rm(memory, span.seq, -1, -1)
-            self.slots.give(span.seq)
+            del self.nodes[op.node]
         else:
             raise TypeError(f"unknown cache operation {op!r}")
 
@@ -303,13 +305,50 @@ class LlamaCppRunner:
         self.joining = []
         for prompt, used, taken in zip(chunk.prompts, reuse, cached, strict=True):
             seq = self.slots.take()
-            if used is not None:
-                for node, tokens in used.segments:
-                    span = self.nodes[node]
-                    self._llama.llama_memory_seq_cp(self.kv, span.seq, seq, span.start, span.start + tokens)
+            if used is not None and used.tokens:
+                self._take_prefix(seq, prompt, used, chunk.prompts)
             rest = list(prompt[taken:])
             self.joining.append(_Joining(seq, rest, width - len(rest), taken))
             self.lengths[seq] = taken
+
+    def _take_prefix(self, seq: int, prompt: Sequence[int], used: Reuse, prompts: Sequence[Sequence[int]]) -> None:
+        """Puts the cached prefix ``used`` into ``seq``: shared with an earlier row of the group (``prompts``,
+        ``self.joining`` so far) that holds the same tokens already (``seq_cp`` tags its cells, copying
+        nothing), else restored from host memory."""
+        head = prompt[: used.tokens]
+        for row, other in zip(self.joining, prompts, strict=False):
+            if row.cached >= used.tokens and other[: used.tokens] == head:
+                self._llama.llama_memory_seq_cp(self.kv, row.seq, seq, 0, used.tokens)
+                return
+        parts = [self.nodes[node].part(0, tokens) for node, tokens in used.segments]
+        self._restore(seq, join_state(self._state_layout(), parts))
+
+    def _save(self, seq: int) -> SavedKV:
+        """``seq``'s cells, copied out of the pool into host memory."""
+        llama = self._llama
+        size = llama.llama_state_seq_get_size(self.context, seq)
+        data = np.empty(size, np.uint8)
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if size == 0 or llama.llama_state_seq_get_data(self.context, pointer, size, seq) != size:
+            raise RuntimeError(f"llama.cpp could not save sequence {seq} ({size} bytes)")
+        try:
+            layout, saved = parse_state(data)
+        except StateFormatError as error:
+            raise RuntimeError(f"llama.cpp saved a sequence in a layout this runner does not read: {error}") from None
+        self.layout = self.layout or layout
+        return saved.part(0, saved.cells, copy=True)  # its own arrays: llama.cpp's cell table is not kept
+
+    def _state_layout(self) -> StateLayout:
+        assert self.layout is not None, "a prefix is reused before any was saved"
+        return self.layout
+
+    def _restore(self, seq: int, data: np.ndarray) -> None:
+        """Loads a saved sequence into ``seq`` (which it replaces), into any free cells (llama.cpp 0.3.36 needs
+        no unbroken run). The scheduler admits a row only when its prompt and answer fit the pool, so this
+        fails only if a runner bug overfilled it."""
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if self._llama.llama_state_seq_set_data(self.context, pointer, data.size, seq) != data.size:
+            raise ResourceExhausted(f"llama.cpp found no room in its {self.kv_cells} KV cells for a cached prefix")
 
     def _add(self, index: int, token: int, seq: int, logits: bool) -> None:
         if index >= self.capacity:  # llama_batch_init's arrays end there: never write past them

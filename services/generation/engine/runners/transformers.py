@@ -72,6 +72,8 @@ class KVBatch:
         for row, entry in enumerate(rows):
             if entry.rejected:
                 self.forget_last(row, entry.rejected)
+        if any(entry.rejected for entry in rows):
+            self._drop_empty_tail()
         fed = [[entry.token, *entry.draft] for entry in rows]
         width = max(len(tokens) for tokens in fed)
         device = self.mask.device
@@ -89,6 +91,16 @@ class KVBatch:
         positions (counted from the mask) go on as if they had never been fed."""
         columns = self.mask[row].nonzero().squeeze(1)[-tokens:]
         self.mask[row, columns] = 0
+
+    def _drop_empty_tail(self) -> None:
+        """Cuts the columns at the end that no row holds (refused draft positions of every row), so that refused
+        guesses do not leave the cache, and each step's attention, wider; one row alone always gets them back."""
+        empty = int((self.mask.sum(dim=0).flip(0) == 0).long().cumprod(0).sum())
+        if empty:
+            length = self.mask.shape[1] - empty
+            self.mask = self.mask[:, :length]
+            layers = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self.cache.layers]
+            self.cache = _cache_from(layers)
 
     def row_kv(self, row: int, start: int, end: int) -> Layers:
         """Row ``row``'s real tokens ``start:end`` (padding skipped), one (keys, values) per layer."""
