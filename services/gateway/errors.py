@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway import openai_responses as replies
 from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import GatewayError, bad_request
@@ -24,7 +25,9 @@ def error_response(error: GatewayError) -> JSONResponse:
     if error.retry_after is not None:
         headers["Retry-After"] = str(int(error.retry_after))
     return JSONResponse(
-        wire.error_body(error.message, error.type, error.param, error.code), status_code=error.status, headers=headers
+        replies.error_body(error.message, error.type, error.param, error.code),
+        status_code=error.status,
+        headers=headers,
     )
 
 

@@ -1,5 +1,6 @@
-"""The OpenAI wire types: what clients send (pydantic models, checked field by field) and what they get back
-(plain dicts, built by one function per object). Nothing here knows gRPC; ``translate.py`` maps both ways.
+"""The OpenAI request types: what clients send, as pydantic models checked field by field (what they get back is
+``openai_responses``; the structured-output and tool fields are ``openai_structured``). Nothing here knows gRPC;
+``translate.py`` maps both ways.
 
 Fields follow the OpenAI API reference. Three kinds of request field:
 - supported: used as OpenAI documents them (and nightcap's own ``top_k``, ``repetition_penalty``,
@@ -18,40 +19,23 @@ back to these field names (``translate.backend_param``).
 from __future__ import annotations
 
 import base64
-import json
-import re
-import time
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from nightcap.records import MAX_K
-
-
-def _utf8(value: str) -> str:
-    # JSON allows lone surrogates ("\ud800"); protobuf strings must be UTF-8, and would fail far from the field.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text is not valid UTF-8 (it holds a lone surrogate)") from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
-
-
-class Unsupported(ValueError):
-    """A field we read but cannot honour; ``param`` names it for the error body."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class _Request(BaseModel):
-    # Unknown fields are refused (a typo must not be silently ignored), except the harmless ones listed.
-    model_config = ConfigDict(extra="forbid")
+from services.gateway.openai_base import Text, Unsupported, _Request
+from services.gateway.openai_structured import (
+    TOOL_NAME,
+    Constraint,
+    FunctionDefinition,
+    NamedFunction,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    check_schema,
+)
 
 
 class TextPart(_Request):
@@ -109,85 +93,6 @@ class ChatMessage(_Request):
 class StreamOptions(_Request):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
-
-
-TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-
-
-class JsonSchemaFormat(_Request):
-    name: Text = Field(pattern=TOOL_NAME.pattern)
-    description: Text | None = None
-    # ``schema`` shadows a BaseModel attribute, hence the alias; unset: any JSON object
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None  # accepted: the schema is always enforced
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class FunctionDefinition(_Request):
-    name: Text
-    description: Text | None = None
-    parameters: dict[str, Any] | None = None  # unset: an object with any properties
-    strict: bool | None = None
-
-
-class Tool(_Request):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(_Request):
-    name: Text
-
-
-class NamedToolChoice(_Request):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-def check_schema(schema: Any, param: str) -> None:
-    """A JSON Schema the validators of its draft accept, that llguidance can compile."""
-    import jsonschema
-
-    if not isinstance(schema, dict):
-        raise Unsupported(param, "the schema must be a JSON object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as error:
-        raise Unsupported(param, f"not a valid JSON Schema: {error.message}") from None
-    except (TypeError, ValueError, LookupError) as error:  # an unknown $schema, a malformed $ref, ...
-        raise Unsupported(param, f"not a valid JSON Schema: {error}") from None
-    compiles(param, "json_schema", json.dumps(schema))
-
-
-def compiles(param: str, kind: str, text: str) -> None:
-    """The grammar engine's own check (without a tokenizer): a regex, grammar or schema it cannot compile is a
-    400 here, before any engine sees it. Skipped where llguidance is not installed (the engine checks again)."""
-    try:
-        import llguidance
-    except ImportError:  # pragma: no cover - a gateway installed without it
-        return
-    matcher = llguidance.LLMatcher
-    try:
-        if kind == "json_schema":
-            grammar = matcher.grammar_from_json_schema(text)
-        elif kind == "regex":
-            grammar = matcher.grammar_from_regex(text)
-        else:
-            grammar = llguidance.grammar_from(kind, text)
-        error = matcher.validate_grammar(grammar)
-    except (ValueError, TypeError, RuntimeError) as failure:
-        error = str(failure)
-    if error:
-        raise Unsupported(param, f"the {kind.replace('_', ' ')} does not compile: {error.strip()}")
-
-
-def grammar_kind(text: str) -> str:
-    """GBNF (llama.cpp's ``root ::= ...``) or Lark (llguidance's dialect): GBNF rules are defined with ``::=``."""
-    return "gbnf" if "::=" in text else "lark"
 
 
 class _Sampling(_Request):
@@ -379,50 +284,6 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-@dataclass(frozen=True)
-class Constraint:
-    """A request's constraint, checked: ``kind`` is a field of the proto's Constraint oneof, ``value`` its text
-    (a schema as JSON text, a choice's options joined by nothing: see ``options``); ``param`` the wire field."""
-
-    param: str
-    kind: str
-    value: str
-    options: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, param: str, kind: str, value: Any) -> Constraint:
-        if kind == "json_schema":
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError as error:
-                    raise Unsupported(param, f"the schema is not valid JSON: {error}") from None
-            check_schema(value, param)
-            return cls(param, kind, json.dumps(value))
-        if kind == "json_object":
-            return cls(param, kind, "")
-        if kind == "choice":
-            if not value or any(not option for option in value):
-                raise Unsupported(param, "choice needs at least one option, none of them empty")
-            return cls(param, kind, "", tuple(value))
-        if kind == "grammar":
-            kind = grammar_kind(value)
-        if not value:
-            raise Unsupported(param, f"the {kind} is empty")
-        compiles(param, kind, value)
-        return cls(param, kind, value)
-
-
-class StructuredOutputs(_Request):
-    """vLLM's ``structured_outputs`` for raw completions: one of these."""
-
-    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
-    regex: Text | None = None
-    choice: list[Text] | None = None
-    grammar: Text | None = None
-    json_object: bool | None = None
-
-
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -560,145 +421,11 @@ class NewDocument(_Request):
 class DocumentsRequest(_Request):
     """POST /v1/documents: files (parsed as ``chatctl index add`` reads them) and/or documents as they are."""
 
-    files: list[UploadedFile] = []
-    documents: list[NewDocument] = []
+    files: list[UploadedFile] = Field(default_factory=list)
+    documents: list[NewDocument] = Field(default_factory=list)
 
     def check(self) -> None:
         if not self.files and not self.documents:
             raise Unsupported(
                 "files", "send files ([{name, content, encoding}]) or documents ([{id, text, title, source}])"
             )
-
-
-# --- responses ---------------------------------------------------------------------------------------------------
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def chat_chunk(
-    completion_id: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    index: int = 0,
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-def tool_call_delta(index: int, call_id: str, name: str, arguments: str, legacy: bool) -> dict[str, Any]:
-    """A chunk's delta for a piece of a tool call: the first piece (``call_id`` set) carries id, type and name,
-    later ones only more of the arguments, as the SDK and LangChain accumulate them by ``index``."""
-    if legacy:
-        function: dict[str, Any] = {"name": name, "arguments": arguments} if call_id else {"arguments": arguments}
-        return {"function_call": function}
-    if call_id:
-        entry = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-    else:
-        entry = {"index": index, "function": {"arguments": arguments}}
-    return {"tool_calls": [entry]}
-
-
-def assistant_message(content: str | None, calls: list[tuple[str, str, str]], legacy: bool) -> dict[str, Any]:
-    """A response's message: the text, or null beside tool calls ``(id, name, arguments)``."""
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if calls and legacy:
-        _, name, arguments = calls[0]
-        message["function_call"] = {"name": name, "arguments": arguments}
-    elif calls:
-        message["tool_calls"] = [
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-            for call_id, name, arguments in calls
-        ]
-    return message
-
-
-def chat_choice(
-    index: int, message: dict[str, Any], finish_reason: str, logprobs: list[dict[str, Any]] | None
-) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": message,
-        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-        "finish_reason": finish_reason,
-    }
-
-
-def usage(
-    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, drafted: int = 0, accepted: int = 0
-) -> dict[str, Any]:
-    """``cached_tokens``: prompt tokens the generation service's prefix cache supplied (OpenAI's field).
-    ``drafted``/``accepted``: completion tokens speculative decoding guessed from the prompt, and those kept; they
-    go where OpenAI reports its predicted outputs (accepted_prediction_tokens, rejected_prediction_tokens)."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {
-            "accepted_prediction_tokens": accepted,
-            "rejected_prediction_tokens": drafted - accepted,
-        },
-    }
-
-
-def usage_chunk(chunk: dict[str, Any], usage_: dict[str, Any]) -> dict[str, Any]:
-    """The stream's last chunk with ``include_usage``: no choices, only the usage (not glued to content)."""
-    return {**chunk, "choices": [], "usage": usage_}
-
-
-def chat_completion(
-    completion_id: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage_body: dict[str, Any],
-    nightcap: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage_body,
-        "nightcap": nightcap,
-    }
-
-
-def completion_chunk(
-    completion_id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-
-
-def model_card(model_id: str, created: float, kind: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": int(created or time.time()),
-        "owned_by": "nightcap",
-        "nightcap": {"kind": kind, **extra},
-    }

@@ -10,15 +10,8 @@ from typing import Any
 
 from nightcap.records import IndexBuild, from_message
 from nightcap.v1 import chat_pb2, common_pb2, generation_pb2, retrieval_pb2
-from services.gateway.openai_types import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    Constraint,
-    NamedFunction,
-    NamedToolChoice,
-    _Sampling,
-)
+from services.gateway.openai_structured import Constraint, NamedFunction, NamedToolChoice
+from services.gateway.openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
 
 _ROLES = {
     "system": chat_pb2.ROLE_SYSTEM,

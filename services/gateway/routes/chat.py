@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from loguru import logger
 
 from nightcap.v1 import chat_pb2, common_pb2
+from services.gateway import openai_responses as replies
 from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import GatewayError
@@ -89,7 +90,7 @@ class ChatAnswer(Answer):
     def _usage(self, ends: list[chat_pb2.ChatEnd]) -> dict[str, Any]:
         # as OpenAI counts n choices: the prompt once, the completions summed
         first = ends[0]
-        return wire.usage(
+        return replies.usage(
             first.prompt_tokens,
             sum(end.completion_tokens for end in ends),
             first.cached_prompt_tokens,
@@ -120,39 +121,39 @@ class ChatAnswer(Answer):
                     model = message.start.model or model
                     found = translate.sources(message.start)
                     opening = {"role": "assistant", "content": ""}
-                    role = wire.chat_chunk(completion_id, created, model, opening, None, index)
+                    role = replies.chat_chunk(completion_id, created, model, opening, None, index)
                     role["nightcap"] = translate.start_extras(message.start, found)
                     yield sse(role)
                 elif message.HasField("delta"):
-                    chunk = wire.chat_chunk(completion_id, created, model, {"content": message.delta}, None, index)
+                    chunk = replies.chat_chunk(completion_id, created, model, {"content": message.delta}, None, index)
                     if message.logprobs:
                         chunk["choices"][0]["logprobs"] = {"content": translate.chat_logprobs(message.logprobs)}
                     yield sse(chunk)
                 elif message.HasField("tool_call"):
                     piece = message.tool_call
-                    delta = wire.tool_call_delta(piece.index, piece.id, piece.name, piece.arguments, self.legacy)
-                    yield sse(wire.chat_chunk(completion_id, created, model, delta, None, index))
+                    delta = replies.tool_call_delta(piece.index, piece.id, piece.name, piece.arguments, self.legacy)
+                    yield sse(replies.chat_chunk(completion_id, created, model, delta, None, index))
                 elif message.HasField("end"):
                     end = choice.end = message.end
                     found = translate.sources(choice.start)
                     if self.settings.citations == "markdown" and found and end.finish_reason != _TOOL_CALLS:
                         extra = translate.sources_markdown(found, end.cited)
-                        yield sse(wire.chat_chunk(completion_id, created, model, {"content": extra}, None, index))
+                        yield sse(replies.chat_chunk(completion_id, created, model, {"content": extra}, None, index))
                     reason = finish_reason(end.finish_reason, self.legacy)
-                    last = wire.chat_chunk(completion_id, created, model, {}, reason, index)
+                    last = replies.chat_chunk(completion_id, created, model, {}, reason, index)
                     last["nightcap"] = translate.end_extras(end)
                     yield sse(last)
                     self.metrics.count_tokens(end.prompt_tokens, end.completion_tokens)
                     if all(c.end is not None for c in choices):
                         if include_usage:
-                            tail = wire.chat_chunk(completion_id, created, model, {})
+                            tail = replies.chat_chunk(completion_id, created, model, {})
                             yield sse({**tail, "choices": [], "usage": self._usage([c.end for c in choices])})
                         yield "data: [DONE]\n\n"
                         return
                 item = await self.next()
         except GatewayError as error:
             logger.info("chat {}: failed mid-stream: {}", completion_id, error.message)
-            yield sse(wire.error_body(error.message, error.type, error.param, error.code))
+            yield sse(replies.error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
         finally:
             self.metrics.open_streams.dec()
@@ -190,13 +191,13 @@ class ChatAnswer(Answer):
             elif self.settings.citations == "markdown" and not calls:
                 content += translate.sources_markdown(translate.sources(choice.start), end.cited)
             logprobs = translate.chat_logprobs(choice.logprobs) if choice.logprobs else None
-            message = wire.assistant_message(content, calls, self.legacy)
-            bodies.append(wire.chat_choice(index, message, reason, logprobs))
+            message = replies.assistant_message(content, calls, self.legacy)
+            bodies.append(replies.chat_choice(index, message, reason, logprobs))
             self.metrics.count_tokens(end.prompt_tokens, end.completion_tokens)
         first = choices[0]
         found = translate.sources(first.start, first.end.cited)
         extras = {**translate.start_extras(first.start, found), **translate.end_extras(first.end)}
-        return wire.chat_completion(
+        return replies.chat_completion(
             self.id,
             self.created,
             first.start.model or self.model,

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from nightcap.v1 import generation_pb2
+from services.gateway import openai_responses as replies
 from services.gateway import openai_types as wire
 from services.gateway import translate
 from services.gateway.backends import GatewayError
@@ -57,21 +58,21 @@ class CompletionAnswer(Answer):
                     if item.text or item.logprobs:
                         logprobs = translate.completion_logprobs(item.logprobs, offset) if item.logprobs else None
                         offset += len(item.text)
-                        yield sse(wire.completion_chunk(completion_id, created, model, item.text, None, logprobs))
+                        yield sse(replies.completion_chunk(completion_id, created, model, item.text, None, logprobs))
                     if item.HasField("finish"):
                         finish = item.finish
                         reason = finish_reason(finish.reason)
-                        yield sse(wire.completion_chunk(completion_id, created, model, "", reason))
+                        yield sse(replies.completion_chunk(completion_id, created, model, "", reason))
                         self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
                         if include_usage:
-                            tail = wire.completion_chunk(completion_id, created, model, "")
-                            yield sse(wire.usage_chunk(tail, _usage(finish)))
+                            tail = replies.completion_chunk(completion_id, created, model, "")
+                            yield sse(replies.usage_chunk(tail, _usage(finish)))
                         yield "data: [DONE]\n\n"
                         return
                 item = await self.next()
                 item = item if item is PING else item[1]
         except GatewayError as error:
-            yield sse(wire.error_body(error.message, error.type, error.param, error.code))
+            yield sse(replies.error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
         finally:
             self.metrics.open_streams.dec()
@@ -93,7 +94,7 @@ class CompletionAnswer(Answer):
             item = await self.next()
         finish = item.finish
         self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
-        body = wire.completion_chunk(
+        body = replies.completion_chunk(
             self.id,
             self.created,
             model,
@@ -106,7 +107,7 @@ class CompletionAnswer(Answer):
 
 
 def _usage(finish: generation_pb2.Finish) -> dict[str, Any]:
-    return wire.usage(
+    return replies.usage(
         finish.prompt_tokens,
         finish.generated_tokens,
         finish.cached_prompt_tokens,

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.gateway import openai_types as wire
+from services.gateway import openai_responses as replies
 from services.gateway.backends import GatewayError
 from services.gateway.dependencies import backends, call_metadata, gateway_metrics, gateway_settings
 from services.gateway.errors import JSON_HEADERS
@@ -26,7 +26,7 @@ async def health(request: Request) -> JSONResponse:
     down = {name: state for name, state in states.items() if state != "SERVING"}
     body: dict[str, Any] = {"status": "ok" if not down else "unavailable", "backends": states}
     if down:
-        body["error"] = wire.error_body(
+        body["error"] = replies.error_body(
             "not serving: " + ", ".join(f"{n} at {stack.addresses[n]} is {s}" for n, s in down.items()),
             "service_unavailable",
             None,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from nightcap.v1 import admin_pb2, retrieval_pb2
-from services.gateway import openai_types as wire
+from services.gateway import openai_responses as replies
 from services.gateway.backends import GatewayError
 from services.gateway.dependencies import backends, call_metadata
 from services.gateway.errors import JSON_HEADERS
@@ -52,7 +52,7 @@ async def model_cards(request: Request) -> list[dict[str, Any]]:
     except grpc.aio.AioRpcError:
         others = []
     cards.append(
-        wire.model_card(
+        replies.model_card(
             names.label,
             created.get(names.label, 0),
             "chat",
@@ -62,9 +62,9 @@ async def model_cards(request: Request) -> list[dict[str, Any]]:
             prompt_format=info.prompt_format,
         )
     )
-    cards += [wire.model_card(f"{v.name}:{v.version}", v.created, "chat", served=False) for v in others]
+    cards += [replies.model_card(f"{v.name}:{v.version}", v.created, "chat", served=False) for v in others]
     if stack.retrieval is not None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             stats = await stack.retrieval.Stats(retrieval_pb2.StatsRequest(), timeout=5, metadata=metadata)
-            cards.append(wire.model_card(stats.embedder, 0, "embedding", dimension=stats.dimension))
+            cards.append(replies.model_card(stats.embedder, 0, "embedding", dimension=stats.dimension))
     return cards
