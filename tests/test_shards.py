@@ -44,13 +44,13 @@ CASES = [
 class ShardedServer:
     """`python -m services.generation serve --num-shard 2` on a free port, with its log."""
 
-    def __init__(self, model: Path, log: Path, num_shard: int = 2) -> None:
+    def __init__(self, model: Path, log: Path, num_shard: int = 2, *extra: str) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.log_path = log
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.generation", "serve", "--model", str(model), "--address", self.address,
              "--metrics-address", "", "--num-shard", str(num_shard), "--shard-timeout", str(SHARD_TIMEOUT),
-             "--threads", "1", "--grace", "2"],
+             "--threads", "1", "--grace", "2", *extra],
             stdout=log.open("w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.channel = grpc.insecure_channel(self.address)
@@ -206,6 +206,17 @@ def test_a_model_the_ranks_cannot_split_is_refused_at_start_naming_it(tiny_model
         server.stop()
     assert "GPTNeoXForCausalLM has num_attention_heads=4, which --num-shard 3 does not divide" in log
     assert "started rank" not in log  # refused before any rank was started
+
+
+def test_external_ranks_without_a_port_to_tell_them_are_refused_at_start(tiny_model_dir, tmp_path):
+    server = ShardedServer(tiny_model_dir, tmp_path / "serve.log", 2, "--shard-launch", "external")
+    try:
+        assert server.process.wait(180) == 2
+        log = server.log()
+    finally:
+        server.stop()
+    assert "--shard-launch external needs --shard-master-port" in log
+    assert "started rank" not in log
 
 
 def test_an_architecture_without_a_plan_is_named_in_the_error():

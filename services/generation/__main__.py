@@ -51,7 +51,7 @@ from services.generation.loading import (
 )
 from services.generation.metrics import GenerationMetrics
 from services.generation.server import serve_model_host
-from services.generation.shards import ShardGroup, ShardSpec, follow_rank0, init_rank, shard_device
+from services.generation.shards import Rendezvous, ShardGroup, ShardSpec, follow_rank0, init_rank, shard_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -165,6 +165,26 @@ def serve(
         " gloo on CPU); this process is rank 0 and starts the others",
     ),
     shard_timeout: float = ShardTimeout,
+    shard_master_addr: str = typer.Option(
+        "127.0.0.1",
+        envvar="NIGHTCAP_SHARD_MASTER_ADDR",
+        help="--num-shard: the address rank 0 waits for the other ranks on (this host's address on the network"
+        " they share, with GLOO_SOCKET_IFNAME naming its interface, when ranks run on other hosts)",
+    ),
+    shard_master_port: int = typer.Option(
+        0,
+        envvar="NIGHTCAP_SHARD_MASTER_PORT",
+        min=0,
+        max=65535,
+        help="--num-shard: the port of --shard-master-addr; 0: a free one (ranks this process starts only)",
+    ),
+    shard_launch: str = typer.Option(
+        "local",
+        envvar="NIGHTCAP_SHARD_LAUNCH",
+        help="--num-shard: local (this process starts ranks 1..N-1) or external (they are started on their own"
+        " hosts, as `python -m services.generation shard` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set;"
+        " needs --shard-master-port)",
+    ),
     device_map: str = typer.Option(
         "",
         "--device-map",
@@ -252,7 +272,12 @@ def serve(
         rank_args = ["--model", model, "--device", device, "--dtype", dtype, "--var-dir", str(layout.root),
                      "--log-level", log_level, "--threads", str(threads)]  # fmt: skip
         try:
-            group = ShardGroup.launch(num_shard, shard_timeout, resolve_device(device), rank_args)
+            where = Rendezvous.checked(shard_master_addr, shard_master_port, shard_launch)
+        except ValueError as error:
+            logger.error("{}", error)
+            raise typer.Exit(2) from None
+        try:
+            group = ShardGroup.launch(num_shard, shard_timeout, resolve_device(device), rank_args, where)
         except Exception as error:
             logger.error("the {} ranks did not come together: {}: {}", num_shard, type(error).__name__, error)
             raise typer.Exit(2) from None

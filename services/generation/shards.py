@@ -126,16 +126,20 @@ class Rendezvous:
     @classmethod
     def from_env(cls) -> Rendezvous:
         """NIGHTCAP_SHARD_MASTER_ADDR, NIGHTCAP_SHARD_MASTER_PORT and NIGHTCAP_SHARD_LAUNCH (local, external)."""
-        rendezvous = cls(
+        return cls.checked(
             os.environ.get("NIGHTCAP_SHARD_MASTER_ADDR") or "127.0.0.1",
             int(os.environ.get("NIGHTCAP_SHARD_MASTER_PORT") or 0),
             os.environ.get("NIGHTCAP_SHARD_LAUNCH") or "local",
         )
-        if rendezvous.launch not in ("local", "external"):
-            raise ValueError(f"NIGHTCAP_SHARD_LAUNCH={rendezvous.launch!r}: local or external")
-        if rendezvous.launch == "external" and not rendezvous.master_port:
-            raise ValueError("NIGHTCAP_SHARD_LAUNCH=external needs NIGHTCAP_SHARD_MASTER_PORT: the ranks are told it")
-        return rendezvous
+
+    @classmethod
+    def checked(cls, master_addr: str, master_port: int, launch: str) -> Rendezvous:
+        """`serve`'s --shard-master-addr, --shard-master-port and --shard-launch (or their environment variables)."""
+        if launch not in ("local", "external"):
+            raise ValueError(f"--shard-launch {launch!r}: local or external")
+        if launch == "external" and not master_port:
+            raise ValueError("--shard-launch external needs --shard-master-port: the ranks are told it")
+        return cls(master_addr, master_port, launch)
 
 
 def launch_ranks(
