@@ -23,7 +23,8 @@ from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.chunker import Passage, passages_of
 from services.retrieval.corpus import Document
 from services.retrieval.embedder import Embedder
-from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, load_index
+from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, keywords, load_index
+from services.retrieval.index.keywords import match_expression
 from services.retrieval.ingest import Ingestor
 from services.retrieval.reranker import Reranker
 from services.retrieval.retriever import HYBRID, VECTOR, Retriever
@@ -129,6 +130,27 @@ def test_a_question_in_plain_words_matches_passages_holding_some_of_them(served)
     assert ask("Where is the river Aare?") == ["Bern#0"]
     assert ask("Which city is located on the coast of the Pacific?") == ["Lima#0"]
     assert ask("Zürich") == ["Zurich#0"]
+
+
+def test_a_word_many_passages_hold_ranks_the_passages_its_rare_words_select() -> None:
+    """bm25 pays per matching passage: an OR with "valve" in it matches the whole catalogue."""
+    held = {'"valve"': 5000, '"rated"': 3000, '"pressure"': 40, '"v"': 2500, '"2234"': 1}
+    counted = lambda phrase, at_most: min(held[phrase], at_most)  # noqa: E731
+    assert match_expression(PART_QUESTION, counted) == (
+        '("pressure" OR "2234") AND ("pressure" OR "v" OR "2234" OR "rated")'
+    )
+    assert match_expression("Which valve is rated?", counted) == '"valve" OR "rated"'  # none rare: all select
+    assert match_expression(PART_QUESTION) == '"pressure" OR "v" OR "2234" OR "rated"'
+
+
+def test_a_keyword_search_finds_only_passages_holding_a_rare_word_when_common_ones_are_asked_too(
+    index: PassageIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keywords, "COMMON_PASSAGES", 3)  # every valve passage holds "brass" and "valve"
+    assert [hit.passage.id for hit in index.keyword_search("Is the brass valve in Lima?", 10)] == ["Lima#0"]
+    assert all(hit.passage.id.startswith("valve-") for hit in index.keyword_search("Which brass valve?", 3))
+    found = [hit.passage.id for hit in index.keyword_search("Which valve is rated for 25 bar?", 10)]
+    assert found == ["valve-2232#0"]
 
 
 def test_an_unknown_search_mode_is_invalid_argument(served) -> None:

@@ -194,6 +194,14 @@ class PassageStore:
                         passages[row] = Passage(*fields)
         return [(row, score, passages[row]) for row, score in found if row in passages]
 
+    def count_matches(self, expression: str, at_most: int) -> int:
+        """How many passages match the FTS5 ``expression``, counted up to ``at_most`` (no bm25: the index alone)."""
+        with self._lock:
+            return self._connection.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM passage_words WHERE passage_words MATCH ? LIMIT ?)",
+                (expression, at_most),
+            ).fetchone()[0]
+
     def stage(self, passages: Sequence[Passage]) -> None:
         """Replaces the staged passages with these (one transaction): keyword searches find them from now on,
         and each is removed when a commit adds its document."""

@@ -168,7 +168,7 @@ def main() -> None:
         servers: dict[str, Nightcap | Llama] = {}
         try:
             for name, extra in (("spec", []), ("off", ["--speculative-tokens", "0"])):
-                flags = ["--runner", runner, "--prefix-cache-bytes", "0", *shlex.split(args.nightcap_args), *extra]
+                flags = ["--runner", runner, *shlex.split(args.nightcap_args), *extra]
                 print(f"== starting nightcap {name}: {shlex.join(flags)}", flush=True)
                 server = Nightcap(
                     gguf, layout.root, 16, args.threads, flags, layout.bench / f"spec-{runner}-{name}.log"

@@ -102,7 +102,7 @@ class PassageIndex:
         """The k passages whose words best match ``query`` by bm25, committed or staged, best first. Their
         scores are NaN: bm25 (``Hit.bm25``) does not compare with the cosine similarity a Hit reports
         (``vectors_of`` has that)."""
-        expression = match_expression(query)
+        expression = match_expression(query, self._store.count_matches)
         if expression is None:
             return []
         return [Hit(p, math.nan, row=row, bm25=-score) for row, score, p in self._store.keyword_search(expression, k)]
