@@ -167,6 +167,8 @@ class ServerProcess:
 
 class LlamaServer(ServerProcess):
     name = LLAMA
+    ignore_eos = True  # every stream makes exactly the tokens it asks for
+    stream_type = Stream
 
     def __init__(
         self, binary: Path, gguf: Path, parallel: int, ctx_size: int, threads: int, extra: list[str], log_path: Path
@@ -195,10 +197,10 @@ class LlamaServer(ServerProcess):
 
     def stream(self, connection: http.client.HTTPConnection, prompt: list[int], new_tokens: int) -> Stream:
         body = {
-            "prompt": prompt, "n_predict": new_tokens, "stream": True, "cache_prompt": True, "ignore_eos": True,
-            "temperature": 0.0, "top_k": 1, "return_tokens": True,
+            "prompt": prompt, "n_predict": new_tokens, "stream": True, "cache_prompt": True,
+            "ignore_eos": self.ignore_eos, "temperature": 0.0, "top_k": 1, "return_tokens": True,
         }  # fmt: skip
-        result = Stream(Timings(time.perf_counter()))
+        result = self.stream_type(Timings(time.perf_counter()))
         connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:

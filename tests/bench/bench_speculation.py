@@ -29,7 +29,6 @@ llamacpp/grounded_n1_vs_llama_server and llamacpp/grounded_n1_vs_llama_server_ng
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shlex
@@ -103,35 +102,8 @@ class Nightcap(NightcapServer):
 
 
 class Llama(LlamaServer):
-    def stream(self, connection: http.client.HTTPConnection, prompt: list[int], new_tokens: int) -> Stream:
-        body = {
-            "prompt": prompt, "n_predict": new_tokens, "stream": True, "cache_prompt": True, "temperature": 0.0,
-            "top_k": 1, "return_tokens": True,
-        }  # fmt: skip
-        result = Answer(Timings(time.perf_counter()))
-        connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"llama-server answered {response.status}: {response.read()[:500]!r}")
-        for raw in response:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            message = json.loads(line[5:])
-            if "error" in message:
-                raise RuntimeError(f"llama-server: {message['error']}")
-            tokens = message.get("tokens") or []
-            result.timings.arrived(time.perf_counter(), len(tokens))
-            result.tokens.extend(tokens)
-            if message.get("stop"):
-                result.reported_tokens = int(message.get("tokens_predicted", -1))
-                # as bench_peers.py saw: a few ids llama-server held back are counted with its last message
-                withheld = result.reported_tokens - len(result.tokens)
-                if 0 < withheld <= 4:
-                    result.timings.arrived(time.perf_counter(), withheld)
-                    result.tokens.extend([-1] * withheld)
-                break
-        return result
+    ignore_eos = False  # an answer ends where the model ends it, as on nightcap's side
+    stream_type = Answer
 
 
 def run(server, prompts: list[list[int]], concurrency: int, new_tokens: int) -> list[Stream]:
