@@ -26,6 +26,13 @@ ZURICH = Passage(
     "Zurich",
     score=0.71,
 )
+LIGHTHOUSE = Passage(
+    "quillon#0",
+    "The Quillon lighthouse: The Quillon lighthouse stands on a basalt reef. Its keeper, Marta Quist, painted it"
+    " violet in 1931.",
+    "The Quillon lighthouse",
+    score=0.6,
+)
 AMSTERDAM = Passage(
     "Amsterdam#0",
     "Amsterdam: Amsterdam is the capital and most populous city of the Netherlands, with a population of 941,873.",
@@ -77,6 +84,9 @@ def test_a_number_no_passage_holds_is_admitted_and_one_it_holds_is_answered() ->
         ("What nationality was Galileo?", [GALILEO]),
         ("When was Galileo born?", [GALILEO]),
         ("Tell me about Amsterdam.", [AMSTERDAM]),
+        # one word of the question's own (the passage says "violet", "painted"): a paraphrase, not another subject
+        ("What colour did Marta Quist paint the Quillon lighthouse?", [LIGHTHOUSE]),
+        ("What is Zurich's climate like?", [ZURICH]),
     ],
 )
 def test_a_question_its_passages_answer_goes_to_the_model(question: str, passages: list[Passage]) -> None:

@@ -331,11 +331,17 @@ def cited(answer: str, sources: int) -> list[int]:
     return numbers
 
 
+# Content words the passages must all lack before they count: one is often the question's own wording of what a
+# passage says otherwise ("What colour did she paint it?" of "she painted it violet"); two or more (an office's
+# "phone", "tourist", "office"; "post", "online") mean another subject. Names and numbers count alone.
+MISSING_TERMS = 2
+
+
 def missing_names(message: str, passages: Sequence[Passage]) -> list[str]:
     """What the message asks about that none of the passages mentions, in the message's order: its names
     (capitalised words of three letters or more, other than a sentence's first), its numbers ("1687",
-    "724,290", the 2234 of "V-2234") and its other content words (`missing_terms`), compared without case or
-    accents.
+    "724,290", the 2234 of "V-2234") and its other content words (`missing_terms`) when at least
+    ``MISSING_TERMS`` of them are missing, compared without case or accents.
 
     A search always returns its nearest passages, and a small model reads them as the answer: asked about
     "Torvalune", it reports another city's population; asked for an office's phone number, it gives four digits.
@@ -350,7 +356,9 @@ def missing_names(message: str, passages: Sequence[Passage]) -> list[str]:
                 missing.append(word)
     held = set(_NUMBER.findall(text))
     missing += [number for number in dict.fromkeys(_NUMBER.findall(message)) if number not in held]
-    missing += missing_terms(message, text)
+    terms = missing_terms(message, text)
+    if len(terms) >= MISSING_TERMS:
+        missing += terms
     return sorted(dict.fromkeys(missing), key=lambda word: message.find(word))
 
 
