@@ -242,3 +242,37 @@ def start_chat_server_quick(generation: str, retrieval: str | None):
     from services.orchestrator.server import start_chat_server
 
     return start_chat_server(generation, retrieval, "127.0.0.1:0", default_max_new_tokens=8, backend_timeout=5)
+
+
+def test_a_service_started_on_a_taken_port_exits_2_naming_the_address(tiny_model_dir, tmp_path):
+    """grpcio raises RuntimeError for a port it cannot bind: each service turns it into one line and exit 2,
+    never a traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        commands = {
+            "orchestrator": ["-m", "services.orchestrator", "serve", "--address", address],
+            "generation": [
+                "-m",
+                "services.generation",
+                "serve",
+                "--address",
+                address,
+                "--model",
+                str(tiny_model_dir),
+                "--metrics-address",
+                "",
+                "--var-dir",
+                str(tmp_path),
+            ],
+        }
+        for name, args in commands.items():
+            done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180)
+            assert done.returncode == 2, (name, done.stderr[-2000:])
+            assert f"could not bind {address}" in done.stderr, (name, done.stderr[-2000:])
+            assert "Traceback" not in done.stderr, name

@@ -274,7 +274,10 @@ def _attach(
         binding.add(binding.servicer, server)
     if security.reflection:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = security.add_port(server, address)
+    try:
+        port = security.add_port(server, address)
+    except RuntimeError:  # grpcio >= 1.60 raises "Failed to bind to address" where older ones returned 0
+        port = 0
     if port == 0:
         raise OSError(f"could not bind {address}: is another process listening there?")
     return port
