@@ -25,6 +25,7 @@ from test_engine import (
     tokens_of,
 )
 from test_node_client import NODE, NODE_DIR, run_node
+from test_prefix_cache import assert_n_answers_to_one_prompt_prefill_it_once
 
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_grpc
 from services.common.errors import FailedPrecondition
@@ -168,6 +169,12 @@ def test_a_prefix_reused_from_the_cache_gives_the_tokens_of_a_cold_prefill(gguf_
     finally:
         warm.shutdown(grace=1)
         cold.shutdown(grace=1)
+
+
+def test_n_answers_to_one_prompt_prefill_it_once_and_answer_as_without_the_cache(gguf_loaded):
+    assert_n_answers_to_one_prompt_prefill_it_once(
+        engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
+    )
 
 
 def pool_cells(runner) -> int:

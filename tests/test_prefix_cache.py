@@ -35,6 +35,30 @@ def one_by_one(engine, cases) -> list[list[int]]:
     return [tokens_of(submit_all(engine, [case])[0]) for case in cases]
 
 
+def submit_at_once(engine, cases: list[tuple[list[int], int]]) -> list[Request]:
+    """``submit_all`` before the engine's worker plans its next step, as a chat's n answers arrive together."""
+    with engine._wakeup:  # the worker schedules holding it
+        return submit_all(engine, cases)
+
+
+def assert_n_answers_to_one_prompt_prefill_it_once(warm, cold) -> None:
+    """Four requests with one prompt at once: the first prefills it, the other three take all of it but its
+    last token from ``warm``'s prefix cache, and all answer as they do from ``cold``, which has none (shuts
+    both engines down)."""
+    prompt = random_tokens(random.Random(13), 40)
+    try:
+        shared = submit_at_once(warm, [(prompt, 12)] * 4)
+        got = [tokens_of(r) for r in shared]
+        apart = submit_at_once(cold, [(prompt, 12)] * 4)
+        expected = [tokens_of(r) for r in apart]
+    finally:
+        warm.shutdown(grace=1)
+        cold.shutdown(grace=1)
+    assert [r.cached_tokens for r in shared] == [0] + [len(prompt) - 1] * 3  # one token prefilled each
+    assert [r.cached_tokens for r in apart] == [0] * 4
+    assert got == expected
+
+
 def random_tokens(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(1, 400) for _ in range(count)]
 
@@ -110,6 +134,14 @@ def test_greedy_tokens_with_cache_hits_equal_a_cold_prefill_alone_and_in_a_batch
             warm.shutdown(grace=1)
     assert alone == expected and together == expected
     assert cached == [len(p) - 1 for p, _ in cases]
+
+
+@pytest.mark.parametrize("prefill_chunk", [2048, 16])
+def test_n_answers_to_one_prompt_prefill_it_once_and_answer_as_without_the_cache(model, prefill_chunk):
+    assert_n_answers_to_one_prompt_prefill_it_once(
+        engine_with(model, max_prefill_tokens=prefill_chunk),
+        start_engine(model, SchedulerConfig(max_prefill_tokens=prefill_chunk)),
+    )
 
 
 def test_a_reused_prefix_lands_at_another_column_and_batch_row_and_changes_nothing(model):

@@ -12,12 +12,14 @@ from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import (
     DEAD_ROW_TOKEN,
+    SHARED_PREFIX_MIN_TOKENS,
     ContinuousBatchScheduler,
     PrefillChunk,
     SchedulerConfig,
 )
 
 EOS = 0
+LONG = SHARED_PREFIX_MIN_TOKENS + 8  # a prompt long enough that sharing it is worth a step's wait
 
 
 def request(prompt_length: int = 4, new_tokens: int = 3, **config) -> Request:
@@ -276,3 +278,75 @@ def test_a_full_prefix_cache_evicts_through_the_step():
             output, _ = step(s)
             evicted += [op for op in output.model.cache_ops if isinstance(op, EvictKV)]
     assert evicted and s.prefix.held <= 8
+
+
+def test_n_answers_to_one_prompt_prefill_it_once_and_the_rest_take_it_from_the_cache():
+    s = scheduler(prefix_cache_bytes=1000)
+    first, *others = answers = [request(prompt_length=LONG) for _ in range(4)]
+    for r in answers:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == [first]
+    assert output.model.prefill == PrefillChunk(0, LONG, True, (tuple(range(1, LONG + 1)),))
+    assert [r.status for r in others] == [RequestStatus.WAITING] * 3  # nobody overtakes the one that waits
+    output, _ = step(s)  # the first joined: its prompt is stored, then the rest start from it
+    assert output.prefilling == others
+    assert [r.cached_tokens for r in answers] == [0, LONG - 1, LONG - 1, LONG - 1]
+    chunk = output.model.prefill
+    assert (chunk.start, chunk.end, chunk.last) == (LONG - 1, LONG, True)  # one token each: the last, for its logits
+
+
+def test_questions_after_a_new_system_prompt_wait_for_the_first_to_prefill_it():
+    s = scheduler(prefix_cache_bytes=1000)
+    system = list(range(1, LONG + 1))
+    questions = [Request([*system, 100 + i, 7, 8], SamplingConfig(max_new_tokens=3)) for i in range(4)]
+    for r in questions:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == questions[:1]
+    output, _ = step(s)
+    assert output.prefilling == questions[1:] and [r.cached_tokens for r in questions[1:]] == [LONG] * 3
+    assert output.model.prefill.start == LONG  # three tokens each: their own question
+
+
+def test_short_prompts_sharing_a_few_tokens_still_prefill_together():
+    s = scheduler(prefix_cache_bytes=1000)
+    header = list(range(1, SHARED_PREFIX_MIN_TOKENS))  # one token short of worth waiting for
+    prompts = [[*header, 100 + i, 7, 8] for i in range(4)] + [[*header, 5]] * 2  # and two the same, as short
+    requests = [Request(p, SamplingConfig(max_new_tokens=3)) for p in prompts]
+    for r in requests:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == requests and all(r.cached_tokens == 0 for r in requests)
+
+
+def test_without_a_prefix_cache_n_answers_to_one_prompt_prefill_together():
+    s = scheduler()
+    answers = [request(prompt_length=LONG) for _ in range(4)]
+    for r in answers:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == answers and len(output.model.prefill.prompts) == 4
+
+
+def test_nobody_waits_for_a_prompt_too_long_for_the_prefix_cache():
+    s = scheduler(prefix_cache_bytes=LONG - 1)
+    answers = [request(prompt_length=LONG) for _ in range(4)]
+    for r in answers:
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == answers
+
+
+def test_a_request_waits_for_one_group_at_most_even_when_the_cache_lost_what_it_waited_for():
+    s = scheduler(prefix_cache_bytes=LONG + 10)  # holds one of the two prompts joining together, not both
+    first, other = request(prompt_length=LONG), Request(list(range(500, 530)), SamplingConfig(max_new_tokens=3))
+    waiting, *rest = [request(prompt_length=LONG) for _ in range(3)]
+    for r in (first, other, waiting, *rest):
+        s.add(r)
+    output, _ = step(s)
+    assert output.prefilling == [first, other]
+    output, _ = step(s)  # storing the other's prompt evicted the first's: the one that waited heads the next group
+    assert output.prefilling == [waiting] and waiting.cached_tokens == 0
+    output, _ = step(s)  # and the rest, the same prompt, wait for it in turn and prefill one token each
+    assert output.prefilling == rest and [r.cached_tokens for r in rest] == [LONG - 1] * 2

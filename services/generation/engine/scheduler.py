@@ -22,6 +22,10 @@ from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.speculation import DraftState, PromptLookup
 
 DEAD_ROW_TOKEN = 0  # what a finished row still in the cache is fed; its logits are never read
+# a request waits a step for another's prefill of the prompt prefix they share when that saves at least this many
+# tokens: on the 2-core VM a step's fixed cost is worth 7 to 30 tokens' prefill by dtype (docs/benchmarks.md's
+# decode steps at 1 and 16 rows), so sharing fewer is cheaper to prefill twice
+SHARED_PREFIX_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,8 @@ class ContinuousBatchScheduler:
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """Plans one step: every live row decodes, and the group being prefilled runs its next chunk;
         with no group in flight, the longest first-come run of waiting requests that fits the batch size,
-        the token budget and the prefill cap starts one.
+        the token budget and the prefill cap starts one (ended early before a request that would prefill
+        a long prefix again: ``_admit``).
 
         Finished and expired rows stay in the cache as dead rows (fed a filler token, their logits
         ignored) until dropping them pays: taking rows out copies the whole KV cache, about one decode
@@ -327,6 +332,12 @@ class ContinuousBatchScheduler:
         return tuple(ops)
 
     def _admit(self, now: float) -> None:
+        """Starts a group: the longest first-come run of waiting requests that fits the batch size, the token
+        budget and the prefill cap. With the prefix cache on, the run also ends before a request whose prompt
+        shares ``SHARED_PREFIX_MIN_TOKENS`` tokens or more, past what the cache gives it, with a prompt in the
+        group (n answers to one prompt, a new system prompt): once the group joins, the cache holds that
+        prompt, and the request, first in the next group, prefills only the rest. It waits one group at most
+        (it heads the next one, whatever the cache then gives it), and never for a prompt too long to keep."""
         config = self.config
         rows = len([r for r in self.batch if not r.status.finished])
         tokens, prefill = sum(r.budget_tokens for r in self.batch), 0
@@ -342,7 +353,7 @@ class ContinuousBatchScheduler:
                 and tokens + request.budget_tokens <= config.max_batch_total_tokens
                 and (not admitted or prefill + fresh <= config.max_prefill_tokens)
             )
-            if not fits:
+            if not fits or (self.prefix.enabled and self._shares_uncached_prefix(request, cached, admitted, reuse)):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.PREFILLING
@@ -359,6 +370,21 @@ class ContinuousBatchScheduler:
             prefix = max(r.tokens for r in reuse)
             rest = max(len(r.prompt_ids) - c.tokens for r, c in zip(admitted, reuse, strict=True))
             self.prefilling = _Group(admitted, prefix + rest, prefix, tuple(reuse), prefix)
+
+    def _shares_uncached_prefix(
+        self, request: Request, cached: Reuse, group: list[Request], reuse: list[Reuse]
+    ) -> bool:
+        """Whether ``request``'s prompt, less its last token, runs on for ``SHARED_PREFIX_MIN_TOKENS`` past its
+        ``cached`` tokens in step with the prompt of a member of ``group`` (whose cached prefixes are ``reuse``)
+        that the prefix cache can keep once the group joins."""
+        end = cached.tokens + SHARED_PREFIX_MIN_TOKENS
+        if end > len(request.prompt_ids) - 1:
+            return False
+        start = request.prompt_ids[:end]  # slices compare at C speed: no token-by-token walk per member
+        return any(
+            other.prompt_ids[:end] == start and len(other.prompt_ids) - kept.tokens <= self.prefix.capacity
+            for other, kept in zip(group, reuse, strict=True)
+        )
 
     def _next_chunk(self) -> PrefillChunk | None:
         group = self.prefilling
