@@ -587,6 +587,87 @@ def test_the_sdk_raises_bad_request_with_the_param(sdk):
     assert bad.value.param == "tool_choice"
 
 
+# --- n raw completions: each its own Generate on the tiny model behind the same gateway ---------------------------
+
+PROMPT = "Zurich is"
+
+
+def complete(sdk: openai.OpenAI, **extra):
+    """A sampled, seeded completion with logprobs (one per generated token, so usage can be checked per choice)."""
+    ask = {"prompt": PROMPT, "n": 3, "seed": 11, "temperature": 1.0, "max_tokens": 8, "logprobs": 0, **extra}
+    return sdk.completions.create(model="", **ask)
+
+
+def test_n_3_completions_are_3_generations_each_sampled_with_seed_plus_index(sdk):
+    first = complete(sdk)
+    texts = [choice.text for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert all(texts) and len(set(texts)) == 3, texts
+    assert all(choice.finish_reason in ("stop", "length") for choice in first.choices)
+    assert [choice.text for choice in complete(sdk).choices] == texts  # a seeded request is reproducible
+    alone = [complete(sdk, n=1, seed=11 + index) for index in range(3)]
+    assert [reply.choices[0].text for reply in alone] == texts  # choice i is what seed + i gives on its own
+    assert first.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt once
+    assert first.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+    assert first.usage.completion_tokens == sum(len(choice.logprobs.tokens) for choice in first.choices)
+
+
+def test_n_3_completions_stream_each_choice_by_index_and_the_usage_once_at_the_end(sdk):
+    whole = complete(sdk)
+    texts, reasons, offsets, usages = ["", "", ""], [[], [], []], [[], [], []], []
+    for chunk in complete(sdk, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.logprobs is not None:
+                offsets[choice.index] += choice.logprobs.text_offset
+            if choice.finish_reason is not None:
+                reasons[choice.index].append(choice.finish_reason)
+    assert texts == [choice.text for choice in whole.choices]
+    assert reasons == [[choice.finish_reason] for choice in whole.choices]
+    assert [found[0] for found in offsets] == [0, 0, 0]  # each choice's text_offset counts its own text
+    assert len(usages) == 1 and usages[0].completion_tokens == whole.usage.completion_tokens
+    assert usages[0].prompt_tokens == whole.usage.prompt_tokens
+
+
+YES_OR_NO = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"structured_outputs": {"json": YES_OR_NO}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": YES_OR_NO}}},
+        {"guided_json": YES_OR_NO},
+    ],
+    ids=["structured_outputs", "response_format", "guided_json"],
+)
+def test_n_3_completions_under_a_json_schema_each_give_valid_json(sdk, constraint):
+    reply = complete(sdk, max_tokens=32, logprobs=None, extra_body=constraint)
+    assert len(reply.choices) == 3
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.text
+        assert isinstance(json.loads(choice.text)["ok"], bool), choice.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"n": 5}, "n"), ({"n": 2, "best_of": 1}, "best_of"), ({"n": 2, "best_of": 2}, "best_of")],
+    ids=["beyond-max-n", "best_of-below-n", "best_of"],
+)
+def test_completions_n_beyond_max_n_and_best_of_are_400_naming_the_field(sdk, extra, param):
+    with pytest.raises(openai.BadRequestError) as bad:
+        complete(sdk, **extra)  # this gateway runs with --max-n 4
+    assert bad.value.param == param
+
+
 # --- the whole stack on the embedded default ------------------------------------------------------------------------
 
 

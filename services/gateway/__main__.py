@@ -104,7 +104,7 @@ def serve(
         help="seconds one request may take (the deadline of its gRPC call; past it, 504); 0: no deadline",
     ),
     max_n: int = typer.Option(
-        8, envvar="NIGHTCAP_MAX_N", min=1, help="most choices (n) one chat completion may ask for; beyond, 400"
+        8, envvar="NIGHTCAP_MAX_N", min=1, help="most choices (n) one chat or text completion may ask for; beyond, 400"
     ),
     ping_interval: float = typer.Option(
         10.0, envvar="NIGHTCAP_PING_INTERVAL", min=0.1, help="seconds of silence in a stream before a ': ping' comment"

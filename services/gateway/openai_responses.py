@@ -110,6 +110,24 @@ def chat_completion(
     }
 
 
+def completion_choice(
+    index: int, text: str, finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion(completion_id: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """A text completion or one of its stream's chunks (the same object, as OpenAI sends it)."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+
+
 def completion_chunk(
     completion_id: str,
     created: int,
@@ -117,15 +135,9 @@ def completion_chunk(
     text: str,
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
+    return text_completion(completion_id, created, model, [completion_choice(index, text, finish_reason, logprobs)])
 
 
 def model_card(model_id: str, created: float, kind: str, **extra: Any) -> dict[str, Any]:

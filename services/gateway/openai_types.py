@@ -300,9 +300,7 @@ class CompletionRequest(_Sampling):
     guided_decoding_backend: Text | None = None  # ignored: llguidance is the one backend
 
     def check(self, max_n: int = 1) -> None:
-        if self.n is not None and self.n > 1:
-            raise Unsupported("n", "n > 1 is not supported by /v1/completions: ask for one choice per request")
-        super().check(1)
+        super().check(max_n)
         self.constraint()
         if self.echo:
             raise Unsupported("echo", "echo is not supported")
@@ -310,6 +308,9 @@ class CompletionRequest(_Sampling):
             raise Unsupported("suffix", "suffix (insertion) is not supported")
         if self.best_of is not None and self.best_of > 1:
             raise Unsupported("best_of", "best_of > 1 is not supported")
+        if self.best_of is not None and self.best_of < self.choices():
+            # OpenAI and vLLM: best_of candidates are drawn and the n best returned, so never fewer than n
+            raise Unsupported("best_of", f"best_of must be at least n ({self.choices()}), got {self.best_of}")
         if isinstance(self.prompt, list) and len(self.prompt) > 1 and isinstance(self.prompt[0], str):
             raise Unsupported("prompt", "one prompt per request: send a string (or a list of one)")
         if not self.prompt or (isinstance(self.prompt, list) and self.prompt == [""]):

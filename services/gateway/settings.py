@@ -25,7 +25,7 @@ class GatewaySettings:
     max_file_bytes: int = 3 * 1024 * 1024
     max_concurrent_requests: int = 256
     request_timeout: float | None = 600.0  # the deadline of the gRPC call behind one request
-    max_n: int = 8  # most choices (``n``) one chat completion may ask for; each is its own Chat call
+    max_n: int = 8  # most choices (``n``) one chat or text completion may ask for; each is its own gRPC call
     ping_interval: float = 10.0  # seconds of silence before a ": ping" comment keeps proxies from closing
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     tokens: TokenTable | None = None

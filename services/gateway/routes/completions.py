@@ -1,10 +1,12 @@
 """POST /v1/completions: a raw prompt straight to the generation service, no chat template and no
-retrieval; its stream back as one completion or as chunks. The constraint fields vLLM's server takes
-(``structured_outputs``, ``response_format``, ``guided_*``) become the generation's constraint."""
+retrieval, one Generate call per choice (``n``); their streams back as one completion or as chunks. The
+constraint fields vLLM's server takes (``structured_outputs``, ``response_format``, ``guided_*``) become every
+choice's constraint."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,14 +26,18 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(body: wire.CompletionRequest, request: Request) -> Response:
-    checked(body)
     settings = gateway_settings(request)
+    checked(body, settings.max_n)
     model = await served_model(request, body.model)
     metadata = call_metadata(request)
     request_id = dict(metadata)["x-request-id"]
     message = translate.generate_request(body, request_id, settings.defaults)
-    call = backends(request).generation.Generate(message, timeout=settings.request_timeout, metadata=metadata)
-    relay = Relay([call], "generation", settings.generation)
+    stub = backends(request).generation
+    calls = [
+        stub.Generate(translate.seeded(message, index), timeout=settings.request_timeout, metadata=metadata)
+        for index in range(body.choices())
+    ]
+    relay = Relay(calls, "generation", settings.generation)
     answer = CompletionAnswer(relay, f"cmpl-{request_id}", model, settings, gateway_metrics(request))
     try:
         return await answer.respond(request, body)
@@ -39,38 +45,62 @@ async def completions(body: wire.CompletionRequest, request: Request) -> Respons
         raise named(error, body) from None
 
 
+_EARLY_END = "the generation service ended the stream without finishing"
+
+
+@dataclass
+class Generated:
+    """One choice's generation as it arrives: its text, logprobs and finish; ``sent``: the characters a stream
+    has sent (where the next piece's logprobs ``text_offset`` starts)."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)
+    finish: generation_pb2.Finish | None = None
+    sent: int = 0
+
+
 class CompletionAnswer(Answer):
-    """The generation service's tokens as OpenAI's text completion or its chunks."""
+    """The generation service's tokens (one stream per choice) as OpenAI's text completion or its chunks."""
 
     async def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
-        completion_id, created, model, item = self.id, self.created, self.model, first
-        item = item if item is PING else item[1]
+        completion_id, created, model = self.id, self.created, self.model
         self.metrics.open_streams.inc()
-        offset = 0
+        choices = [Generated() for _ in self.relay.calls]
         try:
+            item = first
             while True:
                 if item is PING:
                     yield ": ping\n\n"
-                elif item is END:
-                    raise GatewayError(503, "the generation service ended the stream without finishing", "server_error")
-                else:
-                    model = item.model or model
-                    if item.text or item.logprobs:
-                        logprobs = translate.completion_logprobs(item.logprobs, offset) if item.logprobs else None
-                        offset += len(item.text)
-                        yield sse(replies.completion_chunk(completion_id, created, model, item.text, None, logprobs))
-                    if item.HasField("finish"):
-                        finish = item.finish
-                        reason = finish_reason(finish.reason)
-                        yield sse(replies.completion_chunk(completion_id, created, model, "", reason))
-                        self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
+                    item = await self.next()
+                    continue
+                index, message = item
+                choice = choices[index]
+                if message is END:
+                    if choice.finish is None:
+                        raise GatewayError(503, _EARLY_END, "server_error")
+                    item = await self.next()
+                    continue
+                model = message.model or model
+                if message.text or message.logprobs:
+                    logprobs = (
+                        translate.completion_logprobs(message.logprobs, choice.sent) if message.logprobs else None
+                    )
+                    choice.sent += len(message.text)
+                    yield sse(
+                        replies.completion_chunk(completion_id, created, model, message.text, None, logprobs, index)
+                    )
+                if message.HasField("finish"):
+                    finish = choice.finish = message.finish
+                    reason = finish_reason(finish.reason)
+                    yield sse(replies.completion_chunk(completion_id, created, model, "", reason, None, index))
+                    self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
+                    if all(c.finish is not None for c in choices):
                         if include_usage:
-                            tail = replies.completion_chunk(completion_id, created, model, "")
-                            yield sse(replies.usage_chunk(tail, _usage(finish)))
+                            tail = replies.text_completion(completion_id, created, model, [])
+                            yield sse(replies.usage_chunk(tail, _usage([c.finish for c in choices])))
                         yield "data: [DONE]\n\n"
                         return
                 item = await self.next()
-                item = item if item is PING else item[1]
         except GatewayError as error:
             yield sse(replies.error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
@@ -79,38 +109,42 @@ class CompletionAnswer(Answer):
             self.relay.close()
 
     async def whole(self) -> dict[str, Any]:
-        text, logprobs, model = [], [], self.model
-        item = await self.next()
-        while True:
-            item = item if item is PING else item[1]
-            if item is END:
-                raise GatewayError(503, "the generation service ended the stream without finishing", "server_error")
-            if item is not PING:
-                model = item.model or model
-                text.append(item.text)
-                logprobs.extend(item.logprobs)
-                if item.HasField("finish"):
-                    break
+        choices, model = [Generated() for _ in self.relay.calls], self.model
+        while any(c.finish is None for c in choices):
             item = await self.next()
-        finish = item.finish
-        self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
-        body = replies.completion_chunk(
-            self.id,
-            self.created,
-            model,
-            "".join(text),
-            finish_reason(finish.reason),
-            translate.completion_logprobs(logprobs, 0) if logprobs else None,
-        )
-        body["usage"] = _usage(finish)
+            if item is PING:
+                continue
+            index, message = item
+            choice = choices[index]
+            if message is END:
+                if choice.finish is None:
+                    raise GatewayError(503, _EARLY_END, "server_error")
+                continue
+            model = message.model or model
+            choice.text.append(message.text)
+            choice.logprobs.extend(message.logprobs)
+            if message.HasField("finish"):
+                choice.finish = message.finish
+        bodies = []
+        for index, choice in enumerate(choices):
+            finish = choice.finish
+            logprobs = translate.completion_logprobs(choice.logprobs, 0) if choice.logprobs else None
+            bodies.append(
+                replies.completion_choice(index, "".join(choice.text), finish_reason(finish.reason), logprobs)
+            )
+            self.metrics.count_tokens(finish.prompt_tokens, finish.generated_tokens)
+        body = replies.text_completion(self.id, self.created, model, bodies)
+        body["usage"] = _usage([c.finish for c in choices])
         return body
 
 
-def _usage(finish: generation_pb2.Finish) -> dict[str, Any]:
+def _usage(finishes: list[generation_pb2.Finish]) -> dict[str, Any]:
+    # as OpenAI counts n choices: the prompt once, the completions summed
+    first = finishes[0]
     return replies.usage(
-        finish.prompt_tokens,
-        finish.generated_tokens,
-        finish.cached_prompt_tokens,
-        finish.drafted_tokens,
-        finish.accepted_draft_tokens,
+        first.prompt_tokens,
+        sum(finish.generated_tokens for finish in finishes),
+        first.cached_prompt_tokens,
+        sum(finish.drafted_tokens for finish in finishes),
+        sum(finish.accepted_draft_tokens for finish in finishes),
     )
