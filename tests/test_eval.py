@@ -169,3 +169,14 @@ def test_each_search_mode_is_measured_on_the_keyword_single_and_follow_up_sets(
     results = {r["name"]: r["metrics"] for r in written["results"] if r["params"].get("split") == "all"}
     assert results["search/hybrid/keyword"]["source_recall_at_3"] == 1.0
     assert written["ratios"]["hybrid_vs_vector_source_recall_at_3/single"] >= 1.0  # (undefined where vector finds 0)
+
+
+def test_sampled_runs_give_each_question_its_own_seed_and_greedy_runs_none():
+    sampled = run_eval.Sampling(temperature=0.6, top_k=40).params(64)
+    first, again, other = sampled("Where is Zurich?"), sampled("Where is Zurich?"), sampled("Who was Galileo?")
+    assert first.seed is not None and first.seed == again.seed and first.seed != other.seed
+    assert (first.temperature, first.top_k, first.max_new_tokens) == (0.6, 40, 64)
+    assert run_eval.Sampling(temperature=0.6, seed=1).params(64)("Where is Zurich?").seed != first.seed
+    greedy = run_eval.Sampling().params(64)("Where is Zurich?")
+    assert greedy.temperature == 0.0 and greedy.seed is None and greedy.top_k is None
+    assert run_eval.Sampling(temperature=0.6, top_k=40).label() == {"temperature": 0.6, "top_k": 40}

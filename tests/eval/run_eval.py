@@ -37,7 +37,8 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,6 +91,38 @@ ADMISSIONS = (
     "does not mention",
     "no passage",
 )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every variant answers: greedy (make eval's headline), or sampled as a chat is by default (the
+    gateway's and chatctl's temperature 0.6, top-k 40), each question with its own seed drawn from its text, so
+    a run is reproducible and the variants get the same draws."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int = 0
+
+    def params(self, max_new_tokens: int) -> Callable[[str], SamplingParams]:
+        def for_question(question: str) -> SamplingParams:
+            seed = (self.seed + zlib.crc32(question.encode())) % 2**31 if self.temperature > 0 else None
+            return SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                repetition_penalty=self.repetition_penalty,
+                seed=seed,
+            )
+
+        return for_question
+
+    def label(self) -> dict[str, Any]:
+        fields = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        fields["repetition_penalty"] = self.repetition_penalty
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 @dataclass
@@ -210,6 +243,7 @@ def run(
     progress: bool = True,
     concurrency: int = 1,
     variants: dict[str, Grounding] | None = None,
+    sampling: Sampling | None = None,
 ) -> tuple[dict[str, EvalSet], list[dict[str, Any]]]:
     """Every question through real Chat orchestrators (one per variant, and per mode for the first variant) on
     the given backends; ``concurrency`` questions (or conversations) at a time, which the generation service
@@ -217,12 +251,13 @@ def run(
     machine's load alike.
 
     Returns the sets and, for the condense mode, each rewrite with its latency (measured by preparing the
-    turn in this process: the same code path, timed alone)."""
+    turn in this process: the same code path, timed alone). ``sampling``: greedy when not given."""
     variants = variants or {"grounded": Grounding()}
+    sampling = sampling or Sampling()
     names = list(variants)
     single, conversations = questions["single"][:limit], questions["conversations"][:limit]
     unanswerable = questions.get("unanswerable", [])[:limit]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = sampling.params(max_new_tokens)
     servers = {
         (variant, mode): start_chat_server(generation, retrieval, "127.0.0.1:0", query_mode=mode, grounding=grounding)
         for variant, grounding in variants.items()
@@ -253,14 +288,14 @@ def run(
     def ask_single(job: tuple[str, dict[str, Any]]) -> None:
         variant, item = job
         reply, seconds, start = timed_ask(
-            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params
+            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params(item["question"])
         )
         record(set_name(variant, "single", names), _outcome(item["source"], item, reply, seconds, start, k))
 
     def ask_unanswerable(job: tuple[str, dict[str, Any]]) -> None:
         variant, item = job
         reply, seconds, start = timed_ask(
-            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params
+            clients[(variant, modes[0])], item["question"], retrieval=True, k=k, params=params(item["question"])
         )
         outcome = _outcome("", {**item, "answer_words": []}, reply, seconds, start, k)
         outcome.correct = outcome.admitted
@@ -271,7 +306,7 @@ def run(
         opening, follow_up = conversation["turns"]
         split = conversation["split"]
         reply, seconds, start = timed_ask(
-            clients[(variant, modes[0])], opening["question"], retrieval=True, k=k, params=params
+            clients[(variant, modes[0])], opening["question"], retrieval=True, k=k, params=params(opening["question"])
         )
         item = {**opening, "split": split}
         record(set_name(variant, "opening", names), _outcome(conversation["source"], item, reply, seconds, start, k))
@@ -280,7 +315,12 @@ def run(
             if owner != variant:
                 continue
             answer, seconds, start = timed_ask(
-                client, follow_up["question"], history=history, retrieval=True, k=k, params=params
+                client,
+                follow_up["question"],
+                history=history,
+                retrieval=True,
+                k=k,
+                params=params(follow_up["question"]),
             )
             outcome = _outcome(conversation["source"], {**follow_up, "split": split}, answer, seconds, start, k)
             record(set_name(variant, f"followup/{mode.value}", names), outcome)
@@ -445,13 +485,16 @@ def report(
     k: int,
     model: str,
     concurrency: int = 1,
+    sampling: Sampling | None = None,
+    area: str = "eval",
 ) -> BenchReport:
-    bench = BenchReport("eval")
+    bench = BenchReport(area)
+    labels = (sampling or Sampling()).label()
     for name, evaluated in sets.items():
         for split in (None, "dev", "heldout"):
             metrics = evaluated.metrics(split)
             if metrics:
-                params = {"k": k, "split": split or "all", "concurrency": concurrency}
+                params = {"k": k, "split": split or "all", "concurrency": concurrency, **labels}
                 bench.add(name, system="nightcap", model=model, params=params, metrics=metrics)
     single = sets["single"].metrics()
     if rewrites:
@@ -530,6 +573,23 @@ def main() -> None:
     # 64, not 32: at 32 the answer that copies "Shanghai: Shanghai is ... It has a population of 30,050,000" was
     # cut at "30,050,0" and counted wrong, though a chat (256 tokens by default) shows the whole number.
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length in tokens, every variant alike")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of every answer; 0 (the default) is greedy, 0.6 is what a chat gets by default",
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="top-k of every answer (unset: the server's)")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p of every answer (unset: the server's)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=None, help="repetition penalty of every answer (unset: none)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="added to each question's seed when sampling")
+    parser.add_argument(
+        "--area",
+        default="eval",
+        help="the report's name: var/bench/<AREA>.json (eval-defaults for a run at a chat's default sampling)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each set")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="questions (or conversations) asked at once; 1 for clean latencies"
@@ -548,6 +608,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     modes = [QueryMode(m) for m in args.modes.split(",")]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     questions = json.loads(args.questions.read_text(encoding="utf-8"))
     generation = GenerationBackend(args.generation)
     model = generation.model_info(30).name
@@ -570,9 +631,11 @@ def main() -> None:
             True,
             args.concurrency,
             variants(args.variants, args.min_score),
+            sampling,
         )
     sets.update(search_sets)
-    bench = report(sets, rewrites, modes, args.k, model, 0 if args.retrieval_only else args.concurrency)
+    concurrency = 0 if args.retrieval_only else args.concurrency
+    bench = report(sets, rewrites, modes, args.k, model, concurrency, sampling, args.area)
     bench.write()
     if args.samples:
         samples = {name: [o.__dict__ for o in s.outcomes] for name, s in sets.items()} | {"rewrites": rewrites}
