@@ -11,6 +11,7 @@ Each check takes its paths, so a test can point it at a broken copy and see it f
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib.util
 import re
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 RAYJOB = K8S / "training-rayjob.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / "deploy" / "Dockerfile.dockerignore"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 KUBERNETES_VERSION = "1.32.0"  # the oldest minor still supported upstream when this was written
 SECRETS = {"nightcap-tls", "nightcap-tokens"}
@@ -106,6 +108,31 @@ def _rayjob_templates(rayjob: dict[str, Any]) -> Iterator[tuple[str, dict[str, A
 def hadolint_problems(dockerfile: Path = DOCKERFILE) -> list[str]:
     result = _run([tool("hadolint"), "--no-color", str(dockerfile)])
     return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] if result.returncode else []
+
+
+def ignored_copies(dockerfile: Path = DOCKERFILE, ignore: Path = DOCKERIGNORE) -> list[str]:
+    """COPY sources of the Dockerfile (its context is the repository root) that its ignore file leaves out of the
+    context, so the build fails at that COPY. Neither hadolint nor compose reads the ignore file, and no Python
+    package implements Docker's rule, which this follows for the top-level names we copy: the last pattern that
+    matches the path or a folder above it decides, and ``!`` takes a path back in."""
+    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    sources = []
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            sources += [word.rstrip("/") for word in words[1:-1] if not word.startswith("--")]
+
+    def left_out(source: str) -> bool:
+        parts = Path(source).parts
+        verdict = False
+        for pattern in patterns:
+            body = pattern.removeprefix("!").rstrip("/")
+            if any(fnmatch.fnmatchcase("/".join(parts[:end]), body) for end in range(1, len(parts) + 1)):
+                verdict = not pattern.startswith("!")
+        return verdict
+
+    return [f"{dockerfile.name}: COPY {source}: {ignore.name} leaves it out of the context" for source in sources
+            if left_out(source)]  # fmt: skip
 
 
 def compose_problems(compose: Path = COMPOSE) -> list[str]:
@@ -355,6 +382,7 @@ def all_problems() -> list[str]:
     return [
         *schema_problems(objects + rayjob),
         *hadolint_problems(),
+        *ignored_copies(),
         *compose_problems(),
         *policy_problems(objects + rayjob),
         *flag_problems(objects + rayjob),

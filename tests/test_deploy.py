@@ -83,6 +83,18 @@ def test_hadolint_fails_a_broken_dockerfile(tmp_path: Path) -> None:
     assert "DL3008" in problems  # an unpinned apt package
 
 
+def test_every_file_the_dockerfile_copies_is_in_its_build_context() -> None:
+    assert checks.ignored_copies() == []
+
+
+def test_a_copied_folder_the_ignore_file_leaves_out_is_found(tmp_path: Path) -> None:
+    ignore = tmp_path / "Dockerfile.dockerignore"
+    ignore.write_text(checks.DOCKERIGNORE.read_text().replace("!training/\n", ""))
+    assert checks.ignored_copies(checks.DOCKERFILE, ignore) == [
+        "Dockerfile: COPY training: Dockerfile.dockerignore leaves it out of the context"
+    ]
+
+
 def test_compose_yaml_follows_the_compose_specification() -> None:
     assert checks.compose_problems() == []
 
