@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 from collections import defaultdict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -146,6 +146,9 @@ class Retriever:
         self.embedder = embedder
         self.index = index
         self.reranker = reranker
+        # A hybrid search's keyword side runs here while the vector side runs on the caller's thread: SQLite and
+        # faiss both release the GIL, so the two take about as long as the slower one, not their sum.
+        self._keywords = ThreadPoolExecutor(1, thread_name_prefix="keyword-search")
 
     def search(self, query: str, k: int = DEFAULT_K, title: str = "", mode: str = HYBRID) -> list[Hit]:
         check_request(query, k, title)
@@ -160,10 +163,11 @@ class Retriever:
     ) -> list[list[Hit]]:
         vectors = self.embedder.encode(queries)  # keyword searches too: a hit reports its cosine similarity
         depth = k if mode == VECTOR and self.reranker is None else max(k, CANDIDATES)
+        keyword = None if mode == VECTOR else self._keywords.submit(self._keyword_search, queries, depth)
         found = self.index.search_many(vectors, depth) if mode != KEYWORD else [[] for _ in queries]
-        if mode != VECTOR:
-            keyword = [self.index.keyword_search(query, depth) for query in queries]
-            found = [relative_score_fusion(v, w)[:depth] for v, w in zip(found, keyword, strict=True)]
+        if keyword is not None:
+            by_words = keyword.result()
+            found = [relative_score_fusion(v, w)[:depth] for v, w in zip(found, by_words, strict=True)]
         if self.reranker is not None:
             found = [self._reranked(query, hits) for query, hits in zip(queries, found, strict=True)]
         found = self._with_cosines([hits[:k] for hits in found], vectors)
@@ -179,6 +183,9 @@ class Retriever:
                 start += len(passages)
                 found[i] = titled_first(passages, exact, scores, found[i], k)
         return found
+
+    def _keyword_search(self, queries: list[str], depth: int) -> list[list[Hit]]:
+        return [self.index.keyword_search(query, depth) for query in queries]
 
     def _reranked(self, query: str, hits: list[Hit]) -> list[Hit]:
         assert self.reranker is not None

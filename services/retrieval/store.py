@@ -82,11 +82,16 @@ class StoreDamagedError(Exception):
 
 
 class PassageStore:
-    """One connection shared by threads, serialised by a lock (reads are single-row lookups, writes are rare)."""
+    """One connection shared by threads, serialised by a lock (reads are single-row lookups, writes are rare),
+    and a second one for keyword searches, which take milliseconds: WAL lets it read beside the first, so a
+    hybrid search's vector side fetches its passages while its keyword side ranks."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path | None = None) -> None:
         self._connection = connection
         self._lock = threading.Lock()
+        self._path = path
+        self._words: sqlite3.Connection | None = None  # opened at the first keyword search
+        self._words_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path) -> PassageStore:
@@ -105,7 +110,7 @@ class PassageStore:
         if problems != ["ok"]:
             connection.close()
             raise StoreDamagedError("; ".join(problems[:3]))
-        return cls(connection)
+        return cls(connection, path)
 
     def read_state(self) -> dict[str, Any] | None:
         with self._lock:
@@ -177,30 +182,49 @@ class PassageStore:
     def keyword_search(self, expression: str, limit: int) -> list[tuple[int, float, Passage]]:
         """(row, bm25 score, passage) of up to ``limit`` passages matching the FTS5 ``expression``, best first
         (FTS5's bm25 is lower for better matches). Staged passages have negative rows and no vectors yet."""
-        with self._lock:  # the rows and their passages from one state: a commit may move a staged passage
-            found = self._connection.execute(
-                f"SELECT rowid, {_BM25} AS score FROM passage_words WHERE passage_words MATCH ? ORDER BY score LIMIT ?",
-                (expression, limit),
-            ).fetchall()
-            committed = [row for row, _ in found if row >= 0]
-            staged = [row for row, _ in found if row < 0]
-            passages: dict[int, Passage] = {}
-            for table, rows in (("passages", committed), ("staged_passages", staged)):
-                if rows:
-                    placeholders = ",".join("?" * len(rows))
-                    for row, *fields in self._connection.execute(
-                        f"SELECT * FROM {table} WHERE row IN ({placeholders})", rows
-                    ):
-                        passages[row] = Passage(*fields)
+        with self._words_lock:
+            connection = self._words_connection()
+            connection.execute("BEGIN")  # the rows and their passages from one state: a commit may move a staged one
+            try:
+                found = connection.execute(
+                    f"SELECT rowid, {_BM25} AS score FROM passage_words WHERE passage_words MATCH ?"
+                    " ORDER BY score LIMIT ?",
+                    (expression, limit),
+                ).fetchall()
+                committed = [row for row, _ in found if row >= 0]
+                staged = [row for row, _ in found if row < 0]
+                passages: dict[int, Passage] = {}
+                for table, rows in (("passages", committed), ("staged_passages", staged)):
+                    if rows:
+                        placeholders = ",".join("?" * len(rows))
+                        for row, *fields in connection.execute(
+                            f"SELECT * FROM {table} WHERE row IN ({placeholders})", rows
+                        ):
+                            passages[row] = Passage(*fields)
+            finally:
+                connection.execute("COMMIT")
         return [(row, score, passages[row]) for row, score in found if row in passages]
+
+    def _words_connection(self) -> sqlite3.Connection:
+        """The keyword searches' connection (under ``_words_lock``); the main one for a store without a file."""
+        if self._path is None:
+            return self._connection
+        if self._words is None:
+            self._words = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            self._words.execute("PRAGMA query_only=1")
+        return self._words
 
     def count_matches(self, expression: str, at_most: int) -> int:
         """How many passages match the FTS5 ``expression``, counted up to ``at_most`` (no bm25: the index alone)."""
-        with self._lock:
-            return self._connection.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM passage_words WHERE passage_words MATCH ? LIMIT ?)",
-                (expression, at_most),
-            ).fetchone()[0]
+        with self._words_lock:
+            return (
+                self._words_connection()
+                .execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM passage_words WHERE passage_words MATCH ? LIMIT ?)",
+                    (expression, at_most),
+                )
+                .fetchone()[0]
+            )
 
     def stage(self, passages: Sequence[Passage]) -> None:
         """Replaces the staged passages with these (one transaction): keyword searches find them from now on,
@@ -270,6 +294,10 @@ class PassageStore:
             self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
+        with self._words_lock:
+            if self._words is not None:
+                self._words.close()
+                self._words = None
         with self._lock:
             self._connection.close()
 
