@@ -29,7 +29,15 @@ from clients import (
     TextDelta,
 )
 from nightcap.records import Passage
-from nightcap.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, generation_pb2, generation_pb2_grpc
+from nightcap.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    retrieval_pb2,
+)
 from services.common.errors import SERVER_KEY
 from services.common.server import ServiceBinding, free_port, start_server
 from services.orchestrator.backends import GenerationBackend, RetrievalBackend
@@ -288,6 +296,34 @@ def test_a_follow_up_searches_with_the_earlier_question_and_finds_its_article(cl
     query = follow_up.started.retrieval_query
     assert "How many people live there?" in query and "Where is Zurich?" in query
     assert follow_up.started.retrieved_ids[0].startswith("Zurich#")
+
+
+def test_a_follow_ups_mixed_searches_rank_by_vector_and_a_lone_search_by_the_services_default(
+    generation_address, retrieval_address, log_lines
+):
+    """The recent mode sums cosine similarities over the turns' searches, a sum in vector space: its searches
+    ask for vector ranking, or keyword where that was asked for; a first turn's lone search takes the service's
+    default (hybrid). The follow-up's own words ("How many people live there?") would find passages by words."""
+
+    def modes() -> list[str]:
+        found = [line.split(" mode=")[1].split()[0] for line in log_lines if line.startswith("search id=")]
+        log_lines.clear()
+        return found
+
+    for search_mode, mixed in (
+        (retrieval_pb2.SEARCH_MODE_UNSPECIFIED, "vector"),
+        (retrieval_pb2.SEARCH_MODE_KEYWORD, "keyword"),
+    ):
+        orchestrator = ChatOrchestrator(
+            GenerationBackend(generation_address), RetrievalBackend(retrieval_address, search_mode=search_mode)
+        )
+        with chat_server(orchestrator) as client:
+            first = client.ask("Where is Zurich?", retrieval=True, k=2, params=GREEDY)
+            lone = modes()
+            client.ask("How many people live there?", history=first.as_history("Where is Zurich?"), retrieval=True,
+                       k=2, params=GREEDY)  # fmt: skip
+            assert modes() == [mixed, mixed]
+        assert lone == ["hybrid" if mixed == "vector" else "keyword"]
 
 
 def test_the_last_message_alone_is_searched_in_last_mode(generation_address, retrieval_address):

@@ -480,7 +480,9 @@ class ChatOrchestrator:
         depth = k if len(searches) == 1 else max(k, CANDIDATES_PER_QUERY)
         try:
             found = [
-                self.retrieval.search(query, min(depth, MAX_K), self.backend_timeout, title if i == 0 else "")
+                self.retrieval.search(
+                    query, min(depth, MAX_K), self.backend_timeout, title if i == 0 else "", len(searches) > 1
+                )
                 for i, (query, _) in enumerate(searches)
             ]
         except InvalidArgument:

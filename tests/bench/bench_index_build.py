@@ -172,7 +172,7 @@ class FlatSearch:
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
 
-    def search(self, query: str, k: int, timeout: float, title: str = "") -> Found:
+    def search(self, query: str, k: int, timeout: float, title: str = "", mixed: bool = False) -> Found:
         # no title lookup: it finds the same passages whatever the embedder, and this compares embedders
         scores, rows = self.index.search(self.queries[query][None, :], k)
         hits = [(self.passages[row], float(score)) for row, score in zip(rows[0], scores[0], strict=True) if row >= 0]
