@@ -132,7 +132,7 @@ cluster-up: setup netns-tools ## HOSTS (3) namespaces h1..hN on a bridge, a Ray 
 cluster-down: ## stop every process in the hosts; remove their namespaces, links and iptables rules
 	@if [ -x $(PY) ]; then $(PY) -m deploy.netns down; else echo "nothing to stop (no $(VENV))"; fi
 
-cluster-check: setup netns-tools ## the network faults measured on hosts of their own (deploy/netns/bench.py): latency and loss table, a replica partitioned mid-stream; writes var/bench/cluster.json
+cluster-check: setup netns-tools ## the network faults measured on hosts of their own (deploy/netns/bench.py): latency and loss table, a replica partitioned mid-stream, tensor-parallel ranks under latency, Ray training through a lost host; writes var/bench/cluster.json
 	$(PY) -m deploy.netns.bench
 
 # The newest finished finetune-demo run (its final.json), converted, gated against the served model on the run's

@@ -1,7 +1,8 @@
 """Hosts made of network namespaces on a bridge (deploy/netns/): names and addresses, no route out, a partition
-and its heal, packet loss, the delaying relay, a generation replica cut off and back, 32 chats over two replicas
-with one partitioned mid-stream, tensor-parallel ranks on two hosts, and a teardown that leaves nothing
-(namespaces, links, iptables rules, processes); and the keepalive settings that make a partition visible.
+and its heal, packet loss, the delaying relay (pointed at, or transparent behind a REDIRECT rule), a generation
+replica cut off and back, 32 chats over two replicas with one partitioned mid-stream, tensor-parallel ranks on two
+hosts (partitioned, restarted), and a teardown that leaves nothing (namespaces, links, iptables rules,
+processes); and the keepalive settings that make a partition visible.
 
 Two hosts per cluster, each cluster named with a prefix unique to this run (``nct<pid>``); clusters an earlier,
 killed run left are removed first. Skipped, with the reason, where namespaces cannot be made (not root, no
@@ -25,7 +26,7 @@ import psutil
 import pytest
 
 from deploy import netns
-from deploy.netns import Cluster, ClusterError, bench
+from deploy.netns import Cluster, ClusterError, bench, tensor
 from deploy.netns import cli as netns_cli
 from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 
@@ -254,6 +255,25 @@ def test_the_relay_adds_at_least_its_delay_each_way(cluster: Cluster, echo_serve
     assert direct < 0.25
 
 
+def test_latency_delays_a_hosts_connections_to_a_peer_transparently_and_clearing_it_leaves_no_rule(
+    cluster: Cluster, echo_server: int
+):
+    """h1 connects to h2's own address, as gloo's ranks do, and a nat REDIRECT rule in h1 hands the connection to
+    a relay there: each round trip takes at least the delay there and back. Cleared: no rule, no relay, no delay
+    (teardown: test_down_leaves_no_namespace_link_rule_or_process_even_of_a_crashed_run)."""
+    relay = cluster.latency("h1", 0.15, peers=["h2"], delay_back=0.1)
+    try:
+        assert "REDIRECT" in cluster.exec("h1", ["iptables", "-t", "nat", "-S"]).stdout
+        for _ in range(3):
+            assert _round_trip(cluster, "h1", "h2", echo_server) >= 0.25  # no upper bound: the machine may be busy
+        assert _round_trip(cluster, "h2", "h2", echo_server) < 0.25  # h2's own connections pass no relay
+    finally:
+        cluster.clear_latency("h1")
+    assert relay.wait(10) is not None
+    assert "REDIRECT" not in cluster.exec("h1", ["iptables", "-t", "nat", "-S"]).stdout
+    assert _round_trip(cluster, "h1", "h2", echo_server) < 0.25
+
+
 REPLICA_CLIENT = """
 import sys, time, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -386,12 +406,13 @@ GREEDY_CASES = [([5, 6, 7, 8], 24), (list(range(30, 70)), 6), ([200, 201, 420], 
 TP_TIMEOUT_S = 8
 
 
-def test_tensor_parallel_ranks_on_two_hosts_match_one_rank_and_a_partition_ends_in_unavailable(
+def test_tensor_parallel_ranks_on_two_hosts_match_one_rank_and_a_partition_ends_in_unavailable_until_restarted(
     cluster: Cluster, tiny_model_dir: Path, tmp_path: Path
 ):
     """Rank 0 serves in h1, rank 1 runs in h2 (started there, not by rank 0), gloo over the bridge: the greedy
     tokens are one process's. h2 cut off mid-stream: the stream ends in UNAVAILABLE and the service stops being
-    SERVING within the shard timeout, never a hang."""
+    SERVING within the shard timeout, never a hang; both ranks exit. Healed and both started again on their hosts
+    (what a supervisor does), the service is SERVING and generates one process's tokens again."""
     from services.common.registry import ModelRegistry
     from services.generation.engine.request import Request, TokenChunk
     from services.generation.engine.sampling import SamplingConfig
@@ -452,6 +473,17 @@ def test_tensor_parallel_ranks_on_two_hosts_match_one_rank_and_a_partition_ends_
     assert result["health"] in ("NOT_SERVING", "UNAVAILABLE", "CANCELLED"), result
     assert rank0.returncode != 0 and rank1.returncode != 0
 
+    prompt, new_tokens = GREEDY_CASES[0]
+    ranks = tensor.start_ranks(cluster, str(tiny_model_dir), ["h1", "h2"], tmp_path, tmp_path / "var", 29512,
+                               "restarted-", shard_timeout=TP_TIMEOUT_S)  # fmt: skip
+    logs = [tensor.rank_log(tmp_path, "restarted-", rank) for rank in (0, 1)]
+    address = f"{h1}:{tensor.GENERATION_PORT}"
+    try:
+        again = tensor.greedy(cluster, "h1", address, tmp_path / "restarted.json", new_tokens, ranks, logs, prompt)
+    finally:
+        tensor.stop_ranks(ranks)
+    assert again["tokens"] == expected[0]
+
 
 def _processes_in(inodes: set[int]) -> list[psutil.Process]:
     found = []
@@ -469,9 +501,11 @@ def test_down_leaves_no_namespace_link_rule_or_process_even_of_a_crashed_run(can
     crashed = Cluster(prefix, 2, state_dir=tmp_path / "crashed").up()
     sleepers = [crashed.spawn(host, ["sleep", "600"]) for host in ("h1", "h2")]
     relay = crashed.relay("h1", 7200, "h2:7201", delay=0.05)
+    latency = crashed.latency("h2", 0.05, peers=["h1"])  # a transparent relay and its nat REDIRECT rule
+    assert "REDIRECT" in crashed.exec("h2", ["iptables", "-t", "nat", "-S"]).stdout
     crashed.partition("h2", peers=["h1"])
     crashed.loss("h1", 10)
-    started = {p.pid for p in [*sleepers, relay]} | crashed.pids()
+    started = {p.pid for p in [*sleepers, relay, latency]} | crashed.pids()
     inodes = {netns.namespace_inode(h.namespace) for h in crashed.hosts}
     assert len(started) >= 3 and None not in inodes
 
@@ -482,10 +516,11 @@ def test_down_leaves_no_namespace_link_rule_or_process_even_of_a_crashed_run(can
     assert not [name for name in netns.namespaces() if name.startswith(f"{prefix}-")]
     assert not [name for name in netns.links() if name.startswith(f"{prefix}-")]
     assert prefix not in subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+    assert prefix not in subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
     assert not [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert _processes_in(inodes) == []
     assert not list(Path("/etc/netns").glob(f"{prefix}-*")) if Path("/etc/netns").exists() else True
-    for process in [*sleepers, relay]:
+    for process in [*sleepers, relay, latency]:
         process.wait(5)  # reaped: they were this process's children
 
     # and once more: nothing to do, no error

@@ -277,6 +277,16 @@ def test_the_worker_loop_runs_as_plain_pytorch_and_the_eval_loss_falls(tiny_mode
     assert "step 12/12 loss" in out and "tokens/s ETA" in out
 
 
+def test_every_logged_step_lands_in_metrics_jsonl_at_full_precision(tiny_model_dir, tmp_path):
+    """What a resumed run is compared with, step by step: the printed loss has 4 decimals, this file all of them."""
+    history = run_loop_without_ray(tiny_model_dir, tmp_path)
+    lines = (tmp_path / "logs" / "training" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert [entry["step"] for entry in logged] == list(range(13))  # step 0 is the first eval
+    assert [entry["loss"] for entry in logged if "loss" in entry] == [h["loss"] for h in history if "loss" in h]
+    assert all(entry["time"] > 0 for entry in logged)
+
+
 def test_a_lora_run_learns_and_logs_to_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ from loguru import logger
 
 from services.common.logs import setup_logging
 from training.config import TrainConfig
+
+# Every logged step at full precision, one JSON line each, appended across attempts (a resumed run adds its own).
+METRICS_FILE = "metrics.jsonl"
 
 
 class Session:
@@ -74,12 +79,15 @@ class Session:
 
 
 class ProgressLog:
-    """Rank 0's metrics to the chosen backend: stdout, loguru (a file under var/logs), or W&B."""
+    """Rank 0's metrics to the chosen backend: stdout, loguru (a file under var/logs), or W&B; and to
+    ``<log_dir>/metrics.jsonl`` whatever the backend."""
 
     def __init__(self, config: TrainConfig, rank: int) -> None:
-        self.config, self.active, self.wandb = config, rank == 0, None
+        self.config, self.active, self.wandb, self.metrics_file = config, rank == 0, None, None
         if not self.active:
             return
+        Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(Path(config.log_dir) / METRICS_FILE, "a")  # noqa: SIM115 (closed by close())
         if config.train_log_backend == "loguru":
             setup_logging("training", log_file=Path(config.log_dir) / "file_{time}.log")
         elif config.train_log_backend == "wandb":
@@ -105,9 +113,13 @@ class ProgressLog:
             sys.stdout.flush()
         else:
             logger.info(line)
+        self.metrics_file.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        self.metrics_file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["step"]))
 
     def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.wandb is not None:
             self.wandb.finish()

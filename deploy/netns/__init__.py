@@ -18,14 +18,18 @@ started in a host resolves the others by name (and the machine's hostname to its
 This kernel has no netem (``CONFIG_NET_SCH_NETEM`` is not set), so faults are made from what it has: a
 partition takes a host's link down, or drops its packets with iptables (only to and from some peers, if
 asked); loss is iptables' ``statistic`` match on the packets arriving at a host; latency is a delaying TCP
-relay (``relay``) placed in the path. Every process started in a host is recorded and killed by ``down``,
-together with anything else still running in the namespaces (``ip netns pids``); ``down`` also removes what
-an earlier run of the same prefix left behind. Needs root, ``ip`` (Debian: iproute2) and ``iptables``.
+relay (``relay``) placed in the path: pointed at by clients, or transparent (``Cluster.latency``: a nat REDIRECT
+in the host sends its connections to some peers through a local relay that finds their destination with
+``SO_ORIGINAL_DST``), which is how connections nobody can re-point, such as gloo's between ranks, are delayed.
+Every process started in a host is recorded and killed by ``down``, together with anything else still running
+in the namespaces (``ip netns pids``); ``down`` also removes what an earlier run of the same prefix left
+behind. Needs root, ``ip`` (Debian: iproute2) and ``iptables``.
 
 The package: ``machine`` (what exists on the machine, code run inside a namespace), ``cluster`` (the hosts and
 their processes), ``faults`` (partition, loss, the relay placed), ``relay`` (the delaying TCP relay), ``ray``
-(a Ray node per host), ``chatload`` (chats driven from inside a host), ``bench`` (``make cluster-check``'s
-scenarios) and ``cli``.
+(a Ray node per host), ``chatload`` (chats driven from inside a host), ``tensor`` (tensor-parallel ranks on two
+hosts), ``training`` (Ray training through a lost host), ``bench`` (``make cluster-check``'s scenarios) and
+``cli``.
 """
 
 from deploy.netns import machine

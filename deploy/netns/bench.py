@@ -9,6 +9,12 @@ Scenarios, each on its own three hosts (h1: the orchestrator and its chats, h2 a
   (iptables ``statistic``); a row with orchestrator and replica in the same host is the loopback baseline.
 - ``replicas``: 32 chats streaming over replicas in h2 and h3; h3 cut off from h1 (iptables DROP) mid-way, then
   healed: chats failed in flight, chats failed after the loss was visible, seconds to notice and to recover.
+- ``tensor``: greedy decode tokens/s of one stream from h1, served by one rank in h2, then by tensor-parallel
+  ranks in h2 and h3 directly and through transparent relays adding 0, 1 and 10 ms each way (``tensor.py``);
+  rounds interleaved, each start's greedy tokens compared with one rank's.
+- ``training``: a Ray head in h1, one fine-tuning worker in each of h2 and h3; every Ray process of h3 killed
+  mid-run and started again: the resumed run's per-step losses against a straight run's, the steps redone, the
+  seconds lost (``training.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from loguru import logger
 
 from deploy.netns.chatload import CHAT_TIMEOUT_S
 from deploy.netns.cluster import Cluster
-from deploy.netns.machine import ClusterError
+from deploy.netns.machine import DEFAULT_SUBNET, ClusterError
+from deploy.netns.tensor import tensor_parallel_table
+from deploy.netns.training import training_through_lost_host
 from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 
 GENERATION_PORT = 50051
@@ -188,6 +196,15 @@ def print_tables(report: dict) -> None:
         typer.echo("\nreplica partitioned mid-stream:")
         for key, value in report["replicas"].items():
             typer.echo(f"  {key:<32} {value}")
+    if "tensor" in report:
+        tensor = report["tensor"]
+        typer.echo(f"\n{tensor['model']}, {tensor['tokens']} greedy tokens, {tensor['rounds']} rounds:")
+        typer.echo(f"{'ranks':<40} {'tokens/s median':>15} {'TTFT median':>12}  per round; tokens = one rank's")
+        for row in tensor["rows"]:
+            typer.echo(
+                f"{row['path']:<40} {row['decode_tokens_per_s_median']:>15.2f} {row['ttft_ms_median']:>9.0f} ms  "
+                f"{row['decode_tokens_per_s']}; {row['greedy_equals_one_rank']}"
+            )
 
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
@@ -199,24 +216,30 @@ def check(
         "smollm2-135m-instruct"
     ),
     out: Annotated[Path, typer.Option(help="Where the figures go (JSON).")] = Path("var/bench/cluster.json"),
-    scenarios: Annotated[str, typer.Option(help="Comma-separated: latency, replicas.")] = "latency,replicas",
+    scenarios: Annotated[str, typer.Option(help="Comma-separated: latency, replicas, tensor, training.")] = (
+        "latency,replicas,tensor,training"
+    ),
     chats: Annotated[int, typer.Option(help="Latency: chats per path, one at a time.")] = 3,
     tokens: Annotated[int, typer.Option(help="Latency: tokens per chat.")] = 16,
     partition_chats: Annotated[int, typer.Option(help="Replicas: chats streaming at the partition.")] = 32,
     partition_tokens: Annotated[int, typer.Option(help="Replicas: tokens each of those asks for.")] = 64,
+    tensor_tokens: Annotated[int, typer.Option(help="Tensor: greedy tokens per stream.")] = 16,
+    tensor_rounds: Annotated[int, typer.Option(help="Tensor: rounds over the configurations.")] = 3,
+    prefix: Annotated[str, typer.Option(help="The check's cluster prefix (beside another cluster).")] = "ncchk",
+    subnet: Annotated[str, typer.Option(help="The check's cluster subnet.")] = DEFAULT_SUBNET,
     state_dir: Annotated[Path, typer.Option(help="The check's own cluster state (logs stay there).")] = Path(
         "var/cluster-check"
     ),
     var_dir: Annotated[Path, typer.Option(envvar="NIGHTCAP_VAR", help="Where the model is registered.")] = Path("var"),
 ) -> None:
-    """Run the scenarios on a cluster of their own (prefix ncchk), print the tables, write ``out``."""
+    """Run the scenarios on a cluster of their own (prefix ncchk by default), print the tables, write ``out``."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the hosts are taken down on the way out
     report: dict = {"model": model, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for scenario in [s.strip() for s in scenarios.split(",") if s.strip()]:
         folder = state_dir.resolve() / scenario
         subprocess.run(["rm", "-rf", str(folder)], check=False)
         folder.mkdir(parents=True)
-        cluster = Cluster("ncchk", 3, state_dir=state_dir / "hosts")
+        cluster = Cluster(prefix, 3, subnet, state_dir=state_dir / "hosts")
         try:
             cluster.up()
             if scenario == "latency":
@@ -226,8 +249,14 @@ def check(
                     cluster, model, folder, partition_chats, partition_tokens, var_dir=var_dir.resolve()
                 )
                 report["replicas"] = summarize_partition(result)
+            elif scenario == "tensor":
+                report["tensor"] = tensor_parallel_table(
+                    cluster, model, folder, var_dir.resolve(), rounds=tensor_rounds, tokens=tensor_tokens
+                )
+            elif scenario == "training":
+                report["training"] = training_through_lost_host(cluster, model, folder, var_dir.resolve())
             else:
-                raise typer.BadParameter(f"scenario {scenario!r}: latency or replicas")
+                raise typer.BadParameter(f"scenario {scenario!r}: latency, replicas, tensor or training")
         finally:
             cluster.down(grace=2)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -256,8 +256,14 @@ def ping(
 @app.command()
 def relay(
     listen: Annotated[str, typer.Option(help="host:port to listen on (port 0: any free one).")],
-    target: Annotated[str, typer.Option(help="host:port to forward each connection to (names allowed).")],
     delay: Annotated[float, typer.Option(min=0, help="Seconds added to every byte sent towards the target.")],
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port to forward each connection to (names allowed); none: to where each was going before "
+            "an iptables REDIRECT rule sent it here (transparent)."
+        ),
+    ] = None,
     delay_back: Annotated[
         float | None, typer.Option(min=0, help="Seconds added to every byte coming back (default: --delay).")
     ] = None,
@@ -265,7 +271,7 @@ def relay(
     """A delaying TCP relay, run where it is started (`exec HOST -- python -m deploy.netns relay ...` puts it
     in a host): latency without netem."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_relay(_host_port(listen), _host_port(target), delay, delay_back))
+        asyncio.run(run_relay(_host_port(listen), _host_port(target) if target else None, delay, delay_back))
 
 
 @app.command(context_settings={"ignore_unknown_options": True})

@@ -1,24 +1,41 @@
 """Faults between hosts without netem: a partition (link down or iptables DROP), loss (iptables' statistic
-match on arrival) and latency (a delaying relay process placed in the path, relay.py)."""
+match on arrival) and latency (a delaying relay process placed in the path, relay.py: one that clients are
+pointed at, or a transparent one that a nat REDIRECT rule sends a host's connections to)."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from deploy.netns.machine import INNER_LINK, LOSS_CHAIN, PARTITION_CHAIN, ClusterError, run_command
+from deploy.netns.machine import (
+    INNER_LINK,
+    LOSS_CHAIN,
+    PARTITION_CHAIN,
+    STOP_GRACE_S,
+    ClusterError,
+    run_command,
+    stop_processes,
+)
+from deploy.netns.relay import RELAY_MARK
 
 if TYPE_CHECKING:
     import subprocess
 
     from deploy.netns.cluster import Cluster, Host
 
+LATENCY_CHAIN = "NIGHTCAP-LATENCY"  # inside a host, nat table: its REDIRECT rules to its latency relay
+LATENCY_RELAY_PORT = 7399  # the transparent relay's port on a host's loopback (where REDIRECT sends a connection)
+RELAY_COMMAND = [sys.executable, "-m", "deploy.netns", "relay"]
+LATENCY_RELAY = [*RELAY_COMMAND, "--listen", f"127.0.0.1:{LATENCY_RELAY_PORT}"]  # no --target: transparent
+
 
 class Faults:
-    """The faults a ``Cluster`` can put on its hosts (mixed into it; ``heal`` and ``loss(h, 0)`` undo them)."""
+    """The faults a ``Cluster`` can put on its hosts (mixed into it; ``heal``, ``loss(h, 0)`` and
+    ``clear_latency`` undo them)."""
 
     def partition(
         self: Cluster, host: str | int | Host, *, peers: Sequence[str | int | Host] = (), method: str = "link"
@@ -82,10 +99,60 @@ class Faults:
         """A delaying TCP relay (``run_relay``) in ``host`` on its address:``listen_port``, forwarding to
         ``target`` (host:port, names allowed) ``delay`` s later, and the answers ``delay_back`` s later."""
         where = self.host(host)
-        command = [sys.executable, "-m", "deploy.netns", "relay", "--listen", f"{where.address}:{listen_port}",
-                   "--target", target, "--delay", str(delay)]  # fmt: skip
+        command = [*RELAY_COMMAND, "--listen", f"{where.address}:{listen_port}", "--target", target,
+                   "--delay", str(delay)]  # fmt: skip
         if delay_back is not None:
             command += ["--delay-back", str(delay_back)]
         process = self.spawn(where, command, log=self.logs / f"{where.name}-relay-{listen_port}.log")
         self.wait_port(where, where.address, listen_port, timeout)
         return process
+
+    def latency(
+        self: Cluster,
+        host: str | int | Host,
+        delay: float,
+        *,
+        peers: Sequence[str | int | Host],
+        delay_back: float | None = None,
+        timeout: float = 30.0,
+    ) -> subprocess.Popen:
+        """``delay`` s added to each byte of the TCP connections ``host`` opens to ``peers`` from now on, and
+        ``delay_back`` s (default: ``delay``) to each byte they answer: a nat OUTPUT rule in ``host`` REDIRECTs
+        those connections to a transparent relay there, which connects on to where each was going. For peers
+        that connect to each other (gloo's ranks), give each host the other as a peer: every connection then
+        passes one relay, the one of the host that opened it. Replaces ``host``'s earlier latency;
+        ``clear_latency`` undoes it. Connections open before stay as they were."""
+        where = self.host(host)
+        self.clear_latency(where)
+        command = [*LATENCY_RELAY, "--delay", str(delay)]
+        if delay_back is not None:
+            command += ["--delay-back", str(delay_back)]
+        process = self.spawn(where, command, log=self.logs / f"{where.name}-latency-relay.log")
+        self.wait_port(where, "127.0.0.1", LATENCY_RELAY_PORT, timeout)
+        if self.exec(where, ["iptables", "-t", "nat", "-n", "-L", LATENCY_CHAIN], check=False).returncode != 0:
+            self.exec(where, ["iptables", "-t", "nat", "-N", LATENCY_CHAIN])
+            self.exec(where, ["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", *self._tagged, "-j", LATENCY_CHAIN])
+        for peer in peers:
+            # the relay's own connection carries RELAY_MARK and passes by
+            rule = ["-p", "tcp", "-d", self.host(peer).address, "-m", "mark", "!", "--mark", str(RELAY_MARK),
+                    *self._tagged, "-j", "REDIRECT", "--to-ports", str(LATENCY_RELAY_PORT)]  # fmt: skip
+            self.exec(where, ["iptables", "-t", "nat", "-A", LATENCY_CHAIN, *rule])
+        back = delay if delay_back is None else delay_back
+        logger.info(
+            "{}: TCP to {} through a relay: {} s there, {} s back",
+            where.name, ", ".join(self.host(peer).name for peer in peers), delay, back,
+        )  # fmt: skip
+        return process
+
+    def clear_latency(self: Cluster, host: str | int | Host, grace: float = STOP_GRACE_S) -> None:
+        """Undoes ``latency``: no REDIRECT rule in ``host``, its relay stopped (connections through it end)."""
+        where = self.host(host)
+        self.exec(where, ["iptables", "-t", "nat", "-F", LATENCY_CHAIN], check=False)
+        relay = shlex.join(LATENCY_RELAY)
+        running = [t.alive() for t in self.tracked() if t.host == where.name and t.command.startswith(relay)]
+        stop_processes([process for process in running if process is not None], grace)
+
+    @property
+    def _tagged(self: Cluster) -> list[str]:
+        """The comment that marks a rule as this cluster's (``down`` finds the machine's own by it)."""
+        return ["-m", "comment", "--comment", self.rule_tag]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from loguru import logger
@@ -26,6 +29,10 @@ RAY_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
 # Per Ray node: bounded, and checked against /dev/shm (24 GiB on this machine) for all nodes together.
 RAY_OBJECT_STORE_MEMORY = 1 << 30
+# The longest socket a node makes under its --temp-dir, less the pid in the session's name; Ray refuses one
+# over 107 bytes (Linux's sun_path less its terminating NUL).
+RAY_LONGEST_SOCKET = "/session_2026-01-01_00-00-00_000000_/sockets/dash_MetricsHead"
+UNIX_PATH_MAX = 107
 
 
 def ray_env(cluster: Cluster) -> dict[str, str]:
@@ -54,6 +61,7 @@ def ray_up(
             f"{len(cluster.hosts)} object stores of {object_store_memory / 2**30:.1f} GiB need "
             f"{total / 2**30:.1f} GiB: more than 80 % of /dev/shm ({shm / 2**30:.1f} GiB)"
         )
+    _check_socket_paths(cluster)
     env = ray_env(cluster)
     ray = str(VENV_BIN / "ray")
     # token mode needs a token: made once in ~/.ray/auth_token (kept if there), then every node checks it
@@ -91,6 +99,19 @@ def ray_up(
     return jobs
 
 
+def _check_socket_paths(cluster: Cluster) -> None:
+    """A ClusterError, before anything starts, where a node's temp dir leaves its sockets too long a path
+    (``ray start`` would fail with the dashboard's, a minute in)."""
+    pid_digits = len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    folder = max((ray_dir(cluster, host) for host in cluster.hosts), key=lambda path: len(str(path).encode()))
+    longest = len(str(folder).encode()) + len(RAY_LONGEST_SOCKET) + pid_digits
+    if longest > UNIX_PATH_MAX:
+        raise ClusterError(
+            f"Ray's sockets under {folder} would be {longest} bytes long, more than {UNIX_PATH_MAX}: give the "
+            "cluster a shorter state dir"
+        )
+
+
 def _wait_ray_nodes(cluster: Cluster, gcs: str, env: dict[str, str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     alive = 0
@@ -102,6 +123,25 @@ def _wait_ray_nodes(cluster: Cluster, gcs: str, env: dict[str, str], timeout: fl
             return
         time.sleep(2)
     raise ClusterError(f"only {alive} of {len(cluster.hosts)} Ray nodes alive after {timeout:.0f} s")
+
+
+def kill_ray_node(cluster: Cluster, host: str | int | Host) -> int:
+    """``kill -9`` every process in ``host``, there its Ray node's (raylet, agents, the workers on it), as a
+    machine that dies takes them; ``ray_up`` starts the node again. Returns how many there were."""
+    target = cluster.host(host)
+    pids = namespace_pids(target.namespace)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    logger.info("{}: SIGKILL to the {} processes of its Ray node", target.name, len(pids))
+    return len(pids)
+
+
+def job_submit_command(cluster: Cluster, entrypoint: Sequence[str]) -> list[str]:
+    """``ray job submit`` to the cluster's head with this repository as the working dir: it follows the job's
+    log and exits with the job's status (run it in a host, with ``ray_env``)."""
+    return [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_jobs_address(cluster), "--working-dir",
+            str(REPO), "--", *entrypoint]  # fmt: skip
 
 
 def ray_jobs_address(cluster: Cluster) -> str:
