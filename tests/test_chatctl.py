@@ -157,3 +157,16 @@ def test_every_flag_of_every_command_is_explained_in_its_help():
                 for flag in parameter.opts:
                     assert flag in shown, f"chatctl {' '.join(path)} --help does not show {flag}"
                 assert " ".join(parameter.help.split()[:3]) in shown, f"{parameter.opts[0]}'s help is not shown"
+
+
+def test_an_unset_temperature_is_greedy_answering_from_the_index_and_0_6_otherwise():
+    from clients.chatctl import Settings
+
+    grounded = Settings(max_tokens=8, temperature=None, top_k=40, top_p=1.0, retrieval=True, k=3)
+    assert grounded.params().temperature == 0.0
+    grounded.retrieval = False
+    assert grounded.params().temperature == 0.6
+    grounded.temperature = 0.9  # set by --temperature or /hyperparameters: it wins either way
+    assert grounded.params().temperature == 0.9
+    grounded.retrieval = True
+    assert grounded.params().temperature == 0.9

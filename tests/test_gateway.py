@@ -623,3 +623,23 @@ def test_every_api_route_has_a_role_and_only_documents_need_admin():
     assert required_http_role("/v1/documents/notes/a.md") == ADMIN
     assert required_http_role("/v1/anything-new") == ADMIN  # fail closed
     assert required_http_role("/health") is None and required_http_role("/") is None
+
+
+def test_a_chat_answered_from_the_index_gets_the_grounded_temperature_unless_it_sets_one():
+    from services.gateway.openai_types import ChatCompletionRequest
+    from services.gateway.translate import SamplingDefaults, chat_request
+
+    defaults = SamplingDefaults(temperature=0.6, grounded_temperature=0.0)
+    ask = {"messages": [{"role": "user", "content": "Where is Zurich?"}]}
+
+    def temperature(body: dict, retrieval_default: bool = True) -> float:
+        request = ChatCompletionRequest.model_validate(body)
+        return round(chat_request(request, "r", defaults, retrieval_default).params.temperature, 3)
+
+    assert temperature(ask) == 0.0  # grounded by default
+    assert temperature({**ask, "retrieval": False}) == 0.6  # a plain chat
+    assert temperature(ask, retrieval_default=False) == 0.6  # a gateway without retrieval by default
+    assert temperature({**ask, "retrieval": True}, retrieval_default=False) == 0.0
+    assert temperature({**ask, "temperature": 0.9}) == 0.9  # the request's own wins
+    assert temperature({**ask, "temperature": 0}, retrieval_default=False) == 0.0
+    assert defaults.as_dict()["grounded_temperature"] == 0.0  # what the page shows

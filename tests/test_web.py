@@ -370,20 +370,30 @@ def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
     from services.gateway.translate import SamplingDefaults
 
     gateway = start_gateway(
-        orchestrator_address, generation_address, retrieval_address, defaults=SamplingDefaults(0.35, 0.95, 20, 48)
+        orchestrator_address,
+        generation_address,
+        retrieval_address,
+        defaults=SamplingDefaults(0.35, 0.95, 20, 48, grounded_temperature=0.15),
     )
     try:
         open_page(page, gateway.url)
         page.locator("#settings-toggle").click()
-        expect(page.locator("#setting-temperature")).to_have_value("0.35")
-        expect(page.locator("#setting-temperature-hint")).to_have_text(re.compile("^Server default: 0.35"))
+        # answering from the index (retrieval on by default): the grounded temperature
+        expect(page.locator("#setting-temperature")).to_have_value("0.15")
+        expect(page.locator("#setting-temperature-hint")).to_have_text(
+            re.compile("^Server default: 0.35 .*; 0.15 answering from the index$")
+        )
         expect(page.locator("#setting-max-tokens-hint")).to_have_text("Server default: 48")
         expect(page.locator("#setting-retrieval-hint")).to_have_text("Server default: on")
         ask(page, "Where is Zurich?")
         wait_until_answered(page)
         sent = page.watched.chat_bodies[-1]
-        assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"]) == (0.35, 0.95, 20, 48)
+        assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"]) == (0.15, 0.95, 20, 48)
         assert sent["retrieval"] is True and sent["stream"] is True and "seed" not in sent
+        set_setting(page, "retrieval", False)  # a plain chat: the plain default again
+        expect(page.locator("#setting-temperature")).to_have_value("0.35")
+        set_setting(page, "retrieval", True)
+        expect(page.locator("#setting-temperature")).to_have_value("0.15")
 
         set_setting(page, "temperature", "0.2")
         set_setting(page, "top_p", "0.9")
@@ -405,7 +415,7 @@ def test_settings_show_the_servers_defaults_are_sent_and_are_kept(
         expect(page.locator("#setting-temperature")).to_have_value("0.2")
         expect(page.locator("#setting-system-prompt")).to_have_value("You are terse.")
         page.get_by_role("button", name="Reset to server defaults").click()
-        expect(page.locator("#setting-temperature")).to_have_value("0.35")
+        expect(page.locator("#setting-temperature")).to_have_value("0.15")
         expect(page.locator("#setting-retrieval")).to_be_checked()
     finally:
         gateway.stop()

@@ -112,6 +112,12 @@ def serve(
     temperature: float = typer.Option(
         SamplingDefaults.temperature, envvar="NIGHTCAP_DEFAULT_TEMPERATURE", help="temperature when a request sets none"
     ),
+    grounded_temperature: float = typer.Option(
+        SamplingDefaults.grounded_temperature,
+        envvar="NIGHTCAP_DEFAULT_GROUNDED_TEMPERATURE",
+        help="temperature of a chat answered from the index when the request sets none (0: greedy, which answered"
+        " make eval's questions best)",
+    ),
     top_p: float = typer.Option(SamplingDefaults.top_p, envvar="NIGHTCAP_DEFAULT_TOP_P", help="top_p when unset"),
     top_k: int = typer.Option(SamplingDefaults.top_k, envvar="NIGHTCAP_DEFAULT_TOP_K", help="top_k when unset"),
     max_tokens: int = typer.Option(
@@ -166,7 +172,7 @@ def serve(
         request_timeout=request_timeout or None,
         ping_interval=ping_interval,
         max_n=max_n,
-        defaults=SamplingDefaults(temperature, top_p, top_k, max_tokens),
+        defaults=SamplingDefaults(temperature, top_p, top_k, max_tokens, grounded_temperature),
         tokens=tokens,
         backend_credentials=backends,
     )

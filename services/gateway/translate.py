@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nightcap.records import IndexBuild, from_message
@@ -40,20 +40,30 @@ SNIPPET_CHARS = 200
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """What a request that leaves a field unset gets (the OpenChatKit shell's defaults)."""
+    """What a request that leaves a field unset gets: the OpenChatKit shell's defaults, except the temperature
+    of a chat answered from the index (``grounded_temperature``). make eval on the default model and index
+    (2026-12-07), grounded, 64 tokens: greedy answered 0.733 of the single questions, 0.90 of the openings and
+    0.70 of the follow-ups; temperature 0.6 with top-k 40 answered 0.617, 0.725 and 0.60 (both admitted all 30
+    unanswerable questions). Sampling lets a small model wander off the passage it was given."""
 
     temperature: float = 0.6
     top_p: float = 1.0
     top_k: int = 40
     max_tokens: int = 256
+    grounded_temperature: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "temperature": self.temperature,
+            "grounded_temperature": self.grounded_temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
             "max_tokens": self.max_tokens,
         }
+
+    def for_chat(self, grounded: bool) -> SamplingDefaults:
+        """These defaults for a chat that is (or is not) answered from the index."""
+        return replace(self, temperature=self.grounded_temperature) if grounded else self
 
 
 def constraint(found: Constraint | None) -> common_pb2.Constraint | None:
@@ -171,15 +181,16 @@ def chat_request(
         message = last.text()
     legacy_calls: list[str] = []
     history = [history_message(entry, legacy_calls) for entry in earlier]
+    retrieval = retrieval_default if request.retrieval is None else request.retrieval
     chat = chat_pb2.ChatRequest(
         request_id=request_id,
         history=history,
         message=message,
-        retrieval=retrieval_default if request.retrieval is None else request.retrieval,
+        retrieval=retrieval,
         params=sampling_params(
             request,
             request.new_tokens(),
-            defaults,
+            defaults.for_chat(retrieval),
             bool(request.logprobs),
             request.top_logprobs if request.logprobs else None,
             request.constraint(),

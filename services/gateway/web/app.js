@@ -13,6 +13,7 @@ import { ConversationStore, SettingsStore, tokenStore } from "./store.js";
 // Only until GET /v1/nightcap/config answers: the gateway's documented defaults.
 const FALLBACK_DEFAULTS = {
   temperature: 0.6,
+  grounded_temperature: 0,
   top_p: 1.0,
   top_k: 40,
   max_tokens: 256,

@@ -33,10 +33,15 @@ export class SettingsForm {
     });
   }
 
-  /** What the next request is sent with: the person's changes over the server's defaults. */
+  /** What the next request is sent with: the person's changes over the server's defaults. A chat answered
+   * from the index gets the server's grounded temperature unless the person set one. */
   values() {
-    const values = this.store.effective(this.defaults());
+    const defaults = this.defaults();
+    const values = this.store.effective(defaults);
     if (!this.retrievalAvailable()) values.retrieval = false;
+    if (!("temperature" in this.store.overrides) && values.retrieval && defaults.grounded_temperature != null) {
+      values.temperature = defaults.grounded_temperature;
+    }
     return values;
   }
 
@@ -60,6 +65,10 @@ export class SettingsForm {
     hint.id = `${id}-hint`;
     hint.className = "setting-hint";
     hint.textContent = hintFor(field, this.defaults()[field.name]);
+    const grounded = this.defaults().grounded_temperature;
+    if (field.name === "temperature" && grounded != null && this.retrievalAvailable()) {
+      hint.textContent += `; ${grounded} answering from the index`;
+    }
     if (field.needsRetrieval && !this.retrievalAvailable()) {
       input.disabled = true;
       hint.textContent = "This gateway has no retrieval service behind it.";
@@ -74,6 +83,7 @@ export class SettingsForm {
       if (!input.checkValidity()) return;
       this.store.set(field.name, valueOf(field, input));
       markChanged();
+      if (field.name === "retrieval") this.render(); // the temperature shown follows it
     });
     markChanged();
     if (field.kind === "checkbox") row.append(input, label, hint);
