@@ -232,6 +232,9 @@ class ScriptedChat(chat_pb2_grpc.ChatServicer):
         if request.message == "fail schema":
             raise InvalidArgument("constraint.json_schema uses a keyword the grammar engine lacks: 'if'")
         yield chat_pb2.ChatResponse(start=chat_pb2.ChatStart(model="scripted:1"))
+        if request.message == "break off":  # a stream that ends without its end message
+            yield chat_pb2.ChatResponse(delta="Zurich is")
+            return
         end = chat_pb2.ChatEnd(finish_reason=common_pb2.FINISH_REASON_EOS, prompt_tokens=10)
         choice = request.tool_choice
         calls_tools = request.tools and (choice.function or choice.mode != chat_pb2.ToolChoice.MODE_NONE)
@@ -792,3 +795,18 @@ def test_default_langchain_bind_tools_and_structured_output(default_url):
         [HumanMessage("What is the weather in Zurich?"), asked, ToolMessage("sunny", tool_call_id=call["id"])]
     )
     assert final.content or final.tool_calls
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_an_orchestrator_stream_that_ends_without_its_end_message_is_a_503_not_half_an_answer(scripted_url, n):
+    body = {"messages": [{"role": "user", "content": "break off"}], "n": n}
+    whole = httpx.post(f"{scripted_url}/v1/chat/completions", json=body, timeout=30)
+    assert whole.status_code == 503
+    assert whole.json()["error"]["message"] == "the orchestrator ended the stream without its end message"
+    with httpx.stream(
+        "POST", f"{scripted_url}/v1/chat/completions", json={**body, "stream": True}, timeout=30
+    ) as reply:
+        events = [line.removeprefix("data: ") for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "the orchestrator ended the stream without its end message"
+    assert not any("finish_reason" in event and '"stop"' in event for event in events)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -93,8 +93,21 @@ class Answer:
     def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
         raise NotImplementedError
 
+    early_end = "the backend ended the stream without its end message"  # each API names its backend
+
     async def next(self) -> Any:
         return await self.relay.next(self.settings.ping_interval)
+
+    async def messages(self, first: Any, finished: Callable[[int], bool]) -> AsyncIterator[Any]:
+        """PING for a silence, else (choice index, message) from the choices' streams, ``first`` first. A stream
+        that ends before ``finished(index)`` says its choice did is a 503: the backend broke off."""
+        item = first
+        while True:
+            if item is PING or item[1] is not END:
+                yield item
+            elif not finished(item[0]):
+                raise GatewayError(503, self.early_end, "server_error")
+            item = await self.next()
 
     async def respond(self, request: Request, body: wire._Sampling) -> Response:
         """One JSON body (the client hanging up cancels it), or a stream that starts with the first message."""

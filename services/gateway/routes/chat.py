@@ -20,7 +20,7 @@ from services.gateway import translate
 from services.gateway.backends import GatewayError
 from services.gateway.dependencies import backends, call_metadata, gateway_metrics, gateway_settings, served_model
 from services.gateway.errors import checked, named
-from services.gateway.streaming import END, PING, Answer, Relay, finish_reason, sse
+from services.gateway.streaming import PING, Answer, Relay, finish_reason, sse
 
 router = APIRouter()
 
@@ -46,9 +46,6 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request) -
         return await answer.respond(request, body)
     except GatewayError as error:
         raise named(error, body) from None
-
-
-_EARLY_END = "the orchestrator ended the stream without its end message"
 
 
 @dataclass
@@ -86,6 +83,7 @@ class ChatAnswer(Answer):
     completion or its chunks; ``legacy``: tool calls in the ``functions`` shape (``function_call``)."""
 
     legacy = False
+    early_end = "the orchestrator ended the stream without its end message"
 
     def _usage(self, ends: list[chat_pb2.ChatEnd]) -> dict[str, Any]:
         # as OpenAI counts n choices: the prompt once, the completions summed
@@ -103,19 +101,12 @@ class ChatAnswer(Answer):
         self.metrics.open_streams.inc()
         choices = [Choice() for _ in self.relay.calls]
         try:
-            item = first
-            while True:
+            async for item in self.messages(first, lambda index: choices[index].end is not None):
                 if item is PING:
                     yield ": ping\n\n"
-                    item = await self.next()
                     continue
                 index, message = item
                 choice = choices[index]
-                if message is END:
-                    if choice.end is None:
-                        raise GatewayError(503, _EARLY_END, "server_error")
-                    item = await self.next()
-                    continue
                 if message.HasField("start"):
                     choice.start = message.start
                     model = message.start.model or model
@@ -150,7 +141,6 @@ class ChatAnswer(Answer):
                             yield sse({**tail, "choices": [], "usage": self._usage([c.end for c in choices])})
                         yield "data: [DONE]\n\n"
                         return
-                item = await self.next()
         except GatewayError as error:
             logger.info("chat {}: failed mid-stream: {}", completion_id, error.message)
             yield sse(replies.error_body(error.message, error.type, error.param, error.code))
@@ -161,16 +151,11 @@ class ChatAnswer(Answer):
 
     async def whole(self) -> dict[str, Any]:
         choices = [Choice() for _ in self.relay.calls]
-        while any(c.end is None for c in choices):
-            item = await self.next()
+        async for item in self.messages(await self.next(), lambda index: choices[index].end is not None):
             if item is PING:
                 continue
             index, message = item
             choice = choices[index]
-            if message is END:
-                if choice.end is None:
-                    raise GatewayError(503, _EARLY_END, "server_error")
-                continue
             if message.HasField("start"):
                 choice.start = message.start
             elif message.HasField("delta"):
@@ -180,6 +165,8 @@ class ChatAnswer(Answer):
                 choice.add_call(message.tool_call)
             elif message.HasField("end"):
                 choice.end = message.end
+                if all(c.end is not None for c in choices):
+                    break
         bodies = []
         for index, choice in enumerate(choices):
             end = choice.end

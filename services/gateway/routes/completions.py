@@ -19,7 +19,7 @@ from services.gateway import translate
 from services.gateway.backends import GatewayError
 from services.gateway.dependencies import backends, call_metadata, gateway_metrics, gateway_settings, served_model
 from services.gateway.errors import checked, named
-from services.gateway.streaming import END, PING, Answer, Relay, finish_reason, sse
+from services.gateway.streaming import PING, Answer, Relay, finish_reason, sse
 
 router = APIRouter()
 
@@ -45,9 +45,6 @@ async def completions(body: wire.CompletionRequest, request: Request) -> Respons
         raise named(error, body) from None
 
 
-_EARLY_END = "the generation service ended the stream without finishing"
-
-
 @dataclass
 class Generated:
     """One choice's generation as it arrives: its text, logprobs and finish; ``sent``: the characters a stream
@@ -62,24 +59,19 @@ class Generated:
 class CompletionAnswer(Answer):
     """The generation service's tokens (one stream per choice) as OpenAI's text completion or its chunks."""
 
+    early_end = "the generation service ended the stream without finishing"
+
     async def events(self, first: Any, include_usage: bool) -> AsyncIterator[str]:
         completion_id, created, model = self.id, self.created, self.model
         self.metrics.open_streams.inc()
         choices = [Generated() for _ in self.relay.calls]
         try:
-            item = first
-            while True:
+            async for item in self.messages(first, lambda index: choices[index].finish is not None):
                 if item is PING:
                     yield ": ping\n\n"
-                    item = await self.next()
                     continue
                 index, message = item
                 choice = choices[index]
-                if message is END:
-                    if choice.finish is None:
-                        raise GatewayError(503, _EARLY_END, "server_error")
-                    item = await self.next()
-                    continue
                 model = message.model or model
                 if message.text or message.logprobs:
                     logprobs = (
@@ -100,7 +92,6 @@ class CompletionAnswer(Answer):
                             yield sse(replies.usage_chunk(tail, _usage([c.finish for c in choices])))
                         yield "data: [DONE]\n\n"
                         return
-                item = await self.next()
         except GatewayError as error:
             yield sse(replies.error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
@@ -110,21 +101,18 @@ class CompletionAnswer(Answer):
 
     async def whole(self) -> dict[str, Any]:
         choices, model = [Generated() for _ in self.relay.calls], self.model
-        while any(c.finish is None for c in choices):
-            item = await self.next()
+        async for item in self.messages(await self.next(), lambda index: choices[index].finish is not None):
             if item is PING:
                 continue
             index, message = item
             choice = choices[index]
-            if message is END:
-                if choice.finish is None:
-                    raise GatewayError(503, _EARLY_END, "server_error")
-                continue
             model = message.model or model
             choice.text.append(message.text)
             choice.logprobs.extend(message.logprobs)
             if message.HasField("finish"):
                 choice.finish = message.finish
+                if all(c.finish is not None for c in choices):
+                    break
         bodies = []
         for index, choice in enumerate(choices):
             finish = choice.finish
