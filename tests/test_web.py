@@ -148,6 +148,13 @@ def screenshot(page: Page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / name))
 
 
+def sample_with_seed(page: Page, seed: str) -> None:
+    """Sampled answers at the plain default temperature with this seed (a chat answered from the index is greedy
+    by default, where a seed changes nothing): the seeds below were found so."""
+    set_setting(page, "temperature", "0.6")
+    set_setting(page, "seed", seed)
+
+
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
@@ -162,7 +169,7 @@ def test_an_answer_streams_in_with_the_zurich_source_which_opens_on_click(page: 
     expect(page.locator("#message-input")).to_be_focused()
     # With one passage and seed 6 the tiny model's answer runs the whole 700 tokens: a second or two of streaming.
     set_setting(page, "retrieval_k", "1")
-    set_setting(page, "seed", "6")
+    sample_with_seed(page, "6")
     set_setting(page, "max_tokens", "700")
     # Every length the answer's text had, as the browser drew it.
     page.evaluate(
@@ -294,7 +301,7 @@ def test_regenerate_asks_again_and_edit_replaces_the_last_question(page: Page, g
 
 def test_a_follow_up_carries_the_earlier_answers_sources_beside_their_question(page: Page, gateway_url: str):
     open_page(page, gateway_url)
-    set_setting(page, "seed", LONG_SEED)
+    sample_with_seed(page, LONG_SEED)
     ask(page, "Where is Zurich?")
     wait_until_answered(page)
     ask(page, "How many people live there?")
@@ -314,7 +321,7 @@ def test_a_gateway_that_appends_sources_to_the_text_shows_them_once(
     gateway = start_gateway(orchestrator_address, generation_address, retrieval_address, citations="markdown")
     try:
         open_page(page, gateway.url)
-        set_setting(page, "seed", LONG_SEED)
+        sample_with_seed(page, LONG_SEED)
         ask(page, "Where is Zurich?")
         wait_until_answered(page)
         expect(last_answer(page).locator(".source-title").first).to_have_text("Zurich")
@@ -512,14 +519,14 @@ def test_an_empty_answer_says_so_and_can_be_regenerated(page: Page, generation_a
     gateway = start_gateway(orchestrator.address, generation_address, retrieval_address)
     try:
         open_page(page, gateway.url)
-        set_setting(page, "seed", EMPTY_SEED)
+        sample_with_seed(page, EMPTY_SEED)
         ask(page, "Where is Zurich?")
         wait_until_answered(page)
         answer = last_answer(page)
         expect(answer).to_have_attribute("data-state", "empty")
         expect(answer.locator(".message-state")).to_have_text(re.compile("^The model returned an empty answer"))
         expect(answer.locator(".source-title").first).to_have_text("Zurich")
-        set_setting(page, "seed", LONG_SEED)
+        sample_with_seed(page, LONG_SEED)
         page.get_by_role("button", name="Regenerate the last answer").click()
         wait_until_answered(page)
         expect(last_answer(page)).to_have_attribute("data-state", "length")
@@ -540,7 +547,7 @@ def test_a_backend_down_is_named_and_the_page_recovers_when_it_is_back(page: Pag
     try:
         open_page(page, gateway.url)
         banner = page.locator("#health-banner")
-        set_setting(page, "seed", LONG_SEED)
+        sample_with_seed(page, LONG_SEED)
         expect(banner).to_contain_text("The generation backend is down")
         expect(page.locator("#model-name")).to_have_text("model unknown: generation does not answer")
         ask(page, "Where is Zurich?")
@@ -889,7 +896,7 @@ def test_enter_draws_the_first_token_as_a_bare_fetch_reads_it(page: Page, gatewa
     open_page(page, gateway_url)
     set_setting(page, "max_tokens", "4")
     set_setting(page, "retrieval", False)
-    set_setting(page, "seed", LONG_SEED)  # never an empty answer, whose first token would never come
+    sample_with_seed(page, LONG_SEED)  # never an empty answer, whose first token would never come
     bare, shown = [], []
     for _ in range(5):
         bare.append(
