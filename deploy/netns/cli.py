@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+import uvloop
 from loguru import logger
 
 from deploy.netns import ray as ray_nodes
@@ -271,7 +271,9 @@ def relay(
     """A delaying TCP relay, run where it is started (`exec HOST -- python -m deploy.netns relay ...` puts it
     in a host): latency without netem."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_relay(_host_port(listen), _host_port(target) if target else None, delay, delay_back))
+        # uvloop (the gateway's pinned loop): the relay's own cost per message is what a tensor-parallel step,
+        # dozens of small exchanges, pays most for
+        uvloop.run(run_relay(_host_port(listen), _host_port(target) if target else None, delay, delay_back))
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
