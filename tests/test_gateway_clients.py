@@ -106,8 +106,16 @@ def test_each_error_status_arrives_as_the_sdks_own_exception(
                 model="", messages=QUESTION, max_tokens=900, extra_body={"retrieval": False}
             )
         assert late.value.status_code == 504
+        # Greedy with end-of-text (token 0) banned, so the holder cannot finish before the second call: sampled,
+        # it once drew end-of-text first and freed its slot.
         holder = admin_only.chat.completions.create(
-            model="", messages=QUESTION, max_tokens=200, stream=True, extra_body={"retrieval": False}
+            model="",
+            messages=QUESTION,
+            max_tokens=200,
+            stream=True,
+            temperature=0,
+            logit_bias={"0": -100},
+            extra_body={"retrieval": False},
         )
         next(iter(holder))
         with pytest.raises(openai.RateLimitError):
