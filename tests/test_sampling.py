@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
-from services.generation.engine.sampling import RowSampling, SamplingConfig, sample_batch
+from services.generation.engine.sampling import (
+    RowSampling,
+    SamplingConfig,
+    draw_kept,
+    greedy_tokens,
+    logits_to_probs,
+    sample_batch,
+)
 
 VOCAB = 50
 
@@ -88,3 +98,39 @@ def test_a_row_mask_leaves_only_its_tokens_to_every_transform_after_it():
         assert greedy == best == best_allowed
     assert sample_batch(logits, rows())[0][0] == 9  # unmasked, the favourite wins
     assert not masked[0].plain_greedy  # so the engine's argmax shortcut never skips a mask
+
+
+def reference_draw(row: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: float) -> int:
+    """The whole vocabulary sorted (logits_to_probs), in float64, then the inverse CDF at ``uniform``."""
+    probs = logits_to_probs(
+        row[None].double(), torch.tensor([[temperature]], dtype=torch.float64), torch.tensor([[top_k]]), top_p
+    )
+    cdf = probs.cumsum(-1)
+    return int(torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp(max=row.numel() - 1))
+
+
+@pytest.mark.parametrize("vocab", [50, 49152])
+def test_a_row_drawn_from_the_tokens_it_keeps_gets_what_sorting_the_whole_vocabulary_gives(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    for temperature, top_k, top_p in itertools.product((0.6, 1.0), (0, 1, 40), (1.0, 0.9, 0.5)):
+        for _ in range(12):
+            row = torch.randn(vocab, generator=generator) * 3
+            uniform = float(torch.rand(1, generator=generator))
+            expected = reference_draw(row, temperature, top_k, top_p, uniform)
+            assert draw_kept((row / temperature).numpy(), top_k, top_p, uniform) == expected
+
+
+def test_top_p_on_a_flat_distribution_looks_past_its_first_tokens():
+    # nearly every token equally likely: top-p 0.5 keeps about half of them, far past TOP_P_LOOKS
+    row = torch.randn(49152, generator=torch.Generator().manual_seed(5)) * 1e-3
+    uniforms = (0.0, 0.3, 0.6, 0.999)
+    drawn = [draw_kept(row.numpy(), 0, 0.5, u) for u in uniforms]
+    assert drawn == [reference_draw(row, 1.0, 0, 0.5, u) for u in uniforms]
+    assert len(set(drawn)) == 4
+
+
+def test_greedy_takes_the_first_of_equal_maxima_on_any_row_count():
+    logits = torch.randn(9, 49152)
+    logits[4, 7] = logits[4, 300] = 99.0
+    assert greedy_tokens(logits).tolist() == logits.argmax(-1).tolist()
+    assert greedy_tokens(logits)[4] == 7

@@ -22,10 +22,12 @@ idle slots go to llama.cpp's RAM prompt cache, its defaults).
 
 Workloads, identical on both sides: chat-formatted prompts (the tokenizer's chat template) about Wikipedia
 passages from the default corpus, tokenized with the HF tokenizer loaded from the GGUF and sent as token ids,
-greedy (temperature 0; top_k 1 on llama.cpp), --max-tokens new tokens with ignore_eos, streamed. Every
-request is checked to have produced exactly the tokens it asked for (llama.cpp: tokens streamed and its final
-tokens_predicted; nightcap: tokens streamed and Finish.generated_tokens); a run that did not is an error.
-Each prompt carries a serial number, so no prompt repeats and a prefix cache helps only with what is shared.
+greedy (temperature 0; top_k 1 on llama.cpp) or, with --temperature T, sampled at T after top-k (--top-k,
+40 by default: the chat's defaults; llama.cpp's other samplers off), --max-tokens new tokens with ignore_eos,
+streamed. Every request is checked to have produced exactly the tokens it asked for (llama.cpp: tokens
+streamed and its final tokens_predicted; nightcap: tokens streamed and Finish.generated_tokens); a run that
+did not is an error. Each prompt carries a serial number, so no prompt repeats and a prefix cache helps only
+with what is shared.
 
   n1        one stream: decode tokens/s after the first token (and its TTFT)
   nN        N concurrent streams (threads): generated tokens / wall time
@@ -114,6 +116,22 @@ class Stream:
         return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
 
 
+@dataclass
+class Sampling:
+    """What every request of both sides samples with: greedy unless --temperature."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
+
+
+SAMPLING = Sampling()
+
+
 class ServerProcess:
     """A server in its own process group, so that stop() ends it and anything it started."""
 
@@ -200,6 +218,9 @@ class LlamaServer(ServerProcess):
             "prompt": prompt, "n_predict": new_tokens, "stream": True, "cache_prompt": True,
             "ignore_eos": self.ignore_eos, "temperature": 0.0, "top_k": 1, "return_tokens": True,
         }  # fmt: skip
+        if SAMPLING.temperature > 0:  # its sampler chain cut to what nightcap applies: top-k, then temperature
+            body.update(temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=1.0, min_p=0.0,
+                        typical_p=1.0, repeat_penalty=1.0, seed=SAMPLING.next_seed())  # fmt: skip
         result = self.stream_type(Timings(time.perf_counter()))
         connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -253,7 +274,13 @@ class NightcapServer(ServerProcess):
     def stream(self, _: None, prompt: list[int], new_tokens: int) -> Stream:
         request = generation_pb2.GenerateRequest(
             token_ids=generation_pb2.TokenIds(ids=prompt),
-            params=common_pb2.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+            params=common_pb2.SamplingParams(
+                max_new_tokens=new_tokens,
+                temperature=SAMPLING.temperature,
+                top_k=SAMPLING.top_k,
+                seed=SAMPLING.next_seed() if SAMPLING.temperature > 0 else 0,
+                ignore_eos=True,
+            ),
         )
         result = Stream(Timings(time.perf_counter()))
         for response in self.stub.Generate(request, timeout=REQUEST_TIMEOUT_S):
@@ -380,12 +407,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(q4_1.parent, gguf_file=q4_1.name)
     workloads = Workloads(tokenizer, args.prompt_tokens, args.turn_passage_tokens, args.turns)
     sets: list[tuple[str, Path]] = []
+    SAMPLING.temperature, SAMPLING.top_k = args.temperature, args.top_k
+    sampled = f"t{args.temperature:g}-k{args.top_k}/" if args.temperature > 0 else ""
     if "q4_1" not in args.skip:
-        sets.append(("", q4_1))
+        sets.append((sampled, q4_1))
     if "f16" not in args.skip:
         f16 = float16_gguf(binaries, q4_1, layout.root / "peers")
         if f16 is not None:
-            sets.append(("f16/", f16))
+            sets.append((f"f16/{sampled}", f16))
     report = BenchReport(args.area)
     nightcap = None
     try:
@@ -589,6 +618,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--build-jobs", type=int, default=2, help="compile jobs if llama-server must be built first (~10 min on 2)"
     )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="sample at this temperature on both sides, a new seed per request (0: greedy); keys get a t<T>-k<K>/ part",
+    )  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=40, help="top-k of --temperature's sampling (0: off)")
     parser.add_argument("--area", default="peers", help="writes var/bench/<area>.json")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
