@@ -134,3 +134,4 @@ def test_greedy_takes_the_first_of_equal_maxima_on_any_row_count():
     logits[4, 7] = logits[4, 300] = 99.0
     assert greedy_tokens(logits).tolist() == logits.argmax(-1).tolist()
     assert greedy_tokens(logits)[4] == 7
+    assert greedy_tokens(logits.bfloat16()).tolist() == logits.bfloat16().argmax(-1).tolist()  # numpy has no bf16

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.generation.engine.sampling import RowSampling, TokenLogprob, sample_batch
+from services.generation.engine.sampling import RowSampling, TokenLogprob, greedy_tokens, sample_batch
 
 # n-gram lengths looked up, longest first: a 3-token match is a surer guess than a 2-token one; a single token
 # matches too often to guess from (measured on make eval's grounded prompts: far more drafts, fewer accepted).
@@ -148,7 +148,7 @@ def sample_drafted(
     # where each sampled, drafted row's random stream stood before the step: it cannot be stepped back
     began = {i: row.generator.get_state() for i, row in enumerate(rows) if drafts[i] and not row.config.greedy}
     if all(row.plain_greedy for row in rows):
-        flat, flat_logprobs = logits.argmax(dim=-1).tolist(), [None] * logits.shape[0]
+        flat, flat_logprobs = greedy_tokens(logits).tolist(), [None] * logits.shape[0]
     else:
         at = [state for row, draft in zip(rows, drafts, strict=True) for state in _positions(row, draft)]
         flat, flat_logprobs = sample_batch(logits, at)
