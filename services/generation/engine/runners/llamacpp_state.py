@@ -152,10 +152,12 @@ def join_state(layout: StateLayout, parts: Sequence[SavedKV]) -> np.ndarray:
     for index, (header, (outer, inner)) in enumerate(zip(layout.headers, layout.shapes, strict=True)):
         out[offset : offset + _BLOCK_HEADER] = np.frombuffer(header, np.uint8)
         offset += _BLOCK_HEADER
-        block = out[offset : offset + outer * cells * inner].reshape(outer, cells, inner)
+        # rows of cells * inner bytes: transposed values are (width, cells, 2 bytes), and copying them as such
+        # went 2 bytes at a time (290 ms to join a 3.4k-token conversation of 18 parts; now one run per row)
+        block = out[offset : offset + outer * cells * inner].reshape(outer, cells * inner)
         column = 0
         for part in parts:
-            block[:, column : column + part.cells] = part.blocks[index]
+            block[:, column * inner : (column + part.cells) * inner] = part.blocks[index].reshape(outer, -1)
             column += part.cells
         offset += outer * cells * inner
     return out
