@@ -196,8 +196,9 @@ def test_typical_p_keeps_the_tokens_nearest_the_entropy_not_the_likeliest():
 
 
 def test_frequency_and_presence_penalties_follow_the_openai_formula():
-    from services.generation.engine.sampling import apply_frequency_presence_penalties, token_counts
+    from services.generation.engine.sampling import RowSampling, SamplingConfig, apply_penalties
 
     logits = torch.zeros(1, 4)
-    penalised = apply_frequency_presence_penalties(logits, token_counts([[1, 1, 2]], 4), frequency=0.5, presence=0.25)
+    config = SamplingConfig(max_new_tokens=4, frequency_penalty=0.5, presence_penalty=0.25)
+    penalised = apply_penalties(logits, [RowSampling(config, [3, 1, 1, 2], [1, 1, 2], torch.Generator())])
     assert penalised.tolist() == [[0.0, -1.25, -0.75, 0.0]]

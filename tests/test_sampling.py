@@ -10,6 +10,7 @@ import torch
 from services.generation.engine.sampling import (
     RowSampling,
     SamplingConfig,
+    apply_penalties,
     draw_kept,
     greedy_tokens,
     logits_to_probs,
@@ -135,3 +136,32 @@ def test_greedy_takes_the_first_of_equal_maxima_on_any_row_count():
     assert greedy_tokens(logits).tolist() == logits.argmax(-1).tolist()
     assert greedy_tokens(logits)[4] == 7
     assert greedy_tokens(logits.bfloat16()).tolist() == logits.bfloat16().argmax(-1).tolist()  # numpy has no bf16
+
+
+def test_penalties_scattered_by_token_equal_the_dense_formulas():
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 300, generator=generator) * 4
+    configs = [
+        SamplingConfig(max_new_tokens=8, repetition_penalty=1.3),
+        SamplingConfig(max_new_tokens=8, frequency_penalty=0.7, presence_penalty=0.4),
+        SamplingConfig(max_new_tokens=8, repetition_penalty=0.8, frequency_penalty=-0.5, presence_penalty=1.5),
+        SamplingConfig(max_new_tokens=8),
+        SamplingConfig(max_new_tokens=8, repetition_penalty=1.1, presence_penalty=0.3),
+        SamplingConfig(max_new_tokens=8, repetition_penalty=1.2),
+    ]
+    histories = [torch.randint(0, 300, (n,), generator=generator).tolist() for n in (40, 25, 60, 10, 33, 0)]
+    rows = [RowSampling(c, h, h[len(h) // 2 :], torch.Generator()) for c, h in zip(configs, histories, strict=True)]
+    # the dense formulas: a (rows, vocab) mask of seen tokens and counts of output tokens
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    counts = torch.zeros_like(logits)
+    for r, row in enumerate(rows):
+        seen[r, row.seen] = True
+        counts[r].index_put_(
+            (torch.tensor(row.output, dtype=torch.long),), torch.ones(len(row.output)), accumulate=True
+        )
+    penalty = torch.tensor([[c.repetition_penalty] for c in configs])
+    expected = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    frequency = torch.tensor([[c.frequency_penalty] for c in configs])
+    presence = torch.tensor([[c.presence_penalty] for c in configs])
+    expected = expected - frequency * counts - presence * (counts > 0).float()
+    assert torch.equal(apply_penalties(logits, rows), expected)

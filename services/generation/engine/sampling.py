@@ -85,24 +85,6 @@ class RowSampling:
         return self.config.plain_greedy and self.logits_mask is None
 
 
-def token_mask(rows: list[list[int]], vocab: int, device: torch.device | None = None) -> torch.Tensor:
-    """(rows, vocab) bool: which tokens each row holds."""
-    mask = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
-    row_index = torch.tensor([r for r, ids in enumerate(rows) for _ in ids], dtype=torch.long, device=device)
-    token_index = torch.tensor([i for ids in rows for i in ids], dtype=torch.long, device=device)
-    mask[row_index, token_index] = True
-    return mask
-
-
-def token_counts(rows: list[list[int]], vocab: int, device: torch.device | None = None) -> torch.Tensor:
-    """(rows, vocab) float: how often each row holds each token."""
-    counts = torch.zeros((len(rows), vocab), dtype=torch.float32, device=device)
-    row_index = torch.tensor([r for r, ids in enumerate(rows) for _ in ids], dtype=torch.long, device=device)
-    token_index = torch.tensor([i for ids in rows for i in ids], dtype=torch.long, device=device)
-    counts.index_put_((row_index, token_index), torch.ones(len(token_index), device=device), accumulate=True)
-    return counts
-
-
 def apply_logits_masks(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
     """Each masked row's forbidden tokens get -inf before any other transform sees the logits, so penalties,
     temperature and top-k/p work on the tokens the row may take, and its logprobs are those of what it may take."""
@@ -113,18 +95,28 @@ def apply_logits_masks(logits: torch.Tensor, rows: list[RowSampling]) -> torch.T
     return logits.masked_fill(~torch.stack(allowed), float("-inf"))
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
-    """CTRL-style penalty (Keskar et al. 2019), as in transformers: shrink the logits of seen tokens
-    (``seen`` a bool mask shaped like ``logits``)."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def apply_frequency_presence_penalties(
-    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor | float, presence: torch.Tensor | float
-) -> torch.Tensor:
-    """OpenAI-style: subtract ``frequency * count + presence * (count > 0)`` for each generated token."""
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+def apply_penalties(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Each row's penalties, on the tokens it holds only: the CTRL-style repetition penalty (Keskar et al. 2019,
+    as in transformers: a seen token's logit shrinks) over prompt and output, then OpenAI's frequency and presence
+    penalties (``frequency * count + presence``) over the output. Scattered by token id rather than through a
+    (rows, vocab) mask, which cost 45 ms a step for 64 rows on one core."""
+    out: torch.Tensor | None = None
+    device = logits.device
+    for r, row in enumerate(rows):
+        config = row.config
+        if config.repetition_penalty != 1.0 and row.seen:
+            out = logits.clone() if out is None else out
+            ids = torch.tensor(sorted(set(row.seen)), device=device)
+            penalty = torch.tensor(config.repetition_penalty, dtype=logits.dtype, device=device)
+            values = out[r, ids]
+            out[r, ids] = torch.where(values < 0, values * penalty, values / penalty)
+        if (config.frequency_penalty or config.presence_penalty) and row.output:
+            out = logits.clone() if out is None else out
+            ids, counts = torch.tensor(row.output, device=device).unique(return_counts=True)
+            frequency = torch.tensor(config.frequency_penalty, dtype=logits.dtype, device=device)
+            presence = torch.tensor(config.presence_penalty, dtype=logits.dtype, device=device)
+            out[r, ids] = out[r, ids] - frequency * counts.to(logits.dtype) - presence
+    return logits if out is None else out
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
@@ -234,16 +226,7 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[in
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
-    scores = logits
-    if any(c.repetition_penalty != 1.0 for c in configs):
-        seen = token_mask([row.seen if row.config.repetition_penalty != 1.0 else [] for row in rows], vocab, device)
-        scores = apply_repetition_penalty(scores, seen, column([c.repetition_penalty for c in configs]))
-    if any(c.frequency_penalty or c.presence_penalty for c in configs):
-        counts = token_counts([row.output for row in rows], vocab, device)
-        frequency = column([c.frequency_penalty for c in configs])
-        scores = apply_frequency_presence_penalties(
-            scores, counts, frequency, column([c.presence_penalty for c in configs])
-        )
+    scores = apply_penalties(logits, rows)
     if any(c.logit_bias for c in configs):
         scores = apply_logit_bias(scores, [c.logit_bias for c in configs])
     tokens = greedy_tokens(scores)
