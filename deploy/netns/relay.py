@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 from loguru import logger
@@ -29,22 +30,25 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a connection was going bef
 
 
 async def _delayed_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(RELAY_QUEUE)
 
     async def read() -> None:
         try:
             while data := await reader.read(RELAY_CHUNK):
-                await queue.put((loop.time() + delay, data))
+                await queue.put((time.monotonic() + delay, data))
         except (ConnectionError, OSError):
             pass  # a reset ends the stream like a close
         finally:
-            await queue.put((loop.time() + delay, b""))  # end of stream, delayed like the data
+            await queue.put((time.monotonic() + delay, b""))  # end of stream, delayed like the data
 
     async def write() -> None:
         while True:
             due, data = await queue.get()
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            # the clock itself, not uvloop's loop.time(): libuv caches that at each loop turn in whole
+            # milliseconds, and a stamp taken late in a turn made a 0.25 s round trip 0.2495 s (seen in CI);
+            # a timer may also fire a little early, so the wait goes on until the data is due
+            while (left := due - time.monotonic()) > 0:
+                await asyncio.sleep(left)
             if not data:
                 if writer.can_write_eof():
                     writer.write_eof()
