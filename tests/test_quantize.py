@@ -68,10 +68,15 @@ def test_the_int8_default_model_answers_as_float32_does(default_registry):
             second = quantized.model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
             top_exact = exact.model(ids).logits[0, -1].argmax()
             top_quantized = quantized.model(ids).logits[0, -1].argmax()
+            # each next token of float32's own 40-token answer, predicted by both: free-running greedy answers
+            # part at the first near-tie, which falls by the CPU's int8 kernels (on an AVX2 EPYC, int8 said
+            # "Zurklein is a city nestled in the Swiss Alps", float32 "Zurkle ... in the heart of Switzerland")
+            answer = exact.model.generate(ids, max_new_tokens=40, do_sample=False)
+            positions = slice(ids.shape[1] - 1, -1)
+            forced_exact = exact.model(answer).logits[0, positions].argmax(-1)
+            forced_quantized = quantized.model(answer).logits[0, positions].argmax(-1)
         assert top_exact == top_quantized, question
         agree += int(torch.equal(first, second))
-        if question == "Where is Zurich?":
-            assert "Switzerland" in tokenizer.decode(
-                quantized.model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :]
-            )
+        # measured on that EPYC: 0.975, 1.0 and 0.969 of the positions agree
+        assert (forced_exact == forced_quantized).float().mean() >= 0.9, question
     assert agree >= 1
