@@ -18,7 +18,7 @@ from services.common.logs import FORMAT
 from services.common.registry import ModelRegistry
 from services.generation.loading import load_model
 from training import convert, finetune
-from training.checkpoints import HF_FOLDER, FinalRecord, export_hf, save_checkpoint, write_final
+from training.checkpoints import HF_FOLDER, FinalRecord, export_hf, load_checkpoint, save_checkpoint, write_final
 from training.data import load_packed
 from training.model import build_model, build_optimizer, token_loss
 from training.openchatkit import OpenChatKitError, stage_files
@@ -89,6 +89,27 @@ def test_a_training_checkpoint_becomes_a_version_with_the_checkpoints_logits(lor
     meta = ModelRegistry(var / "models").resolve("tuned:1").metadata
     assert meta.training["step"] == 2 and meta.source.startswith("checkpoint:")
     assert set(meta.files) >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tiny_model_dir, chats, tmp_path):
+    config, model, _, _, optimizer, scheduler = fine_tune_steps(tiny_model_dir, chats[0], tmp_path, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.tensor(1.0))  # makes its scale tensor
+    scaler.update(2.0**11)  # where five overflowing fp16 steps would have halved it to
+    saved = tmp_path / "fp16"
+    saved.mkdir()
+    save_checkpoint(saved, model, optimizer, scheduler, 1, config, scaler)
+
+    resumed = torch.amp.GradScaler("cpu")  # a new worker's scaler starts at 65536
+    assert load_checkpoint(saved, model, optimizer, scheduler, resumed) == 1
+    assert resumed.get_scale() == 2.0**11
+
+    bf16 = tmp_path / "bf16"  # its scaler is off: it saves an empty state, and an fp16 resume starts afresh
+    bf16.mkdir()
+    save_checkpoint(bf16, model, optimizer, scheduler, 1, config, torch.amp.GradScaler("cpu", enabled=False))
+    fresh = torch.amp.GradScaler("cpu")
+    assert load_checkpoint(bf16, model, optimizer, scheduler, fresh) == 1
+    assert fresh.get_scale() == 2.0**16
 
 
 def test_a_finished_run_converts_by_name_in_bf16_and_records_its_lineage(tiny_model_dir, chats, tmp_path):

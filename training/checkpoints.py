@@ -20,7 +20,13 @@ FINAL_POINTER = "final.json"
 
 
 def save_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, step: int, config: TrainConfig
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -36,6 +42,9 @@ def save_checkpoint(
         "samples_seen": step * config.batch_size,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         "config": asdict(config),
+        # fp16's loss scale: resumed at 65536 instead, the first steps after a resume would skip their updates
+        # while it halves back down to where the run had it (empty for bf16 and fp32, whose scaler is off)
+        "scaler": scaler.state_dict() if scaler is not None else {},
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -43,7 +52,9 @@ def save_checkpoint(
     return model_state
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> int:
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: torch.amp.GradScaler | None = None
+) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
@@ -55,6 +66,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, schedu
         options=StateDictOptions(full_state_dict=True),
     )
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):  # a checkpoint without fp16 has none
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])

@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     with ExitStack() as stack:
         resume_dir = session.latest_checkpoint_dir(stack)
         if resume_dir is not None:
-            start_step = load_checkpoint(resume_dir, model, optimizer, scheduler)
+            start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, scaler)
             progress.log({"step": start_step}, f"resumed from the checkpoint at step {start_step}")
 
     local_batch = config.batch_size // session.world_size
@@ -202,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
         if step % config.checkpoint_steps == 0 or step == config.total_steps:
             with tempfile.TemporaryDirectory(prefix="nightcap-ckpt-") as scratch:
                 folder = Path(scratch)
-                model_state = save_checkpoint(folder, model, optimizer, scheduler, step, config)
+                model_state = save_checkpoint(folder, model, optimizer, scheduler, step, config, scaler)
                 if step == config.total_steps and session.rank == 0:
                     # Under FSDP the plain module holds shards; the gathered full state is what gets written.
                     export_hf(folder, plain_model, model_state if config.strategy == "fsdp" else None, tokenizer)
