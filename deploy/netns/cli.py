@@ -23,7 +23,6 @@ from deploy.netns.machine import (
     MAX_HOSTS,
     REPO,
     STOP_GRACE_S,
-    VENV_BIN,
     ClusterError,
     cmdline,
     namespace_pids,
@@ -286,10 +285,7 @@ def submit(
     job's log follows. Exits with the CLI's status."""
     cluster = _cluster(state_dir, None)
     try:
-        jobs = ray_nodes.ray_jobs_address(cluster)
-        command = [str(VENV_BIN / "ray"), "job", "submit", "--address", jobs, "--working-dir", str(REPO), "--",
-                   *entrypoint]  # fmt: skip
-        run = cluster.command(host, command)
+        run = cluster.command(host, ray_nodes.job_submit_command(cluster, entrypoint))
     except ClusterError as error:
         _fail(str(error))
     raise typer.Exit(subprocess.run(run, env=ray_nodes.ray_env(cluster), cwd=REPO).returncode)
