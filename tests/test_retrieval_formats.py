@@ -9,6 +9,7 @@ Real embedder, real faiss, real servers on 127.0.0.1 port 0.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import sqlite3
@@ -286,19 +287,51 @@ def test_chatctl_ask_names_the_page_of_the_pdf_passage_the_answer_cites(tmp_path
 # --- the gateway's /v1/documents ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def documents_gateway(embedder, generation_address: str, tmp_path: Path) -> Iterator[str]:
-    """A stack over an empty index of its own, opened for writing; files over 64 KB are refused."""
+@contextlib.contextmanager
+def documents_stack(embedder, generation_address: str, tmp_path: Path, **gateway_settings) -> Iterator[str]:
+    """A stack over an empty index of its own, opened for writing: the gateway's base URL."""
     folder = create_index(tmp_path / "indexes" / "mine", embedder.name, embedder.dimension)
     index = load_index(folder, writable=True)
     retrieval = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
     orchestrator = start_orchestrator(generation_address, retrieval.address)
-    running = start_gateway(orchestrator.address, generation_address, retrieval.address, max_file_bytes=64 * 1024)
-    yield running.url
-    running.stop()
-    orchestrator.stop(grace=1)
-    retrieval.stop(grace=1)
-    index.close()
+    running = start_gateway(orchestrator.address, generation_address, retrieval.address, **gateway_settings)
+    try:
+        yield running.url
+    finally:
+        running.stop()
+        orchestrator.stop(grace=1)
+        retrieval.stop(grace=1)
+        index.close()
+
+
+@pytest.fixture
+def documents_gateway(embedder, generation_address: str, tmp_path: Path) -> Iterator[str]:
+    """Files over 64 KB are refused."""
+    with documents_stack(embedder, generation_address, tmp_path, max_file_bytes=64 * 1024) as url:
+        yield url
+
+
+def test_a_file_may_be_larger_than_any_other_request_body(embedder, generation_address: str, tmp_path: Path):
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf_of(*CATALOGUE))))
+    writer.add_attachment("drawing.bin", os.urandom(600 * 1024))  # a PDF's bulk is mostly not its text
+    out = io.BytesIO()
+    writer.write(out)
+    pdf = out.getvalue()
+    assert 600 * 1024 < len(pdf) < 1024 * 1024
+    limits = {"max_body_bytes": 256 * 1024, "max_file_bytes": 1024 * 1024}
+    with documents_stack(embedder, generation_address, tmp_path, **limits) as url, httpx.Client(base_url=url) as client:
+        added = client.post("/v1/documents", json={"files": [as_upload("catalogue.pdf", pdf)]}, timeout=120)
+        assert added.status_code == 200, added.text
+        assert added.json()["passages_added"] >= 2  # its pages with text
+
+        chat = {"messages": [{"role": "user", "content": "x" * 300 * 1024}], "max_tokens": 1}
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+        assert "--max-body-bytes" in refused.json()["error"]["message"]
+
+        huge = client.post("/v1/documents", json={"files": [as_upload("huge.txt", b"word " * 400_000)]})
+        error = huge.json()["error"]  # 2 MB as base64 is over one 1 MiB file's body: refused as it arrives
+        assert huge.status_code == 413 and "--max-file-bytes" in error["message"], huge.text
 
 
 def as_upload(name: str, data: bytes) -> dict[str, str]:

@@ -28,7 +28,7 @@ from services.common.security import (
     TokenTable,
 )
 from services.gateway.server import bind, uvicorn_config
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import MAX_FILE_BYTES, GatewaySettings
 from services.gateway.translate import SamplingDefaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -85,11 +85,11 @@ def serve(
         4 * 1024 * 1024, envvar="NIGHTCAP_MAX_BODY_BYTES", min=1, help="largest request body; larger ones get 413"
     ),
     max_file_bytes: int = typer.Option(
-        3 * 1024 * 1024,
+        MAX_FILE_BYTES,
         envvar="NIGHTCAP_MAX_FILE_BYTES",
         min=1,
-        help="largest file /v1/documents reads (an uploaded file travels as base64, 4/3 of its size, within "
-        "--max-body-bytes); larger ones get 413",
+        help="largest file /v1/documents reads; larger ones get 413 (a POST to /v1/documents may be as large as"
+        " one such file as base64, 4/3 of its size, whatever --max-body-bytes says)",
     ),
     max_concurrent_requests: int = typer.Option(
         256,

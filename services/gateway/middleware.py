@@ -158,22 +158,26 @@ class ConcurrencyLimit:
 class BodyLimit:
     """A body over ``limit`` bytes is refused with 413: at once from Content-Length, or as it streams in."""
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, *, limit: int, uploads: int = 0) -> None:
+        self.app, self.limit, self.uploads = app, limit, max(limit, uploads)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # a file sent to /v1/documents may be larger than any other request: its own limit, from --max-file-bytes
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/documents"
+        limit = self.uploads if upload else self.limit
+        flag = "--max-file-bytes" if upload else "--max-body-bytes"
         too_large = GatewayError(
             413,
-            f"the request body is larger than {self.limit} bytes (--max-body-bytes)",
+            f"the request body is larger than {limit} bytes ({flag})",
             "invalid_request_error",
             None,
             "request_too_large",
             retry=False,
         )
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await send_error(send, too_large)
         received = 0
 
@@ -182,7 +186,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     raise too_large
             return message
 
@@ -192,7 +196,7 @@ class BodyLimit:
 def add_middlewares(app: FastAPI, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
     """The middlewares of the module docstring, in its order."""
     # add_middleware wraps what is there: the first added runs innermost
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, uploads=settings.upload_body_bytes)
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)
     app.add_middleware(Authentication, tokens=settings.tokens)
     app.add_middleware(HeadersAndMetrics, metrics=metrics)
