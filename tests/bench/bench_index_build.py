@@ -23,6 +23,13 @@ through the orchestrator's own query building and fusion (`recent`: the follow-u
 0.6, scores summed), with this flat index standing in for the retrieval service. Beside it, the vectors' mean
 cosine with the baseline's and, for int8, with fp32's under the same batch, order and threads.
 
+`--runtimes onnxruntime,openvino` adds the same model exported to ONNX (torch.onnx, cached under
+var/bench/cache/) and run by ONNX Runtime (fp32, and int8 by its dynamic quantization) or OpenVINO (fp32), with
+the tokenizer, mean pooling and normalization of sentence-transformers around it. Neither is a nightcap
+dependency; install them first (`.venv/bin/pip install onnx onnxruntime openvino`). sentence-transformers'
+own ONNX and OpenVINO backends need optimum-onnx or optimum-intel, which pin transformers below what nightcap
+runs (optimum-onnx 0.1.0: transformers < 4.58; optimum-intel 2.2.0 would replace torch with a CUDA build).
+
 The chosen configuration is the fastest of those whose recall@3 on every set is at least the baseline's - 0.01
 and whose vectors were complete and finite in every round.
 """
@@ -73,16 +80,94 @@ SETS = ("single", "opening", "followup")
 DEFAULT_THREADS = torch.get_num_threads()  # read before this script changes it
 
 
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     quantize: str
     batch_size: int
     order: str  # "sorted" (shortest first, as Ingestor.embed) or "corpus"
     threads: int
+    runtime: str = "torch"  # what runs the model: sentence-transformers' torch, or an ONNX export of it
 
     @property
     def label(self) -> str:
-        return f"{self.quantize} b{self.batch_size} {self.order} t{self.threads}"
+        runtime = "" if self.runtime == "torch" else f" {self.runtime}"
+        return f"{self.quantize}{runtime} b{self.batch_size} {self.order} t{self.threads}"
+
+
+class ExportedEmbedder:
+    """The embedder's transformer exported to ONNX and run by ONNX Runtime or OpenVINO: the same tokenizer, mean
+    pooling and normalization around it, so its vectors compare with the torch embedder's. Threads are fixed at
+    load (``threads``), where torch's are set per pass."""
+
+    def __init__(self, torch_embedder: Embedder, runtime: str, quantize: str, threads: int, cache: Path) -> None:
+        if torch_embedder.pooling != "mean" or not torch_embedder.normalize:
+            raise SystemExit(
+                f"--runtimes: only a mean-pooled, normalized embedder (this one: {torch_embedder.pooling})"
+            )
+        model = torch_embedder._model
+        self.tokenizer, self.max_length = model.tokenizer, model.max_seq_length
+        self.dimension = torch_embedder.dimension
+        self.inputs = list(self.tokenizer(["a"], return_tensors="pt").keys())
+        path = export_onnx(model[0].auto_model, self.tokenizer, self.inputs, cache)
+        if quantize == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = path.with_name("model-int8.onnx")
+            if not quantized.exists():
+                quantize_dynamic(path, quantized, weight_type=QuantType.QInt8)
+            path = quantized
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._run = lambda feeds: session.run(None, feeds)[0]
+        else:
+            import openvino
+
+            core = openvino.Core()
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads})
+            self._run = lambda feeds: compiled(feeds)[0]
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start : start + batch_size])
+            encoded = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+            )
+            hidden = self._run({name: encoded[name].astype(np.int64) for name in self.inputs})
+            mask = encoded["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def export_onnx(transformer: torch.nn.Module, tokenizer: Any, inputs: list[str], cache: Path) -> Path:
+    """The transformer as ONNX (its last hidden state, batch and length dynamic), exported once into ``cache``."""
+    path = cache / "embedder-onnx" / "model.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    class LastHidden(torch.nn.Module):  # keyword arguments: transformers 5 moved forward()'s positional order
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            return self.transformer(**dict(zip(inputs, tensors, strict=True))).last_hidden_state
+
+    example = tokenizer(["an example"], return_tensors="pt")
+    axes = {name: {0: "batch", 1: "length"} for name in [*inputs, "last_hidden_state"]}
+    arguments = tuple(example[name] for name in inputs)
+    torch.onnx.export(LastHidden().eval(), arguments, str(path), input_names=inputs, output_names=["last_hidden_state"],
+                      dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
+    return path
 
 
 BASELINE = EmbedConfig("none", BATCH_SIZE, "sorted", DEFAULT_THREADS)
@@ -214,10 +299,11 @@ def configurations(args: argparse.Namespace) -> list[EmbedConfig]:
     right after its fp32 twin, so that only that twin's vectors need be kept for the comparison."""
     quantizations = sorted(args.quantize, key=QUANTIZATIONS.index)  # fp32 before int8
     grid = [
-        EmbedConfig(quantize, batch, order, threads)
-        for batch, order, threads, quantize in itertools.product(
-            args.batch_sizes, args.orders, args.threads, quantizations
+        EmbedConfig(quantize, batch, order, threads, runtime)
+        for runtime, batch, order, threads, quantize in itertools.product(
+            args.runtimes, args.batch_sizes, args.orders, args.threads, quantizations
         )
+        if not (runtime == "openvino" and quantize == "int8")  # OpenVINO's int8 needs nncf: not measured
     ]
     baseline_pair = [BASELINE, replace(BASELINE, quantize="int8")] if "int8" in args.quantize else [BASELINE]
     return baseline_pair + [c for c in grid if c not in baseline_pair]
@@ -260,7 +346,15 @@ def run(args: argparse.Namespace, report: BenchReport) -> bool:
     logger.info(
         "{} passages of {} articles, {} configurations x {} rounds", len(texts), articles, len(configs), args.rounds
     )
-    embedders = {q: Embedder(quantize=q) for q in dict.fromkeys(c.quantize for c in configs)}
+    torch_embedders = {q: Embedder(quantize=q) for q in dict.fromkeys(c.quantize for c in configs)}
+    torch_embedders.setdefault("none", Embedder())
+    cache = Path(args.var_dir or os.environ.get("NIGHTCAP_VAR") or "var") / "bench" / "cache"
+    embedders = {
+        c: torch_embedders[c.quantize]
+        if c.runtime == "torch"
+        else ExportedEmbedder(torch_embedders["none"], c.runtime, c.quantize, c.threads, cache)
+        for c in configs
+    }
     measured = {c: Measured(c, []) for c in configs}
     baseline_vectors: np.ndarray | None = None
     fp32_twin: dict[EmbedConfig, np.ndarray] = {}
@@ -268,15 +362,15 @@ def run(args: argparse.Namespace, report: BenchReport) -> bool:
         with tqdm(total=args.rounds * len(configs), desc="passes", unit="pass") as bar:
             for number in range(args.rounds):
                 for config in configs:
-                    seconds, vectors = embed_pass(embedders[config.quantize], texts, config)
+                    seconds, vectors = embed_pass(embedders[config], texts, config)
                     m = measured[config]
                     m.seconds.append(seconds)
-                    valid = check_vectors(vectors, len(texts), embedders[config.quantize].dimension)
+                    valid = check_vectors(vectors, len(texts), embedders[config].dimension)
                     m.valid_rounds += valid
                     if not valid:
                         logger.error("{} round {}: vectors missing or not finite", config.label, number + 1)
                     if number == 0 and valid:  # quality and agreement, untimed, from the first round
-                        m.quality = source_recall(embedders[config.quantize], config, passages, vectors, turns)
+                        m.quality = source_recall(embedders[config], config, passages, vectors, turns)
                         if baseline_vectors is None:
                             baseline_vectors = vectors
                         mean, least = mean_cosine(vectors, baseline_vectors)
@@ -302,6 +396,7 @@ def run(args: argparse.Namespace, report: BenchReport) -> bool:
             "batch": m.config.batch_size,
             "order": m.config.order,
             "threads": m.config.threads,
+            "runtime": m.config.runtime,
             "passages": len(texts),
         }
         metrics = {
@@ -376,6 +471,13 @@ def main() -> None:
         type=comma_list(int),
         default=[1, 2],
         help=f"torch thread counts to compare (default 1,2; torch's default here: {DEFAULT_THREADS})",
+    )
+    parser.add_argument(
+        "--runtimes",
+        type=comma_list(str, RUNTIMES),
+        default=["torch"],
+        help="what runs the model: torch (sentence-transformers), onnxruntime and/or openvino (an ONNX export;"
+        " pip install onnx onnxruntime openvino first; openvino fp32 only)",
     )
     parser.add_argument("--questions", type=Path, default=QUESTIONS, help="the question set (tests/eval)")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default $NIGHTCAP_VAR or var/)")
