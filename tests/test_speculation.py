@@ -5,6 +5,7 @@ alone, in a batch of 16 and with prefix-cache hits; seeded sampling), with draft
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from scipy.stats import chisquare
 from test_engine import random_prompts, tokens_of
 from test_llamacpp import gguf_loaded, tiny_gguf  # noqa: F401  (fixtures)
 
+from services.generation.engine.constraints import ConstraintCompiler, ConstraintSpec
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.request import Finished, Request, RequestStatus, TokenChunk
 from services.generation.engine.runner import execute_step
@@ -84,18 +86,12 @@ def test_the_scheduler_plans_drafted_rows_and_takes_back_what_was_refused():
     assert following.model.decode[0].token == 30 and following.model.decode[0].rejected == 2
 
 
-def test_no_drafts_above_the_batch_limit_nor_for_constrained_rows():
+def test_no_drafts_above_the_batch_limit():
     s = ContinuousBatchScheduler(SchedulerConfig(speculative_tokens=4, speculative_max_batch=1))
     for _ in range(2):
         s.add(Request([7, 8, 7], SamplingConfig(max_new_tokens=10)))
     s.update_from_output(s.schedule(), [8, 8])
     assert all(row.draft == () for row in s.schedule().model.decode)
-    constrained = Request([7, 8, 7], SamplingConfig(max_new_tokens=10, constraint=object()))
-    s.add(constrained)
-    while constrained.status is not RequestStatus.RUNNING:
-        step = s.schedule()
-        s.update_from_output(step, [8] * len(step.sampled))
-    assert constrained.speculation is None
 
 
 def test_a_drafted_position_is_sampled_from_the_models_distribution():
@@ -230,6 +226,55 @@ def test_seeded_sampling_is_the_same_with_speculation_on_and_off(loaded):
         on.shutdown(grace=1)
     assert [tokens for tokens, _ in drafted] == [tokens for tokens, _ in plain]
     assert sum(f.accepted_draft_tokens for _, f in drafted) > 0
+
+
+# a grammar with choices that never ends (so ignore_eos and max_new_tokens decide): answers repeat themselves,
+# drafts are proposed, and the grammar refuses some of them
+PETS = r"((cat|dog|bird|fish) )+"
+
+
+def test_each_drafted_position_gets_the_tokens_its_grammar_allows_there(tiny_loaded):
+    grammar = ConstraintCompiler().compile(ConstraintSpec("regex", PETS), tiny_loaded)
+    encode = tiny_loaded.tokenizer.encode
+    output, draft = encode("cat dog "), encode("bird cat")
+    refused = encode("7")  # no digit anywhere in the grammar
+
+    def alone(tokens):  # a fresh matcher's mask after ``tokens``
+        return grammar.new_mask()(list(tokens))
+
+    mask = grammar.new_mask()
+    before = mask(output).clone()
+    masks = mask.along(output, [*draft, *refused, *draft])
+    assert len(masks) == 2 * len(draft) + 2
+    for i in range(len(draft) + 1):
+        assert torch.equal(masks[i], alone([*output, *draft[:i]])), i
+    assert not masks[len(draft)][refused[0]]  # refused where it stands: the positions after it repeat its mask
+    assert all(torch.equal(m, masks[len(draft)]) for m in masks[len(draft) + 1 :])
+    assert torch.equal(mask(output), before)  # the matcher stepped back to where it stood
+    assert torch.equal(mask([*output, *draft[:1]]), alone([*output, *draft[:1]]))  # and goes on from there
+
+
+def test_constrained_greedy_output_is_the_same_with_speculation_on_and_off(loaded):
+    grammar = ConstraintCompiler().compile(ConstraintSpec("regex", PETS), loaded)
+    off, on = engines(loaded)
+    base = [(prompt, 40) for prompt, _ in copying_prompts(8, seed=2)]
+    try:
+        # each prompt gets the start of its own answer followed by digits, which the grammar refuses: the drafts
+        # copied from there are turned down by the mask, the ones copied from the answer itself are kept
+        starts = run_all(off, base, True, constraint=grammar)
+        digits = loaded.tokenizer.encode(" 7 8 9 7 8 9")
+        cases = [([*prompt, *start[:6], *digits], n) for (prompt, n), (start, _) in zip(base, starts, strict=True)]
+        plain = run_all(off, cases, True, constraint=grammar)
+        drafted = run_all(on, cases, True, constraint=grammar)
+        scored, kept = drafts_of(on)
+    finally:
+        off.shutdown(grace=1)
+        on.shutdown(grace=1)
+    assert [tokens for tokens, _ in drafted] == [tokens for tokens, _ in plain]
+    # cut by max_new_tokens, maybe mid-word; where the grammar may end, ignore_eos lets end-of-text repeat
+    texts = [loaded.tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in plain]
+    assert all(re.fullmatch(r"((cat|dog|bird|fish) )+[a-z]*", t) for t in texts), texts
+    assert kept > 0 and scored > kept
 
 
 def test_a_stop_sequence_inside_accepted_drafts_ends_the_answer_there(loaded):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import llguidance
 import llguidance.hf
@@ -108,6 +108,26 @@ class GrammarMask:
         for token in output[self.consumed :]:
             self.matcher.consume_token(token)  # a refused token leaves the matcher in error: handled below
         self.consumed = len(output)
+        return self._allowed()
+
+    def along(self, output: list[int], draft: Sequence[int]) -> list[torch.Tensor]:
+        """The tokens allowed at each of a drafted step's 1 + len(draft) positions: position i as if ``draft[:i]``
+        followed ``output``. The matcher walks the draft and steps back (``rollback``), so it stands after
+        ``output`` again; the draft tokens the step keeps are consumed from ``output`` by the next call. From
+        the first draft token the grammar refuses, the positions after it repeat its mask: the sampler cannot
+        draw that token there, so nothing after it is kept."""
+        masks = [self(output)]
+        walked = 0
+        for token in draft:
+            if not bool(masks[-1][token]) or not self.matcher.consume_token(token):
+                break
+            walked += 1
+            masks.append(self._allowed())
+        if walked:
+            self.matcher.rollback(walked)
+        return masks + [masks[-1]] * (len(draft) + 1 - len(masks))
+
+    def _allowed(self) -> torch.Tensor:
         if not self.matcher.is_error():
             self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
             allowed = torch.from_numpy(np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little"))

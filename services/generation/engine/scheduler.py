@@ -359,8 +359,7 @@ class ContinuousBatchScheduler:
             request.status = RequestStatus.PREFILLING
             request.scheduled_at = now
             request.cached_tokens = cached.tokens
-            if config.speculative_tokens > 0 and request.config.constraint is None:
-                # a constrained row's matcher cannot take back refused guesses, so it never drafts
+            if config.speculative_tokens > 0:
                 request.speculation = DraftState(PromptLookup(request.prompt_ids))
             admitted.append(request)
             reuse.append(cached)

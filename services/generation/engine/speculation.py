@@ -21,7 +21,7 @@ enough that verification costs less than it saves (``SpeculationConfig.max_batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -167,11 +167,22 @@ def sample_drafted(
 
 
 def _positions(row: RowSampling, draft: tuple[int, ...]) -> list[RowSampling]:
-    """The row as sampled at each of its 1 + len(draft) positions. Drafted rows never carry a grammar mask (the
-    scheduler does not draft for them)."""
+    """The row as sampled at each of its 1 + len(draft) positions. A constrained row's grammar gives each
+    position its own allowed tokens, as if the draft before it had been taken (``GrammarMask.along``)."""
     if not draft:
         return [row]
+    masks = row.logits_mask.along(row.output, draft) if row.logits_mask is not None else None
     return [
-        RowSampling(row.config, [*row.seen, *draft[:i]], [*row.output, *draft[:i]], row.generator)
+        RowSampling(
+            row.config,
+            [*row.seen, *draft[:i]],
+            [*row.output, *draft[:i]],
+            row.generator,
+            None if masks is None else _fixed(masks[i]),
+        )
         for i in range(len(draft) + 1)
     ]
+
+
+def _fixed(allowed: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
+    return lambda _output: allowed
