@@ -8,6 +8,13 @@ tokens/s over free.
 schemas of tests/test_structured.py compiled cold (a fresh compiler; the tokenizer view is built once before)
 and cached (the same compiler again). ``mask_us_per_row``: one row's mask (llguidance, unpacked to bools).
 
+``<runner>/constrained_spec_vs_off_n1``: one row at a time, greedy, under a JSON schema that asks for facts the
+prompt's passage holds (an extraction: name, country, first sentence), with speculation drafted from the prompt
+(``--speculative-tokens`` 8, ``serve``'s default) against without. The answers should be token for token the
+same; where scoring k+1 positions in one forward rounds a near-tie differently (llama.cpp's batched kernels do,
+with or without a grammar), the differing answers are counted (``answers_differ``). Two engines, one each way,
+take turns (``--spec-questions`` passages a round).
+
 Fairness: both sides are warmed alike, take turns for ``--rounds`` rounds (free first on even rounds,
 constrained first on odd ones), and a ratio is the median of the rounds' ratios.
 
@@ -34,7 +41,9 @@ from services.generation.engine.constraints import ConstraintCompiler, Constrain
 from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
+from services.generation.engine.speculation import SPECULATIVE_TOKENS
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default, start_engine
+from services.retrieval.corpus import read_wikipedia_summaries
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_structured import SCHEMAS
@@ -43,6 +52,12 @@ NEW_TOKENS = 64
 WARM_TOKENS = 8
 PROMPT_TOKENS = 32
 LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}}, "required": ["text"]}
+EXTRACT = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "country": {"type": "string"}, "first_sentence": {"type": "string"}},
+    "required": ["name", "country", "first_sentence"],
+}
+EXTRACT_TOKENS = 96
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -112,6 +127,75 @@ def measure_runner(report: BenchReport, runner: str, registry: ModelRegistry, ro
         measure_compile(report, loaded)
 
 
+def extraction_prompts(loaded, count: int) -> list[list[int]]:
+    """Chat prompts asking for the JSON facts of one corpus article each (its summary in the prompt)."""
+    prompts = []
+    for document in read_wikipedia_summaries(limit=count):
+        ask = (
+            f"{document.text[:1200]}\n\nGive the name of the place this passage is about, its country and the"
+            " passage's first sentence, as JSON."
+        )
+        chat = [{"role": "user", "content": ask}]
+        encoded = loaded.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
+        prompts.append(list(encoded["input_ids"]))
+    return prompts
+
+
+def measure_speculation(report: BenchReport, runner: str, registry: ModelRegistry, rounds: int, questions: int) -> None:
+    """Constrained greedy answers that copy from their prompt, speculation on against off (one row at a time)."""
+    loaded = load_model(DEFAULT_MODEL, registry, runner=runner, **({"threads": 2} if runner == "llamacpp" else {}))
+    base = {"max_concurrent_requests": 4, "prefix_cache_bytes": 0}
+    engines = {
+        "off": start_engine(loaded, SchedulerConfig(**base)),
+        "spec": start_engine(loaded, SchedulerConfig(**base, speculative_tokens=SPECULATIVE_TOKENS)),
+    }
+    compiler = ConstraintCompiler()
+    grammar = compiler.compile(ConstraintSpec("json_schema", json.dumps(EXTRACT)), loaded)
+    prompts = extraction_prompts(loaded, questions)
+
+    def answer(side: str, prompt: list[int]) -> tuple[list[int], float]:
+        request = Request(
+            prompt_ids=list(prompt), config=SamplingConfig(max_new_tokens=EXTRACT_TOKENS, constraint=grammar)
+        )
+        engines[side].submit(request)
+        first = None
+        for _ in request.events(timeout=600):
+            first = first or time.perf_counter()
+        return list(request.output_ids), time.perf_counter() - first
+
+    try:
+        for side in engines:  # warm both alike
+            answer(side, prompts[0])
+        rates = {side: [] for side in engines}
+        differ = 0
+        for round_ in range(rounds):
+            outputs = {}
+            for side in list(engines) if round_ % 2 == 0 else list(engines)[::-1]:
+                tokens, seconds = 0, 0.0
+                outputs[side] = []
+                for prompt in prompts:
+                    ids, took = answer(side, prompt)
+                    outputs[side].append(ids)
+                    tokens, seconds = tokens + len(ids) - 1, seconds + took
+                rates[side].append(tokens / seconds)
+            differ += sum(a != b for a, b in zip(outputs["off"], outputs["spec"], strict=True))
+        value = engines["spec"].metrics.registry.get_sample_value
+        drafted = value("nightcap_generation_draft_tokens_total")
+        kept = value("nightcap_generation_accepted_draft_tokens_total")
+        params = {"rows": 1, "questions": questions, "rounds": rounds, "max_new_tokens": EXTRACT_TOKENS}
+        for side, values in rates.items():
+            metrics = {"decode_tokens_per_s": statistics.median(values)}
+            if side == "spec":
+                metrics |= {"drafted_tokens": drafted, "accepted_draft_tokens": kept, "answers_differ": differ}
+            report.add("structured_speculation", f"{runner}/{side}", DEFAULT_MODEL, params, metrics)
+        ratios = [spec / off for spec, off in zip(rates["spec"], rates["off"], strict=True)]
+        report.ratio(f"{runner}/constrained_spec_vs_off_n1", statistics.median(ratios))
+    finally:
+        for engine in engines.values():
+            engine.shutdown(grace=1.0)
+        compiler.close()
+
+
 def measure_compile(report: BenchReport, loaded) -> None:
     """The 20 test schemas compiled cold (each on a fresh compiler) and then cached; one row's mask per token."""
     specs = [ConstraintSpec("json_schema", json.dumps(schema)) for schema in SCHEMAS]
@@ -158,13 +242,22 @@ def main() -> None:
     parser.add_argument("--runners", nargs="+", default=["transformers"], choices=["transformers", "llamacpp"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens each row generates")
+    parser.add_argument(
+        "--spec-questions", type=int, default=6, help="extraction prompts a round of the speculation rows (0: skip)"
+    )
+    parser.add_argument(
+        "--skip-masks", action="store_true", help="only the speculation rows (no constrained-vs-free or compile rows)"
+    )
     args = parser.parse_args()
     layout = VarLayout.from_env(None)
     registry = ModelRegistry(layout.models)
     prepare_default(registry)
     report = BenchReport("structured")
     for runner in args.runners:
-        measure_runner(report, runner, registry, args.rounds, args.new_tokens)
+        if not args.skip_masks:
+            measure_runner(report, runner, registry, args.rounds, args.new_tokens)
+        if args.spec_questions:
+            measure_speculation(report, runner, registry, args.rounds, args.spec_questions)
     report.write(layout.root)
 
 
