@@ -11,9 +11,10 @@ and cached (the same compiler again). ``mask_us_per_row``: one row's mask (llgui
 ``<runner>/constrained_spec_vs_off_n1``: one row at a time, greedy, under a JSON schema that asks for facts the
 prompt's passage holds (an extraction: name, country, first sentence), with speculation drafted from the prompt
 (``--speculative-tokens`` 8, ``serve``'s default) against without. The answers should be token for token the
-same; where scoring k+1 positions in one forward rounds a near-tie differently (llama.cpp's batched kernels do,
-with or without a grammar), the differing answers are counted (``answers_differ``). Two engines, one each way,
-take turns (``--spec-questions`` passages a round).
+same; where scoring k+1 positions in one forward computes a close call differently (llama.cpp's batched path
+does, with or without a grammar), the differing answers are counted (``answers_differ``), with the gap in
+log-probability between the two tokens where each parted (``differ_max_margin_nats``,
+``differ_median_margin_nats``). Two engines, one each way, take turns (``--spec-questions`` passages a round).
 
 Fairness: both sides are warmed alike, take turns for ``--rounds`` rounds (free first on even rounds,
 constrained first on odd ones), and a ratio is the median of the rounds' ratios.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -39,7 +41,7 @@ from services.common.paths import VarLayout
 from services.common.registry import ModelRegistry
 from services.generation.engine.constraints import ConstraintCompiler, ConstraintSpec
 from services.generation.engine.request import Request, RequestStatus
-from services.generation.engine.sampling import SamplingConfig
+from services.generation.engine.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.engine.speculation import SPECULATIVE_TOKENS
 from services.generation.loading import DEFAULT_MODEL, load_model, prepare_default, start_engine
@@ -167,7 +169,7 @@ def measure_speculation(report: BenchReport, runner: str, registry: ModelRegistr
         for side in engines:  # warm both alike
             answer(side, prompts[0])
         rates = {side: [] for side in engines}
-        differ = 0
+        differ, margins = 0, []
         for round_ in range(rounds):
             outputs = {}
             for side in list(engines) if round_ % 2 == 0 else list(engines)[::-1]:
@@ -178,7 +180,10 @@ def measure_speculation(report: BenchReport, runner: str, registry: ModelRegistr
                     outputs[side].append(ids)
                     tokens, seconds = tokens + len(ids) - 1, seconds + took
                 rates[side].append(tokens / seconds)
-            differ += sum(a != b for a, b in zip(outputs["off"], outputs["spec"], strict=True))
+            for prompt, a, b in zip(prompts, outputs["off"], outputs["spec"], strict=True):
+                if a != b:
+                    differ += 1
+                    margins.append(divergence_margin(engines["off"], prompt, a, b))
         value = engines["spec"].metrics.registry.get_sample_value
         drafted = value("nightcap_generation_draft_tokens_total")
         kept = value("nightcap_generation_accepted_draft_tokens_total")
@@ -187,6 +192,9 @@ def measure_speculation(report: BenchReport, runner: str, registry: ModelRegistr
             metrics = {"decode_tokens_per_s": statistics.median(values)}
             if side == "spec":
                 metrics |= {"drafted_tokens": drafted, "accepted_draft_tokens": kept, "answers_differ": differ}
+                if margins:  # how near a tie each difference began at, in nats (inf: a token not in the top 20)
+                    worst, typical = max(margins), statistics.median(margins)
+                    metrics |= {"differ_max_margin_nats": worst, "differ_median_margin_nats": typical}
             report.add("structured_speculation", f"{runner}/{side}", DEFAULT_MODEL, params, metrics)
         ratios = [spec / off for spec, off in zip(rates["spec"], rates["off"], strict=True)]
         report.ratio(f"{runner}/constrained_spec_vs_off_n1", statistics.median(ratios))
@@ -194,6 +202,22 @@ def measure_speculation(report: BenchReport, runner: str, registry: ModelRegistr
         for engine in engines.values():
             engine.shutdown(grace=1.0)
         compiler.close()
+
+
+def divergence_margin(engine, prompt: list[int], off: list[int], spec: list[int]) -> float:
+    """At the first token where two answers part, how far apart the model put the two tokens (the difference of
+    their log-probabilities, in nats), read by the plain engine without the grammar (one prefill of the prompt and
+    the common start): a mask only renormalizes, so the difference is the same under it."""
+    at = next(i for i, (x, y) in enumerate(zip(off, spec, strict=False)) if x != y)
+    config = SamplingConfig(max_new_tokens=1, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
+    request = Request(prompt_ids=[*prompt, *off[:at]], config=config)
+    engine.submit(request)
+    chunks = [event for event in request.events(timeout=600) if getattr(event, "logprobs", None)]
+    chosen = chunks[0].logprobs[0]
+    top = {**dict(chosen.top), chosen.token_id: chosen.logprob}
+    if off[at] not in top or spec[at] not in top:
+        return math.inf
+    return round(abs(top[off[at]] - top[spec[at]]), 4)
 
 
 def measure_compile(report: BenchReport, loaded) -> None:
