@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_cross_encoder
 
 from services.orchestrator.conversation import QueryMode
+from services.retrieval.reranker import Reranker
 
 EVAL = Path(__file__).with_name("eval")
 sys.path.insert(0, str(EVAL))
@@ -38,23 +40,34 @@ def test_the_question_set_has_held_out_questions_and_conversations_that_need_the
 
 
 @pytest.fixture(scope="module")
-def eval_retrieval(embedder, tmp_path_factory):
-    """A retrieval service over every article of the question set: each follow-up has a dozen of its kind to
-    mistake it for (the other cities, people and things)."""
+def eval_index(embedder, tmp_path_factory):
+    """Every article of the question set: each follow-up has a dozen of its kind to mistake it for (the other
+    cities, people and things)."""
     from services.retrieval.build import build_index
     from services.retrieval.corpus import read_wikipedia_summaries
     from services.retrieval.index import load_index
-    from services.retrieval.retriever import Retriever
-    from services.retrieval.server import start_retrieval_server
 
     titles = [item["source"] for item in QUESTIONS["single"] + QUESTIONS["conversations"] + QUESTIONS["keyword"]]
     folder = tmp_path_factory.mktemp("var") / "indexes" / "eval-slice"
     build_index(read_wikipedia_summaries(titles=titles), embedder, folder, progress=False)
     index = load_index(folder)
-    running = start_retrieval_server(Retriever(embedder, index), "127.0.0.1:0")
+    yield index
+    index.close()
+
+
+def serve_retrieval(embedder, index, reranker=None):
+    from services.retrieval.retriever import Retriever
+    from services.retrieval.server import start_retrieval_server
+
+    return start_retrieval_server(Retriever(embedder, index, reranker), "127.0.0.1:0")
+
+
+@pytest.fixture(scope="module")
+def eval_retrieval(embedder, eval_index):
+    """A retrieval service over the eval's articles."""
+    running = serve_retrieval(embedder, eval_index)
     yield running.address
     running.stop(grace=1)
-    index.close()
 
 
 def test_the_eval_slice_finds_every_source_and_the_follow_ups_need_the_mix(
@@ -169,6 +182,34 @@ def test_each_search_mode_is_measured_on_the_keyword_single_and_follow_up_sets(
     results = {r["name"]: r["metrics"] for r in written["results"] if r["params"].get("split") == "all"}
     assert results["search/hybrid/keyword"]["source_recall_at_3"] == 1.0
     assert written["ratios"]["hybrid_vs_vector_source_recall_at_3/single"] >= 1.0  # (undefined where vector finds 0)
+
+
+def test_a_service_with_a_reranker_is_measured_with_it_and_without_it_in_one_run(
+    generation_address, embedder, eval_index, eval_retrieval, tmp_path
+):
+    questions = {"keyword": QUESTIONS["keyword"][:6], "single": one_of_each_kind(QUESTIONS["single"])}
+    questions["conversations"] = one_of_each_kind(QUESTIONS["conversations"])
+    texts = [item["question"] for item in questions["keyword"] + questions["single"]]
+    reranker = Reranker(str(build_tiny_cross_encoder(tmp_path / "cross-encoder", texts)))
+    running = serve_retrieval(embedder, eval_index, reranker)
+    try:
+        with_reranker = run_eval.run_search_modes(questions, generation_address, running.address, progress=False)
+    finally:
+        running.stop(grace=1)
+    without = run_eval.run_search_modes(questions, generation_address, eval_retrieval, progress=False)
+
+    recall = {name: evaluated.metrics()["source_recall_at_3"] for name, evaluated in with_reranker.items()}
+    assert set(recall) == set(without) | {f"search/hybrid+rerank/{s}" for s in ("keyword", "single", "followup")}
+    for name, evaluated in without.items():  # the three modes ask the service not to rerank, and it does not
+        assert recall[name] == evaluated.metrics()["source_recall_at_3"], name
+    # a random cross-encoder reorders the 20 fused candidates: the sources it loses show it ran
+    assert recall["search/hybrid+rerank/keyword"] < recall["search/hybrid/keyword"] == 1.0
+    bench = run_eval.report(with_reranker | {"single": with_reranker["search/hybrid/single"]}, [], [], 3, "t")
+    ratios = json.loads(bench.write(tmp_path).read_text())["ratios"]
+    assert recall["search/vector/single"] > 0  # the ratio is defined
+    assert ratios["hybrid_rerank_vs_vector_source_recall_at_3/single"] == pytest.approx(
+        recall["search/hybrid+rerank/single"] / recall["search/vector/single"], abs=1e-3
+    )
 
 
 def test_sampled_runs_give_each_question_its_own_seed_and_greedy_runs_none():

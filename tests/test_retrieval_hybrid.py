@@ -17,7 +17,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import start_gateway
+from conftest import build_tiny_cross_encoder, start_gateway
 
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.chunker import Passage, passages_of
@@ -251,35 +251,8 @@ def test_staged_passages_are_found_by_their_words_until_their_vectors_commit(
 
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random one-layer BERT cross-encoder with a word-level vocabulary of the test's texts: its scores mean
-    nothing, but they differ from passage to passage, which is all a test of the ordering needs."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("cross-encoder")
     texts = [PART_QUESTION, *(d.text for d in [*VALVES, *CITIES]), *(d.title for d in [*VALVES, *CITIES])]
-    words = sorted({word for text in texts for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())})
-    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    ).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("cross-encoder"), texts)
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +302,30 @@ def test_rerank_without_a_reranker_says_how_to_configure_one(served) -> None:
         served.Rerank(retrieval_pb2.RerankRequest(query="Zurich", documents=["Zurich is a city."]))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--reranker" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as searched:
+        served.Search(retrieval_pb2.SearchRequest(query=PART_QUESTION, rerank=True))
+    assert searched.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--reranker" in searched.value.details()
+    assert served.Stats(retrieval_pb2.StatsRequest()).reranker == ""
+
+
+def test_a_search_chooses_whether_the_reranker_reorders_it(
+    reranking: str, embedder: Embedder, index: PassageIndex, reranker: Reranker
+) -> None:
+    plain = [hit.passage.id for hit in Retriever(embedder, index).search(PART_QUESTION, k=3, mode=HYBRID)]
+    reranked = [hit.passage.id for hit in Retriever(embedder, index, reranker).search(PART_QUESTION, k=3)]
+    assert plain != reranked  # the random cross-encoder orders these differently, or this test shows nothing
+    with grpc.insecure_channel(reranking) as channel:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+
+        def ids(**rerank: bool) -> list[str]:
+            request = retrieval_pb2.SearchRequest(query=PART_QUESTION, k=3, **rerank)
+            return [p.id for p in stub.Search(request).passages]
+
+        assert ids() == reranked  # unset: the service reranks whenever it has a reranker
+        assert ids(rerank=True) == reranked
+        assert ids(rerank=False) == plain
+        assert stub.Stats(retrieval_pb2.StatsRequest()).reranker == reranker.name
 
 
 def test_the_gateway_reranks_in_the_shape_llamacpp_and_vllm_serve(

@@ -127,6 +127,7 @@ class IndexStats:
     segments: int = 0  # vector segment files searched together
     tombstones: int = 0  # removed passages whose vectors wait for compaction
     build: IndexBuild | None = None  # the build filling it while it serves, if one did
+    reranker: str = ""  # the cross-encoder that reorders its searches; "" for none
 
 
 @dataclass(frozen=True)

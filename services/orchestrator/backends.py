@@ -178,12 +178,14 @@ class RetrievalBackend(Backend):
         address: str,
         credentials: Credentials | None = None,
         search_mode: int = retrieval_pb2.SEARCH_MODE_UNSPECIFIED,
+        rerank: bool | None = None,
     ) -> None:
         """``search_mode``: how every search ranks (a retrieval_pb2.SearchMode); unspecified: the service's
-        default."""
+        default. ``rerank``: whether the service's reranker reorders them; None: whenever it has one."""
         super().__init__(address, credentials)
         self._stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
         self._search_mode = search_mode
+        self._rerank = rerank
 
     def search(self, query: str, k: int, timeout: float, title: str = "", mixed: bool = False) -> Found:
         """``title``: a document title the query asks about; its first passages come first (``Passage.titled``).
@@ -195,7 +197,7 @@ class RetrievalBackend(Backend):
         if mixed and mode != retrieval_pb2.SEARCH_MODE_KEYWORD:
             mode = retrieval_pb2.SEARCH_MODE_VECTOR
         try:
-            request = retrieval_pb2.SearchRequest(query=query, k=k, title=title, mode=mode)
+            request = retrieval_pb2.SearchRequest(query=query, k=k, title=title, mode=mode, rerank=self._rerank)
             response = self._stub.Search(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
             raise self.error(error) from None

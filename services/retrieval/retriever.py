@@ -20,7 +20,7 @@ import numpy as np
 from loguru import logger
 
 from nightcap.records import DEFAULT_K, MAX_K, IndexStats
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.retrieval.build_plan import recorded_build
 from services.retrieval.chunker import Passage
 from services.retrieval.embedder import Embedder
@@ -150,25 +150,38 @@ class Retriever:
         # faiss both release the GIL, so the two take about as long as the slower one, not their sum.
         self._keywords = ThreadPoolExecutor(1, thread_name_prefix="keyword-search")
 
-    def search(self, query: str, k: int = DEFAULT_K, title: str = "", mode: str = HYBRID) -> list[Hit]:
+    def search(
+        self, query: str, k: int = DEFAULT_K, title: str = "", mode: str = HYBRID, rerank: bool | None = None
+    ) -> list[Hit]:
         check_request(query, k, title)
-        return self.search_batch([query], k, [title], mode)[0]
+        return self.search_batch([query], k, [title], mode, rerank)[0]
 
     @property
     def read_only(self) -> bool:
         return self.index.read_only
 
     def search_batch(
-        self, queries: list[str], k: int, titles: list[str] | None = None, mode: str = HYBRID
+        self,
+        queries: list[str],
+        k: int,
+        titles: list[str] | None = None,
+        mode: str = HYBRID,
+        rerank: bool | None = None,
     ) -> list[list[Hit]]:
+        """``rerank``: reorder the top ``CANDIDATES`` with the reranker; None: whenever there is one."""
+        if rerank and self.reranker is None:
+            raise FailedPrecondition(
+                "this retrieval service has no reranker: start it with --reranker, or search without rerank"
+            )
+        reranker = self.reranker if rerank is not False else None
         vectors = self.embedder.encode(queries)  # keyword searches too: a hit reports its cosine similarity
-        depth = k if mode == VECTOR and self.reranker is None else max(k, CANDIDATES)
+        depth = k if mode == VECTOR and reranker is None else max(k, CANDIDATES)
         keyword = None if mode == VECTOR else self._keywords.submit(self._keyword_search, queries, depth)
         found = self.index.search_many(vectors, depth) if mode != KEYWORD else [[] for _ in queries]
         if keyword is not None:
             by_words = keyword.result()
             found = [relative_score_fusion(v, w)[:depth] for v, w in zip(found, by_words, strict=True)]
-        if self.reranker is not None:
+        if reranker is not None:
             found = [self._reranked(query, hits) for query, hits in zip(queries, found, strict=True)]
         found = self._with_cosines([hits[:k] for hits in found], vectors)
         looked_up = {
@@ -224,6 +237,7 @@ class Retriever:
             segments=len(manifest.segments),
             tombstones=manifest.dead_rows,
             build=recorded_build(manifest.details, manifest.documents, manifest.passages),
+            reranker=self.reranker.name if self.reranker is not None else "",
         )
 
 
@@ -234,6 +248,7 @@ class _Pending:
     result: Future
     title: str = ""
     mode: str = VECTOR
+    rerank: bool | None = None
 
 
 class QueryBatcher:
@@ -249,13 +264,20 @@ class QueryBatcher:
         self._worker.start()
 
     def search(
-        self, query: str, k: int = DEFAULT_K, timeout: float | None = None, title: str = "", mode: str = VECTOR
+        self,
+        query: str,
+        k: int = DEFAULT_K,
+        timeout: float | None = None,
+        title: str = "",
+        mode: str = VECTOR,
+        rerank: bool | None = None,
     ) -> list[Hit]:
-        """``mode``: one of the searchable's ``search_modes`` (the servicer checks it)."""
+        """``mode``: one of the searchable's ``search_modes`` (the servicer checks it); ``rerank``: as
+        ``Retriever.search_batch`` takes it (None: the searchable's default)."""
         check_request(query, k, title)
         if self._closed:
             raise Unavailable("the retrieval service is shutting down")
-        pending = _Pending(query, k, Future(), title, mode)
+        pending = _Pending(query, k, Future(), title, mode, rerank)
         self._queue.put(pending)
         return pending.result.result(timeout)
 
@@ -274,17 +296,18 @@ class QueryBatcher:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(item)
-            for mode in dict.fromkeys(p.mode for p in batch):  # one search per mode the batch asks for
-                self._search([p for p in batch if p.mode == mode], mode)
+            # one search per kind the batch asks for
+            for mode, rerank in dict.fromkeys((p.mode, p.rerank) for p in batch):
+                self._search([p for p in batch if (p.mode, p.rerank) == (mode, rerank)], mode, rerank)
 
-    def _search(self, batch: list[_Pending], mode: str) -> None:
+    def _search(self, batch: list[_Pending], mode: str, rerank: bool | None) -> None:
         try:
             titles = [p.title for p in batch] if any(p.title for p in batch) else None
             queries, k = [p.query for p in batch], max(p.k for p in batch)
-            if search_modes(self._searchable) == (VECTOR,):  # an index that knows no other mode
+            if search_modes(self._searchable) == (VECTOR,):  # an index that knows no other mode, nor a reranker
                 found = self._searchable.search_batch(queries, k, titles)
             else:
-                found = self._searchable.search_batch(queries, k, titles, mode)  # type: ignore[call-arg]
+                found = self._searchable.search_batch(queries, k, titles, mode, rerank)  # type: ignore[call-arg]
         except Exception as error:  # every caller of the batch gets the error, the worker goes on
             for pending in batch:
                 pending.result.set_exception(error)

@@ -57,13 +57,20 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         started = time.perf_counter()
         k = request.k if request.HasField("k") else DEFAULT_K
         mode = self._mode(request.mode)
-        hits = self._batcher.search(request.query, k, title=request.title, mode=mode)
+        rerank = request.rerank if request.HasField("rerank") else None
+        if rerank and getattr(self._searchable, "reranker", None) is None:
+            raise FailedPrecondition(
+                "rerank is true but this retrieval service has no reranker: start it with --reranker (a "
+                "sentence-transformers CrossEncoder folder or hub id), or leave rerank unset"
+            )
+        hits = self._batcher.search(request.query, k, title=request.title, mode=mode, rerank=rerank)
         logger.info(
-            "search id={} query_chars={} k={} mode={} hits={} titled={} ms={:.1f}",
+            "search id={} query_chars={} k={} mode={} rerank={} hits={} titled={} ms={:.1f}",
             _request_id(context),
             len(request.query),
             k,
             mode,
+            "default" if rerank is None else rerank,
             len(hits),
             sum(hit.titled for hit in hits),
             (time.perf_counter() - started) * 1000,

@@ -18,7 +18,9 @@ the same backends, each question asked of every variant at about the same time. 
 Beside them, how each search mode finds sources (`search/<vector|keyword|hybrid>/<keyword|single|followup>`,
 source recall and MRR; turns prepared by an orchestrator whose searches all ask for that mode, not generated),
 with the ratios `hybrid_vs_vector_source_recall_at_3/<set>`. The `keyword` set asks what only a number in one
-article answers ("Which city has a population of 613,111?").
+article answers ("Which city has a population of 613,111?"). Where the retrieval service has a reranker
+(`NIGHTCAP_RERANKER=<CrossEncoder folder or hub id> make eval`), those three modes search without it and a
+fourth, `search/hybrid+rerank/<set>`, with it, with the ratios `hybrid_rerank_vs_vector_source_recall_at_3/<set>`.
 
 Sets: `single` (questions that name their subject), `opening` (the first turn of each conversation),
 `followup/<mode>` (the second turn, with the first turn as history, for each query mode; `last` is the
@@ -407,6 +409,7 @@ SEARCH_MODES = {
     "keyword": retrieval_pb2.SEARCH_MODE_KEYWORD,
     "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
 }
+RERANKED = "hybrid+rerank"  # hybrid search reordered by the service's reranker, when it has one
 
 
 def run_search_modes(
@@ -419,13 +422,24 @@ def run_search_modes(
 ) -> dict[str, EvalSet]:
     """Source recall of each search mode (``search/<mode>/<set>``) on the keyword, single and follow-up sets,
     each turn prepared (not generated) by a real orchestrator in the default query mode whose searches all ask
-    for that mode. The unanswerable set has no source to find: it is left out here."""
+    for that mode. The unanswerable set has no source to find: it is left out here. Where the service has a
+    reranker, the modes search without it, and ``hybrid+rerank`` with it."""
     sets: dict[str, EvalSet] = {}
     keyword, single = questions.get("keyword", [])[:limit], questions["single"][:limit]
     conversations = questions["conversations"][:limit]
-    for name, mode in SEARCH_MODES.items():
+    service = RetrievalBackend(retrieval)
+    try:
+        reranker = service.stats(30).reranker
+    finally:
+        service.close()
+    searches = {name: (mode, False) for name, mode in SEARCH_MODES.items()}
+    if reranker:
+        searches[RERANKED] = (retrieval_pb2.SEARCH_MODE_HYBRID, True)
+    for name, (mode, rerank) in searches.items():
         orchestrator = ChatOrchestrator(
-            GenerationBackend(generation), RetrievalBackend(retrieval, search_mode=mode), query_mode=DEFAULT_MODE
+            GenerationBackend(generation),
+            RetrievalBackend(retrieval, search_mode=mode, rerank=rerank),
+            query_mode=DEFAULT_MODE,
         )
 
         def prepared(question: str, history: list[Turn], source: str, split: str, o=orchestrator) -> tuple:
@@ -517,11 +531,13 @@ def report(
         ours, theirs = evaluated.metrics().get(metric), sets[f"{baseline}/{name}"].metrics().get(metric)
         if ours is not None and theirs:  # undefined when the baseline got none right: both are in the results
             bench.ratio(f"answer_accuracy_vs_baseline/{name}", ours / theirs)
-    for base in ("keyword", "single", "followup"):  # what hybrid search gains on each set
-        hybrid, vector = sets.get(f"search/hybrid/{base}"), sets.get(f"search/vector/{base}")
-        if hybrid and vector and vector.metrics()["source_recall_at_3"]:
-            ratio = hybrid.metrics()["source_recall_at_3"] / vector.metrics()["source_recall_at_3"]
-            bench.ratio(f"hybrid_vs_vector_source_recall_at_3/{base}", ratio)
+    for base in ("keyword", "single", "followup"):  # what hybrid search (and a reranker) gains on each set
+        vector = sets.get(f"search/vector/{base}")
+        for name, ratio_name in (("hybrid", "hybrid"), (RERANKED, "hybrid_rerank")):
+            searched = sets.get(f"search/{name}/{base}")
+            if searched and vector and vector.metrics()["source_recall_at_3"]:
+                ratio = searched.metrics()["source_recall_at_3"] / vector.metrics()["source_recall_at_3"]
+                bench.ratio(f"{ratio_name}_vs_vector_source_recall_at_3/{base}", ratio)
     if single and single["source_recall_at_3"]:
         for mode in modes:
             follow_up = sets[f"followup/{mode.value}"].metrics()
