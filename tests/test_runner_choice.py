@@ -81,6 +81,23 @@ def _serve_until_it_loads(model: Path, tmp_path: Path, env: dict[str, str] | Non
     return done.stderr
 
 
+def test_the_default_model_on_llama_cpp_reads_its_registry_versions_saved_tokenizer(default_registry, monkeypatch):
+    """Converting the GGUF's vocabulary in Python takes seconds of every start; the version saved it already."""
+    read = []
+    original = loading.AutoTokenizer.from_pretrained
+
+    def from_pretrained(folder, **kwargs):
+        read.append((Path(folder), kwargs.get("gguf_file")))
+        return original(folder, **kwargs)
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", from_pretrained)
+    loaded = loading.load_model(DEFAULT_MODEL, default_registry, runner="llamacpp")
+    version = default_registry.resolve(DEFAULT_MODEL).path
+    assert read == [(version, None)]
+    assert loaded.tokenizer("Where is Zurich?")["input_ids"] == original(version)("Where is Zurich?")["input_ids"]
+    assert loaded.tokenizer.chat_template
+
+
 def test_serve_loads_a_gguf_into_llama_cpp_and_without_llama_cpp_into_transformers(tiny_gguf: Path, tmp_path):
     assert "the llamacpp runner" in _serve_until_it_loads(tiny_gguf, tmp_path)
     # a llama_cpp that does not import, ahead of the installed one on the path

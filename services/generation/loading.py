@@ -267,7 +267,7 @@ def _load_llamacpp(
     torch_device = resolve_device(device)
     logger.info("loading {} into llama.cpp{}", gguf, " (all layers on the GPU)" if torch_device.type == "cuda" else "")
     model = LlamaCppModel(gguf, gpu_layers=-1 if torch_device.type == "cuda" else 0)
-    tokenizer = gguf_tokenizer(gguf)
+    tokenizer = gguf_tokenizer(gguf, source if registered is not None else None)
     chosen_format = prompt_format or (
         registered.metadata.prompt_format if registered else guess_prompt_format(tokenizer)
     )
@@ -313,11 +313,15 @@ def find_gguf(source: Path | str, registered: RegistryVersion | None = None) -> 
     )
 
 
-def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside the file when there is one (a registry version's), else the one in it."""
+def gguf_tokenizer(gguf: Path, version: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the registry ``version`` folder the GGUF is served for, or beside the file, when
+    there is one; else the one in the file. Reading it from the GGUF converts its vocabulary in Python, 4.5 s
+    for the default model's on a 2-core machine, against 0.2 s from the saved one (the default's registry
+    version saved it when it was converted from that GGUF)."""
     try:
-        if (gguf.parent / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(gguf.parent)
+        for folder in (version, gguf.parent):
+            if folder is not None and (folder / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(folder)
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as error:
         raise FailedPrecondition(f"could not read a tokenizer for {gguf}: {type(error).__name__}: {error}") from None
