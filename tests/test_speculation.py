@@ -26,12 +26,15 @@ from services.generation.engine.scheduler import (
     SchedulerConfig,
 )
 from services.generation.engine.speculation import (
+    COST_MIN_STEPS,
     FIRST_DRAFT,
     MISSES_BEFORE_PAUSE,
     PAUSE_TOKENS,
     DraftState,
     PromptLookup,
+    StepCost,
     sample_drafted,
+    worth_drafting,
 )
 from services.generation.loading import make_runner, start_engine
 
@@ -62,6 +65,47 @@ def test_a_row_drafts_longer_after_success_and_pauses_after_misses():
     assert state.propose(paused_at + 1, max_draft=8, room=10) == ()
     assert state.propose(paused_at + PAUSE_TOKENS, max_draft=8, room=10) != ()
     assert (state.drafted, state.accepted) == (4 + 8 + 3 * MISSES_BEFORE_PAUSE, 6)
+
+
+def test_the_step_cost_is_fitted_from_timed_steps_and_says_what_one_more_position_adds():
+    cost = StepCost()
+    for _ in range(COST_MIN_STEPS):
+        cost.observe(1, 0.0128)  # one position only: nothing tells the fixed part from the per-position one
+    assert cost.line() is None and cost.position_share(1) == 0.0  # unknown: every guess is worth scoring
+    rng = random.Random(0)
+    for _ in range(200):  # llama.cpp on the 2-core test machine: 6.2 ms a step and 6.6 ms a position
+        positions = rng.choice([1, 2, 3, 5, 9])
+        cost.observe(positions, 0.0062 + 0.0066 * positions + rng.uniform(-5e-4, 5e-4))
+    fixed, per_position = cost.line()
+    assert fixed == pytest.approx(0.0062, abs=5e-4) and per_position == pytest.approx(0.0066, abs=2e-4)
+    assert cost.position_share(1) == pytest.approx(0.0066 / 0.0128, abs=0.03)
+    assert cost.position_share(16) > 0.9  # many rows: a guess must be nearly sure to be worth its position
+
+
+def test_a_draft_is_as_long_as_its_guesses_are_likely_enough_to_stand():
+    assert worth_drafting(0.65, 0.9, share=0.0) >= 8  # costs unknown, or free: draft all the row may
+    assert worth_drafting(0.65, 0.9, share=0.15) == 14  # the transformers runner: guesses are nearly free
+    assert worth_drafting(0.65, 0.9, share=0.5) == 3  # llama.cpp here: 0.65, 0.585, 0.527 stand above half
+    assert worth_drafting(0.45, 0.99, share=0.5) == 0  # a first guess that stands less than half the time
+    assert worth_drafting(0.6, 0.5, share=0.5) == 1
+
+
+def test_a_row_whose_guesses_rarely_stand_stops_drafting_and_resumes_when_they_do():
+    state = DraftState(PromptLookup([1, 2, 3, 1, 2]))
+    for step in range(8):  # first guesses refused, two drafts in three: below the half a position costs
+        state.record(drafted=2, accepted=2 if step % 3 == 0 else 0, output_length=step, max_draft=8)
+        state.misses = 0  # (the pause after misses is its own rule, tested above)
+    assert state.acceptance[0] < 0.5
+    assert state.propose(8, max_draft=8, room=10, share=0.5) == ()
+    assert state.shadow == 3  # what it would have guessed, checked against the token it gets
+    assert state.propose(8, max_draft=8, room=10, share=0.1) == (3,)  # where positions are cheap, it drafts
+    for _ in range(12):  # its unscored guesses stand
+        state.propose(8, max_draft=8, room=10, share=0.5)
+        state.check_shadow(3)
+    assert state.acceptance[0] > 0.5
+    assert state.propose(8, max_draft=8, room=10, share=0.5) == (3,)
+    state.check_shadow(99)  # a drafting row has no unscored guess to check
+    assert state.acceptance[0] > 0.5
 
 
 def test_the_scheduler_plans_drafted_rows_and_takes_back_what_was_refused():
@@ -186,6 +230,7 @@ def test_greedy_output_is_the_same_with_speculation_on_and_off(loaded, together)
     assert sum(f.accepted_draft_tokens for _, f in drafted) == kept
     assert sum(f.drafted_tokens for _, f in drafted) == scored
     assert all(f.drafted_tokens == 0 for _, f in plain)
+    assert on.scheduler.step_cost.line() is not None  # the engine timed its drafted and plain decode steps
 
 
 def test_greedy_output_is_the_same_with_prefix_cache_hits(loaded):

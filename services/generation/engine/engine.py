@@ -138,6 +138,7 @@ class ContinuousBatchingEngine:
                     self._wakeup.wait()
                 if self._stopping and not self.scheduler.has_work:
                     return
+                started = time.perf_counter()
                 output = self.scheduler.schedule()
                 self.metrics.queue_size.set(len(self.scheduler.waiting))
                 self._publish_prefix_stats()
@@ -148,6 +149,8 @@ class ContinuousBatchingEngine:
             except Exception as error:
                 if not self._recover(error):
                     return
+            else:
+                self._observe_cost(output.model, time.perf_counter() - started)
             self.metrics.active_sequences.set(len(self.scheduler.running))
 
     @torch.inference_mode()
@@ -177,6 +180,13 @@ class ContinuousBatchingEngine:
             if not request.status.finished or id(request) in finished:
                 added = request.output_ids[start:]
                 self._stream(request, added, chosen_logprobs[: len(added)], id(request) in finished)
+
+    def _observe_cost(self, step: ModelStep, seconds: float) -> None:
+        """A whole decode step's time (scheduling, the forward, sampling, streaming) against the positions it
+        scored, for the scheduler's draft lengths; steps that prefill or store prefixes cost more than their
+        positions and are left out."""
+        if step.decode and step.prefill is None and not step.cache_ops:
+            self.scheduler.step_cost.observe(sum(1 + len(row.draft) for row in step.decode), seconds)
 
     def _publish_prefix_stats(self) -> None:
         index, metrics, old = self.scheduler.prefix, self.metrics, self._published

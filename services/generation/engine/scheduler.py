@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from services.common.errors import ResourceExhausted
 from services.generation.engine.prefix_cache import CacheOp, PrefixIndex, Reuse
 from services.generation.engine.request import Request, RequestStatus
-from services.generation.engine.speculation import DraftState, PromptLookup
+from services.generation.engine.speculation import DraftState, PromptLookup, StepCost
 
 DEAD_ROW_TOKEN = 0  # what a finished row still in the cache is fed; its logits are never read
 # a request waits a step for another's prefill of the prompt prefix they share when that saves at least this many
@@ -141,6 +141,7 @@ class ContinuousBatchScheduler:
             capacity = min(capacity, max_prefix_tokens)
         self.prefix = PrefixIndex(capacity, max_prefix_nodes)
         self._steps = 0
+        self.step_cost = StepCost()  # what a scored position costs: the engine times its decode steps into it
         self._dead_row_steps = 0  # row-steps spent on finished rows still in the cache
         self._kept: dict[int, int] = {}  # id(request) -> how many of its KV tokens the prefix cache holds
 
@@ -219,7 +220,8 @@ class ContinuousBatchScheduler:
                 self.batch = [self.batch[row] for row in live]
         config = self.config
         speculate = config.speculative_tokens > 0 and len(self.batch) <= config.speculative_max_batch
-        decode = tuple(self._decode_row(r, stopped(r), speculate) for r in self.batch)
+        share = self.step_cost.position_share(len(live)) if speculate else 0.0
+        decode = tuple(self._decode_row(r, stopped(r), speculate, share) for r in self.batch)
         model = ModelStep(self._steps, keep, decode, prefill, cache_ops=cache_ops)
         group = self.prefilling.requests if self.prefilling else []
         # logits come back for every decoding row's 1 + len(draft) positions, then for the group's rows when its
@@ -241,16 +243,19 @@ class ContinuousBatchScheduler:
             [drafts[i] for i in sampled],
         )
 
-    def _decode_row(self, request: Request, stopped: bool, speculate: bool) -> DecodeRow:
+    def _decode_row(self, request: Request, stopped: bool, speculate: bool, share: float) -> DecodeRow:
         """A row's part of the step: a finished row is fed filler; a live one its last token, after the draft
-        positions it was refused last step leave its KV, and a draft when it has one worth scoring."""
+        positions it was refused last step leave its KV, and a draft when it has one worth scoring (``share``:
+        ``StepCost.position_share`` of this step)."""
         if stopped:
             return DecodeRow(DEAD_ROW_TOKEN)
         state = request.speculation
         if state is None:
             return DecodeRow(request.output_ids[-1])
         room = request.config.max_new_tokens - len(request.output_ids) - 1  # tokens it may add after this one
-        draft = state.propose(len(request.output_ids), self.config.speculative_tokens, room) if speculate else ()
+        draft = ()
+        if speculate:
+            draft = state.propose(len(request.output_ids), self.config.speculative_tokens, room, share)
         state.pending = draft
         rejected, state.rejected = state.rejected, 0
         return DecodeRow(request.output_ids[-1], draft, rejected)
@@ -271,6 +276,8 @@ class ContinuousBatchScheduler:
             state = request.speculation
             if state is not None:
                 appended = len(request.output_ids) - before
+                if appended:
+                    state.check_shadow(request.output_ids[before])
                 state.lookup.extend(request.output_ids[before:])
                 # fed: the row's token and its draft; kept in the KV: the token and the drafts now in the output
                 state.rejected = len(state.pending) + 1 - appended

@@ -17,10 +17,23 @@ near-tie may still flip).
 Each row decides for itself how far to guess (``DraftState``): longer after full acceptance, shorter after a
 miss, and not at all for a while when its drafts keep failing. The scheduler drafts only while the batch is small
 enough that verification costs less than it saves (``SpeculationConfig.max_batch``).
+
+What a guessed position costs is measured, not assumed (``StepCost``): the engine times its decode steps and
+fits seconds = fixed + per_position x positions. The transformers runner on a CPU pays mostly the fixed part (one
+pass of Python and weight reads whatever the positions), so long drafts pay; llama.cpp on a 2-core AVX2 machine
+with the default Q4_1 GGUF pays about half a step for every extra position (12.8 ms for one position, 21.5 for
+two, 43.6 for five, 118 for seventeen), so there a guess pays only when it is likely to stand. A draft's j-th
+token is worth scoring when the row's chance of keeping it, acceptance^j, exceeds the share of a step's time
+that one more position adds (``StepCost.position_share``); a row drafts at most that many tokens, and none at all
+below the first. Acceptance is measured in two parts, because copies come in runs: the chance that a draft's first
+token stands, and the chance that a token after a kept one does (higher: a copied phrase goes on). A row that is
+not drafting still checks its lookup's guess against the token it then gets, so its first-token acceptance stays
+measured and drafting resumes when guesses start to stand.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +51,73 @@ MAX_PAUSE_TOKENS = 256
 # `serve`'s defaults (--speculative-tokens, --speculative-max-batch); `make bench`'s grounded rows measure them
 SPECULATIVE_TOKENS = 8
 SPECULATIVE_MAX_BATCH = 4
+# StepCost: the weight a step's timing keeps after each later one (an average over about the last 200 steps),
+# and the timed steps, with two different position counts among them, before the fit is used
+COST_DECAY = 0.995
+COST_MIN_STEPS = 16
+# DraftState's acceptance, (kept, tried) priors: a draft's first token 1 of 2 (0.5), a token after a kept one 3 of
+# 4 (0.75); and the weight a guess keeps after each later one (about the last 30 guesses count)
+FIRST_PRIOR = (1.0, 2.0)
+NEXT_PRIOR = (3.0, 4.0)
+ACCEPTANCE_DECAY = 0.97
+
+
+class StepCost:
+    """A decode step's time as a line in the positions it scores, fitted by decayed least squares over the
+    engine's own steps (prefill steps are not observed: they cost what their chunk costs)."""
+
+    def __init__(self) -> None:
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+        self._steps = 0
+        self._positions: set[int] = set()
+
+    def observe(self, positions: int, seconds: float) -> None:
+        d = COST_DECAY
+        self._n = self._n * d + 1
+        self._x = self._x * d + positions
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + positions * positions
+        self._xy = self._xy * d + positions * seconds
+        self._steps += 1
+        if len(self._positions) < 2:
+            self._positions.add(positions)
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per position), or None until enough different steps were timed."""
+        if self._steps < COST_MIN_STEPS or len(self._positions) < 2:
+            return None
+        spread = self._n * self._xx - self._x * self._x
+        if spread <= 1e-9 * max(1.0, self._n * self._xx):
+            return None
+        slope = (self._n * self._xy - self._x * self._y) / spread
+        fixed = (self._y - slope * self._x) / self._n
+        return max(fixed, 0.0), max(slope, 0.0)
+
+    def position_share(self, rows: int) -> float:
+        """The share of a step's time that one more scored position adds, for a step of ``rows`` rows (each one
+        position): the chance a guessed token must have of standing to be worth scoring. 0 (every guess is
+        worth it) until the fit exists."""
+        line = self.line()
+        if line is None:
+            return 0.0
+        fixed, per_position = line
+        step = fixed + per_position * max(rows, 1)
+        return min(1.0, per_position * max(rows, 1) / step) if step > 0 else 0.0
+
+
+def worth_drafting(first: float, following: float, share: float) -> int:
+    """The longest draft whose every token is worth scoring: the largest j with first x following^(j-1) > share,
+    the chance that the j-th guess stands (``first``: the first guess's; ``following``: a guess's after a kept
+    one), against the share of a step's time it adds."""
+    if share <= 0.0:
+        return 1 << 30
+    if first <= share:
+        return 0
+    if following >= 1.0:
+        return 1 << 30
+    if following <= 0.0:
+        return 1
+    return 1 + max(0, math.ceil(math.log(share / first) / math.log(following)) - 1)
 
 
 @dataclass(frozen=True)
@@ -98,13 +178,36 @@ class DraftState:
     accepted: int = 0
     pending: tuple[int, ...] = field(default=())  # the draft fed this step
     rejected: int = 0  # positions of the last draft the sampler turned down: they leave the KV next step
+    # decayed (kept, tried) counts of drafts' first tokens, and of the tokens after a kept one whose fate was
+    # seen (a draft stops at its first miss)
+    first: tuple[float, float] = FIRST_PRIOR
+    following: tuple[float, float] = NEXT_PRIOR
+    shadow: int | None = None  # the guess a row not drafting this step would have made, checked against its token
 
-    def propose(self, output_length: int, max_draft: int, room: int) -> tuple[int, ...]:
+    @property
+    def acceptance(self) -> tuple[float, float]:
+        """The chances that a draft's first token stands, and that a token after a kept one does."""
+        return self.first[0] / self.first[1], self.following[0] / self.following[1]
+
+    def propose(self, output_length: int, max_draft: int, room: int, share: float = 0.0) -> tuple[int, ...]:
         """This step's draft: at most ``max_draft`` and ``room`` (the tokens the row may still add after the one
-        it is fed) tokens; none while the row pauses."""
+        it is fed) tokens, and no more than are worth scoring at ``share`` (``StepCost.position_share``); none
+        while the row pauses."""
+        self.shadow = None
         if output_length < self.resume_at:
             return ()
-        return self.lookup.propose(min(self.length, max_draft, room))
+        worth = worth_drafting(*self.acceptance, share)
+        if worth == 0:
+            guess = self.lookup.propose(1) if room > 0 else ()
+            self.shadow = guess[0] if guess else None
+            return ()
+        return self.lookup.propose(min(self.length, max_draft, room, worth))
+
+    def check_shadow(self, token: int) -> None:
+        """A row that did not draft learns whether its guess would have stood."""
+        if self.shadow is not None:
+            self.first = _learned(self.first, int(self.shadow == token), 1)
+            self.shadow = None
 
     def record(self, drafted: int, accepted: int, output_length: int, max_draft: int) -> None:
         """Adapts the next draft's length to this one's fate: double it after full acceptance, the accepted
@@ -113,6 +216,9 @@ class DraftState:
             return
         self.drafted += drafted
         self.accepted += accepted
+        self.first = _learned(self.first, int(accepted > 0), 1)
+        if accepted:  # the tokens after the first: those kept, and the one refused, if one was
+            self.following = _learned(self.following, accepted - 1, accepted - 1 + (accepted < drafted))
         if accepted == drafted:
             self.length = min(max_draft, self.length * 2)
         else:
@@ -123,6 +229,12 @@ class DraftState:
             self.pauses += 1
             self.misses = 0
             self.length = FIRST_DRAFT
+
+
+def _learned(counts: tuple[float, float], kept: int, tried: int) -> tuple[float, float]:
+    """(kept, tried) after ``tried`` more guesses, ``kept`` of them standing; older ones weigh less."""
+    fade = ACCEPTANCE_DECAY**tried
+    return counts[0] * fade + kept, counts[1] * fade + tried
 
 
 def accept(draft: Sequence[int], sampled: Sequence[int]) -> int:
