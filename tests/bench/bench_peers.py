@@ -137,13 +137,13 @@ class ServerProcess:
 
     name = ""
 
-    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.log_path = log_path
         self.log = log_path.open("w")
-        self.log.write("$ " + shlex.join(command) + "\n")
+        self.log.write(f"$ (in {cwd}) " + shlex.join(command) + "\n")
         self.log.flush()
         self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env
+            command, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True, env=env
         )
 
     def wait_ready(self, ready: Callable[[], bool], what: str) -> None:
@@ -261,14 +261,17 @@ class LlamaServer(ServerProcess):
 class NightcapServer(ServerProcess):
     name = NIGHTCAP
 
-    def __init__(self, gguf: Path, var_dir: Path, max_batch: int, threads: int, extra: list[str], log: Path) -> None:
+    def __init__(
+        self, gguf: Path, var_dir: Path, max_batch: int, threads: int, extra: list[str], log: Path, cwd: Path = ROOT
+    ) -> None:
+        """``cwd``: the nightcap checkout whose `serve` runs (another revision's, to measure against it)."""
         self.address = f"127.0.0.1:{free_port()}"
         command = [
             sys.executable, "-m", "services.generation", "serve", "--model", str(gguf), "--address", self.address,
             "--var-dir", str(var_dir), "--metrics-address", "", "--max-batch-size", str(max_batch),
             "--threads", str(threads), "--log-level", "WARNING", *extra,
         ]  # fmt: skip
-        super().__init__(command, log)
+        super().__init__(command, log, cwd=cwd)
         self.channel = grpc.insecure_channel(self.address)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.wait_ready(lambda: check_health(self.address) == "SERVING", "the nightcap generation service")

@@ -12,7 +12,8 @@ Servers, each its own process on the same GGUF (the default model's Q4_1): night
 with its speculation defaults ("spec") and with --speculative-tokens 0 ("off"); for the llama.cpp runner, when
 llama-server is built (tests/bench/peers_build.py, var/peers), llama-server with its defaults for this CPU
 (weight repacking on; --llama-args to change) and the same with --spec-type ngram-simple ("llama-server-ngram",
-when the vendored build knows the flag). All get --threads.
+when the vendored build knows the flag); with --baseline PATH, also the `serve` of another nightcap checkout
+(a previous revision) with its speculation defaults ("baseline"). All get --threads.
 
 Checked: every stream's streamed tokens equal what its server reported; spec and off give the same greedy
 tokens, and where they do not (scoring k+1 positions in one forward may round differently), the differing
@@ -23,7 +24,8 @@ paired ratios, nightcap-spec over the other (above 1: spec faster).
     python tests/bench/bench_speculation.py [--runners llamacpp transformers] [--rounds 3] [--concurrency 1 16]
 
 Writes var/bench/speculation.json with ratios <runner>/grounded_n1_spec_vs_off, <runner>/grounded_n16_spec_vs_off,
-llamacpp/grounded_n1_vs_llama_server and llamacpp/grounded_n1_vs_llama_server_ngram, and prints the table.
+(with --baseline) <runner>/grounded_nN_spec_vs_baseline, llamacpp/grounded_n1_vs_llama_server and
+llamacpp/grounded_n1_vs_llama_server_ngram, and prints the table.
 """
 
 from __future__ import annotations
@@ -144,11 +146,20 @@ def main() -> None:
     for runner in args.runners:
         servers: dict[str, Nightcap | Llama] = {}
         try:
-            for name, extra in (("spec", []), ("off", ["--speculative-tokens", "0"])):
+            contenders = [("spec", [], ROOT), ("off", ["--speculative-tokens", "0"], ROOT)]
+            if args.baseline is not None:
+                contenders.append(("baseline", [], args.baseline))
+            for name, extra, checkout in contenders:
                 flags = ["--runner", runner, *shlex.split(args.nightcap_args), *extra]
-                print(f"== starting nightcap {name}: {shlex.join(flags)}", flush=True)
+                print(f"== starting nightcap {name} (in {checkout}): {shlex.join(flags)}", flush=True)
                 server = Nightcap(
-                    gguf, layout.root, 16, args.threads, flags, layout.bench / f"spec-{runner}-{name}.log"
+                    gguf.resolve(),
+                    layout.root.resolve(),
+                    16,
+                    args.threads,
+                    flags,
+                    layout.bench / f"spec-{runner}-{name}.log",
+                    cwd=checkout,
                 )
                 server.name = f"nightcap-{name}"
                 servers[name] = server
@@ -199,15 +210,21 @@ def measure(report: BenchReport, runner: str, servers: dict, prompts: list[list[
             differ += sum(a != b for a, b in zip(answers["spec"], answers["off"], strict=True))
             shown = ", ".join(f"{n} {rounds[n][-1][_key(concurrency)]:.1f}" for n in names)
             print(f"   {runner} N={concurrency} round {number + 1}: {shown}", flush=True)
-        spec = servers["spec"]
         for name in names:
             values = {k: statistics.mean(r[k] for r in rounds[name]) for k in rounds[name][0]}
+            if isinstance(servers[name], Nightcap) and name != "off":
+                drafted, accepted = servers[name].drafted, servers[name].accepted
+                values |= {"acceptance": accepted / max(1, drafted), "drafted": drafted, "accepted": accepted}
             if name == "spec":
-                values |= {"answers_differ": differ, "acceptance": spec.accepted / max(1, spec.drafted)}
+                values |= {"answers_differ": differ}
             report.add(f"grounded_n{concurrency}", name, f"{runner}:{default_gguf_path().name}", {}, values)
         key = _key(concurrency)
-        for other, label in (("off", "spec_vs_off"), ("llama-server", "vs_llama_server")):
-            if other in rounds and (label == "spec_vs_off" or concurrency == 1):
+        for other, label in (
+            ("off", "spec_vs_off"),
+            ("baseline", "spec_vs_baseline"),
+            ("llama-server", "vs_llama_server"),
+        ):
+            if other in rounds and (label != "vs_llama_server" or concurrency == 1):
                 paired = [s[key] / o[key] for s, o in zip(rounds["spec"], rounds[other], strict=True)]
                 report.ratio(f"{runner}/grounded_n{concurrency}_{label}", statistics.median(paired))
         if "llama-server-ngram" in rounds and concurrency == 1:
@@ -235,6 +252,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nightcap-args", default="", help="extra flags for nightcap's serve, one quoted string")
     parser.add_argument("--llama-args", default="", help="extra llama-server flags, one quoted string")
     parser.add_argument("--no-peer", action="store_true", help="do not start llama-server (nightcap against itself)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another nightcap checkout (e.g. `git worktree add /tmp/before HEAD~1`, then `make protos` there) served"
+        " beside this one with speculation on, taking turns with it: the ratio <runner>/grounded_nN_spec_vs_baseline",
+    )
     parser.add_argument("--area", default="speculation", help="writes var/bench/<area>.json")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
