@@ -29,7 +29,7 @@ streamed and its final tokens_predicted; nightcap: tokens streamed and Finish.ge
 did not is an error. Each prompt carries a serial number, so no prompt repeats and a prefix cache helps only
 with what is shared.
 
-  n1        one stream: decode tokens/s after the first token (and its TTFT)
+  n1        one stream at a time (--n1-streams a round, 4): decode tokens/s after the first token (and its TTFT)
   nN        N concurrent streams (threads): generated tokens / wall time
   turn10    a 10-turn conversation (--turns), each user message 3 passages of ~100 tokens
             (--turn-passage-tokens); every earlier answer is the same fixed text on both sides (each
@@ -488,10 +488,14 @@ def measure_set(
         for number in range(args.rounds):
             order = [LLAMA, NIGHTCAP] if number % 2 == 0 else [NIGHTCAP, LLAMA]
             for n in concurrency:
-                batch = workloads.prompts(n)
+                batch = workloads.prompts(n if n > 1 else args.n1_streams)
                 for system in order:
-                    streams = servers[system].run(batch, args.max_tokens)
-                    runs.setdefault(f"n{n}", {}).setdefault(system, []).append(stream_metrics(streams))
+                    if n == 1:  # one stream at a time, each its own prompt: the mean of their rates
+                        alone = [stream_metrics(servers[system].run([prompt], args.max_tokens)) for prompt in batch]
+                        metrics = mean(alone)
+                    else:
+                        metrics = stream_metrics(servers[system].run(batch, args.max_tokens))
+                    runs.setdefault(f"n{n}", {}).setdefault(system, []).append(metrics)
                 print_round(prefix, number, f"n{n}", runs[f"n{n}"], "decode_tokens_per_s" if n == 1 else "tokens_per_s")
             if turns:
                 conversation = workloads.conversation()
@@ -519,6 +523,8 @@ def measure_set(
             params.update(turns=args.turns, passage_tokens=args.turn_passage_tokens, max_tokens=args.turn_max_tokens)
         else:
             params.update(concurrency=int(workload[1:]), prompt_tokens=args.prompt_tokens)
+            if workload == "n1":
+                params.update(streams_per_round=args.n1_streams)
         for system, rounds in systems.items():
             if system == NIGHTCAP:
                 who, served = f"{system} ({runner})", nightcap_model
@@ -574,6 +580,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 16, 64],
         help="N concurrent streams per run (1: the n1 decode-rate workload; N>1: nN tokens/s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n1-streams", type=int, default=4,
+        help="streams per round of the n1 workload, one after another (a round's rate: their mean)",
     )  # fmt: skip
     parser.add_argument(
         "--max-tokens", type=int, default=96, help="new tokens per stream of the nN workloads (ignore_eos: exactly)"
