@@ -211,18 +211,23 @@ def test_turn_10_of_a_conversation_past_4096_tokens_reuses_every_earlier_turn(gg
     warm, cold = engine_for(gguf_loaded, prefix_cache_bytes=64 << 20), engine_for(gguf_loaded, prefix_cache_bytes=0)
     rng = random.Random(23)
     conversation: list[int] = []
+    buffers: list = []  # the arrays restores were joined in (held here, so no two share an id)
     try:
         for _ in range(10):
             conversation += [rng.randrange(1, 400) for _ in range(460)]
             request = warm.submit(Request(list(conversation), SamplingConfig(max_new_tokens=4, ignore_eos=True)))
             answer = tokens_of(request)
             conversation += answer
+            if not any(b is warm.runner._joined for b in buffers):
+                buffers.append(warm.runner._joined)
         expected = run(cold, conversation[: -len(answer)], max_new_tokens=4, ignore_eos=True)[0]
     finally:
         warm.shutdown(grace=1)
         cold.shutdown(grace=1)
     assert len(conversation) > 4096 and answer == expected
     assert request.cached_tokens == len(conversation) - 460 - 4 - 1  # every earlier turn, less the last token sampled
+    # one join buffer, doubled as the conversation grew (the empty one and five sizes), not one per turn
+    assert len(buffers) <= 6
 
 
 def test_a_prefix_that_ends_inside_a_cached_node_is_reused_in_part(gguf_loaded):

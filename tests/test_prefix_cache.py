@@ -290,7 +290,7 @@ def saved_sequence(positions: list[int], transposed: bool, layers: int = 2, row:
 def test_a_saved_llama_cpp_sequence_is_cut_and_joined_back_byte_for_byte(transposed):
     import numpy as np
 
-    from services.generation.engine.runners.llamacpp_state import join_state, parse_state
+    from services.generation.engine.runners.llamacpp_state import join_state, parse_state, state_size
 
     original = saved_sequence(list(range(10)), transposed)
     layout, saved = parse_state(np.frombuffer(original, np.uint8).copy())
@@ -304,3 +304,10 @@ def test_a_saved_llama_cpp_sequence_is_cut_and_joined_back_byte_for_byte(transpo
     # cells saved out of position order (a row's token in a hole of the pool) come back in order
     _, shuffled = parse_state(np.frombuffer(saved_sequence([0, 1, 5, 2, 3, 4], transposed), np.uint8).copy())
     assert join_state(layout, [shuffled]).tobytes() == saved_sequence(list(range(6)), transposed)
+    # joined into a reused buffer (the runner's, so a restore touches no fresh memory): the same bytes, in it
+    buffer = np.full(len(original) + 100, 255, np.uint8)
+    joined = join_state(layout, [first, rest], into=buffer)
+    assert joined.tobytes() == original and np.shares_memory(joined, buffer)
+    assert state_size(layout, 10) == len(original)
+    small = np.zeros(len(original) - 1, np.uint8)  # too small: a new array, the buffer untouched
+    assert join_state(layout, [first, rest], into=small).tobytes() == original and not small.any()

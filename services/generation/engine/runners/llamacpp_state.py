@@ -129,17 +129,22 @@ def parse_state(data: np.ndarray) -> tuple[StateLayout, SavedKV]:
     return layout, SavedKV(start, tuple(blocks))
 
 
-def join_state(layout: StateLayout, parts: Sequence[SavedKV]) -> np.ndarray:
+def state_size(layout: StateLayout, cells: int) -> int:
+    """The bytes of one saved sequence of ``cells`` cells."""
+    return _PREAMBLE + 8 + cells * (_CELL.itemsize + layout.bytes_per_cell) + 8 + len(layout.headers) * _BLOCK_HEADER
+
+
+def join_state(layout: StateLayout, parts: Sequence[SavedKV], into: np.ndarray | None = None) -> np.ndarray:
     """One saved sequence (uint8 array, for ``llama_state_seq_set_data``) holding ``parts`` back to back; each
-    part must start where the one before it ends."""
+    part must start where the one before it ends. Written into the start of ``into`` when it is large enough
+    (the returned array is then a view of it), else into a new array."""
     cells = sum(part.cells for part in parts)
     start = parts[0].start
     for before, after in pairwise(parts):
         if after.start != before.end:
             raise ValueError(f"parts {before.start}:{before.end} and {after.start}:{after.end} leave a gap")
-    size = _PREAMBLE + 8 + cells * _CELL.itemsize + 8 + len(layout.headers) * _BLOCK_HEADER
-    size += cells * layout.bytes_per_cell
-    out = np.empty(size, np.uint8)
+    size = state_size(layout, cells)
+    out = into[:size] if into is not None and into.size >= size else np.empty(size, np.uint8)
     out[:_PREAMBLE] = np.frombuffer(layout.preamble, np.uint8)
     out[_PREAMBLE : _PREAMBLE + 8] = np.frombuffer(struct.pack("<II", 1, cells), np.uint8)
     offset = _PREAMBLE + 8
