@@ -39,9 +39,10 @@ with what is shared.
             of a cached ~3,500-token prefix
 
 Fairness: one throwaway request warms each server; each round runs every workload on both sides back to back,
-llama.cpp first in even rounds and nightcap first in odd ones; each ratio is the median of the rounds' paired
-ratios, nightcap over llama.cpp (above 1: nightcap faster, except turn10_ttft where below 1 is better), each
-raw metric the rounds' mean. Nothing else should run on the machine meanwhile.
+each round starting with the next side (llama.cpp, nightcap, and with --baseline PATH a third: the `serve` of
+another nightcap checkout, e.g. the commit before, with the same --nightcap-args); each ratio is the median of
+the rounds' paired ratios, nightcap over llama.cpp (above 1: nightcap faster, except turn10_ttft where below 1
+is better), each raw metric the rounds' mean. Nothing else should run on the machine meanwhile.
 
     python tests/bench/bench_peers.py [--rounds 3] [--concurrency 1 16 64] [--max-tokens 96]
         [--nightcap-args "--quantize int8" --runner-label transformers --llama-args "" --skip] [--skip f16 turn10]
@@ -49,7 +50,8 @@ raw metric the rounds' mean. Nothing else should run on the machine meanwhile.
 Writes var/bench/peers.json (tests/bench/report.py) with ratios <runner>/n1_decode_tokens_per_s,
 <runner>/n16_tokens_per_s, <runner>/n64_tokens_per_s, <runner>/turn10_ttft and, unless skipped (skipped by
 default: the float16 set means something only for the transformers runner), the same under <runner>/f16/, and
-prints the table. Server logs: var/bench/peers-*.log.
+prints the table; with --baseline, also <runner>/<key>_vs_baseline (this checkout over the other). Server logs:
+var/bench/peers-*.log.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ from services.generation.loading import default_gguf_path
 from services.retrieval.corpus import read_wikipedia_summaries
 
 ROOT = Path(__file__).resolve().parents[2]
-LLAMA, NIGHTCAP = "llama.cpp", "nightcap"
+LLAMA, NIGHTCAP, BASELINE = "llama.cpp", "nightcap", "baseline"
 WORKLOADS = ("streams", "turn10", "q4_1", "f16")
 STREAM_INSTRUCTION = "Summarise this in one sentence:"
 TURN_QUESTION = "What do these three passages have in common, and how do they differ?"
@@ -421,18 +423,25 @@ def main() -> None:
         if f16 is not None:
             sets.append((f"f16/{sampled}", f16))
     report = BenchReport(args.area)
-    nightcap = None
+    nightcap = baseline = None
     try:
         nightcap_args = shlex.split(args.nightcap_args)
         print(f"== starting nightcap on {q4_1.name} {shlex.join(nightcap_args)}", flush=True)
         nightcap = NightcapServer(
             q4_1, layout.root, max(args.concurrency), args.threads, nightcap_args, layout.bench / "peers-nightcap.log"
         )
+        if args.baseline is not None:
+            print(f"== starting the baseline nightcap from {args.baseline}", flush=True)
+            baseline = NightcapServer(
+                q4_1, layout.root / "peers-baseline", max(args.concurrency), args.threads, nightcap_args,
+                layout.bench / "peers-baseline.log", cwd=args.baseline,
+            )  # fmt: skip
         for prefix, gguf in sets:
-            measure_set(report, args, binaries, workloads, nightcap, prefix, gguf, layout.bench)
+            measure_set(report, args, binaries, workloads, nightcap, prefix, gguf, layout.bench, baseline)
     finally:
-        if nightcap is not None:
-            nightcap.stop()
+        for server in (nightcap, baseline):
+            if server is not None:
+                server.stop()
     report.write(layout.root)
 
 
@@ -463,8 +472,10 @@ def measure_set(
     prefix: str,
     gguf: Path,
     bench_dir: Path,
+    baseline: NightcapServer | None = None,
 ) -> None:
-    """Every workload against one llama-server (one GGUF), in interleaved rounds."""
+    """Every workload against one llama-server (one GGUF), in interleaved rounds; with ``baseline`` (another
+    checkout's nightcap), that one takes its turn too."""
     runner = args.runner_label
     concurrency = args.concurrency if "streams" not in args.skip else []
     turns = "turn10" not in args.skip
@@ -480,13 +491,16 @@ def measure_set(
         bench_dir / f"peers-llama-server-{label}.log",
     )  # fmt: skip
     servers: dict[str, LlamaServer | NightcapServer] = {LLAMA: llama, NIGHTCAP: nightcap}
+    if baseline is not None:
+        servers[BASELINE] = baseline
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}  # workload -> system -> one metrics dict per round
     try:
         warm = workloads.prompts(1)
         for server in servers.values():
             server.run(warm, args.max_tokens)
         for number in range(args.rounds):
-            order = [LLAMA, NIGHTCAP] if number % 2 == 0 else [NIGHTCAP, LLAMA]
+            names = list(servers)  # each round starts with the next one: no side always goes first
+            order = names[number % len(names) :] + names[: number % len(names)]
             for n in concurrency:
                 batch = workloads.prompts(n if n > 1 else args.n1_streams)
                 for system in order:
@@ -528,6 +542,8 @@ def measure_set(
         for system, rounds in systems.items():
             if system == NIGHTCAP:
                 who, served = f"{system} ({runner})", nightcap_model
+            elif system == BASELINE:
+                who, served = f"{system} ({runner}, {args.baseline})", nightcap_model
             else:
                 who, served = f"{system} (--parallel {parallel})", model
             report.add(f"{prefix}{workload}", who, served, params, mean(rounds))
@@ -539,6 +555,9 @@ def measure_set(
             key, metric = f"{workload}_tokens_per_s", "tokens_per_s"
         ratios = [a[metric] / b[metric] for a, b in zip(systems[NIGHTCAP], systems[LLAMA], strict=True)]
         report.ratio(f"{runner}/{prefix}{key}", statistics.median(ratios))
+        if BASELINE in systems:  # above 1 this checkout is faster, except for ttft, where below 1 is
+            ratios = [a[metric] / b[metric] for a, b in zip(systems[NIGHTCAP], systems[BASELINE], strict=True)]
+            report.ratio(f"{runner}/{prefix}{key}_vs_baseline", statistics.median(ratios))
 
 
 def stream_metrics(streams: list[Stream]) -> dict[str, float]:
@@ -638,6 +657,14 @@ def parse_args() -> argparse.Namespace:
         help="sample at this temperature on both sides, a new seed per request (0: greedy); keys get a t<T>-k<K>/ part",
     )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=40, help="top-k of --temperature's sampling (0: off)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also serve another nightcap checkout (a previous revision, its generated stubs in place) with the"
+        " same --nightcap-args, taking turns with the other two: <runner>/<key>_vs_baseline, this checkout over it",
+    )
     parser.add_argument("--area", default="peers", help="writes var/bench/<area>.json")
     parser.add_argument("--var-dir", type=Path, default=None, help="runtime folder (default ./var)")
     args = parser.parse_args()
