@@ -1,4 +1,4 @@
-"""Hybrid search: a keyword index (SQLite FTS5, bm25) beside the vectors, committed with the passages, fused with
+"""Hybrid search: a keyword index (tantivy, bm25) beside the vectors, following the passages' commits, fused with
 the vector ranking; searches by mode; an optional cross-encoder that reorders the top and answers Rerank and
 /v1/rerank.
 
@@ -23,8 +23,8 @@ from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.chunker import Passage, passages_of
 from services.retrieval.corpus import Document
 from services.retrieval.embedder import Embedder
-from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, keywords, load_index
-from services.retrieval.index.keywords import match_expression
+from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, load_index, words
+from services.retrieval.index.words import query_terms, selecting_terms
 from services.retrieval.ingest import Ingestor
 from services.retrieval.reranker import Reranker
 from services.retrieval.retriever import HYBRID, VECTOR, Retriever
@@ -109,7 +109,7 @@ def test_every_mode_reports_each_passage_by_its_cosine_similarity(served) -> Non
             assert scores[passage_id] == pytest.approx(vector[passage_id], abs=1e-5)
 
 
-def test_user_text_never_reaches_fts5_as_syntax(served) -> None:
+def test_user_text_is_never_query_syntax(served) -> None:
     for query in [
         '"unbalanced',
         "NEAR(valve lines, 2) AND",
@@ -117,6 +117,8 @@ def test_user_text_never_reaches_fts5_as_syntax(served) -> None:
         "^zurich - ( )",
         "'; DROP TABLE",
         "?!",
+        "zurich AND NOT bern",
+        "text:zurich~2 +capital -city",
     ]:
         found = served.Search(retrieval_pb2.SearchRequest(query=query, k=3, mode=retrieval_pb2.SEARCH_MODE_KEYWORD))
         assert len(found.passages) <= 3  # answered, not INVALID_ARGUMENT or INTERNAL
@@ -133,20 +135,21 @@ def test_a_question_in_plain_words_matches_passages_holding_some_of_them(served)
 
 
 def test_a_word_many_passages_hold_ranks_the_passages_its_rare_words_select() -> None:
-    """bm25 pays per matching passage: an OR with "valve" in it matches the whole catalogue."""
-    held = {'"valve"': 5000, '"rated"': 3000, '"pressure"': 40, '"v"': 2500, '"2234"': 1}
-    counted = lambda phrase, at_most: min(held[phrase], at_most)  # noqa: E731
-    assert match_expression(PART_QUESTION, counted) == (
-        '("pressure" OR "2234") AND ("pressure" OR "v" OR "2234" OR "rated")'
-    )
-    assert match_expression("Which valve is rated?", counted) == '"valve" OR "rated"'  # none rare: all select
-    assert match_expression(PART_QUESTION) == '"pressure" OR "v" OR "2234" OR "rated"'
+    """A question's words as the index holds them (no stopwords, stemmed, split where the index splits); the
+    rare ones select, a word the whole catalogue holds only ranks."""
+    analyze = words.WordIndex().analyze
+    assert query_terms(PART_QUESTION, analyze) == ["pressur", "v", "2234", "rate"]
+    assert query_terms("Is the Zürich foo_bar located?", analyze) == ["zurich", "foo", "bar", "locat"]
+    assert query_terms("Who is it?", analyze) == ["who", "is", "it"]  # nothing but stopwords: searched with them
+    held = {"valve": 5000, "rate": 3000, "pressur": 40, "v": 2500, "2234": 1}
+    assert selecting_terms(["pressur", "v", "2234", "rate"], held.get) == ["pressur", "2234"]
+    assert selecting_terms(["valve", "rate"], held.get) == ["valve", "rate"]  # none rare: all select
 
 
 def test_a_keyword_search_finds_only_passages_holding_a_rare_word_when_common_ones_are_asked_too(
     index: PassageIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(keywords, "COMMON_PASSAGES", 3)  # every valve passage holds "brass" and "valve"
+    monkeypatch.setattr(words, "COMMON_PASSAGES", 3)  # every valve passage holds "brass" and "valve"
     assert [hit.passage.id for hit in index.keyword_search("Is the brass valve in Lima?", 10)] == ["Lima#0"]
     assert all(hit.passage.id.startswith("valve-") for hit in index.keyword_search("Which brass valve?", 3))
     found = [hit.passage.id for hit in index.keyword_search("Which valve is rated for 25 bar?", 10)]
@@ -203,9 +206,23 @@ def test_the_keyword_index_follows_adds_replacements_deletes_and_compaction(embe
         reopened.close()
 
 
+def test_removed_passages_leave_the_keyword_index_and_never_crowd_out_the_hits_asked_for(
+    embedder: Embedder, index: PassageIndex
+) -> None:
+    """A removed passage's words go with it: were they kept, the passages that matched best and are gone would
+    fill the k asked for and the one that remains would not be found."""
+    ingestor = Ingestor(embedder, index)
+    strong = [Document(f"berry-{i}", "Quokkaberry. Quokkaberry jam, quokkaberry pie.", "Berries") for i in range(5)]
+    ingestor.add([*strong, Document("island", "Rottnest Island has one quokkaberry bush and many quokkas.", "Island")])
+    assert keyword_ids(index, "quokkaberry")[0].startswith("berry-")
+    ingestor.delete([d.id for d in strong])
+    assert [hit.passage.id for hit in index.keyword_search("quokkaberry", 1)] == ["island#0"]
+    assert len(index._store.words.search("quokkaberry", 10)) == 1  # the index itself, not a filter after it
+
+
 def test_a_commit_that_fails_leaves_no_words_behind(embedder: Embedder, index: PassageIndex) -> None:
-    """The words commit in the passages' transaction: a passage the store refuses (its id is taken by another
-    document) rolls back the whole commit, words included."""
+    """The words follow the passages' transaction: a passage the store refuses (its id is taken by another
+    document) rolls back the whole commit, and its words never reach the keyword index."""
     fresh = Passage("fruit#0", "fruit", "Fruit", "Fruit: The quokkaberry grows on Rottnest Island.", "")
     taken = Passage("Bern#0", "fruit", "Fruit", "Fruit: Its seeds are planted in spring.", "")
     with pytest.raises(sqlite3.IntegrityError):
@@ -215,20 +232,30 @@ def test_a_commit_that_fails_leaves_no_words_behind(embedder: Embedder, index: P
     assert keyword_ids(index, "quokkaberry") == ["fruit#0"]
 
 
-def test_a_store_written_before_the_keyword_index_gets_one_when_opened(embedder: Embedder, tmp_path: Path) -> None:
+def test_a_store_that_kept_its_words_in_fts5_drops_them_and_is_searched_as_before(
+    embedder: Embedder, tmp_path: Path
+) -> None:
+    """Stores written before the keyword index moved to tantivy hold an FTS5 table kept by triggers: opening
+    one drops them (no second copy of every word to write), and its passages are found by their words."""
     folder = tmp_path / "old"
     new_index(embedder, folder, [*VALVES, *CITIES]).close()
     with sqlite3.connect(folder / STORE_FILE) as old:
         old.executescript(
-            "DROP TABLE passage_words; DROP VIEW keyword_passages; DROP TABLE staged_passages;"
-            " DROP TRIGGER IF EXISTS passage_words_add; DROP TRIGGER IF EXISTS passage_words_remove;"
+            "CREATE VIRTUAL TABLE passage_words USING fts5(title, text);"
+            " INSERT INTO passage_words (rowid, title, text) SELECT row, title, text FROM passages;"
+            " CREATE TRIGGER passage_words_add AFTER INSERT ON passages BEGIN"
+            " INSERT INTO passage_words (rowid, title, text) VALUES (new.row, new.title, new.text); END;"
         )
     index = load_index(folder, writable=True)
     try:
         assert keyword_ids(index, "V-2234")[0] == "valve-2234#0"
         assert Retriever(embedder, index).search(PART_QUESTION, k=1)[0].passage.id == "valve-2234#0"
+        Ingestor(embedder, index).add([Document("fruit", "The quokkaberry grows on Rottnest Island.", "Fruit")])
+        assert keyword_ids(index, "quokkaberry") == ["fruit#0"]
     finally:
         index.close()
+    with sqlite3.connect(folder / STORE_FILE) as reopened:
+        assert reopened.execute("SELECT name FROM sqlite_master WHERE name LIKE 'passage_words%'").fetchall() == []
 
 
 def test_staged_passages_are_found_by_their_words_until_their_vectors_commit(
@@ -246,6 +273,7 @@ def test_staged_passages_are_found_by_their_words_until_their_vectors_commit(
     )
     Ingestor(embedder, index).add([lisbon])
     assert keyword_ids(index, "Tagus") == ["Lisbon#0"]  # once: the commit removed its staged copy
+    assert [row >= 0 for row, _ in index._store.words.search("Tagus", 10)] == [True]  # from the keyword index too
     assert index._store.count_staged() == 0
 
 

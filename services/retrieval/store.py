@@ -4,12 +4,10 @@ SQLite is the commit point of an index (see index.py): one transaction changes t
 tombstones of removed ones and names the vector segments that match them, so the two can never disagree after a
 crash.
 
-The keyword index is an FTS5 table in the same file, kept by triggers on the passage tables, so it commits in the
-same transaction as the passages it indexes: it cannot disagree with them, and nothing rebuilds it per query.
-FTS5 rather than bm25s or tantivy for that reason (one commit point, no second index to keep in step after a
-crash) and because it adds nothing to install; docs/retrieval.md has the measurements. Staged passages are those
-of a background build read from the corpus but not embedded yet: keyword searches find them at once, and the
-commit that adds a document's vectors removes its staged copy.
+The keyword index (``index/words.py``, tantivy, in memory) is read from these tables when the store opens and
+follows each of its transactions before the write returns, so it holds what SQLite holds; nothing rebuilds it
+per query. Staged passages are those of a background build read from the corpus but not embedded yet: keyword
+searches find them at once, and the commit that adds a document's vectors removes its staged copy.
 """
 
 from __future__ import annotations
@@ -17,11 +15,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+from tqdm import tqdm
+
 from services.retrieval.chunker import Passage
+from services.retrieval.index.words import WordIndex
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS passages (
@@ -41,8 +44,9 @@ CREATE TABLE IF NOT EXISTS dead_rows (row INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-# Staged rows are negative so that one keyword table holds both kinds without their rowids colliding.
-_KEYWORD_SCHEMA = """
+# Staged passages: those of a background build read from the corpus but not embedded yet. Their rows are
+# negative, so that the keyword index holds both kinds without their rows colliding.
+_STAGED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS staged_passages (
     row INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
@@ -52,29 +56,17 @@ CREATE TABLE IF NOT EXISTS staged_passages (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS staged_by_document ON staged_passages (doc_id);
-CREATE VIEW IF NOT EXISTS keyword_passages AS
-    SELECT row, title, text FROM passages UNION ALL SELECT row, title, text FROM staged_passages;
--- External content: the words' index only; the text stays in the passage tables (porter: "located" finds
--- "location"; remove_diacritics: "Zurich" finds "Zürich").
-CREATE VIRTUAL TABLE IF NOT EXISTS passage_words USING fts5(
-    title, text, content='keyword_passages', content_rowid='row',
-    tokenize='porter unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS passage_words_add AFTER INSERT ON passages BEGIN
-    INSERT INTO passage_words (rowid, title, text) VALUES (new.row, new.title, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS passage_words_remove AFTER DELETE ON passages BEGIN
-    INSERT INTO passage_words (passage_words, rowid, title, text) VALUES ('delete', old.row, old.title, old.text);
-END;
-CREATE TRIGGER IF NOT EXISTS staged_words_add AFTER INSERT ON staged_passages BEGIN
-    INSERT INTO passage_words (rowid, title, text) VALUES (new.row, new.title, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS staged_words_remove AFTER DELETE ON staged_passages BEGIN
-    INSERT INTO passage_words (passage_words, rowid, title, text) VALUES ('delete', old.row, old.title, old.text);
-END;
 """
-# A title match weighs double: a passage of the document named in the question outranks one that mentions it.
-_BM25 = "bm25(passage_words, 2.0, 1.0)"
+# What an older store kept its keyword index in (SQLite FTS5, kept by triggers); dropped when it is opened.
+_OLD_KEYWORD_SCHEMA = """
+DROP TRIGGER IF EXISTS passage_words_add;
+DROP TRIGGER IF EXISTS passage_words_remove;
+DROP TRIGGER IF EXISTS staged_words_add;
+DROP TRIGGER IF EXISTS staged_words_remove;
+DROP TABLE IF EXISTS passage_words;
+DROP VIEW IF EXISTS keyword_passages;
+"""
+FILL_PROGRESS_FROM = 100_000  # passages: reading more than this many into the keyword index shows a progress bar
 
 
 class StoreDamagedError(Exception):
@@ -83,8 +75,8 @@ class StoreDamagedError(Exception):
 
 class PassageStore:
     """One connection shared by threads, serialised by a lock (reads are single-row lookups, writes are rare),
-    and a second one for keyword searches, which take milliseconds: WAL lets it read beside the first, so a
-    hybrid search's vector side fetches its passages while its keyword side ranks."""
+    and a second one for the passages of keyword hits: WAL lets it read beside the first, so a hybrid search's
+    vector side fetches its passages while its keyword side does."""
 
     def __init__(self, connection: sqlite3.Connection, path: Path | None = None) -> None:
         self._connection = connection
@@ -92,6 +84,8 @@ class PassageStore:
         self._path = path
         self._words: sqlite3.Connection | None = None  # opened at the first keyword search
         self._words_lock = threading.Lock()
+        self.words = WordIndex()
+        self._fill_words()
 
     @classmethod
     def open(cls, path: Path) -> PassageStore:
@@ -103,7 +97,7 @@ class PassageStore:
             connection.execute("PRAGMA synchronous=FULL")
             connection.executescript(_SCHEMA)
             _add_page_column(connection)
-            _add_keyword_index(connection)
+            connection.executescript(_STAGED_SCHEMA + _OLD_KEYWORD_SCHEMA)
             problems = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
         except sqlite3.DatabaseError as error:
             raise StoreDamagedError(str(error)) from error
@@ -162,6 +156,29 @@ class PassageStore:
             except BaseException:
                 self._connection.execute("ROLLBACK")
                 raise
+            self.words.apply(
+                added=[(row, p.title, p.text) for row, p in added],
+                removed_rows=removed_rows,
+                unstaged_documents={p.doc_id for _, p in added},
+            )
+
+    def _fill_words(self) -> None:
+        """Reads every passage, committed and staged, into the keyword index."""
+        started = time.perf_counter()
+        with self._lock:
+            total = self._connection.execute(
+                "SELECT (SELECT COUNT(*) FROM passages) + (SELECT COUNT(*) FROM staged_passages)"
+            ).fetchone()[0]
+            records: Iterator[tuple[int, str, str, str | None]] = self._connection.execute(
+                "SELECT row, title, text, NULL FROM passages"
+                " UNION ALL SELECT row, title, text, doc_id FROM staged_passages"
+            )
+            progress = tqdm(
+                records, total=total, desc="keyword index", unit="passage", disable=total < FILL_PROGRESS_FROM
+            )
+            count = self.words.fill(progress)
+        if count:
+            logger.info("keyword index: {} passages read into it in {:.1f} s", count, time.perf_counter() - started)
 
     def get(self, rows: Sequence[int]) -> list[Passage]:
         """The passages with these faiss ids, in the order asked; an unknown id is an error."""
@@ -179,21 +196,19 @@ class PassageStore:
             raise KeyError(f"passages {missing} are in the faiss index but not in the passage store")
         return [by_row[row] for row in rows]
 
-    def keyword_search(self, expression: str, limit: int) -> list[tuple[int, float, Passage]]:
-        """(row, bm25 score, passage) of up to ``limit`` passages matching the FTS5 ``expression``, best first
-        (FTS5's bm25 is lower for better matches). Staged passages have negative rows and no vectors yet."""
+    def keyword_search(self, query: str, limit: int) -> list[tuple[int, float, Passage]]:
+        """(row, bm25 score, passage) of up to ``limit`` passages holding the words of ``query``, best first
+        (higher is better). Staged passages have negative rows and no vectors yet."""
+        found = self.words.search(query, limit)
+        if not found:
+            return []
         with self._words_lock:
             connection = self._words_connection()
-            connection.execute("BEGIN")  # the rows and their passages from one state: a commit may move a staged one
+            connection.execute("BEGIN")  # the passages from one state: a commit may move a staged one
             try:
-                found = connection.execute(
-                    f"SELECT rowid, {_BM25} AS score FROM passage_words WHERE passage_words MATCH ?"
-                    " ORDER BY score LIMIT ?",
-                    (expression, limit),
-                ).fetchall()
+                passages: dict[int, Passage] = {}
                 committed = [row for row, _ in found if row >= 0]
                 staged = [row for row, _ in found if row < 0]
-                passages: dict[int, Passage] = {}
                 for table, rows in (("passages", committed), ("staged_passages", staged)):
                     if rows:
                         placeholders = ",".join("?" * len(rows))
@@ -206,25 +221,13 @@ class PassageStore:
         return [(row, score, passages[row]) for row, score in found if row in passages]
 
     def _words_connection(self) -> sqlite3.Connection:
-        """The keyword searches' connection (under ``_words_lock``); the main one for a store without a file."""
+        """The keyword hits' connection (under ``_words_lock``); the main one for a store without a file."""
         if self._path is None:
             return self._connection
         if self._words is None:
             self._words = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             self._words.execute("PRAGMA query_only=1")
         return self._words
-
-    def count_matches(self, expression: str, at_most: int) -> int:
-        """How many passages match the FTS5 ``expression``, counted up to ``at_most`` (no bm25: the index alone)."""
-        with self._words_lock:
-            return (
-                self._words_connection()
-                .execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM passage_words WHERE passage_words MATCH ? LIMIT ?)",
-                    (expression, at_most),
-                )
-                .fetchone()[0]
-            )
 
     def stage(self, passages: Sequence[Passage]) -> None:
         """Replaces the staged passages with these (one transaction): keyword searches find them from now on,
@@ -240,6 +243,7 @@ class PassageStore:
             except BaseException:
                 self._connection.execute("ROLLBACK")
                 raise
+            self.words.apply(staged=[(row, title, text, doc_id) for row, _, doc_id, title, text, _ in records])
 
     def first_staged_passages_titled(self, title: str, limit: int) -> list[Passage]:
         """``first_passages_titled`` of the staged passages (documents a build has not embedded yet)."""
@@ -300,21 +304,6 @@ class PassageStore:
                 self._words = None
         with self._lock:
             self._connection.close()
-
-
-def _add_keyword_index(connection: sqlite3.Connection) -> None:
-    """Creates the keyword index, filled from the passages, in a store written before it had one (one
-    transaction: a crash leaves the store without it, and the next open makes it again)."""
-    if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'passage_words'").fetchone():
-        return
-    try:
-        connection.executescript(
-            f"BEGIN IMMEDIATE; {_KEYWORD_SCHEMA}; INSERT INTO passage_words (passage_words) VALUES ('rebuild'); COMMIT;"
-        )
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
 
 
 def _add_page_column(connection: sqlite3.Connection) -> None:

@@ -22,7 +22,6 @@ from services.retrieval.chunker import Passage
 from services.retrieval.index.compaction import CompactReport, merge_segments
 from services.retrieval.index.factory import apply_search_params, empty_index, keep_reconstructible
 from services.retrieval.index.files import WriterLock, write_manifest_copy, write_vectors
-from services.retrieval.index.keywords import match_expression
 from services.retrieval.index.manifest import IndexSettings, Manifest, now, trained_file_name, vectors_file_name
 from services.retrieval.index.search import Hit, LoadedSegment, SearchView, dead_in, search_segments
 from services.retrieval.store import PassageStore
@@ -102,10 +101,7 @@ class PassageIndex:
         """The k passages whose words best match ``query`` by bm25, committed or staged, best first. Their
         scores are NaN: bm25 (``Hit.bm25``) does not compare with the cosine similarity a Hit reports
         (``vectors_of`` has that)."""
-        expression = match_expression(query, self._store.count_matches)
-        if expression is None:
-            return []
-        return [Hit(p, math.nan, row=row, bm25=-score) for row, score, p in self._store.keyword_search(expression, k)]
+        return [Hit(p, math.nan, row=row, bm25=score) for row, score, p in self._store.keyword_search(query, k)]
 
     def stage(self, passages: Sequence[Passage]) -> None:
         """Makes passages that have no vectors yet searchable by their words (a background build's corpus)."""
