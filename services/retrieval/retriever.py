@@ -59,26 +59,29 @@ def search_modes(searchable: Searchable) -> tuple[str, ...]:
     return getattr(searchable, "search_modes", (VECTOR,))
 
 
-def relative_score_fusion(vector: list[Hit], keyword: list[Hit], vector_weight: float = VECTOR_WEIGHT) -> list[Hit]:
-    """The hits of both rankings by a weighted sum of their scores, each side's scaled to 0..1 over its own
-    candidates (min-max; a passage one side did not find gets 0 there; a staged one, which has no vector yet, is
-    scored by its words alone). A passage in both keeps its vector hit, which knows its cosine; ties keep the
-    vector order.
+def relative_score_fusion(
+    vector: list[tuple[int, float]], keyword: list[tuple[int, float]], vector_weight: float = VECTOR_WEIGHT
+) -> list[tuple[int, float, float | None]]:
+    """The rows of both rankings, (row, cosine similarity) and (row, bm25), by a weighted sum of their scores,
+    each side's scaled to 0..1 over its own candidates (min-max; a passage one side did not find gets 0 there; a
+    staged one, which has no vector yet, is scored by its words alone). Returns (row, cosine or NaN when only its
+    words found it, bm25 or None when only its vector did), best first; ties keep the vector order.
 
     Scores, not ranks (reciprocal rank fusion), because a rare term's match is a large bm25 margin that ranks
     throw away: asked "What pressure is V-2234 rated for?" of six valves that differ by number, the vectors put
     V-2231 first and V-2234 second, bm25 put V-2234 far ahead, and RRF still ranked V-2231 first."""
-    fused: dict[str, float] = defaultdict(float)
-    first: dict[str, Hit] = {}
-    for hit, scaled in zip(vector, _min_max([hit.score for hit in vector]), strict=True):
-        fused[hit.passage.id] += vector_weight * scaled
-        first[hit.passage.id] = hit
-    for hit, scaled in zip(keyword, _min_max([hit.bm25 or 0.0 for hit in keyword]), strict=True):
-        # a staged passage has no vector for the vectors to judge it by (yet): its words judge it alone
-        staged = hit.row is not None and hit.row < 0
-        fused[hit.passage.id] += (1.0 if staged else 1.0 - vector_weight) * scaled
-        first.setdefault(hit.passage.id, hit)
-    return sorted(first.values(), key=lambda hit: -fused[hit.passage.id])
+    fused: dict[int, float] = defaultdict(float)
+    cosines: dict[int, float] = {}
+    bm25s: dict[int, float] = {}
+    for (row, cosine), scaled in zip(vector, _min_max([cosine for _, cosine in vector]), strict=True):
+        fused[row] += vector_weight * scaled
+        cosines[row] = cosine
+    for (row, bm25), scaled in zip(keyword, _min_max([bm25 for _, bm25 in keyword]), strict=True):
+        # a staged passage (negative row) has no vector for the vectors to judge it by (yet): its words judge it
+        fused[row] += (1.0 if row < 0 else 1.0 - vector_weight) * scaled
+        bm25s[row] = bm25
+    rows = list(dict.fromkeys([*cosines, *bm25s]))  # the vector order first: a stable sort keeps it among ties
+    return [(row, cosines.get(row, math.nan), bm25s.get(row)) for row in sorted(rows, key=lambda row: -fused[row])]
 
 
 def _min_max(scores: list[float]) -> list[float]:
@@ -176,11 +179,14 @@ class Retriever:
         reranker = self.reranker if rerank is not False else None
         vectors = self.embedder.encode(queries)  # keyword searches too: a hit reports its cosine similarity
         depth = k if mode == VECTOR and reranker is None else max(k, CANDIDATES)
-        keyword = None if mode == VECTOR else self._keywords.submit(self._keyword_search, queries, depth)
-        found = self.index.search_many(vectors, depth) if mode != KEYWORD else [[] for _ in queries]
-        if keyword is not None:
-            by_words = keyword.result()
-            found = [relative_score_fusion(v, w)[:depth] for v, w in zip(found, by_words, strict=True)]
+        if mode == VECTOR:
+            found = self.index.search_many(vectors, depth)
+        else:  # both sides by row; only the passages the fusion keeps are read (the reranker reads every one)
+            keyword = self._keywords.submit(self._keyword_rows, queries, depth)
+            by_vector = self.index.search_rows(vectors, depth) if mode != KEYWORD else [[] for _ in queries]
+            kept = depth if reranker is not None else k
+            fused = [relative_score_fusion(v, w)[:kept] for v, w in zip(by_vector, keyword.result(), strict=True)]
+            found = self.index.hits(fused)
         if reranker is not None:
             found = [self._reranked(query, hits) for query, hits in zip(queries, found, strict=True)]
         found = self._with_cosines([hits[:k] for hits in found], vectors)
@@ -197,8 +203,8 @@ class Retriever:
                 found[i] = titled_first(passages, exact, scores, found[i], k)
         return found
 
-    def _keyword_search(self, queries: list[str], depth: int) -> list[list[Hit]]:
-        return [self.index.keyword_search(query, depth) for query in queries]
+    def _keyword_rows(self, queries: list[str], depth: int) -> list[list[tuple[int, float]]]:
+        return [self.index.keyword_rows(query, depth) for query in queries]
 
     def _reranked(self, query: str, hits: list[Hit]) -> list[Hit]:
         assert self.reranker is not None

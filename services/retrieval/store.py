@@ -196,19 +196,19 @@ class PassageStore:
             raise KeyError(f"passages {missing} are in the faiss index but not in the passage store")
         return [by_row[row] for row in rows]
 
-    def keyword_search(self, query: str, limit: int) -> list[tuple[int, float, Passage]]:
-        """(row, bm25 score, passage) of up to ``limit`` passages holding the words of ``query``, best first
-        (higher is better). Staged passages have negative rows and no vectors yet."""
-        found = self.words.search(query, limit)
-        if not found:
-            return []
+    def passages_at(self, rows: Iterable[int]) -> dict[int, Passage]:
+        """The passages of these rows, committed (rows from 0) and staged (negative), read in one transaction
+        on the second connection; a row no passage has (removed since it was found) is left out."""
+        rows = [int(row) for row in rows]
+        if not rows:
+            return {}
+        passages: dict[int, Passage] = {}
         with self._words_lock:
             connection = self._words_connection()
             connection.execute("BEGIN")  # the passages from one state: a commit may move a staged one
             try:
-                passages: dict[int, Passage] = {}
-                committed = [row for row, _ in found if row >= 0]
-                staged = [row for row, _ in found if row < 0]
+                committed = [row for row in rows if row >= 0]
+                staged = [row for row in rows if row < 0]
                 for table, rows in (("passages", committed), ("staged_passages", staged)):
                     if rows:
                         placeholders = ",".join("?" * len(rows))
@@ -218,7 +218,7 @@ class PassageStore:
                             passages[row] = Passage(*fields)
             finally:
                 connection.execute("COMMIT")
-        return [(row, score, passages[row]) for row, score in found if row in passages]
+        return passages
 
     def _words_connection(self) -> sqlite3.Connection:
         """The keyword hits' connection (under ``_words_lock``); the main one for a store without a file."""

@@ -23,7 +23,7 @@ from services.retrieval.index.compaction import CompactReport, merge_segments
 from services.retrieval.index.factory import apply_search_params, empty_index, keep_reconstructible
 from services.retrieval.index.files import WriterLock, write_manifest_copy, write_vectors
 from services.retrieval.index.manifest import IndexSettings, Manifest, now, trained_file_name, vectors_file_name
-from services.retrieval.index.search import Hit, LoadedSegment, SearchView, dead_in, search_segments
+from services.retrieval.index.search import Hit, LoadedSegment, SearchView, best_rows, dead_in, search_segments
 from services.retrieval.store import PassageStore
 
 
@@ -97,11 +97,29 @@ class PassageIndex:
             with self._swap_lock:
                 return search_segments(self._view, self._store, queries, k)
 
+    def search_rows(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """``search_many`` without reading the passages: (row, cosine similarity), best first. ``hits`` reads
+        them, for the rows a fusion keeps."""
+        return best_rows(self._view, np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def keyword_rows(self, query: str, k: int) -> list[tuple[int, float]]:
+        """``keyword_search`` without reading the passages: (row, bm25), best first; staged rows are negative."""
+        return self._store.words.search(query, k)
+
+    def hits(self, found: Sequence[Sequence[tuple[int, float, float | None]]]) -> list[list[Hit]]:
+        """(row, score, bm25) lists as Hits with their passages, all read in one go; a row whose passage a
+        commit removed since it was found is left out."""
+        passages = self._store.passages_at({row for rows in found for row, _, _ in rows})
+        return [
+            [Hit(passages[row], score, row=row, bm25=bm25) for row, score, bm25 in rows if row in passages]
+            for rows in found
+        ]
+
     def keyword_search(self, query: str, k: int) -> list[Hit]:
         """The k passages whose words best match ``query`` by bm25, committed or staged, best first. Their
         scores are NaN: bm25 (``Hit.bm25``) does not compare with the cosine similarity a Hit reports
         (``vectors_of`` has that)."""
-        return [Hit(p, math.nan, row=row, bm25=score) for row, score, p in self._store.keyword_search(query, k)]
+        return self.hits([[(row, math.nan, bm25) for row, bm25 in self.keyword_rows(query, k)]])[0]
 
     def stage(self, passages: Sequence[Passage]) -> None:
         """Makes passages that have no vectors yet searchable by their words (a background build's corpus)."""

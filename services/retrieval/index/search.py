@@ -46,6 +46,15 @@ def dead_in(segment: Segment, dead: frozenset[int] | set[int]) -> int:
 
 
 def search_segments(view: SearchView, store: PassageStore, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    results = []
+    for best in best_rows(view, queries, k):
+        passages = store.get([row for row, _ in best])
+        results.append([Hit(p, score, row=row) for p, (row, score) in zip(passages, best, strict=True)])
+    return results
+
+
+def best_rows(view: SearchView, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """The k best (row, cosine similarity) of every segment together, for each query, best first."""
     # faiss searches are safe from many threads and a commit never modifies a segment a search holds (it
     # swaps in a new view), so searches take no lock. Each segment over-fetches by its tombstones.
     found_scores, found_rows = [], []
@@ -70,6 +79,5 @@ def search_segments(view: SearchView, store: PassageStore, queries: np.ndarray, 
                 best.append((row, float(query_scores[at])))
                 if len(best) == k:
                     break
-        passages = store.get([row for row, _ in best])
-        results.append([Hit(p, score, row=row) for p, (row, score) in zip(passages, best, strict=True)])
+        results.append(best)
     return results
