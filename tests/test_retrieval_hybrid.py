@@ -7,6 +7,7 @@ Real embedder, real faiss, real servers on 127.0.0.1; a tiny random cross-encode
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import tantivy
 from conftest import build_tiny_cross_encoder, start_gateway
 
 from nightcap.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -24,11 +26,12 @@ from services.retrieval.chunker import Passage, passages_of
 from services.retrieval.corpus import Document
 from services.retrieval.embedder import Embedder
 from services.retrieval.index import STORE_FILE, Change, PassageIndex, create_index, load_index, words
-from services.retrieval.index.words import query_terms, selecting_terms
+from services.retrieval.index.words import WordIndex, query_terms, selecting_terms
 from services.retrieval.ingest import Ingestor
 from services.retrieval.reranker import Reranker
 from services.retrieval.retriever import HYBRID, VECTOR, Retriever
 from services.retrieval.server import start_retrieval_server
+from services.retrieval.store import WORDS_FOLDER, PassageStore
 
 # A small catalogue whose entries differ by their numbers: what an embedder reads as one thing.
 VALVES = [
@@ -218,6 +221,75 @@ def test_removed_passages_leave_the_keyword_index_and_never_crowd_out_the_hits_a
     ingestor.delete([d.id for d in strong])
     assert [hit.passage.id for hit in index.keyword_search("quokkaberry", 1)] == ["island#0"]
     assert len(index._store.words.search("quokkaberry", 10)) == 1  # the index itself, not a filter after it
+
+
+def test_the_keyword_index_is_kept_on_disk_and_read_again_only_when_it_missed_a_commit(
+    embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "kept"
+    new_index(embedder, folder, CITIES).close()
+    assert (folder / WORDS_FOLDER).is_dir()
+
+    def read_again(*args, **kwargs) -> None:
+        raise AssertionError("the keyword index was read again from SQLite")
+
+    with monkeypatch.context() as patched:  # a clean reopen finds the words where they were
+        patched.setattr(PassageStore, "_fill_words", read_again)
+        index = load_index(folder, writable=True)
+        assert keyword_ids(index, "Aare") == ["Bern#0"]
+        index.close()
+
+    def refused(*args, **kwargs) -> None:
+        raise OSError("no space left on device")
+
+    index = load_index(folder, writable=True)
+    with monkeypatch.context() as patched:  # the keyword index refuses a commit: it is read again at once
+        patched.setattr(WordIndex, "apply", refused)
+        Ingestor(embedder, index).add([Document("fruit", "The quokkaberry grows on Rottnest Island.", "Fruit")])
+    assert keyword_ids(index, "quokkaberry") == ["fruit#0"]
+    with monkeypatch.context() as patched:  # and reading it again fails too, as a crash between the commits would
+        patched.setattr(WordIndex, "apply", refused)
+        patched.setattr(PassageStore, "_fill_words", read_again)
+        Ingestor(embedder, index).add([Document("nut", "The quandong grows in the desert.", "Nut")])
+        assert keyword_ids(index, "quandong") == []  # the passage is committed; its words are not
+    index.close()
+    reopened = load_index(folder, writable=True)  # an older version on disk: read again from SQLite
+    try:
+        assert keyword_ids(reopened, "quandong") == ["nut#0"] and keyword_ids(reopened, "quokkaberry") == ["fruit#0"]
+    finally:
+        reopened.close()
+
+
+def test_a_keyword_index_of_another_layout_is_made_again(embedder: Embedder, tmp_path: Path) -> None:
+    """A words/ folder written with another schema (another nightcap) is replaced, and read from the store."""
+    folder = tmp_path / "relaid"
+    new_index(embedder, folder, CITIES).close()
+    shutil.rmtree(folder / WORDS_FOLDER)
+    (folder / WORDS_FOLDER).mkdir()
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("body", stored=True)
+    other = tantivy.Index(builder.build(), path=str(folder / WORDS_FOLDER))
+    writer = other.writer(15_000_000, 1)
+    writer.add_document(tantivy.Document(body="Aare"))
+    writer.commit()
+    del writer, other
+    index = load_index(folder, writable=True)
+    try:
+        assert keyword_ids(index, "Aare") == ["Bern#0"] and index._store.words.folder == folder / WORDS_FOLDER
+    finally:
+        index.close()
+
+
+def test_a_second_process_on_the_same_store_keeps_the_keyword_index_in_memory(
+    embedder: Embedder, index: PassageIndex
+) -> None:
+    """tantivy lets one writer hold a folder: a second opener (here, in this process) reads its own copy."""
+    second = PassageStore.open(index.folder / STORE_FILE)
+    try:
+        assert index._store.words.folder == index.folder / WORDS_FOLDER and second.words.folder is None
+        assert [row for row, _ in second.words.search("Aare", 3)] == [row for row, _ in index.keyword_rows("Aare", 3)]
+    finally:
+        second.close()
 
 
 def test_a_commit_that_fails_leaves_no_words_behind(embedder: Embedder, index: PassageIndex) -> None:

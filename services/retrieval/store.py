@@ -4,14 +4,16 @@ SQLite is the commit point of an index (see index.py): one transaction changes t
 tombstones of removed ones and names the vector segments that match them, so the two can never disagree after a
 crash.
 
-The keyword index (``index/words.py``, tantivy, in memory) is read from these tables when the store opens and
-follows each of its transactions before the write returns, so it holds what SQLite holds; nothing rebuilds it
-per query. Staged passages are those of a background build read from the corpus but not embedded yet: keyword
-searches find them at once, and the commit that adds a document's vectors removes its staged copy.
+The keyword index (``index/words.py``, tantivy, in the ``words/`` folder beside this file) follows each of the
+store's transactions before the write returns, committed with the version SQLite counted for it; a store that
+opens on a keyword index of another version reads its passages into it again. Nothing rebuilds it per query.
+Staged passages are those of a background build read from the corpus but not embedded yet: keyword searches find
+them at once, and the commit that adds a document's vectors removes its staged copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -66,6 +68,7 @@ DROP TRIGGER IF EXISTS staged_words_remove;
 DROP TABLE IF EXISTS passage_words;
 DROP VIEW IF EXISTS keyword_passages;
 """
+WORDS_FOLDER = "words"  # the keyword index's files, beside the store file
 FILL_PROGRESS_FROM = 100_000  # passages: reading more than this many into the keyword index shows a progress bar
 
 
@@ -84,8 +87,11 @@ class PassageStore:
         self._path = path
         self._words: sqlite3.Connection | None = None  # opened at the first keyword search
         self._words_lock = threading.Lock()
-        self.words = WordIndex()
-        self._fill_words()
+        found = connection.execute("SELECT value FROM state WHERE key = 'words'").fetchone()
+        self._words_version = int(found[0]) if found else 0  # counted up by every change to the passages
+        self.words = WordIndex(path.parent / WORDS_FOLDER if path is not None else None)
+        if self.words.version != self._words_version:
+            self._fill_words()
 
     @classmethod
     def open(cls, path: Path) -> PassageStore:
@@ -152,20 +158,42 @@ class PassageStore:
                 self._connection.execute(
                     "INSERT OR REPLACE INTO state VALUES ('index', ?)", (json.dumps(state, sort_keys=True),)
                 )
+                version = self._count_words_version()
                 self._connection.execute("COMMIT")
             except BaseException:
                 self._connection.execute("ROLLBACK")
                 raise
-            self.words.apply(
+            self._words_version = version
+            self._apply_words(
                 added=[(row, p.title, p.text) for row, p in added],
                 removed_rows=removed_rows,
                 unstaged_documents={p.doc_id for _, p in added},
             )
 
-    def _fill_words(self) -> None:
-        """Reads every passage, committed and staged, into the keyword index."""
+    def _apply_words(self, **change: Any) -> None:
+        """Applies a change SQLite has committed to the keyword index. The commit stands whatever happens here;
+        a keyword index that could not take it is read again from SQLite (and, failing that, at the next open,
+        which sees its older version)."""
+        try:
+            self.words.apply(**change, version=self._words_version)
+        except Exception:
+            logger.exception("the keyword index could not take a commit; reading every passage into it again")
+            try:
+                self._fill_words(locked=True)
+            except Exception:
+                logger.exception("the keyword index could not be read again; it is read at the next open")
+
+    def _count_words_version(self) -> int:
+        """In a write transaction: the next version of the passages, recorded with the change it counts."""
+        version = self._words_version + 1
+        self._connection.execute("INSERT OR REPLACE INTO state VALUES ('words', ?)", (str(version),))
+        return version
+
+    def _fill_words(self, locked: bool = False) -> None:
+        """Reads every passage, committed and staged, into the keyword index (one it does not agree with);
+        ``locked``: the caller holds ``_lock``."""
         started = time.perf_counter()
-        with self._lock:
+        with contextlib.nullcontext() if locked else self._lock:
             total = self._connection.execute(
                 "SELECT (SELECT COUNT(*) FROM passages) + (SELECT COUNT(*) FROM staged_passages)"
             ).fetchone()[0]
@@ -176,7 +204,7 @@ class PassageStore:
             progress = tqdm(
                 records, total=total, desc="keyword index", unit="passage", disable=total < FILL_PROGRESS_FROM
             )
-            count = self.words.fill(progress)
+            count = self.words.fill(progress, self._words_version)
         if count:
             logger.info("keyword index: {} passages read into it in {:.1f} s", count, time.perf_counter() - started)
 
@@ -239,11 +267,13 @@ class PassageStore:
             try:
                 self._connection.execute("DELETE FROM staged_passages")
                 self._connection.executemany("INSERT INTO staged_passages VALUES (?, ?, ?, ?, ?, ?)", records)
+                version = self._count_words_version()
                 self._connection.execute("COMMIT")
             except BaseException:
                 self._connection.execute("ROLLBACK")
                 raise
-            self.words.apply(staged=[(row, title, text, doc_id) for row, _, doc_id, title, text, _ in records])
+            self._words_version = version
+            self._apply_words(staged=[(row, title, text, doc_id) for row, _, doc_id, title, text, _ in records])
 
     def first_staged_passages_titled(self, title: str, limit: int) -> list[Passage]:
         """``first_passages_titled`` of the staged passages (documents a build has not embedded yet)."""
@@ -304,6 +334,7 @@ class PassageStore:
                 self._words = None
         with self._lock:
             self._connection.close()
+            self.words.close()
 
 
 def _add_page_column(connection: sqlite3.Connection) -> None:

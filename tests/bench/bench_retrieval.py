@@ -70,11 +70,10 @@ from services.retrieval.index import (  # noqa: E402
     create_index,
     load_index,
 )
-from services.retrieval.index.words import WordIndex  # noqa: E402
 from services.retrieval.ingest import Ingestor  # noqa: E402
 from services.retrieval.retriever import HYBRID, VECTOR, QueryBatcher, Retriever  # noqa: E402
 from services.retrieval.server import start_retrieval_server  # noqa: E402
-from services.retrieval.store import PassageStore  # noqa: E402
+from services.retrieval.store import WORDS_FOLDER, PassageStore  # noqa: E402
 
 DIMENSION = 384
 CONCURRENT_CALLERS = 32
@@ -564,14 +563,13 @@ EMBED_SAMPLE = 512  # passages embedded to time the vector build (all of them ta
 
 def bench_keyword_index(report: BenchReport, workdir: Path, embedder: Embedder) -> None:
     """Stages every passage of the default corpus (one SQLite transaction, then the keyword index), as a
-    background build does before it embeds; the keyword index's size is that of the same index kept on disk."""
+    background build does before it embeds; the keyword index's size is that of its folder."""
     passages = [p for d in read_wikipedia_summaries() for p in passages_of(d)]
-    store = PassageStore.open(workdir / "keywords.sqlite")
+    (workdir / "keywords").mkdir()
+    store = PassageStore.open(workdir / "keywords" / "keywords.sqlite")
     keyword_seconds = timed(lambda: store.stage(passages))
     store.close()
-    on_disk = workdir / "words"
-    on_disk.mkdir()
-    WordIndex(str(on_disk)).fill((-1 - i, p.title, p.text, p.doc_id) for i, p in enumerate(passages))
+    on_disk = workdir / "keywords" / WORDS_FOLDER
     keyword_bytes = sum(f.stat().st_size for f in on_disk.iterdir() if f.is_file())
     sample = [p.text for p in passages[:: max(1, len(passages) // EMBED_SAMPLE)]][:EMBED_SAMPLE]
     embedder.encode(sample[:32])  # warm up

@@ -3,8 +3,9 @@
 Layout of ``var/indexes/<name>/``:
   ``passages.sqlite``       the PassageStore, the tombstones of removed passages, and the committed state: which
                             segment files are current, counts, the embedder, the faiss factory; the staged
-                            passages a build has not embedded yet (the keyword index is read from these tables
-                            into memory at open: ``words``)
+                            passages a build has not embedded yet
+  ``words/``                the keyword index (tantivy), committed after each store transaction with the version
+                            the store counted for it; read again from the store when the two differ
   ``vectors-<n>.faiss``     one segment: the vectors one commit added (ids are store rows, never reused); a
                             segment is written once and never changed
   ``trained-<n>.faiss``     IVF/PQ factories only: the empty index trained at the first commit, cloned for every
@@ -24,7 +25,7 @@ Modules, by what they hold:
   ``files``          the folder an index name maps to, creating an index atomically, the writer lock, durable writes
   ``factory``        faiss indexes from a factory string, and search parameters applied to them
   ``search``         the view a search sees, and the search of every segment with the merge of their top lists
-  ``words``          the keyword index: the passages' words in memory (tantivy), bm25 searches of a question
+  ``words``          the keyword index (tantivy, in words/): the passages' words, bm25 searches of a question
   ``compaction``     merging segments into one without the tombstoned vectors
   ``passage_index``  PassageIndex: searches, commits and compaction of an open index
   ``loading``        load_index: checks and opens an index, migrating format 2

@@ -360,7 +360,7 @@ class PassageIndex:
         return set(self._store.rows_of_documents(doc_ids))
 
     def bytes_on_disk(self) -> int:
-        return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
+        return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())  # words/ too
 
     def close(self) -> None:
         """Waits for a background compaction, then releases the store and the writer lock; twice is once."""

@@ -1,24 +1,30 @@
-"""The keyword index: a tantivy index of the passages' words, held in memory and derived from the passage store.
+"""The keyword index: a tantivy index of the passages' words, derived from the passage store, in the index's
+``words/`` folder.
 
-SQLite stays the one commit point. The store fills this index from its passage tables when it opens and applies
-each of its transactions here as soon as SQLite has committed it, under the same lock, before the write returns;
-a crash loses only memory, and the next open reads it back from what SQLite kept. A keyword hit is a row, and
-its passage is read from SQLite: a row removed a moment earlier finds no passage and is left out.
+SQLite stays the one commit point. Every store transaction that changes passages also counts up a version in
+SQLite; the store then applies the same change here under the same lock and commits it with that version (a
+marker document), before the write returns. When the store opens and the versions differ (a crash between the
+two commits, a store written before this index existed), the index is emptied and read again from SQLite. A
+keyword hit is a row whose passage is read from SQLite: a row removed a moment earlier is left out. A process
+that finds the folder's index held by another process's writer keeps its own copy in memory.
 
 tantivy rather than SQLite's FTS5 (which nightcap used before): FTS5's bm25 scores every passage that matches
 and counts each query word's passages by reading its whole posting list, on every query, so at 1M passages a
 question took 11 ms p50 (43 ms mean) beside a 2.4 ms IVF search; tantivy keeps each word's passage count in its
-dictionary and stops early (block-max WAND), 0.7 ms p50 with the same recall@3 (docs/retrieval.md).
+dictionary and stops early (block-max WAND), 0.9 ms p50 with the same recall@3 (docs/retrieval.md).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import tantivy
+from loguru import logger
 
 # Words on which bm25 spends time and gains nothing; a question made only of them is searched with them. A short
 # list on purpose: a name or a number is never one.
@@ -44,6 +50,7 @@ _ANALYZER = "nightcap_words"
 # passages into it took 11.6 s with one thread and 6.0 s with two on a 2-core machine.
 _WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 _WRITER_HEAP = 64 * 2**20
+_MARKER_ROW = -(2**62)  # the document that holds the store version the index reflects (it has no words)
 
 
 def _analyzer() -> tantivy.TextAnalyzer:
@@ -62,6 +69,7 @@ def _analyzer() -> tantivy.TextAnalyzer:
 def _schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     builder.add_integer_field("row", stored=True, indexed=True)  # the store's row; staged passages' are negative
+    builder.add_integer_field("version", stored=True)  # the marker's: the store version committed with it
     builder.add_integer_field("staged", indexed=True)  # 1 for a staged passage (no vectors yet), else 0
     builder.add_text_field("staged_doc", tokenizer_name="raw")  # a staged passage's document id, else empty
     # the title TITLE_COUNT times, then the text; word counts without positions (no phrase is searched for)
@@ -88,30 +96,69 @@ def selecting_terms(terms: Sequence[str], passages_holding: Callable[[str], int]
 
 
 class WordIndex:
-    """The passages' words, committed and staged, in one in-memory tantivy index. Writes come from the store
-    (under its lock); searches may run on any thread beside them, each on the index as of its start."""
+    """The passages' words, committed and staged, in one tantivy index. Writes come from the store (under its
+    lock); searches may run on any thread beside them, each on the index as of its start."""
 
-    def __init__(self, folder: str | None = None) -> None:
-        """``folder``: keep the index's files there instead of in memory (the benchmark measures their size)."""
+    def __init__(self, folder: Path | None = None) -> None:
+        """``folder``: where the index's files are (made if missing); None, or a folder another process is
+        writing: in memory."""
         self._schema = _schema()
-        self._index = tantivy.Index(self._schema, path=folder)
         self._analyzer = _analyzer()
-        self._index.register_tokenizer(_ANALYZER, self._analyzer)
-        self._writer = self._index.writer(_WRITER_HEAP * _WRITER_THREADS, _WRITER_THREADS)
+        self._index, self._writer = self._open(folder)
+        self.folder = folder if self._on_disk else None  # None: in memory
         self._write_lock = threading.Lock()
         self._searcher = self._index.searcher()
+
+    def _open(self, folder: Path | None) -> tuple[tantivy.Index, tantivy.IndexWriter]:
+        self._on_disk = False
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    index = tantivy.Index(self._schema, path=str(folder), reuse=True)
+                except ValueError:  # written with another schema (an older nightcap): it is read again anyway
+                    logger.info("keyword index at {}: another layout; made again", folder)
+                    shutil.rmtree(folder)
+                    folder.mkdir()
+                    index = tantivy.Index(self._schema, path=str(folder), reuse=True)
+                writer = self._prepared(index)
+                self._on_disk = True
+                return index, writer
+            except ValueError as error:  # "LockBusy": another process's writer holds it
+                logger.info(
+                    "keyword index at {} is held by another process ({}); this one keeps it in memory", folder, error
+                )
+        index = tantivy.Index(self._schema)
+        return index, self._prepared(index)
+
+    def _prepared(self, index: tantivy.Index) -> tantivy.IndexWriter:
+        index.register_tokenizer(_ANALYZER, self._analyzer)
+        # searches see a commit when _commit reloads, before the write returns. tantivy's default policy also
+        # reloads on its own after each commit, and the two contend: 17-57 ms a reload, against 0.2 ms alone.
+        index.config_reader(reload_policy="Manual")
+        return index.writer(_WRITER_HEAP * _WRITER_THREADS, _WRITER_THREADS)
+
+    @property
+    def version(self) -> int | None:
+        """The store version this index was last committed with; None for an index never committed."""
+        found = self._searcher.search(tantivy.Query.term_query(self._schema, "row", _MARKER_ROW), 1, count=False)
+        if not found.hits:
+            return None
+        return self._searcher.doc(found.hits[0][1])["version"][0]
 
     def analyze(self, text: str) -> list[str]:
         return self._analyzer.analyze(text)
 
-    def fill(self, rows: Iterable[tuple[int, str, str, str | None]]) -> int:
-        """Adds (row, title, text, staged document id or None) records and commits them; returns how many."""
+    def fill(self, rows: Iterable[tuple[int, str, str, str | None]], version: int) -> int:
+        """Replaces everything with (row, title, text, staged document id or None) records and commits them with
+        ``version``; returns how many."""
         count = 0
         with self._write_lock:
+            self._writer.delete_all_documents()
             for row, title, text, staged_doc in rows:
                 self._add(row, title, text, staged_doc)
                 count += 1
-            self._commit()
+            self._commit(version)
         return count
 
     def apply(
@@ -120,9 +167,12 @@ class WordIndex:
         removed_rows: Sequence[int] = (),
         unstaged_documents: Iterable[str] = (),
         staged: Sequence[tuple[int, str, str, str]] | None = None,
+        *,
+        version: int,
     ) -> None:
-        """One store transaction: rows removed, staged copies of these documents removed, passages added, and
-        (``staged`` not None) every staged passage replaced by (row, title, text, document id) records."""
+        """One store transaction, committed with its ``version``: rows removed, staged copies of these
+        documents removed, passages added, and (``staged`` not None) every staged passage replaced by (row,
+        title, text, document id) records."""
         with self._write_lock:
             # a delete applies to what was added before it: deletes first, so the passages added here stay
             for row in removed_rows:
@@ -135,7 +185,7 @@ class WordIndex:
                     self._add(row, title, text, doc_id)
             for row, title, text in added:
                 self._add(row, title, text, None)
-            self._commit()
+            self._commit(version)
 
     def _add(self, row: int, title: str, text: str, staged_doc: str | None) -> None:
         self._writer.add_document(
@@ -147,7 +197,9 @@ class WordIndex:
             )
         )
 
-    def _commit(self) -> None:
+    def _commit(self, version: int) -> None:
+        self._writer.delete_documents_by_term("row", _MARKER_ROW)
+        self._writer.add_document(tantivy.Document(row=_MARKER_ROW, version=version, staged=0, staged_doc=""))
         self._writer.commit()
         self._index.reload()
         self._searcher = self._index.searcher()
