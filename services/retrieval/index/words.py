@@ -204,11 +204,6 @@ class WordIndex:
         self._index.reload()
         self._searcher = self._index.searcher()
 
-    def passages_holding(self, term: str) -> int:
-        """About how many passages hold ``term`` (an index term; removed passages may count until tantivy
-        merges them away: this only chooses which words select)."""
-        return self._searcher.doc_freq("words", term)
-
     def search(self, query: str, limit: int) -> list[tuple[int, float]]:
         """(row, bm25 score) of up to ``limit`` passages holding the query's words, best first (higher is
         better); the words of ``selecting_terms`` select, all of them rank."""
@@ -216,6 +211,8 @@ class WordIndex:
         terms = query_terms(query, self.analyze)
         if not terms or limit <= 0:
             return []
+        # a word's passage count from tantivy's dictionary (removed passages count until a merge drops them:
+        # this only chooses which words select)
         selecting = selecting_terms(terms, lambda term: searcher.doc_freq("words", term))
         ranking = [self._term(term) for term in terms]
         if len(selecting) == len(terms):
