@@ -21,6 +21,7 @@ from conftest import start_gateway, wait_for
 
 from nightcap.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from services.common.server import free_port
+from services.generation.engine.speculation import StepCost
 
 ZURICH = {"messages": [{"role": "user", "content": "Where is Zurich?"}], "max_tokens": 8, "temperature": 0}
 CHAT_TOKEN, ADMIN_TOKEN = "chat-token-0123456789abcdef", "admin-token-0123456789abcdef"
@@ -139,8 +140,11 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(http):
     assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 1
 
 
-def test_usage_reports_the_tokens_speculative_decoding_guessed_and_kept(http):
+def test_usage_reports_the_tokens_speculative_decoding_guessed_and_kept(http, monkeypatch: pytest.MonkeyPatch):
     """Drafted from the prompt, as OpenAI reports its predicted outputs: kept guesses and refused ones."""
+    # Whether a guess is worth scoring follows the step times the shared engine measured in earlier tests; on a
+    # loaded machine they can say no guess is, and this test is about reporting them: every guess is worth it.
+    monkeypatch.setattr(StepCost, "position_share", lambda self, rows: 0.0)
     request = {"prompt": "one two three one two three one two", "max_tokens": 40, "temperature": 0}
     body = http.post("/v1/completions", json=request).json()
     details = body["usage"]["completion_tokens_details"]
