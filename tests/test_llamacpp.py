@@ -4,6 +4,7 @@ reuse), bad GGUF files refused at start-up, and the served model through outside
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import subprocess
@@ -36,7 +37,7 @@ from services.generation.engine.request import Request, RequestStatus
 from services.generation.engine.runner import execute_step
 from services.generation.engine.sampling import SamplingConfig
 from services.generation.engine.scheduler import ModelStep, PrefillChunk, SchedulerConfig
-from services.generation.loading import load_model, make_runner, start_engine
+from services.generation.loading import check_flash_attn, load_model, make_runner, start_engine
 from services.generation.server import start_generation_server
 from training.gguf import hf_to_gguf
 
@@ -84,6 +85,41 @@ def test_greedy_tokens_match_the_transformers_runner_on_the_same_weights(gguf_lo
     finally:
         ours.shutdown(grace=1)
         theirs.shutdown(grace=1)
+
+
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_flash_attention_on_or_off_gives_the_transformers_runners_tokens_and_reuses_prefixes(
+    gguf_loaded, hf_loaded, flash_attn
+):
+    """--flash-attn reaches llama.cpp: without flash attention it stores values transposed (the saved prefixes'
+    layout says so), and a conversation's later turns come back from the cache with the same greedy tokens."""
+    warm = engine_for(dataclasses.replace(gguf_loaded, flash_attn=flash_attn), prefix_cache_bytes=64 << 20)
+    theirs = engine_for(hf_loaded)
+    rng = random.Random(29)
+    conversation = [rng.randrange(1, 400) for _ in range(40)]
+    try:
+        for turn in range(3):
+            conversation += [rng.randrange(1, 400) for _ in range(6)]
+            request = warm.submit(Request(list(conversation), SamplingConfig(max_new_tokens=8, ignore_eos=True)))
+            answer = tokens_of(request)
+            assert answer == run(theirs, list(conversation), max_new_tokens=8, ignore_eos=True)[0]
+            if turn:
+                assert request.cached_tokens >= len(conversation) - 6 - 1
+            conversation += answer
+        assert warm.runner.layout is not None and warm.runner.layout.values_transposed == (flash_attn == "off")
+    finally:
+        warm.shutdown(grace=1)
+        theirs.shutdown(grace=1)
+
+
+def test_flash_attention_takes_llama_cpps_three_settings_on_the_llama_cpp_runner_only():
+    for setting in ("auto", "on", "off"):
+        check_flash_attn(setting, "llamacpp")
+    check_flash_attn("auto", "transformers")
+    with pytest.raises(FailedPrecondition, match="--flash-attn must be one of auto, off, on, got 'sometimes'"):
+        check_flash_attn("sometimes", "llamacpp")
+    with pytest.raises(FailedPrecondition, match="the transformers runner uses torch's"):
+        check_flash_attn("off", "transformers")
 
 
 @pytest.mark.parametrize("prefill_chunk", [2048, 16])

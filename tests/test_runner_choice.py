@@ -126,3 +126,12 @@ def test_logprobs_on_llama_cpp_match_the_transformers_runner_on_the_same_weights
         assert ours.logprob == pytest.approx(theirs.logprob, abs=2e-3)
         assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
         assert [lp for _, lp in ours.top] == pytest.approx([lp for _, lp in theirs.top], abs=2e-3)
+
+
+def test_serve_refuses_flash_attention_settings_for_the_transformers_runner_before_loading(tmp_path):
+    command = [sys.executable, "-m", "services.generation", "serve", "--runner", "transformers", "--flash-attn", "off"]
+    command += ["--metrics-address", "", "--var-dir", str(tmp_path / "var")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--flash-attn off sets llama.cpp's attention; the transformers runner uses torch's" in done.stderr
+    assert "loaded " not in done.stderr  # refused before any model was read

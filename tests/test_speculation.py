@@ -4,6 +4,7 @@ alone, in a batch of 16 and with prefix-cache hits; seeded sampling), with draft
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -171,10 +172,13 @@ def test_a_seeded_row_draws_the_same_numbers_with_and_without_a_draft():
     assert torch.equal(drafted.generator.get_state(), two_steps.get_state())
 
 
-@pytest.fixture(params=["gpt_neox", "llama", "llamacpp"])
+@pytest.fixture(params=["gpt_neox", "llama", "llamacpp", "llamacpp-fa-off"])
 def loaded(request, tiny_loaded, tiny_llama):
-    if request.param == "llamacpp":
-        return request.getfixturevalue("gguf_loaded")
+    if request.param.startswith("llamacpp"):
+        # without flash attention llama.cpp scores a draft's positions through another kernel and stores values
+        # transposed (which the prefix cache's saved parts must cut and join alike)
+        flash_attn = "off" if request.param.endswith("fa-off") else "auto"
+        return dataclasses.replace(request.getfixturevalue("gguf_loaded"), flash_attn=flash_attn)
     return tiny_loaded if request.param == "gpt_neox" else tiny_llama
 
 

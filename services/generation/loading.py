@@ -24,7 +24,7 @@ from services.common.errors import FailedPrecondition, NotFound, ServiceError
 from services.common.registry import DEFAULT_MODEL, ModelRegistry, RegistryVersion
 from services.generation.engine.engine import ContinuousBatchingEngine
 from services.generation.engine.runner import Runner
-from services.generation.engine.runners.llamacpp import LlamaCppModel, LlamaCppRunner
+from services.generation.engine.runners.llamacpp import FLASH_ATTN, LlamaCppModel, LlamaCppRunner
 from services.generation.engine.runners.transformers import TransformersRunner
 from services.generation.engine.scheduler import SchedulerConfig
 from services.generation.metrics import GenerationMetrics
@@ -55,6 +55,7 @@ class LoadedModel:
     vocab_size: int
     runner: str = "transformers"  # its key in RUNNERS
     threads: int = 0  # the runner's own threads (0: one per core); torch's are set process-wide
+    flash_attn: str = "auto"  # llama.cpp's flash attention: auto, on or off (the transformers runner: auto only)
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -181,11 +182,24 @@ def load_model(
     placement: Placement | None = None,
     runner: str = "transformers",
     threads: int = 0,
+    flash_attn: str = "auto",
 ) -> LoadedModel:
     """``spec`` is tried as a path (HF folder or .gguf file), then a registry name, then a hub id, and loaded
-    the way ``runner`` (a key of ``RUNNERS``) runs it."""
+    the way ``runner`` (a key of ``RUNNERS``) runs it; ``flash_attn`` is llama.cpp's (auto, on, off)."""
+    check_flash_attn(flash_attn, runner)
     loaded = runner_kind(runner, placement).load(spec, registry, device, dtype, prompt_format, placement, threads)
-    return dataclasses.replace(loaded, runner=runner)
+    return dataclasses.replace(loaded, runner=runner, flash_attn=flash_attn)
+
+
+def check_flash_attn(flash_attn: str, runner: str) -> None:
+    """--flash-attn names one of llama.cpp's settings, and only the llama.cpp runner takes one other than auto."""
+    if flash_attn not in FLASH_ATTN:
+        raise FailedPrecondition(f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+    if flash_attn != "auto" and runner != "llamacpp":
+        raise FailedPrecondition(
+            f"--flash-attn {flash_attn} sets llama.cpp's attention; the {runner} runner uses torch's (drop the flag,"
+            " or serve a GGUF with --runner llamacpp)"
+        )
 
 
 def _load_pretrained(
@@ -343,7 +357,7 @@ RUNNERS = {
     ),
     "llamacpp": RunnerKind(
         _load_llamacpp,
-        lambda loaded, config: LlamaCppRunner(loaded.model, config, loaded.threads),
+        lambda loaded, config: LlamaCppRunner(loaded.model, config, loaded.threads, loaded.flash_attn),
         own_threads=True,
         refuses_placement="--runner llamacpp runs the GGUF's own quantization in one process: drop --num-shard,"
         " --device-map and --quantize",

@@ -55,6 +55,15 @@ LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time cap on sequence ids (LLAMA_MAX_S
 # token, masked cells (other sequences', cached prefixes') included. One stream of SmolLM2-135M Q4_1 decoded
 # at 86 tokens/s beside an empty cache, 64 beside 4.6k cached tokens, 57 beside 9.2k, 40 beside 34k (2-core
 # VM, in process), when cached prefixes were sequences in the pool (capped at 4096 tokens for that reason).
+# --flash-attn: llama_flash_attn_type (auto: llama.cpp's choice, on wherever its backend has the kernel, a CPU
+# included). Measured on a 2-core AVX2 VM with the default Q4_1 GGUF (in process, one decode step):
+# - one sequence: about the same up to ~1k cells; beyond, off is faster (2.5k cells 15.6 against 23.4 ms,
+#   3.8k 25.3 against 36.6), and so is scoring a draft (5 positions at 1.2k: 40.8 against 61.7 ms): the CPU
+#   kernel walks the cells one at a time per query row, where off runs two matrix products;
+# - many sequences in the one pool: on is faster (16 rows of 500 cells: 221 against 291 ms), because it skips
+#   other sequences' masked cells, and off computes them.
+# Off stores values transposed, which the saved prefixes' layout records (llamacpp_state.py reads both).
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _WARN, _ERROR, _CONTINUED = 3, 4, 5  # ggml_log_level (1 debug, 2 info)
 
 _lock = threading.Lock()
@@ -180,7 +189,9 @@ class LlamaCppRunner:
     """Runs steps in llama.cpp: one context (KV cells and sequence ids) per engine, over a loaded GGUF; the
     prefix cache's nodes in host memory beside it."""
 
-    def __init__(self, model: LlamaCppModel, config: SchedulerConfig, threads: int = 0) -> None:
+    def __init__(
+        self, model: LlamaCppModel, config: SchedulerConfig, threads: int = 0, flash_attn: str = "auto"
+    ) -> None:
         llama = self._llama = model._llama
         self.model = model
         # tokens one step may feed; llama.cpp aborts (no error return) on a context whose batch is smaller
@@ -193,6 +204,7 @@ class LlamaCppRunner:
         params.n_seq_max = LLAMA_MAX_SEQ
         params.kv_unified = True  # one cell pool: seq_cp shares cells instead of copying them
         params.n_threads = params.n_threads_batch = threads or default_threads()
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
         params.no_perf = True
         _log_tail.clear()
         self.context = llama.llama_init_from_model(model.pointer, params)
@@ -207,12 +219,13 @@ class LlamaCppRunner:
         self.kv_cells = int(params.n_ctx)
         self.layout: StateLayout | None = None  # how this context saves a sequence (read from the first save)
         logger.info(
-            "llama.cpp context for {}: {} KV cells ({:.0f} MiB), {} threads, batches of up to {} tokens;"
-            " prefix cache in host memory, up to {:.0f} MiB",
+            "llama.cpp context for {}: {} KV cells ({:.0f} MiB), {} threads, flash attention {}, batches of up to"
+            " {} tokens; prefix cache in host memory, up to {:.0f} MiB",
             model.path.name,
             self.kv_cells,
             self.kv_cells * model.kv_bytes_per_token / 2**20,
             params.n_threads,
+            flash_attn,
             self.capacity,
             config.prefix_cache_bytes / 2**20,
         )
